@@ -1,0 +1,25 @@
+"""kdna_fx: KernelDNA (dynamic kernel sharing through light adapters) for any PyTorch CNN.
+
+    kmodel = kdna_fx.transform(model)      # FX rewrite: same-shaped 3x3 convs share one parent kernel
+    print(kdna_fx.report(kmodel))          # families, skipped convs, params and MACs before/after
+    fast = torch.compile(kmodel)           # Inductor, fullgraph
+    deploy = kdna_fx.fold(kmodel.eval())   # static modulation folded for inference
+"""
+from . import functional, passes, registry
+from .adapters import ChildAdapter, Gate
+from .api import as_function, fold, plan, transform
+from .config import AdapterConfig, KDNAConfig
+from .errors import (ConfigError, GateBatchSizeError, KDNAError, KDNATraceError, NoEligibleConvWarning,
+                     SkippedSiteWarning, StateError, UnwrappedModelWarning)
+from .registry import register_not_traced
+from .report import Report, report
+from .state import load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "ChildAdapter", "ConfigError", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError",
+    "KDNATraceError", "NoEligibleConvWarning", "Report", "SkippedSiteWarning", "StateError",
+    "UnwrappedModelWarning", "as_function", "fold", "functional", "load", "passes", "plan", "register_not_traced",
+    "report", "save", "transform",
+]

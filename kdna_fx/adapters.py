@@ -1,0 +1,111 @@
+"""Thin nn.Module holders for adapter parameters. All the math lives in kdna_fx.functional."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as KF
+from .errors import GateBatchSizeError
+
+
+def gate_width(channels: int, reduction: int, min_hidden: int = 1) -> int:
+    """Hidden width of the gate: channels // reduction, never below ``min_hidden`` nor below 1."""
+    return max(1, min_hidden, channels // reduction)
+
+
+class Gate(nn.Module):
+    """Holds the gate's parameters: fc1 (no bias) -> norm -> relu -> fc2 (bias) -> sigmoid."""
+
+    def __init__(self, channels: int, reduction: int = 4, norm: KF.GateNorm = "batch", min_hidden: int = 1):
+        super().__init__()
+        if norm not in ("batch", "layer", "none"):
+            raise ValueError(f"gate norm must be 'batch', 'layer' or 'none', got {norm!r}")
+        hidden = gate_width(channels, reduction, min_hidden)
+        self.norm_kind = norm
+        self.fc1 = nn.Linear(channels, hidden, bias=False)
+        self.norm: nn.Module = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}.get(norm, nn.Identity)(hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = self.norm
+        if self.norm_kind == "batch":
+            if self.training and x.shape[0] == 1:
+                raise GateBatchSizeError(
+                    "a KernelDNA gate with a BatchNorm cannot train on a batch of 1 sample "
+                    "(the batch statistics of one vector are undefined). Train with batch size >= 2, "
+                    "or transform with KDNAConfig(adapter=AdapterConfig(gate_norm='layer')) "
+                    "(or 'none'), which works at any batch size.")
+            if self.training:
+                norm.num_batches_tracked.add_(1)
+            return KF.gate(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, norm="batch",
+                           norm_weight=norm.weight, norm_bias=norm.bias, running_mean=norm.running_mean,
+                           running_var=norm.running_var, training=self.training,
+                           momentum=norm.momentum, eps=norm.eps)
+        if self.norm_kind == "layer":
+            return KF.gate(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, norm="layer",
+                           norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps)
+        return KF.gate(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, norm="none")
+
+
+class ChildAdapter(nn.Module):
+    """Everything a KernelDNA child owns: F, S, its gate, its bias, and the conv's geometry.
+
+    It holds no kernel of its own; ``parent`` names the module whose weight it reuses. In the rewritten
+    graph these tensors are read by get_attr nodes and combined by kdna_fx.functional ops; ``forward``
+    performs the same computation for code that calls the child directly (the model zoo).
+    """
+
+    def __init__(
+        self,
+        *,
+        parent: str,
+        out_channels: int,
+        in_channels: int,
+        kernel_size: tuple[int, int],
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        bias: Tensor | None = None,
+        filter_scale: bool = True,
+        spatial_scale: bool = True,
+        gate: Gate | None = None,
+        weight: Tensor | None = None,
+    ):
+        super().__init__()
+        self.parent = parent
+        self.out_channels, self.in_channels, self.kernel_size = out_channels, in_channels, tuple(kernel_size)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.groups, self.padding_mode = groups, padding_mode
+        # F and S start at zero: the child starts as an exact copy of its parent kernel.
+        self.filter_scale = nn.Parameter(torch.zeros(out_channels)) if filter_scale else None
+        self.spatial_scale = (nn.Parameter(torch.zeros(self.kernel_size))
+                              if spatial_scale and self.kernel_size != (1, 1) else None)
+        self.gate = gate
+        self.bias = _as_parameter(bias)
+        # Only in adapter-only mode (share=False), where the child is its own parent.
+        self.weight = _as_parameter(weight)
+
+    def conv_kwargs(self) -> dict[str, Any]:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups, padding_mode=self.padding_mode)
+
+    def forward(self, x: Tensor, parent_weight: Tensor) -> Tensor:
+        return KF.child_conv2d(x, parent_weight, filter_scale=self.filter_scale, spatial_scale=self.spatial_scale,
+                               gate_values=self.gate(x) if self.gate is not None else None, bias=self.bias,
+                               **self.conv_kwargs())
+
+    def extra_repr(self) -> str:
+        return (f"parent={self.parent!r}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"padding_mode={self.padding_mode!r}")
+
+
+def _as_parameter(t: Tensor | None) -> nn.Parameter | None:
+    # The conv's own Parameter object moves over as it is, so nothing is copied and optimisers see no change.
+    if t is None or isinstance(t, nn.Parameter):
+        return t
+    return nn.Parameter(t.detach().clone())

@@ -1,0 +1,189 @@
+"""Configuration objects for transform().
+
+Which adapter a convolution gets is decided with this precedence, highest first (as in
+torch.ao.quantization's QConfigMapping):
+
+1. ``by_name``: exact module name (``"layer3.1.conv2"``; for a functional ``F.conv2d`` site, the
+   qualified name of its weight parameter);
+2. ``by_name_regex``: the first pattern, in order, that ``re.search``-matches the name;
+3. ``by_type``: the conv's module type (``nn.Conv2d``), or ``F.conv2d`` for functional sites;
+4. ``adapter``: the global default.
+
+At every level ``None`` means "skip this convolution": it is neither parent nor child.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+_GATE_NORMS = ("batch", "layer", "none")
+_FUNCTION_NAMES: dict[Any, str] = {F.conv2d: "torch.nn.functional.conv2d"}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What each child gets. Defaults follow the KernelDNA reference (SE gate with r = 4, F and S)."""
+
+    gate: bool = True
+    """Input-dependent gate a(x). False makes the child purely static (W = P(1+F)(1+S))."""
+    reduction: int = 4
+    """Gate width is C_in // reduction (at least ``gate_min_hidden``, at least 1)."""
+    gate_norm: str = "batch"
+    """'batch' (reference; needs batch >= 2 in training), 'layer' (any batch size) or 'none'."""
+    gate_min_hidden: int = 1
+    filter_scale: bool = True
+    """Per-filter scale F [C_out]. Note: a BatchNorm right after the child cancels it in training."""
+    spatial_scale: bool = True
+    """Per-position scale S [k, k]; never created for 1x1 kernels."""
+
+    def __post_init__(self) -> None:
+        if self.gate_norm not in _GATE_NORMS:
+            raise ConfigError(f"AdapterConfig.gate_norm must be one of {_GATE_NORMS}, got {self.gate_norm!r}")
+        for name in ("reduction", "gate_min_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"AdapterConfig.{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
+class KDNAConfig:
+    """Everything transform() needs to know. Round-trips through ``to_dict`` / ``from_dict``."""
+
+    adapter: AdapterConfig | None = field(default_factory=AdapterConfig)
+    """Global adapter; None skips every conv not configured more specifically."""
+    by_type: dict[Any, AdapterConfig | None] = field(default_factory=dict)
+    by_name_regex: list[tuple[str, AdapterConfig | None]] = field(default_factory=list)
+    by_name: dict[str, AdapterConfig | None] = field(default_factory=dict)
+    kernel_sizes: tuple[int, ...] = (3,)
+    """Square kernel sizes that may be shared (3 by default; 1 for pointwise sharing as in MobileNetV2)."""
+    depthwise: bool = False
+    """Share depthwise convs (groups == C_in == C_out) too. Off by default, as in the reference."""
+    share: bool = True
+    """False: adapter-only mode, every eligible conv keeps its own kernel and gets adapters on it."""
+    stage_depth: int = 1
+    """A family lives inside one stage: the first ``stage_depth`` components of a module name (0: whole model)."""
+    min_family_size: int = 2
+    max_children: int | None = None
+    """At most this many children per parent; a larger family is split, the next member becoming a parent."""
+    include: str | None = None
+    """Only convs whose name matches this regex (re.search) are considered."""
+    exclude: str | None = None
+    """Convs whose name matches this regex (re.search) are skipped."""
+    leaf_modules: tuple[type, ...] = ()
+    """Module types kept opaque by tracing (added to kdna_fx.registry.NOT_TRACED)."""
+
+    def __post_init__(self) -> None:
+        self.kernel_sizes = tuple(self.kernel_sizes)
+        self.leaf_modules = tuple(self.leaf_modules)
+        self.by_name_regex = [tuple(item) for item in self.by_name_regex]  # type: ignore[misc]
+        if not self.kernel_sizes or any(not isinstance(k, int) or k < 1 for k in self.kernel_sizes):
+            raise ConfigError(f"kernel_sizes must be positive integers, got {self.kernel_sizes!r}")
+        if self.stage_depth < 0:
+            raise ConfigError(f"stage_depth must be >= 0, got {self.stage_depth}")
+        if self.min_family_size < 2:
+            raise ConfigError(f"min_family_size must be >= 2 (a family needs a parent and a child), "
+                              f"got {self.min_family_size}")
+        if self.max_children is not None and self.max_children < 1:
+            raise ConfigError(f"max_children must be >= 1 or None, got {self.max_children}")
+        for pattern in [p for p, _ in self.by_name_regex] + [self.include, self.exclude]:
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"invalid module-name regex {pattern!r}: {exc}") from None
+        for key, value in [*self.by_type.items(), *self.by_name.items(), *self.by_name_regex]:
+            if value is not None and not isinstance(value, AdapterConfig):
+                raise ConfigError(f"the entry for {key!r} must be an AdapterConfig or None, got {type(value).__name__}")
+
+    # ---- decisions -------------------------------------------------------------------------------
+    def adapter_for(self, name: str, kind: Any) -> AdapterConfig | None:
+        """The adapter for the conv called ``name`` of type ``kind`` (module type or F.conv2d)."""
+        if name in self.by_name:
+            return self.by_name[name]
+        for pattern, adapter in self.by_name_regex:
+            if re.search(pattern, name):
+                return adapter
+        for key, adapter in self.by_type.items():
+            if kind is key:
+                return adapter
+        return self.adapter
+
+    def selected(self, name: str) -> str | None:
+        """Why ``include``/``exclude`` drop this name, or None when they keep it."""
+        if self.include is not None and not re.search(self.include, name):
+            return f"name does not match include={self.include!r}"
+        if self.exclude is not None and re.search(self.exclude, name):
+            return f"name matches exclude={self.exclude!r}"
+        return None
+
+    def stage_of(self, name: str) -> str:
+        return ".".join(name.split(".")[: self.stage_depth]) if self.stage_depth else ""
+
+    # ---- plain-dict round trip -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; classes and functions are stored by their import path."""
+        def adapter(value: AdapterConfig | None) -> dict[str, Any] | None:
+            return None if value is None else dataclasses.asdict(value)
+
+        return {
+            "adapter": adapter(self.adapter),
+            "by_type": {_qualname(k): adapter(v) for k, v in self.by_type.items()},
+            "by_name_regex": [[p, adapter(v)] for p, v in self.by_name_regex],
+            "by_name": {k: adapter(v) for k, v in self.by_name.items()},
+            "kernel_sizes": list(self.kernel_sizes),
+            "depthwise": self.depthwise,
+            "share": self.share,
+            "stage_depth": self.stage_depth,
+            "min_family_size": self.min_family_size,
+            "max_children": self.max_children,
+            "include": self.include,
+            "exclude": self.exclude,
+            "leaf_modules": [_qualname(t) for t in self.leaf_modules],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KDNAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown KDNAConfig keys {unknown}; known keys are {sorted(known)}")
+
+        def adapter(value: dict[str, Any] | None) -> AdapterConfig | None:
+            return None if value is None else AdapterConfig(**value)
+
+        kwargs = dict(data)
+        if "adapter" in data:
+            kwargs["adapter"] = adapter(data["adapter"])
+        kwargs["by_type"] = {_import(k): adapter(v) for k, v in data.get("by_type", {}).items()}
+        kwargs["by_name_regex"] = [(p, adapter(v)) for p, v in data.get("by_name_regex", [])]
+        kwargs["by_name"] = {k: adapter(v) for k, v in data.get("by_name", {}).items()}
+        kwargs["leaf_modules"] = tuple(_import(name) for name in data.get("leaf_modules", []))
+        if "kernel_sizes" in data:
+            kwargs["kernel_sizes"] = tuple(data["kernel_sizes"])
+        return cls(**kwargs)
+
+
+def _qualname(obj: Any) -> str:
+    if obj in _FUNCTION_NAMES:
+        return _FUNCTION_NAMES[obj]
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _import(path: str) -> Callable[..., Any] | type:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        return getattr(obj, attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"cannot import {path!r} named in the config; import the module that defines it "
+                          f"or remove the entry") from None
+
+
+__all__ = ["AdapterConfig", "KDNAConfig"]

@@ -1,0 +1,134 @@
+"""The KernelDNA adapter math as pure functions on tensors.
+
+Everything here is differentiable, free of module state and usable under torch.func (functional_call,
+vmap, grad) and torch.compile. Shape work is written with einops so the broadcast is visible in the
+pattern rather than hidden in a chain of ``[:, None]``.
+
+Notation (../shared/KERNELDNA.md): parent kernel P [C_out, C_in/g, k, k], per-filter scale F [C_out],
+per-position scale S [k, k], gate values a [B, C_in].
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce
+from torch import Tensor
+
+GateNorm = Literal["batch", "layer", "none"]
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+IntOrPair = int | Sequence[int]
+
+
+def _pair(v: IntOrPair) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def modulate(parent: Tensor, filter_scale: Tensor | None = None, spatial_scale: Tensor | None = None) -> Tensor:
+    """Static modulation W = P * (1 + F) * (1 + S); a missing scale counts as zero."""
+    weight = parent
+    if filter_scale is not None:
+        weight = weight * rearrange(1 + filter_scale, "o -> o 1 1 1")
+    if spatial_scale is not None:
+        weight = weight * rearrange(1 + spatial_scale, "kh kw -> 1 1 kh kw")
+    return weight
+
+
+def gate(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    *,
+    norm: GateNorm = "batch",
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Dynamic routing a(x) = sigmoid(fc2(relu(norm(fc1(mean_hw(x)))))), shape [B, C_in].
+
+    ``norm="batch"`` normalises the reduced vector over the batch (running statistics updated in place
+    when ``training``, as F.batch_norm does); ``"layer"`` normalises each sample on its own and so works
+    at batch size 1; ``"none"`` skips the norm.
+    """
+    h = F.linear(reduce(x, "b c h w -> b c", "mean"), fc1_weight)
+    if norm == "batch":
+        h = F.batch_norm(h, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
+    elif norm == "layer":
+        h = F.layer_norm(h, h.shape[-1:], norm_weight, norm_bias, eps)
+    elif norm != "none":
+        raise ValueError(f"gate norm must be 'batch', 'layer' or 'none', got {norm!r}")
+    return torch.sigmoid(F.linear(F.relu(h), fc2_weight, fc2_bias))
+
+
+def scale_channels(x: Tensor, a: Tensor) -> Tensor:
+    """Scale input channel c of sample b by a[b, c]: the gate acts on the activations, not the kernel."""
+    return x * rearrange(a, "b c -> b c 1 1")
+
+
+def explicit_padding(kernel_size: IntOrPair, padding: IntOrPair | str, dilation: IntOrPair) -> tuple[int, int, int, int]:
+    """Padding as F.pad wants it for a 2-D input: (left, right, top, bottom)."""
+    kh, kw = _pair(kernel_size)
+    dh, dw = _pair(dilation)
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        total_h, total_w = dh * (kh - 1), dw * (kw - 1)
+        return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+    ph, pw = _pair(padding)  # type: ignore[arg-type]
+    return (pw, pw, ph, ph)
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    padding_mode: PaddingMode = "zeros",
+) -> Tensor:
+    """F.conv2d that also honours nn.Conv2d's padding modes (reflect, replicate, circular)."""
+    if padding_mode != "zeros":
+        x = F.pad(x, explicit_padding(weight.shape[-2:], padding, dilation), mode=padding_mode)
+        padding = 0
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def per_sample_kernel(weight: Tensor, a: Tensor, groups: int = 1) -> Tensor:
+    """The kernel that gating one sample's input by ``a`` [C_in] is equivalent to.
+
+    Input channel c belongs to group c // (C_in/g) and is slot c % (C_in/g) of that group's filters.
+    This is the naive formulation (one kernel per sample) that KernelDNA avoids; it exists as the
+    reference for the equivalence tests.
+    """
+    grouped = rearrange(weight, "(g o) j kh kw -> g o j kh kw", g=groups)
+    scale = rearrange(a, "(g j) -> g 1 j 1 1", g=groups)
+    return rearrange(grouped * scale, "g o j kh kw -> (g o) j kh kw")
+
+
+def child_conv2d(
+    x: Tensor,
+    parent: Tensor,
+    *,
+    filter_scale: Tensor | None = None,
+    spatial_scale: Tensor | None = None,
+    gate_values: Tensor | None = None,
+    bias: Tensor | None = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    padding_mode: PaddingMode = "zeros",
+) -> Tensor:
+    """One KernelDNA child: conv2d(x * a(x), P(1+F)(1+S)) + bias, a single batch-shared convolution."""
+    if gate_values is not None:
+        x = scale_channels(x, gate_values)
+    weight = modulate(parent, filter_scale, spatial_scale)
+    return conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode)

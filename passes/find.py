@@ -1,0 +1,161 @@
+"""Pass 2: find the 2-D convolutions of a traced graph and decide which ones may be shared."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from kdna_fx.config import AdapterConfig, KDNAConfig
+
+_FUNCTIONAL_CONVS = (F.conv2d, torch.conv2d)
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV2D_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+@dataclass(frozen=True)
+class ConvSite:
+    """One convolution of the graph that may take part in sharing."""
+
+    name: str
+    """Module path for an nn.Conv2d; the weight's qualified name for an F.conv2d call."""
+    kind: str  # "module" or "function"
+    node: str
+    weight: str
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple[int, int]
+    stride: Any
+    padding: Any
+    dilation: Any
+    groups: int
+    padding_mode: str
+    has_bias: bool
+    stage: str
+    adapter: AdapterConfig | None
+    """None when the config skips this conv; eligible sites always have one."""
+
+    @property
+    def family_key(self) -> tuple[Any, ...]:
+        return (self.stage, self.in_channels, self.out_channels, self.kernel_size, self.groups,
+                _pair(self.dilation), self.padding_mode)
+
+    @property
+    def adapter_path(self) -> str:
+        """Where the child's adapter module lives: in place of the conv module, or beside the weight."""
+        return self.name if self.kind == "module" else f"{self.name}_kdna"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A convolution that is neither parent nor child, and why."""
+
+    name: str
+    reason: str
+
+
+def _pair(v: Any) -> Any:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v) if isinstance(v, int) else v
+
+
+def find_convs(gm: fx.GraphModule, config: KDNAConfig) -> tuple[list[ConvSite], list[Skipped]]:
+    """Every 2-D conv node in graph order, split into eligible sites and skipped ones (with a reason)."""
+    sites: list[ConvSite] = []
+    skipped: list[Skipped] = []
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    tied = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            found = _module_site(gm, node, config, calls)
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
+            found = _function_site(gm, node, config)
+        else:
+            continue
+        if found is None:
+            continue
+        if isinstance(found, Skipped):
+            skipped.append(found)
+            continue
+        reason = _ineligible(found, gm, config, tied)
+        if reason:
+            skipped.append(Skipped(found.name, reason))
+        else:
+            sites.append(found)
+    return sites, skipped
+
+
+def _module_site(gm: fx.GraphModule, node: fx.Node, config: KDNAConfig, calls: Counter) -> ConvSite | Skipped | None:
+    module = gm.get_submodule(node.target)
+    if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
+        return Skipped(node.target, f"{type(module).__name__}: only 2-D convolutions (nn.Conv2d) are shared")
+    if not isinstance(module, nn.Conv2d):
+        return None
+    if type(module).forward is not nn.Conv2d.forward:
+        return Skipped(node.target, f"{type(module).__name__} overrides nn.Conv2d.forward; rewriting it would "
+                                    f"drop that logic")
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return Skipped(node.target, "lazy conv not yet initialised: run one forward pass before transform")
+    if calls[node.target] > 1:
+        return Skipped(node.target, f"module is called {calls[node.target]} times in the graph; a shared "
+                                    f"module cannot become one child")
+    adapter = config.adapter_for(node.target, type(module))
+    return ConvSite(
+        name=node.target, kind="module", node=node.name, weight=f"{node.target}.weight",
+        out_channels=module.out_channels, in_channels=module.in_channels, kernel_size=tuple(module.kernel_size),
+        stride=tuple(module.stride), padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+        dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode,
+        has_bias=module.bias is not None, stage=config.stage_of(node.target),
+        adapter=adapter)
+
+
+def conv2d_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of an F.conv2d call node by name, defaults filled in."""
+    args = dict(_CONV2D_DEFAULTS)
+    args.update(zip(_CONV2D_ARGS, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def _function_site(gm: fx.GraphModule, node: fx.Node, config: KDNAConfig) -> ConvSite | Skipped:
+    args = conv2d_arguments(node)
+    weight = args["weight"]
+    label = f"{node.name} (F.conv2d)"
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return Skipped(label, "its weight is computed in the graph, not a stored parameter")
+    try:
+        tensor = gm.get_parameter(weight.target)
+    except AttributeError:
+        return Skipped(label, f"its weight {weight.target!r} is a buffer or constant, not an nn.Parameter")
+    if len(weight.users) > 1:
+        return Skipped(weight.target, "its weight parameter is also read by other nodes of the graph")
+    dynamic = [k for k in ("stride", "padding", "dilation", "groups") if isinstance(args[k], fx.Node)]
+    if dynamic:
+        return Skipped(weight.target, f"{', '.join(dynamic)} computed at run time")
+    groups = int(args["groups"])
+    adapter = config.adapter_for(weight.target, F.conv2d)
+    padding = args["padding"] if isinstance(args["padding"], str) else _pair(args["padding"])
+    return ConvSite(
+        name=weight.target, kind="function", node=node.name, weight=weight.target,
+        out_channels=tensor.shape[0], in_channels=tensor.shape[1] * groups, kernel_size=tuple(tensor.shape[2:]),
+        stride=_pair(args["stride"]), padding=padding, dilation=_pair(args["dilation"]), groups=groups,
+        padding_mode="zeros", has_bias=args["bias"] is not None, stage=config.stage_of(weight.target),
+        adapter=adapter)
+
+
+def _ineligible(site: ConvSite, gm: fx.GraphModule, config: KDNAConfig, tied: Counter) -> str | None:
+    kh, kw = site.kernel_size
+    if kh != kw or kh not in config.kernel_sizes:
+        return f"kernel {kh}x{kw} is not in kernel_sizes={config.kernel_sizes}"
+    if site.groups > 1 and site.groups == site.in_channels == site.out_channels and not config.depthwise:
+        return "depthwise conv (groups = C_in = C_out); opt in with KDNAConfig(depthwise=True)"
+    dropped = config.selected(site.name)
+    if dropped:
+        return dropped
+    if site.adapter is None:
+        return "its adapter config is None (by_name, by_name_regex, by_type or the global adapter)"
+    if tied[id(gm.get_parameter(site.weight))] > 1:
+        return "its weight is tied to another parameter of the model"
+    return None

@@ -1,0 +1,78 @@
+"""Pass 1: symbolic tracing into a GraphModule that keeps every parameter and buffer of the model."""
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+from torch import fx, nn
+
+from kdna_fx.config import KDNAConfig
+from kdna_fx.errors import KDNATraceError
+from kdna_fx.registry import NOT_TRACED
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type, ...]):
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, config: KDNAConfig | None = None) -> fx.GraphModule:
+    """Trace ``model`` with torch.fx; never raises a raw torch.fx error.
+
+    Modules in kdna_fx.registry.NOT_TRACED and ``config.leaf_modules`` stay opaque. Parameters and
+    buffers the graph does not read (a BatchNorm's num_batches_tracked, an unused head) are copied on
+    purpose, so the state dict keeps every entry of the original.
+    """
+    config = config or KDNAConfig()
+    tracer = _Tracer(tuple(NOT_TRACED) + tuple(config.leaf_modules))
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one documented error
+        raise _trace_error(tracer, model, exc) from exc
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _copy_untraced_state(model, gm)
+    gm.train(model.training)
+    return gm
+
+
+def _trace_error(tracer: _Tracer, model: nn.Module, exc: Exception) -> KDNATraceError:
+    if tracer.module_stack:
+        name, module_type = next(reversed(tracer.module_stack.values()))
+    else:
+        name, module_type = "", type(model)
+    type_name = getattr(module_type, "__name__", str(module_type))
+    torch_dir = os.path.dirname(torch.__file__)
+    user_frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    where = f" at {user_frames[-1].filename}:{user_frames[-1].lineno} `{user_frames[-1].line}`" if user_frames else ""
+    operation = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    shown = f"'{name}' ({type_name})" if name else f"the model's own forward ({type_name})"
+    fix = (f"keep it opaque with kdna_fx.KDNAConfig(leaf_modules=({type_name},)) (its convolutions are then "
+           f"not shared)" if name else "wrap the untraceable part in a submodule and list it in "
+           "kdna_fx.KDNAConfig(leaf_modules=...)")
+    message = (f"kdna_fx could not trace {shown}: {type(exc).__name__}: {operation}{where}.\n"
+               f"torch.fx symbolic tracing cannot follow Python control flow that depends on tensor values "
+               f"(if/while on a tensor, len() of a tensor, calling .item()).\n"
+               f"Fix: {fix}, or make that forward free of data-dependent Python control flow.")
+    return KDNATraceError(message, module_name=name, module_type=type_name, operation=operation)
+
+
+def _copy_untraced_state(model: nn.Module, gm: fx.GraphModule) -> None:
+    present = set(gm.state_dict(keep_vars=True))
+    for name, value in model.state_dict(keep_vars=True).items():
+        if name in present:
+            continue
+        *path, leaf = name.split(".")
+        owner: nn.Module = gm
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        else:
+            owner.register_buffer(leaf, value)
