@@ -1,0 +1,68 @@
+"""Timing and provenance helpers shared by the demo and the bench/ scripts."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 10) -> dict[str, float]:
+    """Median and spread of ``repeat`` timed calls (seconds) after ``warmup`` untimed ones."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "repeat": repeat}
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """The exact command, machine and versions behind a set of numbers."""
+    import einops
+    import torchvision
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "command": " ".join([os.path.relpath(sys.executable)] + (argv if argv is not None else sys.argv)),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "einops": einops.__version__},
+    }
+
+
+def write_results(path_stem: str, payload: dict[str, Any], markdown_table: str) -> None:
+    """Write ``<stem>.json`` and ``<stem>.md`` (the table plus its provenance)."""
+    os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
+    with open(f"{path_stem}.json", "w") as f:
+        json.dump(payload, f, indent=2)
+    prov = payload["provenance"]
+    with open(f"{path_stem}.md", "w") as f:
+        f.write(markdown_table.rstrip() + "\n\n")
+        f.write(f"Command: `{prov['command']}`  \n")
+        f.write(f"Machine: {prov['machine']['cpu']}, {prov['machine']['cores']} cores, "
+                f"{prov['machine']['torch_threads']} torch threads, GPU: {prov['machine']['gpu']}  \n")
+        f.write("Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + "  \n")
+        f.write(f"Date (UTC): {prov['date_utc']}\n")
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
