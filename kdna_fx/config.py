@@ -68,7 +68,8 @@ class KDNAConfig:
     share: bool = True
     """False: adapter-only mode, every eligible conv keeps its own kernel and gets adapters on it."""
     stage_depth: int = 1
-    """A family lives inside one stage: the first ``stage_depth`` components of a module name (0: whole model)."""
+    """A family lives inside one stage: the first ``stage_depth`` components of the path of the module that
+    owns the conv (``layer1`` for ``layer1.0.conv1``; the model itself for a top-level conv). 0: whole model."""
     min_family_size: int = 2
     max_children: int | None = None
     """At most this many children per parent; a larger family is split, the next member becoming a parent."""
@@ -124,7 +125,8 @@ class KDNAConfig:
         return None
 
     def stage_of(self, name: str) -> str:
-        return ".".join(name.split(".")[: self.stage_depth]) if self.stage_depth else ""
+        owner = name.split(".")[:-1]
+        return ".".join(owner[: self.stage_depth])
 
     # ---- plain-dict round trip -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -22,8 +22,8 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target is KF.modulate):
             continue
-        path = node.meta["kdna"]["adapter"]
-        inputs = [gm.get_parameter(a.target) if isinstance(a, fx.Node) else None for a in node.args]
+        path, args = node.meta["kdna"]["adapter"], list(node.args)  # erase_node clears node.args
+        inputs = [gm.get_parameter(a.target) if isinstance(a, fx.Node) else None for a in args]
         with torch.no_grad():
             folded = KF.modulate(*inputs).detach().clone()
         adapter = gm.get_submodule(path)
@@ -33,7 +33,7 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
             new.meta["kdna"] = dict(node.meta["kdna"], role="folded_weight")
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        for arg in node.args:
+        for arg in args:
             if isinstance(arg, fx.Node) and arg.op == "get_attr" and not arg.users:
                 graph.erase_node(arg)
                 if arg.meta.get("kdna", {}).get("role") in ("filter_scale", "spatial_scale"):

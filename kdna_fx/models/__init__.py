@@ -1,0 +1,13 @@
+"""The kdna_fx model zoo: KernelDNA reference topologies, their plain baselines and replace-mode twins.
+
+    model = kdna_fx.models.create_model("kdna_resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.25)
+    kdna_fx.models.list_models("*resnet*")
+
+Names: ``<arch>`` is the plain torchvision model (weights=None), ``replace_<arch>`` is kdna_fx.transform
+applied to it, ``kdna_<arch>`` is the hand-built KernelDNA topology. See docs/models.md.
+"""
+from . import resnet  # noqa: F401  (registers its models)
+from ._common import SharedStage
+from ._registry import create_model, list_models, register
+
+__all__ = ["SharedStage", "create_model", "list_models", "register"]

@@ -1,0 +1,41 @@
+"""Name -> builder registry behind create_model / list_models."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a builder under its function name."""
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"model {fn.__name__!r} is registered twice")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of the models ``create_model`` builds, filtered by a shell-style ``pattern``."""
+    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the model registered as ``name`` (see ``list_models()``), freshly initialised, no weights.
+
+    Every model takes ``num_classes``, ``in_chans`` and ``small_stem``; see docs/models.md for the rest.
+    """
+    if name not in _MODELS:
+        close = difflib.get_close_matches(str(name), list(_MODELS), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Available models: {', '.join(list_models())}")
+    fn = _MODELS[name]
+    accepted = [p for p in inspect.signature(fn).parameters]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"{name} does not take option(s) {unknown}; it takes {accepted}")
+    return fn(**kwargs)

@@ -1,0 +1,84 @@
+"""Training checkpoints: written atomically every epoch, checked against the model before anything is loaded."""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdna_fx.errors import KDNAError
+
+FORMAT = "kdna_fx.train/1"
+CHECKPOINT_NAME = "last.pt"
+
+
+class CheckpointError(KDNAError, ValueError):
+    """A checkpoint is missing, unreadable or does not belong to the model/run it is loaded into."""
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` through a temporary file, so a crash mid-write never leaves a torn file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save({"format": FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint written by save_checkpoint (tensors to CPU), with a clear error for every way it fails."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path!r}. Start a new run without --resume, or point --run-dir "
+                              f"(or --checkpoint) at the run you want to continue/evaluate.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path!r}: the file is truncated or corrupt ({first}). It was probably cut "
+            f"off by a full disk or a copy that did not finish. Restore it from a complete copy, or delete it "
+            f"and start the run again without --resume.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path!r} is not a kdna training checkpoint (format {found!r}, expected {FORMAT!r}). "
+            f"`kdna train` writes <run-dir>/{CHECKPOINT_NAME}; a file from kdna_fx.save is loaded with kdna_fx.load.")
+    return ckpt
+
+
+def model_signature(model: nn.Module) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in the state dict: what must match for weights to load."""
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_model_matches(ckpt: dict[str, Any], model: nn.Module, path: str) -> None:
+    """Raise CheckpointError naming the differences when ``model`` cannot take the checkpoint's weights."""
+    saved: dict[str, list[int]] = ckpt["signature"]
+    mine = model_signature(model)
+    missing = sorted(set(mine) - set(saved))
+    unexpected = sorted(set(saved) - set(mine))
+    reshaped = sorted(k for k in set(saved) & set(mine) if saved[k] != mine[k])
+    if not (missing or unexpected or reshaped):
+        return
+    details = []
+    if missing:
+        details.append(f"{len(missing)} tensors of this model are not in the checkpoint (e.g. {missing[:3]})")
+    if unexpected:
+        details.append(f"{len(unexpected)} checkpoint tensors have no place in this model (e.g. {unexpected[:3]})")
+    if reshaped:
+        k = reshaped[0]
+        details.append(f"{len(reshaped)} tensors differ in shape (e.g. {k}: checkpoint {saved[k]}, model {mine[k]})")
+    spec = ckpt.get("config", {}).get("model", {})
+    saved_model = ", ".join(f"{k}={v}" for k, v in spec.items()) or "unknown"
+    raise CheckpointError(
+        f"checkpoint {path!r} was written for a different model ({saved_model}): " + "; ".join(details) +
+        ". Build the same architecture (same --model, --width, --small-stem, --num-classes, --transform/"
+        "--gate-norm) to resume or evaluate it, or use a new --run-dir to train this model from scratch.")
+
+
+def load_model_weights(ckpt: dict[str, Any], model: nn.Module, path: str) -> None:
+    """Check and load the checkpoint's model weights into ``model`` (strict)."""
+    check_model_matches(ckpt, model, path)
+    model.load_state_dict(ckpt["model"], strict=True)

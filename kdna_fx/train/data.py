@@ -1,0 +1,218 @@
+"""Datasets for training: Fashion-MNIST from its IDX files, any ImageFolder tree, ImageNet (ImageFolder layout)."""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+# Mean and std of the Fashion-MNIST training pixels (scaled to [0, 1]).
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASETS = ("fashion-mnist", "folder", "imagenet")
+
+# IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataError(ValueError):
+    """A data set is missing or does not have the expected layout; the message says how to fix it."""
+
+
+def read_idx(path: str | os.PathLike[str]) -> Tensor:
+    """Read an IDX file (optionally gzip-compressed, as the MNIST family ships) into a tensor.
+
+    Layout: two zero bytes, a type code, the number of dimensions n, n big-endian uint32 sizes, then the data.
+    """
+    path = os.fspath(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file {path!r}: {exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path!r} is not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path!r}: truncated IDX header")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"{path!r}: header promises shape {shape} ({expected} bytes of data) but the file holds "
+                        f"{len(raw) - header}; the file is truncated or corrupt")
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    # Native byte order and a writable copy: torch cannot wrap big-endian or read-only buffers.
+    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+
+
+class TensorImages(Dataset):
+    """Grey images held in memory as uint8 [N, H, W], returned as normalised float [1, H, W] and a label.
+
+    ``augment`` adds a random 2-pixel translation and horizontal flip (the global torch RNG, so it is
+    reproducible and saved in checkpoints).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, *, augment: bool = False,
+                 mean: float = FASHION_MNIST_MEAN, std: float = FASHION_MNIST_STD,
+                 classes: tuple[str, ...] | None = None):
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"expected images [N, H, W] and labels [N], got {tuple(images.shape)} and "
+                            f"{tuple(labels.shape)}")
+        self.images, self.labels = images, labels.long()
+        self.augment, self.mean, self.std = augment, mean, std
+        self.classes = classes or tuple(str(i) for i in range(int(self.labels.max()) + 1))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        x = self.images[index].float().div_(255).sub_(self.mean).div_(self.std)[None]
+        if self.augment:
+            pad = 2
+            h, w = x.shape[1:]
+            padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-self.mean / self.std)
+            top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
+            x = padded[:, top:top + h, left:left + w]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return x, int(self.labels[index])
+
+
+def fashion_mnist(root: str = FASHION_MNIST_DIR, *, train: bool = True, augment: bool | None = None) -> TensorImages:
+    """The Fashion-MNIST train (60,000) or test (10,000) split, read from the IDX .gz files in ``root``."""
+    prefix = "train" if train else "t10k"
+    images_path = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
+    labels_path = os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz")
+    missing = [p for p in (images_path, labels_path) if not os.path.exists(p)]
+    if missing:
+        hint = ("install the Debian package: `apt-get install -y dataset-fashion-mnist`"
+                if os.path.abspath(root) == FASHION_MNIST_DIR else
+                f"put {prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz in {root!r}, or "
+                f"install the Debian package (`apt-get install -y dataset-fashion-mnist`) and drop --data")
+        raise DataError(f"Fashion-MNIST files not found: {', '.join(missing)}; {hint}")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    return TensorImages(images.to(torch.uint8), labels, augment=train if augment is None else augment,
+                        classes=FASHION_MNIST_CLASSES)
+
+
+def _folder_transforms(image_size: int, train: bool, crop_scale: tuple[float, float]) -> Any:
+    from torchvision import transforms as T
+
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if train:
+        return T.Compose([T.RandomResizedCrop(image_size, scale=crop_scale), T.RandomHorizontalFlip(),
+                          T.ToTensor(), normalize])
+    # The usual 0.875 centre-crop ratio (256 -> 224).
+    return T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), T.ToTensor(), normalize])
+
+
+def _image_folder(path: str, transform: Any) -> Any:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(path, transform=transform)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"cannot load {path!r} as an ImageFolder (one sub-folder per class holding images): "
+                        f"{exc}") from None
+
+
+class _Transformed(Dataset):
+    """A view of an ImageFolder subset with its own transform (train and val halves of one folder differ)."""
+
+    def __init__(self, base: Any, indices: list[int], transform: Any):
+        self.base, self.indices, self.transform = base, indices, transform
+        self.classes = base.classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.base.samples[self.indices[i]]
+        return self.transform(self.base.loader(path)), label
+
+
+@dataclass
+class DataBundle:
+    """Train and validation sets plus what the model needs to know about them."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_chans: int
+    description: str
+
+
+def build_data(dataset: str = "fashion-mnist", path: str | None = None, *, image_size: int | None = None,
+               val_fraction: float = 0.1, seed: int = 0, train_subset: int | None = None,
+               val_subset: int | None = None) -> DataBundle:
+    """Build the train/val sets.
+
+    ``fashion-mnist``: IDX files in ``path`` (default the Debian package directory); val is the test split.
+    ``folder``: ImageFolder tree; ``path/train`` and ``path/val`` if both exist, else ``path`` split by
+    ``val_fraction`` (seeded). ``imagenet``: ``path/train`` and ``path/val`` in ImageFolder layout, 224 crops.
+    ``train_subset``/``val_subset`` keep a seeded random subset (quick runs).
+    """
+    if dataset == "fashion-mnist":
+        root = path or FASHION_MNIST_DIR
+        train, val = fashion_mnist(root, train=True), fashion_mnist(root, train=False)
+        if image_size not in (None, 28):
+            raise DataError("Fashion-MNIST images are 28x28; drop --image-size (resizing is not supported)")
+        bundle = DataBundle(train, val, 10, 1, f"Fashion-MNIST ({root})")
+    elif dataset in ("folder", "imagenet"):
+        if not path:
+            raise DataError(f"--dataset {dataset} needs --data PATH (a folder with train/ and val/ sub-folders"
+                            + (")" if dataset == "imagenet" else ", or one ImageFolder tree to split)"))
+        bundle = _folder_bundle(path, dataset, image_size, val_fraction, seed)
+    else:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    bundle.train = _subset(bundle.train, train_subset, seed)
+    bundle.val = _subset(bundle.val, val_subset, seed + 1)
+    return bundle
+
+
+def _folder_bundle(path: str, dataset: str, image_size: int | None, val_fraction: float, seed: int) -> DataBundle:
+    imagenet = dataset == "imagenet"
+    size = image_size or (224 if imagenet else 64)
+    scale = (0.08, 1.0) if imagenet else (0.35, 1.0)
+    train_dir, val_dir = os.path.join(path, "train"), os.path.join(path, "val")
+    if os.path.isdir(train_dir) and os.path.isdir(val_dir):
+        train = _image_folder(train_dir, _folder_transforms(size, True, scale))
+        val = _image_folder(val_dir, _folder_transforms(size, False, scale))
+        if train.classes != val.classes:
+            extra = sorted(set(train.classes) ^ set(val.classes))[:5]
+            raise DataError(f"train/ and val/ under {path!r} have different class folders (e.g. {extra}); "
+                            f"both need the same one-folder-per-class names")
+        return DataBundle(train, val, len(train.classes), 3, f"{dataset} ({path}, {size}px)")
+    if imagenet:
+        raise DataError(f"ImageNet layout expected: {train_dir!r} and {val_dir!r}, one sub-folder per class "
+                        f"(val images sorted into class folders)")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    base = _image_folder(path, None)
+    order = torch.randperm(len(base), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(val_fraction * len(base)))
+    if n_val >= len(base):
+        raise DataError(f"{path!r} has {len(base)} images: too few to split off a validation set")
+    train = _Transformed(base, sorted(order[n_val:]), _folder_transforms(size, True, scale))
+    val = _Transformed(base, sorted(order[:n_val]), _folder_transforms(size, False, scale))
+    return DataBundle(train, val, len(base.classes), 3, f"folder ({path}, split {val_fraction:g}, {size}px)")
+
+
+def _subset(data: Dataset, size: int | None, seed: int) -> Dataset:
+    if size is None or size >= len(data):  # type: ignore[arg-type]
+        return data
+    if size < 1:
+        raise DataError(f"a subset size must be >= 1, got {size}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:size]  # type: ignore[arg-type]
+    return Subset(data, sorted(order.tolist()))
