@@ -8,6 +8,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("kdna_fx.demo", "transform ResNet-18, report, check fold/compile, time eager vs compiled"),
     "plan": ("kdna_fx.inspect", "print the family plan of a torchvision model without changing it"),
+    "train": ("kdna_fx.train.train_command", "train a kdna_fx.models model (Fashion-MNIST, ImageFolder, ImageNet; DDP)"),
+    "eval": ("kdna_fx.train.eval_command", "top-1 and images/s of a kdna train checkpoint"),
 }
 
 

@@ -1,0 +1,33 @@
+"""Building models by name through kdna_fx.models (the zoo), from a plain-dict spec stored in checkpoints."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """``spec``: name, num_classes, in_chans, small_stem, width and optionally gate_norm.
+
+    ``gate_norm`` goes to kdna_* models directly and to replace_* models through their KDNAConfig.
+    """
+    try:
+        from kdna_fx import models
+    except ImportError as exc:
+        raise RuntimeError(f"kdna_fx.models is not available ({exc}); models are built by name from it") from None
+    name = spec["name"]
+    known = models.list_models()
+    if name not in known:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(known)}")
+    kwargs: dict[str, Any] = {k: spec[k] for k in ("num_classes", "in_chans", "small_stem", "width") if k in spec}
+    gate_norm = spec.get("gate_norm")
+    if gate_norm is not None:
+        if name.startswith("kdna_"):
+            kwargs["gate_norm"] = gate_norm
+        elif name.startswith("replace_"):
+            from kdna_fx import AdapterConfig, KDNAConfig
+
+            kwargs["config"] = KDNAConfig(adapter=AdapterConfig(gate_norm=gate_norm))
+        else:
+            raise ValueError(f"--gate-norm applies to KernelDNA models (kdna_*, replace_*), not {name!r}")
+    return models.create_model(name, **kwargs)
