@@ -6,7 +6,7 @@
 Names: ``<arch>`` is the plain torchvision model (weights=None), ``replace_<arch>`` is kdna_fx.transform
 applied to it, ``kdna_<arch>`` is the hand-built KernelDNA topology. See docs/models.md.
 """
-from . import mobilenet, resnet  # noqa: F401  (they register their models)
+from . import convnext, mobilenet, resnet  # noqa: F401  (they register their models)
 from ._common import SharedStage
 from ._registry import create_model, list_models, register
 

@@ -1,0 +1,157 @@
+"""ConvNeXt-Tiny with KernelDNA sharing of the pointwise MLP kernels inside each stage.
+
+The reference code has no ConvNeXt. Our rule carries the reference MobileNetV2 rule over (ConvNeXt's
+parameters, like MobileNetV2's, sit almost all in the pointwise layers):
+
+* the two pointwise layers of a block (expand C -> 4C and project 4C -> C, torchvision's Linear layers,
+  here 1x1 convs: the same parameters and MACs) are the shared kernels;
+* in every stage the first block keeps its own kernels; the remaining blocks form runs of at most three,
+  the last block of a run being the parent of the (at most two, the most the reference MobileNetV2
+  gives one parent) blocks before it. Depths 3, 3, 9, 3 give 1, 1, 5, 1 child blocks;
+* a child has F only (1x1 kernels have no spatial scale) and an SE gate on the input of each pointwise
+  conv, with C/4 hidden units on both (r = 4 on C, r = 16 on 4C);
+* depthwise 7x7 convs, LayerNorms and layer scales are never shared. No norm follows the pointwise
+  convs, so F is not cancelled here (unlike the BatchNorm-followed children of the ResNets).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.convnext import CNBlockConfig, LayerNorm2d
+from torchvision.ops import StochasticDepth
+
+from ..adapters import Gate
+from ..config import KDNAConfig
+from ..functional import GateNorm
+from ._common import Parents, SharedStage, check_options, child_conv, replace_mode, run_conv, scaled
+from ._registry import register
+
+DIMS, DEPTHS = (96, 192, 384, 768), (3, 3, 9, 3)
+EXPAND_REDUCTION, PROJECT_REDUCTION = 4, 16
+RUN = 3  # a parent and at most RUN - 1 children
+
+
+def sharing(depth: int) -> list[int | None]:
+    """For each block of a stage, the index of the block whose pointwise kernels it reuses (None: its own)."""
+    parent_of: list[int | None] = [None] * depth
+    rest = list(range(1, depth))
+    for start in range(0, len(rest), RUN):
+        run = rest[start:start + RUN]
+        for block in run[:-1]:
+            parent_of[block] = run[-1]
+    return parent_of
+
+
+def _pointwise(inp: int, out: int, parent: str | None, reduction: int, gate_norm: GateNorm) -> nn.Module:
+    if parent is None:
+        return nn.Conv2d(inp, out, 1)
+    # A child keeps its own bias (a bias is not part of the kernel), zero-initialised like the parent's.
+    child = child_conv(parent, inp, out, 1, reduction=reduction, gate_norm=gate_norm)
+    child.bias = nn.Parameter(torch.zeros(out))
+    return child
+
+
+class ConvNeXtBlock(nn.Module):
+    """dw 7x7 -> LayerNorm -> pw expand -> GELU -> pw project -> layer scale -> drop path (+ input)."""
+
+    def __init__(self, dim: int, drop_path: float, shared: dict[str, str], gate_norm: GateNorm,
+                 layer_scale: float = 1e-6):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = LayerNorm2d(dim, eps=1e-6)
+        self.pwconv1 = _pointwise(dim, 4 * dim, shared.get("pwconv1"), EXPAND_REDUCTION, gate_norm)
+        self.act = nn.GELU()
+        self.pwconv2 = _pointwise(4 * dim, dim, shared.get("pwconv2"), PROJECT_REDUCTION, gate_norm)
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale))
+        self.drop_path = StochasticDepth(drop_path, "row")
+
+    def forward(self, x: Tensor, parents: Parents) -> Tensor:
+        out = self.norm(self.dwconv(x))
+        out = run_conv(self.pwconv2, self.act(run_conv(self.pwconv1, out, parents)), parents)
+        return x + self.drop_path(self.layer_scale * out)
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt (torchvision layout and initialisation) whose stages may share pointwise kernels."""
+
+    def __init__(self, *, num_classes: int = 1000, in_chans: int = 3, width: float = 1.0, small_stem: bool = False,
+                 share: bool = True, gate_norm: GateNorm = "batch", drop_path: float = 0.1):
+        super().__init__()
+        dims = [scaled(d, width) for d in DIMS]
+        stem = (nn.Conv2d(in_chans, dims[0], 3, 1, 1) if small_stem else nn.Conv2d(in_chans, dims[0], 4, 4))
+        layers: list[nn.Module] = [nn.Sequential(stem, LayerNorm2d(dims[0], eps=1e-6))]
+        total, seen = sum(DEPTHS), 0
+        for i, (dim, depth) in enumerate(zip(dims, DEPTHS)):
+            name = f"features.{len(layers)}"
+            blocks = []
+            for j, parent in enumerate(sharing(depth) if share else [None] * depth):
+                shared = {} if parent is None else {k: f"{name}.{parent}.{k}" for k in ("pwconv1", "pwconv2")}
+                blocks.append(ConvNeXtBlock(dim, drop_path * seen / (total - 1), shared, gate_norm))
+                seen += 1
+            layers.append(SharedStage(name, *blocks))
+            if i + 1 < len(dims):
+                layers.append(nn.Sequential(LayerNorm2d(dim, eps=1e-6), nn.Conv2d(dim, dims[i + 1], 2, 2)))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(LayerNorm2d(dims[-1], eps=1e-6), nn.Flatten(1),
+                                        nn.Linear(dims[-1], num_classes))
+        # torchvision's initialisation; F stays zero and gates keep nn.Linear's default, as in every zoo model.
+        in_gates = {id(m) for g in self.modules() if isinstance(g, Gate) for m in g.modules()}
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in in_gates:
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.avgpool(self.features(x)))
+
+
+# ---- registered models ------------------------------------------------------------------------------
+def _check(name: str, num_classes: int, in_chans: int, small_stem: bool, width: float) -> None:
+    check_options(name, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
+
+
+@register
+def convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
+                  width: float = 1.0) -> nn.Module:
+    """Plain torchvision ConvNeXt-Tiny (weights=None); ``width`` scales the stage widths 96-192-384-768."""
+    _check("convnext_tiny", num_classes, in_chans, small_stem, width)
+    if width == 1:
+        model = torchvision.models.convnext_tiny(weights=None, num_classes=num_classes)
+    else:
+        dims = [scaled(d, width) for d in DIMS]
+        setting = [CNBlockConfig(d, dims[i + 1] if i + 1 < len(dims) else None, n)
+                   for i, (d, n) in enumerate(zip(dims, DEPTHS))]
+        model = torchvision.models.ConvNeXt(setting, stochastic_depth_prob=0.1, num_classes=num_classes)
+    if small_stem or in_chans != 3:
+        old = model.features[0][0]
+        stem = (nn.Conv2d(in_chans, old.out_channels, 3, 1, 1) if small_stem
+                else nn.Conv2d(in_chans, old.out_channels, 4, 4))
+        nn.init.trunc_normal_(stem.weight, std=0.02)
+        nn.init.zeros_(stem.bias)
+        model.features[0][0] = stem
+    return model
+
+
+@register
+def replace_convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
+                          width: float = 1.0, config: KDNAConfig | None = None) -> nn.Module:
+    """kdna_fx.transform(convnext_tiny(...)). torchvision's pointwise layers are nn.Linear, which transform
+    does not share, so by default the depthwise 7x7 convs of each stage share one kernel."""
+    config = config if config is not None else KDNAConfig(kernel_sizes=(7,), depthwise=True, stage_depth=2)
+    return replace_mode(convnext_tiny(num_classes, in_chans, small_stem, width), config)
+
+
+@register
+def kdna_convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
+                       gate_norm: GateNorm = "batch", drop_path: float = 0.1) -> ConvNeXt:
+    """KernelDNA ConvNeXt-Tiny (our design, see the module docstring and docs/models.md)."""
+    _check("kdna_convnext_tiny", num_classes, in_chans, small_stem, width)
+    if gate_norm not in ("batch", "layer", "none"):
+        raise ValueError(f"kdna_convnext_tiny: gate_norm must be 'batch', 'layer' or 'none', got {gate_norm!r}")
+    return ConvNeXt(num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem,
+                    gate_norm=gate_norm, drop_path=drop_path)
