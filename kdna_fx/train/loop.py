@@ -223,8 +223,7 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config
                 "scaler": scaler.state_dict(), "rng": rngs, "epoch": epoch + 1, "world_size": ctx.world_size,
                 "config": config.to_dict(), "signature": model_signature(model), "history": history})
             _write_metrics(run_dir, config, history)
-            if config.progress:
-                _print_record(record, config.epochs)
+            _print_record(record, config.epochs)
         D.barrier(ctx)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)

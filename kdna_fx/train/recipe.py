@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -184,5 +184,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _tuples(value: Any) -> Any:
     # random.setstate wants tuples all the way down; serialisation may have turned them into lists.
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
