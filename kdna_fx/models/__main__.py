@@ -1,0 +1,43 @@
+"""``python -m kdna_fx.models [patterns] [options]``: parameters and MACs of zoo models.
+
+Defaults: 1000 classes, one 3x224x224 image. ``--small`` measures the small CPU setting instead
+(10 classes, 1x28x28, small_stem, width 0.25 where a model takes width).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import warnings
+
+import torch
+
+from ..report import count_macs, format_table
+from . import _registry, create_model, list_models
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdna_fx.models", description=__doc__.splitlines()[0])
+    parser.add_argument("patterns", nargs="*", default=["*"], help="shell-style model name patterns")
+    parser.add_argument("--small", action="store_true", help="10 classes, 1x28x28, small_stem, width 0.25")
+    args = parser.parse_args(argv)
+    names = [n for pattern in args.patterns for n in list_models(pattern)]
+    kwargs, shape = (dict(num_classes=10, in_chans=1, small_stem=True), (1, 1, 28, 28)) if args.small \
+        else ({}, (1, 3, 224, 224))
+    rows = []
+    for name in names:
+        options = dict(kwargs)
+        if args.small and "width" in inspect.signature(_registry._MODELS[name]).parameters:
+            options["width"] = 0.25
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = create_model(name, **options)
+        macs, gate_macs = count_macs(model, torch.randn(*shape))
+        rows.append([name, f"{sum(p.numel() for p in model.parameters()):,}", f"{macs / 1e6:,.2f} M",
+                     f"{gate_macs / 1e6:,.3f} M"])
+    print(format_table(["model", "params", "MACs", "of which gates"], rows,
+                       title=f"input {'x'.join(map(str, shape))}, options {kwargs or 'defaults'}"
+                             + (" (+ width=0.25 where taken)" if args.small else "")))
+
+
+if __name__ == "__main__":
+    main()
