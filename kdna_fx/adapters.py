@@ -15,6 +15,18 @@ def gate_width(channels: int, reduction: int, min_hidden: int = 1) -> int:
     return max(1, min_hidden, channels // reduction)
 
 
+def adapter_cost(in_channels: int, out_channels: int, kernel_size: tuple[int, int], *, gate: bool = True,
+                 reduction: int = 4, gate_norm: str = "batch", gate_min_hidden: int = 1,
+                 filter_scale: bool = True, spatial_scale: bool = True) -> int:
+    """Parameters a ChildAdapter adds (bias excluded: the child keeps the one it had)."""
+    cost = out_channels if filter_scale else 0
+    cost += kernel_size[0] * kernel_size[1] if spatial_scale and tuple(kernel_size) != (1, 1) else 0
+    if gate:
+        hidden = gate_width(in_channels, reduction, gate_min_hidden)
+        cost += 2 * in_channels * hidden + in_channels + (2 * hidden if gate_norm != "none" else 0)
+    return cost
+
+
 class Gate(nn.Module):
     """Holds the gate's parameters: fc1 (no bias) -> norm -> relu -> fc2 (bias) -> sigmoid."""
 

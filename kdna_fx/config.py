@@ -77,6 +77,8 @@ class KDNAConfig:
     """Only convs whose name matches this regex (re.search) are considered."""
     exclude: str | None = None
     """Convs whose name matches this regex (re.search) are skipped."""
+    only_if_smaller: bool = True
+    """Share a conv only when its adapter has fewer parameters than its kernel (thin grouped convs often don't)."""
     leaf_modules: tuple[type, ...] = ()
     """Module types kept opaque by tracing (added to kdna_fx.registry.NOT_TRACED)."""
 
@@ -147,6 +149,7 @@ class KDNAConfig:
             "max_children": self.max_children,
             "include": self.include,
             "exclude": self.exclude,
+            "only_if_smaller": self.only_if_smaller,
             "leaf_modules": [_qualname(t) for t in self.leaf_modules],
         }
 

@@ -132,3 +132,9 @@ def child_conv2d(
         x = scale_channels(x, gate_values)
     weight = modulate(parent, filter_scale, spatial_scale)
     return conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode)
+
+
+# torch.fx leaves: tracing code that calls these (a transformed model traced again, a model-zoo network)
+# records one call_function node each instead of tracing into einops, which cannot take fx proxies.
+for _name in ("modulate", "gate", "scale_channels", "conv2d", "child_conv2d", "per_sample_kernel"):
+    torch.fx.wrap(_name)

@@ -1,6 +1,7 @@
 """Pass 2: find the 2-D convolutions of a traced graph and decide which ones may be shared."""
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from kdna_fx.adapters import adapter_cost
 from kdna_fx.config import AdapterConfig, KDNAConfig
 
 _FUNCTIONAL_CONVS = (F.conv2d, torch.conv2d)
@@ -156,6 +158,12 @@ def _ineligible(site: ConvSite, gm: fx.GraphModule, config: KDNAConfig, tied: Co
         return dropped
     if site.adapter is None:
         return "its adapter config is None (by_name, by_name_regex, by_type or the global adapter)"
-    if tied[id(gm.get_parameter(site.weight))] > 1:
+    weight = gm.get_parameter(site.weight)
+    if tied[id(weight)] > 1:
         return "its weight is tied to another parameter of the model"
+    if config.share and config.only_if_smaller:
+        cost = adapter_cost(site.in_channels, site.out_channels, site.kernel_size, **dataclasses.asdict(site.adapter))
+        if cost >= weight.numel():
+            return (f"its adapter ({cost:,} params) would cost more than the kernel it shares "
+                    f"({weight.numel():,}); set only_if_smaller=False to share anyway")
     return None

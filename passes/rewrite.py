@@ -43,6 +43,8 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
 def _tag(node: fx.Node, role: str, child: str, adapter: str | None = None) -> fx.Node:
     # Later passes (fold, report) find what this pass inserted through this tag, not by pattern matching.
     node.meta["kdna"] = {"role": role, "child": child, "adapter": adapter}
+    if node.op == "call_function":
+        node.meta["is_wrapped"] = True  # generated code re-registers it with torch.fx.wrap: re-tracing keeps it a leaf
     return node
 
 

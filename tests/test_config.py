@@ -1,6 +1,7 @@
 """Configuration precedence, plan options, determinism, and the plain-dict round trip."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -86,3 +87,23 @@ def test_config_round_trips_through_a_plain_dict():
 def test_unknown_import_path_in_a_dict_is_a_config_error():
     with pytest.raises(kdna_fx.ConfigError, match="cannot import"):
         KDNAConfig.from_dict({"leaf_modules": ["no_such_module.Thing"]})
+
+
+@pytest.mark.parametrize("cfg", [AdapterConfig(), AdapterConfig(gate=False), AdapterConfig(gate_norm="none"),
+                                 AdapterConfig(spatial_scale=False, reduction=2)])
+@pytest.mark.parametrize("shape", [(8, 16, 3), (5, 5, 1)])
+def test_adapter_cost_is_the_adapter_parameter_count(cfg, shape):
+    from kdna_fx.adapters import ChildAdapter, Gate, adapter_cost
+
+    cin, cout, k = shape
+    gate = Gate(cin, cfg.reduction, cfg.gate_norm, cfg.gate_min_hidden) if cfg.gate else None
+    adapter = ChildAdapter(parent="p", out_channels=cout, in_channels=cin, kernel_size=(k, k), gate=gate,
+                           filter_scale=cfg.filter_scale, spatial_scale=cfg.spatial_scale)
+    assert adapter_cost(cin, cout, (k, k), **dataclasses.asdict(cfg)) == sum(p.numel() for p in adapter.parameters())
+
+
+def test_convs_whose_adapter_outweighs_their_kernel_are_not_shared():
+    thin = nn.Sequential(*(nn.Conv2d(64, 64, 3, padding=1, groups=32) for _ in range(3)))  # 1,152-weight kernels
+    plan = kdna_fx.plan(thin, KDNAConfig(stage_depth=0))
+    assert not plan.families and all("would cost more" in s.reason for s in plan.skipped)
+    assert len(kdna_fx.plan(thin, KDNAConfig(stage_depth=0, only_if_smaller=False)).families) == 1

@@ -1,0 +1,30 @@
+# Set-up and entry points. `make demo` and `make test` each do the whole set-up on a fresh machine.
+PY := .venv/bin/python
+STAMP := .venv/.installed-stamp
+
+.PHONY: demo test test-slow bench data clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+# Fashion-MNIST, the embedded default data set (IDX files under /usr/share/datasets/fashion-mnist).
+data:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
+
+demo: $(STAMP) data
+	$(PY) -m kdna_fx demo
+
+test: $(STAMP) data
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) data
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP) data
+	$(PY) bench/compile_bench.py
+
+clean-venv:
+	rm -rf .venv

@@ -1,0 +1,76 @@
+"""Every torchvision classification builder (weights=None): transform, forward, backward.
+
+Each model must either be shared (finite outputs and gradients, fewer parameters) or be one of the
+models listed below with the reason kdna_fx leaves it unchanged (NoEligibleConvWarning). A model
+whose outcome changes fails this test, in either direction, so the lists stay true.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+import kdna_fx
+
+NO_FAMILY_3X3 = "3x3 convs are depthwise or differ in shape within every stage"
+UNCHANGED = {
+    "alexnet": "its three 3x3 convs all differ in shape (192->384, 384->256, 256->256)",
+    "convnext_base": "only depthwise 7x7 and patchify convs", "convnext_large": "only depthwise 7x7 and patchify convs",
+    "convnext_small": "only depthwise 7x7 and patchify convs", "convnext_tiny": "only depthwise 7x7 and patchify convs",
+    **{f"efficientnet_b{i}": "3x3 convs are depthwise (MBConv); pointwise sharing needs kernel_sizes=(1,)"
+       for i in range(8)},
+    "googlenet": "each Inception block is its own stage and its 3x3 convs differ in shape",
+    "inception_v3": "each Inception block is its own stage and its 3x3 convs differ in shape",
+    "maxvit_t": "3x3 convs are depthwise (MBConv); the rest is attention",
+    **{f"mnasnet{w}": NO_FAMILY_3X3 for w in ("0_5", "0_75", "1_0", "1_3")},
+    "mobilenet_v2": "3x3 convs are depthwise; the reference shares the 1x1 convs (kernel_sizes=(1,))",
+    "mobilenet_v3_large": NO_FAMILY_3X3, "mobilenet_v3_small": NO_FAMILY_3X3,
+    **{f"shufflenet_v2_x{w}": NO_FAMILY_3X3 for w in ("0_5", "1_0", "1_5", "2_0")},
+    **{f"swin_{v}": "attention model: its only conv is the 4x4 patch embedding"
+       for v in ("b", "s", "t", "v2_b", "v2_s", "v2_t")},
+    **{f"vit_{v}": "attention model: its only conv is the patch embedding"
+       for v in ("b_16", "b_32", "h_14", "l_16", "l_32")},
+    **{n: "grouped 3x3 convs too thin: each adapter would cost more than the kernel it shares (only_if_smaller)"
+       for n in ("resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")},
+}
+# Builders that need other arguments or a minimum input size to run small.
+BUILD_KWARGS = {"googlenet": dict(aux_logits=False, init_weights=False),
+                "inception_v3": dict(aux_logits=False, init_weights=False),
+                **{f"vit_{v}": dict(image_size=64 if v.endswith(("16", "32")) else 56)
+                   for v in ("b_16", "b_32", "h_14", "l_16", "l_32")}}
+INPUT_SIZE = {"inception_v3": 75, "maxvit_t": 224, "vit_h_14": 56}
+# Over 150 M parameters: minutes of CPU time and several GB each; run with `pytest -m slow`.
+SLOW = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32", "convnext_large"}
+
+ALL = torchvision.models.list_models(module=torchvision.models)
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ALL])
+def test_zoo_model_is_shared_or_documented(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, **BUILD_KWARGS.get(name, {}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kmodel = kdna_fx.transform(model)
+    unchanged = any(issubclass(w.category, kdna_fx.NoEligibleConvWarning) for w in caught)
+    size = INPUT_SIZE.get(name, 64)
+    out = kmodel(torch.randn(2, 3, size, size))
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in kmodel.parameters() if p.grad is not None)
+    if name in UNCHANGED:
+        assert unchanged, f"{name} is listed as unchanged ({UNCHANGED[name]}) but kdna_fx now shares it"
+        assert _params(kmodel) == _params(model)
+    else:
+        assert not unchanged, f"{name}: kdna_fx found nothing to share; list it in UNCHANGED with a reason"
+        assert _params(kmodel) < _params(model)
+
+
+def test_the_lists_name_real_models():
+    assert set(UNCHANGED) <= set(ALL) and SLOW <= set(ALL) and set(BUILD_KWARGS) <= set(ALL)
