@@ -28,7 +28,7 @@ def _prepare(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[n
 def plan(model: nn.Module, config: KDNAConfig | None = None) -> passes.Plan:
     """The families transform() would build, and every skipped conv with its reason. Changes nothing."""
     _, gm, config = _prepare(model, config, inplace=True)
-    return passes.plan_families(*passes.find_convs(gm, config), config)
+    return passes.check_plan(gm, passes.plan_families(*passes.find_convs(gm, config), config))
 
 
 def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passes.Plan | None = None,
@@ -42,6 +42,7 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
     params_before = sum(p.numel() for p in module.parameters())
     sites, skipped = passes.find_convs(gm, config)
     chosen = passes.plan_families(sites, skipped, config) if plan is None else _adopt(plan, sites)
+    chosen = passes.check_plan(gm, chosen)
     if chosen.families:
         passes.rewrite(gm, chosen)
     else:

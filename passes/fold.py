@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import fx, nn
 
 from kdna_fx import functional as KF
 from kdna_fx._record import record_of
+from kdna_fx.errors import SkippedSiteWarning
 
 
 def fold(gm: fx.GraphModule) -> fx.GraphModule:
@@ -21,6 +23,10 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target is KF.modulate):
+            continue
+        if "kdna" not in node.meta:
+            warnings.warn(f"fold left {node.name!r} unfolded: it was not inserted by kdna_fx.transform",
+                          SkippedSiteWarning, stacklevel=2)
             continue
         path, args = node.meta["kdna"]["adapter"], list(node.args)  # erase_node clears node.args
         inputs = [gm.get_parameter(a.target) if isinstance(a, fx.Node) else None for a in args]

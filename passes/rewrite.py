@@ -13,26 +13,74 @@ kernel is gone. Parents, norms and everything else are untouched.
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any
 
 from torch import fx, nn
 
 from kdna_fx import functional as KF
 from kdna_fx.adapters import ChildAdapter, Gate
+from kdna_fx.errors import KDNAError, SkippedSiteWarning
 
-from .find import ConvSite, conv2d_arguments
-from .plan import Plan
+from .find import ConvSite, Skipped, conv2d_arguments
+from .plan import Family, Plan
+
+
+def check_plan(gm: fx.GraphModule, plan: Plan) -> Plan:
+    """The part of ``plan`` that ``rewrite`` can apply to ``gm`` exactly.
+
+    A family whose members do not share the parent's kernel shape is a user error (KDNAError). A conv
+    whose call this pass does not recognise is left as it is, with a SkippedSiteWarning, rather than
+    risk a wrong graph; a family left without children is dropped.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    families, skipped = [], list(plan.skipped)
+    for family in plan.families:
+        parent = plan.sites[family.parent]
+        for child in family.children:
+            site = plan.sites[child]
+            if (site.out_channels, site.in_channels, site.kernel_size, site.groups) != (
+                    parent.out_channels, parent.in_channels, parent.kernel_size, parent.groups):
+                raise KDNAError(f"{child!r} cannot be a child of {family.parent!r}: kernel shapes differ "
+                                f"({site.out_channels}x{site.in_channels // site.groups}x{site.kernel_size}, "
+                                f"groups={site.groups} vs the parent's {family.shape}, groups={family.groups})")
+        keep = []
+        for name in dict.fromkeys((family.parent, *family.children)):
+            reason = _unsupported(nodes.get(plan.sites[name].node), plan.sites[name])
+            if reason is None:
+                keep.append(name)
+                continue
+            warnings.warn(f"kdna_fx left {name!r} as it was: {reason}", SkippedSiteWarning, stacklevel=3)
+            skipped.append(Skipped(name, reason))
+        if family.parent not in keep:
+            skipped.extend(Skipped(c, f"its parent {family.parent!r} was left as it was") for c in keep)
+            continue
+        children = tuple(c for c in family.children if c in keep)
+        if children:
+            families.append(dataclasses.replace(family, children=children))
+    return Plan(tuple(families), tuple(skipped), plan.sites)
+
+
+def _unsupported(node: fx.Node | None, site: ConvSite) -> str | None:
+    if node is None:
+        return f"graph node {site.node!r} is gone (was the plan built for another model?)"
+    if site.kind == "module" and len(node.args) + len(node.kwargs) != 1:
+        return "the conv module is called with more than one argument"
+    if site.kind == "function" and not isinstance(conv2d_arguments(node)["input"], fx.Node):
+        return "the F.conv2d input is a constant, not a graph value"
+    return None
 
 
 def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
-    """Apply ``plan`` to ``gm`` in place and return it (a lint-clean, recompiled GraphModule)."""
+    """Apply ``plan`` (as returned by ``check_plan``) to ``gm`` in place; returns the lint-clean, recompiled gm."""
     nodes = {n.name: n for n in gm.graph.nodes}
     for family in plan.families:
         parent = plan.sites[family.parent]
         if family.self_adapted:
             _rewrite_child(gm, nodes, parent, parent_weight=None, parent_name=parent.name)
             continue
-        parent_weight = _parent_weight_node(gm, nodes, parent)
+        parent_weight = _parent_weight_node(gm, nodes, plan, family)
         for child in family.children:
             _rewrite_child(gm, nodes, plan.sites[child], parent_weight=parent_weight, parent_name=parent.name)
     gm.graph.lint()
@@ -48,11 +96,17 @@ def _tag(node: fx.Node, role: str, child: str, adapter: str | None = None) -> fx
     return node
 
 
-def _parent_weight_node(gm: fx.GraphModule, nodes: dict[str, fx.Node], parent: ConvSite) -> fx.Node:
-    conv = nodes[parent.node]
+def _parent_weight_node(gm: fx.GraphModule, nodes: dict[str, fx.Node], plan: Plan, family: Family) -> fx.Node:
+    parent = plan.sites[family.parent]
+    # The reference must precede every user, and a hand-edited plan may put a child before its parent.
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min((nodes[plan.sites[m].node] for m in (family.parent, *family.children)), key=order.__getitem__)
     if parent.kind == "function":
-        return conv2d_arguments(conv)["weight"]  # the parent's own get_attr, reused by every child
-    with gm.graph.inserting_before(conv):
+        weight = conv2d_arguments(nodes[parent.node])["weight"]  # the parent's own get_attr, reused by all
+        if order[weight] > order[first]:
+            first.prepend(weight)
+        return weight
+    with gm.graph.inserting_before(first):
         return _tag(gm.graph.get_attr(parent.weight), "parent_weight", parent.name)
 
 

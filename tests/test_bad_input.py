@@ -57,7 +57,8 @@ def test_report_on_a_plain_model_says_to_transform_first():
 @pytest.mark.parametrize("channels", [1, 2, 3])
 def test_tiny_channel_counts_never_give_a_zero_width_gate(channels):
     model = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1))
-    kmodel = kdna_fx.transform(model, KDNAConfig(stage_depth=0, adapter=AdapterConfig(reduction=16)))
+    kmodel = kdna_fx.transform(model, KDNAConfig(stage_depth=0, adapter=AdapterConfig(reduction=16),
+                                                 only_if_smaller=False))
     gate = kmodel.get_submodule("1").gate
     assert gate.fc1.out_features >= 1
     assert kmodel(torch.randn(2, channels, 5, 5)).shape == (2, channels, 5, 5)
@@ -72,7 +73,8 @@ def test_batch_of_one_in_training_with_gate_batchnorm_is_a_clear_error():
 @pytest.mark.parametrize("norm", ["layer", "none"])
 def test_gate_norm_option_trains_at_batch_size_one(norm):
     model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1))
-    kmodel = kdna_fx.transform(model, KDNAConfig(adapter=AdapterConfig(gate_norm=norm))).train()
+    config = KDNAConfig(adapter=AdapterConfig(gate_norm=norm), only_if_smaller=False)
+    kmodel = kdna_fx.transform(model, config).train()
     kmodel(torch.randn(1, 3, 8, 8)).sum().backward()
 
 

@@ -65,3 +65,56 @@ def test_zoo_models_trace_with_adapters_as_leaf_calls(dtype, tol):
     traced = fx.symbolic_trace(model)
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(traced(x), model(x), **tol)
+
+
+def test_an_edited_plan_may_put_the_parent_after_its_children(dtype, tol):
+    from kdna_fx.testing import ConvSpec, ConvStack
+
+    model = ConvStack(4, [ConvSpec()] * 3)
+    with torch.no_grad():
+        for conv in model.convs:
+            conv.weight.copy_(model.convs[0].weight)
+    config = kdna_fx.KDNAConfig(adapter=kdna_fx.AdapterConfig(gate=False))
+    plan = kdna_fx.plan(model, config)
+    family = plan.families[0]
+    edited = kdna_fx.passes.Plan((kdna_fx.passes.Family(family.stage, "convs.2", ("convs.0", "convs.1"),
+                                                         family.shape, family.groups),), plan.skipped)
+    kmodel = kdna_fx.transform(model, config, plan=edited)
+    assert isinstance(kmodel.get_submodule("convs.0"), kdna_fx.ChildAdapter)
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(kmodel(x), model(x), **tol)
+
+
+def test_an_edited_plan_with_mismatched_shapes_or_unknown_names_is_refused():
+    import pytest
+
+    model = TinyResNet()
+    plan = kdna_fx.plan(model)
+    bad = kdna_fx.passes.Plan((kdna_fx.passes.Family("", "layer1.0.conv1", ("layer2.1.conv1",), (8, 8, 3, 3), 1),),
+                              ())
+    with pytest.raises(kdna_fx.KDNAError, match="kernel shapes differ"):
+        kdna_fx.transform(model, plan=bad)
+    ghost = kdna_fx.passes.Plan((kdna_fx.passes.Family("", "layer1.0.conv1", ("nowhere.conv",), (8, 8, 3, 3), 1),), ())
+    with pytest.raises(kdna_fx.KDNAError, match="does not offer"):
+        kdna_fx.transform(model, plan=ghost)
+    assert plan.families  # the automatic plan itself is fine
+
+
+def test_check_plan_leaves_unrecognised_sites_alone_with_a_warning():
+    import dataclasses
+
+    import pytest
+
+    from kdna_fx import passes
+
+    config = kdna_fx.KDNAConfig()
+    gm = passes.trace(TinyResNet(), config)
+    plan = passes.plan_families(*passes.find_convs(gm, config), config)
+    child = plan.families[0].children[0]
+    broken = passes.Plan(plan.families, plan.skipped,
+                         {**plan.sites, child: dataclasses.replace(plan.sites[child], node="no_such_node")})
+    with pytest.warns(kdna_fx.SkippedSiteWarning, match=child):
+        checked = passes.check_plan(gm, broken)
+    assert child not in checked.children and any(s.name == child for s in checked.skipped)
+    passes.rewrite(gm, checked)  # the rest still rewrites into a valid graph
+    gm.graph.lint()
