@@ -15,11 +15,13 @@ from .registry import register_not_traced
 from .report import Report, report
 from .state import load, save
 
+from . import models  # noqa: E402  (the zoo builds on everything above)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "ChildAdapter", "ConfigError", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError",
-    "KDNATraceError", "NoEligibleConvWarning", "Report", "SkippedSiteWarning", "StateError",
+    "KDNATraceError", "NoEligibleConvWarning", "models", "Report", "SkippedSiteWarning", "StateError",
     "UnwrappedModelWarning", "as_function", "fold", "functional", "load", "passes", "plan", "register_not_traced",
     "report", "save", "transform",
 ]

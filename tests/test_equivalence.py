@@ -13,6 +13,7 @@ from kdna_fx import AdapterConfig, KDNAConfig
 from kdna_fx.testing import ConvSpec, ConvStack, FunctionalConvNet, TinyResNet, randomize_adapters, untie_parents
 
 IDENTITY = AdapterConfig(gate=False)  # F = S = 0 at init, so with no gate a child is its parent
+EVERY_GEOMETRY = dict(kernel_sizes=(1, 3), depthwise=True, only_if_smaller=False)  # whatever the stacks draw
 
 
 @st.composite
@@ -38,7 +39,7 @@ def test_nothing_shared_identity_adapters_reproduce_the_model(dtype, tol, case):
     channels, specs, batch, seed = case
     torch.manual_seed(seed)
     model = ConvStack(channels, specs)
-    config = KDNAConfig(adapter=IDENTITY, share=False, kernel_sizes=(1, 3), depthwise=True)
+    config = KDNAConfig(adapter=IDENTITY, share=False, **EVERY_GEOMETRY)
     kmodel = kdna_fx.transform(model, config)
     assert len(kdna_fx.report(kmodel, _input(1, channels, 0)).families) == len(specs)
     x = _input(batch, channels, seed)
@@ -53,7 +54,7 @@ def test_family_with_identical_weights_and_identity_adapters_reproduces_the_mode
     with torch.no_grad():
         for conv in model.convs[1:]:
             conv.weight.copy_(model.convs[0].weight)
-    kmodel = kdna_fx.transform(model, KDNAConfig(adapter=IDENTITY, kernel_sizes=(1, 3), depthwise=True))
+    kmodel = kdna_fx.transform(model, KDNAConfig(adapter=IDENTITY, **EVERY_GEOMETRY))
     plan = kdna_fx.passes.Plan(**{k: v for k, v in vars(kdna_fx._record.record_of(kmodel).plan).items()})
     assert [len(f.children) for f in plan.families] == [len(specs) - 1]
     x = _input(batch, channels, seed)
@@ -64,7 +65,7 @@ def test_family_with_identical_weights_and_identity_adapters_reproduces_the_mode
 def test_fold_equals_unfolded_in_eval(dtype, tol, case):
     channels, specs, batch, seed = case
     torch.manual_seed(seed)
-    kmodel = kdna_fx.transform(ConvStack(channels, specs), KDNAConfig(kernel_sizes=(1, 3), depthwise=True))
+    kmodel = kdna_fx.transform(ConvStack(channels, specs), KDNAConfig(**EVERY_GEOMETRY))
     randomize_adapters(kmodel, generator=torch.Generator().manual_seed(seed))
     kmodel.eval()
     folded = kdna_fx.fold(kmodel)
