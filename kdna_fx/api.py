@@ -35,8 +35,9 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
               inplace: bool = False) -> fx.GraphModule:
     """Trace ``model`` and turn same-shaped 3x3 convs of each stage into KernelDNA families.
 
-    Returns a GraphModule (original model untouched unless ``inplace``). ``plan`` overrides the automatic
-    family planning with an edited kdna_fx.plan(...) result for the same architecture.
+    Returns a GraphModule. ``model`` is deep-copied first, so it stays untouched; ``inplace=True`` skips
+    the copy (for very large models) and the result then shares its remaining parameters and leaf modules
+    with ``model``. ``plan`` replaces the automatic planning with an edited kdna_fx.plan(...) result.
     """
     module, gm, config = _prepare(model, config, inplace)
     params_before = sum(p.numel() for p in module.parameters())
