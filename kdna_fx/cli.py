@@ -6,7 +6,8 @@ import sys
 
 # command name -> (module with main(argv), one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("kdna_fx.demo", "transform ResNet-18, report, check fold/compile, time eager vs compiled"),
+    "demo": ("kdna_fx.demo", "the main job: ResNet-18 transform, report, fold/compile checks and timing, "
+                              "then a brief Fashion-MNIST comparison with the baseline"),
     "plan": ("kdna_fx.inspect", "print the family plan of a torchvision model without changing it"),
     "train": ("kdna_fx.train.train_command", "train a kdna_fx.models model (Fashion-MNIST, ImageFolder, ImageNet; DDP)"),
     "eval": ("kdna_fx.train.eval_command", "top-1 and images/s of a kdna train checkpoint"),
