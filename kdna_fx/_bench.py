@@ -58,7 +58,7 @@ def write_results(path_stem: str, payload: dict[str, Any], markdown_table: str) 
         f.write(markdown_table.rstrip() + "\n\n")
         f.write(f"Command: `{prov['command']}`  \n")
         f.write(f"Machine: {prov['machine']['cpu']}, {prov['machine']['cores']} cores, "
-                f"{prov['machine']['torch_threads']} torch threads, GPU: {prov['machine']['gpu']}  \n")
+                f"torch threads: {prov['machine']['torch_threads']}, GPU: {prov['machine']['gpu']}  \n")
         f.write("Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + "  \n")
         f.write(f"Date (UTC): {prov['date_utc']}\n")
 
