@@ -7,7 +7,7 @@
 """
 from . import functional, passes, registry
 from .adapters import ChildAdapter, Gate
-from .api import as_function, fold, plan, transform
+from .api import as_function, fold, plan, plan_of, transform
 from .config import AdapterConfig, KDNAConfig
 from .errors import (ConfigError, GateBatchSizeError, KDNAError, KDNATraceError, NoEligibleConvWarning,
                      SkippedSiteWarning, StateError, UnwrappedModelWarning)
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "ChildAdapter", "ConfigError", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError",
     "KDNATraceError", "NoEligibleConvWarning", "models", "Report", "SkippedSiteWarning", "StateError",
-    "UnwrappedModelWarning", "as_function", "fold", "functional", "load", "passes", "plan", "register_not_traced",
+    "UnwrappedModelWarning", "as_function", "fold", "functional", "load", "passes", "plan", "plan_of",
+    "register_not_traced",
     "report", "save", "transform",
 ]

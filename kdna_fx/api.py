@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import passes
-from ._record import TransformRecord
+from ._record import TransformRecord, record_of
 from .config import KDNAConfig
 from .errors import KDNAError, NoEligibleConvWarning
 
@@ -57,6 +57,11 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
     gm.meta["kdna"] = TransformRecord(config=config.to_dict(), plan=chosen, params_before=params_before,
                                       in_channels=_first_in_channels(gm))
     return gm
+
+
+def plan_of(kmodel: nn.Module) -> passes.Plan:
+    """The plan transform() applied to ``kmodel`` (families and skipped convs)."""
+    return record_of(kmodel).plan
 
 
 def _adopt(plan: passes.Plan, sites: list[passes.ConvSite]) -> passes.Plan:

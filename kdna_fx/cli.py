@@ -9,7 +9,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("kdna_fx.demo", "the main job: ResNet-18 transform, report, fold/compile checks and timing, "
                               "then a brief Fashion-MNIST comparison with the baseline"),
     "plan": ("kdna_fx.inspect", "print the family plan of a torchvision model without changing it"),
-    "train": ("kdna_fx.train.train_command", "train a kdna_fx.models model (Fashion-MNIST, ImageFolder, ImageNet; DDP)"),
+    "train": ("kdna_fx.train.train_command",
+              "train a kdna_fx.models model (Fashion-MNIST, ImageFolder, ImageNet; DDP)"),
     "eval": ("kdna_fx.train.eval_command", "top-1 and images/s of a kdna train checkpoint"),
 }
 

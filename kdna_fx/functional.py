@@ -71,7 +71,8 @@ def scale_channels(x: Tensor, a: Tensor) -> Tensor:
     return x * rearrange(a, "b c -> b c 1 1")
 
 
-def explicit_padding(kernel_size: IntOrPair, padding: IntOrPair | str, dilation: IntOrPair) -> tuple[int, int, int, int]:
+def explicit_padding(kernel_size: IntOrPair, padding: IntOrPair | str,
+                     dilation: IntOrPair) -> tuple[int, int, int, int]:
     """Padding as F.pad wants it for a 2-D input: (left, right, top, bottom)."""
     kh, kw = _pair(kernel_size)
     dh, dw = _pair(dilation)

@@ -32,7 +32,8 @@ class TinyResNet(nn.Module):
     def __init__(self, width: int = 8, in_chans: int = 3, num_classes: int = 5, padding_mode: str = "zeros"):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.layer1 = nn.Sequential(BasicBlock(width, width, 1, padding_mode), BasicBlock(width, width, 1, padding_mode))
+        self.layer1 = nn.Sequential(BasicBlock(width, width, 1, padding_mode),
+                                    BasicBlock(width, width, 1, padding_mode))
         self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2, padding_mode),
                                     BasicBlock(2 * width, 2 * width, 1, padding_mode))
         self.head = nn.Linear(2 * width, num_classes)

@@ -12,5 +12,5 @@ from .rewrite import check_plan, rewrite
 from .trace import trace
 from .unwrap import unwrap
 
-__all__ = ["ConvSite", "Family", "FunctionalModel", "Plan", "Skipped", "as_function", "check_plan", "find_convs", "fold",
-           "plan_families", "rewrite", "trace", "unwrap"]
+__all__ = ["ConvSite", "Family", "FunctionalModel", "Plan", "Skipped", "as_function", "check_plan", "find_convs",
+           "fold", "plan_families", "rewrite", "trace", "unwrap"]

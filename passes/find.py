@@ -107,7 +107,8 @@ def _module_site(gm: fx.GraphModule, node: fx.Node, config: KDNAConfig, calls: C
     return ConvSite(
         name=node.target, kind="module", node=node.name, weight=f"{node.target}.weight",
         out_channels=module.out_channels, in_channels=module.in_channels, kernel_size=tuple(module.kernel_size),
-        stride=tuple(module.stride), padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+        stride=tuple(module.stride),
+        padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
         dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode,
         has_bias=module.bias is not None, stage=config.stage_of(node.target),
         adapter=adapter)

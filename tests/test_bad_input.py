@@ -34,13 +34,13 @@ def test_compiled_model_is_unwrapped_with_a_warning():
     model = TinyResNet()
     with pytest.warns(kdna_fx.UnwrappedModelWarning, match="torch.compile"):
         kmodel = kdna_fx.transform(torch.compile(model))
-    assert kdna_fx._record.record_of(kmodel).plan.families
+    assert kdna_fx.plan_of(kmodel).families
 
 
 def test_data_parallel_model_is_unwrapped_with_a_warning():
     with pytest.warns(kdna_fx.UnwrappedModelWarning, match="DataParallel"):
         kmodel = kdna_fx.transform(nn.DataParallel(TinyResNet()))
-    assert kdna_fx._record.record_of(kmodel).plan.families
+    assert kdna_fx.plan_of(kmodel).families
 
 
 def test_transforming_twice_is_refused():
@@ -106,7 +106,7 @@ def test_untraceable_model_names_the_module_and_operation():
     assert not isinstance(err, torch.fx.proxy.TraceError)
     # and the documented fix works: the opaque module runs as before, the rest is still shared
     kmodel = kdna_fx.transform(Net(), KDNAConfig(leaf_modules=(DataDependent,)))
-    assert [f.children for f in kdna_fx._record.record_of(kmodel).plan.families] == [("body.1",)]
+    assert [f.children for f in kdna_fx.plan_of(kmodel).families] == [("body.1",)]
     assert kmodel.eval()(torch.randn(1, 3, 4, 4)).shape == (1, 3, 4, 4)
 
 

@@ -29,7 +29,7 @@ def test_config_choices_reach_the_rewritten_model():
     config = KDNAConfig(by_name={"layer1.1.conv1": AdapterConfig(gate=False, spatial_scale=False)},
                         by_name_regex=[(r"^layer2", None)])
     kmodel = kdna_fx.transform(TinyResNet(), config)
-    plan = kdna_fx._record.record_of(kmodel).plan
+    plan = kdna_fx.plan_of(kmodel)
     assert all(not f.parent.startswith("layer2") for f in plan.families)
     assert any(s.name.startswith("layer2") and "None" in s.reason for s in plan.skipped)
     child = kmodel.get_submodule("layer1.1.conv1")

@@ -61,7 +61,7 @@ def test_family_with_identical_weights_and_identity_adapters_reproduces_the_mode
         for conv in model.convs[1:]:
             conv.weight.copy_(model.convs[0].weight)
     kmodel = kdna_fx.transform(model, KDNAConfig(adapter=IDENTITY, **EVERY_GEOMETRY))
-    plan = kdna_fx.passes.Plan(**{k: v for k, v in vars(kdna_fx._record.record_of(kmodel).plan).items()})
+    plan = kdna_fx.plan_of(kmodel)
     assert [len(f.children) for f in plan.families] == [len(specs) - 1]
     x = _input(batch, channels, seed)
     torch.testing.assert_close(kmodel(x), model(x), **tol)

@@ -30,7 +30,7 @@ def test_no_buffer_is_lost_in_tracing(dtype):
 
     model = WithUnusedState()
     kmodel = kdna_fx.transform(model)
-    removed = {f"{c}.weight" for c in kdna_fx._record.record_of(kmodel).plan.children}
+    removed = {f"{c}.weight" for c in kdna_fx.plan_of(kmodel).children}
     expected = set(model.state_dict()) - removed
     assert expected <= set(kmodel.state_dict())
     assert "calibration" in kmodel.state_dict() and "spare.num_batches_tracked" in kmodel.state_dict()

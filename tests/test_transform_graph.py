@@ -13,7 +13,7 @@ from kdna_fx.testing import TinyResNet, randomize_adapters
 def test_resnet18_graph_structure():
     kmodel = kdna_fx.transform(torchvision.models.resnet18())
     kmodel.graph.lint()
-    plan = kdna_fx._record.record_of(kmodel).plan
+    plan = kdna_fx.plan_of(kmodel)
     get_attrs = [n.target for n in kmodel.graph.nodes if n.op == "get_attr"]
     for family in plan.families:
         assert get_attrs.count(f"{family.parent}.weight") == 1  # the parent enters the graph once
@@ -53,7 +53,7 @@ def test_transformed_model_can_be_traced_again(dtype, tol):
     kmodel.eval()
     retraced = fx.symbolic_trace(kmodel)
     assert sum(n.target is KF.modulate for n in retraced.graph.nodes) == len(
-        kdna_fx._record.record_of(kmodel).plan.children)
+        kdna_fx.plan_of(kmodel).children)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(retraced(x), kmodel(x), **tol)
 
