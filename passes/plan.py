@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdna_fx._format import format_table
 from kdna_fx.config import KDNAConfig
 
 from .find import ConvSite, Skipped
@@ -51,8 +52,6 @@ class Plan:
 
     def table(self) -> str:
         """The plan as readable text tables."""
-        from kdna_fx.report import format_table  # local: report imports passes
-
         rows = [[f.stage or "-", f.parent, "(self)" if f.self_adapted else ", ".join(f.children),
                  "x".join(map(str, f.shape)), str(f.groups)] for f in self.families]
         text = format_table(["stage", "parent", "children", "kernel", "groups"], rows,

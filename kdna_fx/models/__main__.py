@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from ..report import count_macs, format_table
+from .._format import format_table
+from ..report import count_macs
 from . import _registry, create_model, list_models
 
 
