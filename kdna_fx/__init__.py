@@ -23,6 +23,5 @@ __all__ = [
     "AdapterConfig", "ChildAdapter", "ConfigError", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError",
     "KDNATraceError", "NoEligibleConvWarning", "models", "Report", "SkippedSiteWarning", "StateError",
     "UnwrappedModelWarning", "as_function", "fold", "functional", "load", "passes", "plan", "plan_of",
-    "register_not_traced",
-    "report", "save", "transform",
+    "register_not_traced", "report", "save", "transform",
 ]

@@ -75,12 +75,14 @@ def _unsupported(node: fx.Node | None, site: ConvSite) -> str | None:
 def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """Apply ``plan`` (as returned by ``check_plan``) to ``gm`` in place; returns the lint-clean, recompiled gm."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    # Positions of the original nodes; inserting new nodes never changes their relative order.
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for family in plan.families:
         parent = plan.sites[family.parent]
         if family.self_adapted:
             _rewrite_child(gm, nodes, parent, parent_weight=None, parent_name=parent.name)
             continue
-        parent_weight = _parent_weight_node(gm, nodes, plan, family)
+        parent_weight = _parent_weight_node(gm, nodes, order, plan, family)
         for child in family.children:
             _rewrite_child(gm, nodes, plan.sites[child], parent_weight=parent_weight, parent_name=parent.name)
     gm.graph.lint()
@@ -96,10 +98,10 @@ def _tag(node: fx.Node, role: str, child: str, adapter: str | None = None) -> fx
     return node
 
 
-def _parent_weight_node(gm: fx.GraphModule, nodes: dict[str, fx.Node], plan: Plan, family: Family) -> fx.Node:
+def _parent_weight_node(gm: fx.GraphModule, nodes: dict[str, fx.Node], order: dict[fx.Node, int], plan: Plan,
+                        family: Family) -> fx.Node:
     parent = plan.sites[family.parent]
     # The reference must precede every user, and a hand-edited plan may put a child before its parent.
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     first = min((nodes[plan.sites[m].node] for m in (family.parent, *family.children)), key=order.__getitem__)
     if parent.kind == "function":
         weight = conv2d_arguments(nodes[parent.node])["weight"]  # the parent's own get_attr, reused by all
