@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdna_fx._bench import markdown_table, provenance, time_call, write_results
+from kdna_fx.timing import markdown_table, provenance, time_call, write_results
 from kdna_fx.models import create_model
 from kdna_fx.report import count_macs
 from kdna_fx.train import TrainConfig, build_data, evaluate, train

@@ -15,7 +15,7 @@ import torchvision
 from tqdm import tqdm
 
 import kdna_fx
-from kdna_fx._bench import markdown_table, provenance, time_call, write_results
+from kdna_fx.timing import markdown_table, provenance, time_call, write_results
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,17 +1,24 @@
-"""Command line: ``kdna <command> ...`` (also ``python -m kdna_fx <command> ...``)."""
+"""Command line: ``kdna <command> ...`` (also ``python -m kdna_fx <command> ...``).
+
+Every command reports a user error by raising a KDNAError; ``main`` prints it as ``kdna <command>: error: ...``
+and exits with the error's ``exit_code`` (2 unless the class says otherwise: NonFiniteLossError is 3). Any
+other exception is a bug in kdna_fx and keeps its traceback.
+"""
 from __future__ import annotations
 
 import importlib
 import sys
 
-# command name -> (module with main(argv), one-line help). Modules are imported only when their command runs.
+from kdna_fx.errors import KDNAError
+
+# command name -> ("module:function" taking argv, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("kdna_fx.demo", "the main job: ResNet-18 transform, report, fold/compile checks and timing, "
-                              "then a brief Fashion-MNIST comparison with the baseline"),
-    "plan": ("kdna_fx.inspect", "print the family plan of a torchvision model without changing it"),
-    "train": ("kdna_fx.train.train_command",
+    "demo": ("kdna_fx.demo:main", "the main job: ResNet-18 transform, report, fold/compile checks and timing, "
+                                  "then a brief Fashion-MNIST comparison with the baseline"),
+    "plan": ("kdna_fx.plan_command:main", "print the family plan of a torchvision model without changing it"),
+    "train": ("kdna_fx.train.commands:train_main",
               "train a kdna_fx.models model (Fashion-MNIST, ImageFolder, ImageNet; DDP)"),
-    "eval": ("kdna_fx.train.eval_command", "top-1 and images/s of a kdna train checkpoint"),
+    "eval": ("kdna_fx.train.commands:eval_main", "top-1 and images/s of a kdna train checkpoint"),
 }
 
 
@@ -24,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:8s} {text}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    module, _ = COMMANDS[argv[0]]
-    result = importlib.import_module(module).main(argv[1:])
-    return int(result or 0)
+    command = argv[0]
+    module, function = COMMANDS[command][0].split(":")
+    run = getattr(importlib.import_module(module), function)
+    try:
+        return int(run(argv[1:]) or 0)
+    except KDNAError as exc:
+        print(f"kdna {command}: error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))

@@ -12,7 +12,7 @@ import torchvision
 
 import kdna_fx
 
-from ._bench import time_call
+from .timing import time_call
 
 
 def run(image_size: int = 128, batch: int = 8, compile: bool = True) -> dict[str, float]:

@@ -9,10 +9,12 @@ from hypothesis import HealthCheck, settings
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-settings.register_profile("kdna", deadline=None, max_examples=25, derandomize=True,
+# Random examples on every run (not derandomised: CI keeps exploring). print_blob makes a failure print the
+# @reproduce_failure(...) line that replays it; `pytest --hypothesis-seed=N` replays a whole session.
+settings.register_profile("kdna", deadline=None, max_examples=25, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                  HealthCheck.function_scoped_fixture])
-settings.register_profile("thorough", deadline=None, max_examples=300,
+settings.register_profile("thorough", deadline=None, max_examples=300, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "kdna"))
 
@@ -36,3 +38,14 @@ def tol(dtype):
 
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.json from the current code")
+
+
+def pytest_report_header(config):
+    """Which hypothesis profile and seed this session runs with (printed at the top of every run)."""
+    seed = config.getoption("--hypothesis-seed", default=None)
+    current = settings.default
+    how = (f"seed {seed} (--hypothesis-seed)" if seed is not None else
+           "derandomized" if current.derandomize else "random seed per test (a failure prints how to replay it)")
+    name = settings.get_current_profile_name()
+    more = "" if name == "thorough" else "; HYPOTHESIS_PROFILE=thorough for more examples"
+    return f"hypothesis profile {name!r}: max_examples={current.max_examples}, {how}{more}"

@@ -72,10 +72,16 @@ def test_batch_of_one_in_training_with_gate_batchnorm_is_a_clear_error():
 
 @pytest.mark.parametrize("norm", ["layer", "none"])
 def test_gate_norm_option_trains_at_batch_size_one(norm):
-    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1))  # gate width 4
     config = KDNAConfig(adapter=AdapterConfig(gate_norm=norm), only_if_smaller=False)
     kmodel = kdna_fx.transform(model, config).train()
-    kmodel(torch.randn(1, 3, 8, 8)).sum().backward()
+    kmodel(torch.randn(1, 16, 8, 8)).square().sum().backward()
+    gate = dict(kmodel.get_submodule("1").gate.named_parameters())
+    assert {"fc1.weight", "fc2.weight", "fc2.bias"} <= set(gate)
+    for name, p in gate.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert gate["fc1.weight"].grad.abs().sum() > 0  # the signal reaches fc1 through the norm at batch 1
 
 
 def test_untraceable_model_names_the_module_and_operation():

@@ -1,4 +1,4 @@
-"""report(): parameters counted once, MACs before equal to the original model's, readable output."""
+"""report(): parameter counts as worked out by hand, MACs before equal to the original model's, readable output."""
 from __future__ import annotations
 
 import torch
@@ -24,10 +24,25 @@ def test_resnet18_report_numbers():
     assert report.to_dict()["params_after"] == report.params_after
 
 
-def test_parameters_are_counted_once_when_shared():
-    kmodel = kdna_fx.transform(torchvision.models.resnet18())
-    unique = sum(p.numel() for p in {id(p): p for p in kmodel.parameters()}.values())
-    assert kdna_fx.report(kmodel, torch.randn(1, 3, 32, 32)).params_after == unique
+def test_parameter_counts_follow_from_the_plan_by_hand():
+    """Oracle independent of report(): each child drops its kernel and gains F, S and an SE gate (default config)."""
+    model = torchvision.models.resnet18()
+    kmodel = kdna_fx.transform(model)
+    plan = kdna_fx.plan_of(kmodel)
+    removed = added = 0
+    for family in plan.families:
+        assert not family.self_adapted
+        for child in family.children:
+            site = plan.sites[child]
+            c_out, c_in, (kh, kw), g = site.out_channels, site.in_channels, site.kernel_size, site.groups
+            h = c_in // 4  # gate width, reduction 4
+            removed += c_out * (c_in // g) * kh * kw  # the child's own kernel: it reads the parent's
+            added += c_out + kh * kw  # F [C_out], S [k, k]
+            added += c_in * h + 2 * h + (h * c_in + c_in)  # fc1 (no bias), BatchNorm1d(h), fc2 with bias
+    report = kdna_fx.report(kmodel, torch.randn(1, 3, 32, 32))
+    assert report.params_before == 11_689_512
+    assert report.params_after == report.params_before - removed + added
+    assert (removed, added, report.params_after) == (6_303_744, 355_249, 5_741_017)  # README's table
 
 
 def test_default_example_input_follows_the_first_conv():

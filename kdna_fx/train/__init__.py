@@ -10,11 +10,11 @@ from .checkpoint import CheckpointError, read_checkpoint
 from .compare import quick_compare
 from .data import DataBundle, DataError, build_data, fashion_mnist, read_idx
 from .distributed import convert_sync_batchnorm
-from .loop import NonFiniteLossError, TrainConfig, evaluate, train
-from .recipe import WarmupCosine, build_optimizer, is_adapter_parameter, param_groups
+from .loop import NonFiniteLossError, TrainConfig, WrappedModelError, evaluate, train
+from .recipe import WarmupCosine, build_optimizer, param_groups
 
 __all__ = [
-    "CheckpointError", "DataBundle", "DataError", "NonFiniteLossError", "TrainConfig", "WarmupCosine", "build_data",
-    "build_optimizer", "convert_sync_batchnorm", "evaluate", "fashion_mnist", "is_adapter_parameter",
+    "CheckpointError", "DataBundle", "DataError", "NonFiniteLossError", "TrainConfig", "WarmupCosine",
+    "WrappedModelError", "build_data", "build_optimizer", "convert_sync_batchnorm", "evaluate", "fashion_mnist",
     "param_groups", "quick_compare", "read_checkpoint", "read_idx", "train",
 ]

@@ -31,7 +31,8 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint written by save_checkpoint (tensors to CPU), with a clear error for every way it fails."""
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path!r}. Start a new run without --resume, or point --run-dir "
-                              f"(or --checkpoint) at the run you want to continue/evaluate.")
+                              f"(kdna train --resume) or the checkpoint argument (kdna eval) at the run you want "
+                              f"to continue or evaluate.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -74,8 +75,9 @@ def check_model_matches(ckpt: dict[str, Any], model: nn.Module, path: str) -> No
     saved_model = ", ".join(f"{k}={v}" for k, v in spec.items()) or "unknown"
     raise CheckpointError(
         f"checkpoint {path!r} was written for a different model ({saved_model}): " + "; ".join(details) +
-        ". Build the same architecture (same --model, --width, --small-stem, --num-classes, --transform/"
-        "--gate-norm) to resume or evaluate it, or use a new --run-dir to train this model from scratch.")
+        ". Build the same architecture (the same kdna train --model, --width, --small-stem and --gate-norm, on "
+        "a --dataset with the same number of classes and channels) to resume or evaluate it, or use a new "
+        "--run-dir to train this model from scratch.")
 
 
 def load_model_weights(ckpt: dict[str, Any], model: nn.Module, path: str) -> None:

@@ -1,20 +1,23 @@
-"""``kdna train`` and ``kdna eval``: the command-line front ends of kdna_fx.train."""
+"""``kdna train`` and ``kdna eval``: the command-line front ends of kdna_fx.train.
+
+They report user errors by raising KDNAError subclasses; kdna_fx.cli.main prints those and sets the exit code.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 import torch
 
-from kdna_fx.errors import KDNAError
+from kdna_fx.errors import ConfigError
+from kdna_fx.timing import provenance
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, load_model_weights, read_checkpoint
-from .data import DATASETS, DataError, build_data
-from .loop import NonFiniteLossError, TrainConfig, evaluate, make_eval_loader, train
+from .data import DATASETS, build_data
+from .loop import TrainConfig, evaluate, make_eval_loader, train
 from .models import build_model
 from .recipe import AMP_CHOICES, resolve_amp
 
@@ -59,7 +62,8 @@ def train_parser(suppress: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 SGD, 1e-3 AdamW)")
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--weight-decay", type=float, default=None, help="conv/linear weights (default 1e-4 SGD, 0.05 AdamW)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="conv/linear weights (default 1e-4 SGD, 0.05 AdamW)")
     p.add_argument("--adapter-weight-decay", type=float, default=d.adapter_weight_decay,
                    help="filter_scale, spatial_scale and gate weights (default 0: not decayed)")
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
@@ -106,7 +110,7 @@ def _resume_config(run_dir: str, given: dict[str, Any]) -> TrainConfig:
         if old != value:
             conflicts.append(f"--{key.replace('_', '-')} {value!r} (the run used {old!r})")
     if conflicts:
-        raise KDNAError(f"--resume continues the run with its own options; these differ: {'; '.join(conflicts)}. "
+        raise ConfigError(f"--resume continues the run with its own options; these differ: {'; '.join(conflicts)}. "
                         f"Drop them to resume exactly, or start a new --run-dir.")
     config = TrainConfig(**saved)
     for key in _RESUME_OVERRIDABLE & set(given):
@@ -121,24 +125,17 @@ def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     given = vars(train_parser(suppress=True).parse_args(argv))
     run_dir = args.run_dir or os.path.join("runs", f"{args.model}_{args.dataset}")
-    try:
-        config = _resume_config(run_dir, given) if args.resume else _config_from_args(args)[0]
-        data = build_data(seed=config.seed, **config.data)
-        spec = {**config.model, "num_classes": data.num_classes, "in_chans": data.in_chans}
-        config.model = spec
-        torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-        model = build_model(spec)
-        if int(os.environ.get("RANK", "0")) == 0:
-            params = sum(p.numel() for p in model.parameters())
-            print(f"kdna train: {spec['name']} ({params:,} parameters) on {data.description}: "
-                  f"{len(data.train)} train / {len(data.val)} val images -> {run_dir}", flush=True)
-        result = train(model, data.train, data.val, config, run_dir, resume=args.resume)
-    except NonFiniteLossError as exc:
-        print(f"kdna train: {exc}", file=sys.stderr)
-        return 3
-    except (KDNAError, DataError, ValueError) as exc:
-        print(f"kdna train: error: {exc}", file=sys.stderr)
-        return 2
+    config = _resume_config(run_dir, given) if args.resume else _config_from_args(args)[0]
+    data = build_data(seed=config.seed, **config.data)
+    spec = {**config.model, "num_classes": data.num_classes, "in_chans": data.in_chans}
+    config.model = spec
+    torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        params = sum(p.numel() for p in model.parameters())
+        print(f"kdna train: {spec['name']} ({params:,} parameters) on {data.description}: "
+              f"{len(data.train)} train / {len(data.val)} val images -> {run_dir}", flush=True)
+    result = train(model, data.train, data.val, config, run_dir, resume=args.resume)
     final = result["final"]
     if int(os.environ.get("RANK", "0")) == 0 and final:
         print(f"done: val top-1 {final.get('val_top1', float('nan')):.2f}% after {final['epoch']} epochs; "
@@ -161,30 +158,26 @@ def eval_parser() -> argparse.ArgumentParser:
 def eval_main(argv: list[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
     path = os.path.join(args.checkpoint, CHECKPOINT_NAME) if os.path.isdir(args.checkpoint) else args.checkpoint
-    try:
-        ckpt = read_checkpoint(path)
-        config = ckpt["config"]
-        data_spec = dict(config["data"])
-        for key in ("dataset", "data_path", "image_size", "val_fraction", "val_subset"):
-            if getattr(args, key) is not None:
-                data_spec["path" if key == "data_path" else key] = getattr(args, key)
-        data_spec["train_subset"] = None
-        data = build_data(seed=config["seed"], **data_spec)
-        model = build_model(config["model"])
-        load_model_weights(ckpt, model, path)
-        ctx = D.setup(args.device)
-        model.to(ctx.device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        workers = (0 if data_spec["dataset"] == "fashion-mnist" else 8) if args.workers is None else args.workers
-        loader = make_eval_loader(data.val, args.batch_size, workers, ctx)
-        amp_dtype = resolve_amp(args.amp or config.get("amp", "auto"), ctx.device)
-        result = evaluate(model, loader, device=ctx.device, amp_dtype=amp_dtype, channels_last=args.channels_last,
-                          ctx=ctx, progress=args.progress)
-        D.cleanup(ctx)
-    except (KDNAError, DataError, ValueError) as exc:
-        print(f"kdna eval: error: {exc}", file=sys.stderr)
-        return 2
+    ckpt = read_checkpoint(path)
+    config = ckpt["config"]
+    data_spec = dict(config["data"])
+    for key in ("dataset", "data_path", "image_size", "val_fraction", "val_subset"):
+        if getattr(args, key) is not None:
+            data_spec["path" if key == "data_path" else key] = getattr(args, key)
+    data_spec["train_subset"] = None
+    data = build_data(seed=config["seed"], **data_spec)
+    model = build_model(config["model"])
+    load_model_weights(ckpt, model, path)
+    ctx = D.setup(args.device)
+    model.to(ctx.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    workers = (0 if data_spec["dataset"] == "fashion-mnist" else 8) if args.workers is None else args.workers
+    loader = make_eval_loader(data.val, args.batch_size, workers, ctx)
+    amp_dtype = resolve_amp(args.amp or config.get("amp", "auto"), ctx.device)
+    result = evaluate(model, loader, device=ctx.device, amp_dtype=amp_dtype, channels_last=args.channels_last,
+                      ctx=ctx, progress=args.progress)
+    D.cleanup(ctx)
     result.update({"checkpoint": path, "model": config["model"]["name"], "epoch": ckpt["epoch"],
                    "data": data.description, "device": str(ctx.device), "batch_size": args.batch_size})
     if ctx.is_main:
@@ -192,10 +185,6 @@ def eval_main(argv: list[str] | None = None) -> int:
               f"over {result['images']} images, loss {result['loss']:.4f}, {result['images_per_s']:.0f} images/s "
               f"(batch {args.batch_size}, {ctx.device}, {torch.get_num_threads()} threads)")
         if args.json_out:
-            from kdna_fx._bench import provenance
-
             with open(args.json_out, "w") as f:
                 json.dump({**result, "provenance": provenance()}, f, indent=2)
     return 0
-
-

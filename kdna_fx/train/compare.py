@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
+from kdna_fx.timing import markdown_table
+
 from .data import build_data
 from .loop import TrainConfig, evaluate, make_eval_loader, train
 from .models import build_model
@@ -42,8 +44,6 @@ def quick_compare(models: Sequence[str] = ("resnet18", "replace_resnet18", "kdna
         rows.append({"model": name, "params": params, "val_top1": val["top1"], "val_loss": val["loss"],
                      "train_images_per_s": result["final"]["train_images_per_s"],
                      "eval_images_per_s": val["images_per_s"]})
-    from kdna_fx._bench import markdown_table
-
     table = markdown_table(
         ["model", "params", "val top-1 %", "train img/s", "eval img/s"],
         [[r["model"], f"{r['params']:,}", f"{r['val_top1']:.2f}", f"{r['train_images_per_s']:.0f}",

@@ -78,14 +78,6 @@ def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
     return t
 
 
-def broadcast_object(obj: Any, ctx: DistContext) -> Any:
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_gather_object(obj: Any, ctx: DistContext) -> list[Any]:
     if not ctx.distributed:
         return [obj]

@@ -14,9 +14,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from kdna_fx.errors import ConfigError, KDNAError
+from kdna_fx.timing import provenance
+
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_model_weights, model_signature, read_checkpoint, \
     save_checkpoint
+from .data import DataError
 from .recipe import WarmupCosine, autocast, build_optimizer, make_scaler, param_groups, resolve_amp, rng_state, \
     seed_everything, set_rng_state
 
@@ -61,13 +65,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULT_LR:
-            raise ValueError(f"optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
         if self.weight_decay is None:
             self.weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer]
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+            raise ConfigError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,17 +83,24 @@ TRAJECTORY_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "neste
                    "sync_bn", "seed", "limit_steps", "model")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(KDNAError, RuntimeError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
+
+    exit_code = 3
+    """What `kdna train` exits with (2 for every other KDNAError), so scripts can tell divergence apart."""
+
+
+class WrappedModelError(KDNAError, TypeError):
+    """train() was given a DDP-wrapped or compiled model; it wraps and compiles the plain model itself."""
 
 
 def _plain_module(model: nn.Module) -> nn.Module:
     import torch._dynamo.eval_frame as eval_frame
 
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, eval_frame.OptimizedModule)):
-        raise TypeError(f"train() takes the plain model, got a {type(model).__name__}: it wraps the model in "
-                        f"DDP and compiles it itself, after any kdna_fx.transform. Pass model.module / "
-                        f"model._orig_mod instead.")
+        raise WrappedModelError(f"train() takes the plain model, got a {type(model).__name__}: it wraps the model "
+                                f"in DDP and compiles it itself, after any kdna_fx.transform. Pass model.module / "
+                                f"model._orig_mod instead.")
     return model
 
 
@@ -103,7 +114,7 @@ def make_train_loader(data: Dataset, config: TrainConfig, ctx: D.DistContext) ->
     loader = DataLoader(data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
                         drop_last=True, pin_memory=ctx.device.type == "cuda", generator=torch.Generator())
     if len(loader) == 0:
-        raise ValueError(f"the training set has {len(sampler)} images per process, fewer than --batch-size "
+        raise DataError(f"the training set has {len(sampler)} images per process, fewer than --batch-size "
                          f"{config.batch_size}; lower the batch size or use more data")
     return loader, sampler
 
@@ -174,7 +185,7 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config
     amp_dtype = resolve_amp(config.amp, ctx.device)
     if config.sync_bn and ctx.distributed:
         if ctx.device.type != "cuda":
-            raise ValueError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel). On CPU, train "
+            raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel). On CPU, train "
                              "without it (per-process BatchNorm statistics) or use a model without batch "
                              "statistics (GroupNorm/LayerNorm, --gate-norm layer).")
         model = D.convert_sync_batchnorm(model)
@@ -316,8 +327,6 @@ def _restore(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, sche
 
 
 def _write_metrics(run_dir: str, config: TrainConfig, history: list[dict[str, Any]]) -> None:
-    from kdna_fx._bench import provenance
-
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, METRICS_NAME)
     payload = {"provenance": provenance(), "config": config.to_dict(), "epochs": history}

@@ -11,10 +11,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
     ``gate_norm`` goes to kdna_* models directly and to replace_* models through their KDNAConfig.
     """
-    try:
-        from kdna_fx import models
-    except ImportError as exc:
-        raise RuntimeError(f"kdna_fx.models is not available ({exc}); models are built by name from it") from None
+    from kdna_fx import models
+
     name = spec["name"]
     known = models.list_models()
     if name not in known:

@@ -1,4 +1,4 @@
-"""Timing and provenance helpers shared by the demo and the bench/ scripts."""
+"""Timing and provenance: the demo, kdna_fx.train (metrics.json) and the bench/ scripts use these helpers."""
 from __future__ import annotations
 
 import json
