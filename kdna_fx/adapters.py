@@ -1,13 +1,23 @@
 """Thin nn.Module holders for adapter parameters. All the math lives in kdna_fx.functional."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator, get_args
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as KF
-from .errors import GateBatchSizeError
+from .errors import ConfigError
+
+GATE_NORMS: tuple[str, ...] = get_args(KF.GateNorm)
+
+
+def check_gate_norm(norm: object) -> KF.GateNorm:
+    """``norm`` itself when it names a gate norm, else a ConfigError that lists the choices."""
+    if norm not in GATE_NORMS:
+        raise ConfigError(f"gate_norm must be one of {GATE_NORMS} ('layer' or 'none' train at batch size 1), "
+                          f"got {norm!r}")
+    return norm  # type: ignore[return-value]
 
 
 def gate_width(channels: int, reduction: int, min_hidden: int = 1) -> int:
@@ -28,37 +38,22 @@ def adapter_cost(in_channels: int, out_channels: int, kernel_size: tuple[int, in
 
 
 class Gate(nn.Module):
-    """Holds the gate's parameters: fc1 (no bias) -> norm -> relu -> fc2 (bias) -> sigmoid."""
+    """Holds the gate's layers, fc1 (no bias) -> norm -> relu -> fc2 (bias) -> sigmoid; kdna_fx.functional.gate
+    does the math. The norm is called as a module, so nn.SyncBatchNorm.convert_sync_batchnorm reaches it."""
 
     def __init__(self, channels: int, reduction: int = 4, norm: KF.GateNorm = "batch", min_hidden: int = 1):
         super().__init__()
-        if norm not in ("batch", "layer", "none"):
-            raise ValueError(f"gate norm must be 'batch', 'layer' or 'none', got {norm!r}")
         hidden = gate_width(channels, reduction, min_hidden)
-        self.norm_kind = norm
+        self.norm_kind = check_gate_norm(norm)
         self.fc1 = nn.Linear(channels, hidden, bias=False)
         self.norm: nn.Module = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}.get(norm, nn.Identity)(hidden)
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        norm = self.norm
-        if self.norm_kind == "batch":
-            if self.training and x.shape[0] == 1:
-                raise GateBatchSizeError(
-                    "a KernelDNA gate with a BatchNorm cannot train on a batch of 1 sample "
-                    "(the batch statistics of one vector are undefined). Train with batch size >= 2, "
-                    "or transform with KDNAConfig(adapter=AdapterConfig(gate_norm='layer')) "
-                    "(or 'none'), which works at any batch size.")
-            if self.training:
-                norm.num_batches_tracked.add_(1)
-            return KF.gate(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, norm="batch",
-                           norm_weight=norm.weight, norm_bias=norm.bias, running_mean=norm.running_mean,
-                           running_var=norm.running_var, training=self.training,
-                           momentum=norm.momentum, eps=norm.eps)
-        if self.norm_kind == "layer":
-            return KF.gate(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, norm="layer",
-                           norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps)
-        return KF.gate(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, norm="none")
+        if self.training and self.norm_kind == "batch":
+            x = KF.require_batch_statistics(x)
+        return KF.gate(x, self.fc1.weight, self.fc2.weight, self.fc2.bias,
+                       None if self.norm_kind == "none" else self.norm)
 
 
 class ChildAdapter(nn.Module):
@@ -114,6 +109,23 @@ class ChildAdapter(nn.Module):
         return (f"parent={self.parent!r}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
                 f"padding_mode={self.padding_mode!r}")
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every adapter parameter of ``model``: each child's F and S and every parameter of
+    its gate, found by type. A child's bias and a self-adapted child's own kernel belong to the conv, not to
+    the adapter, and are not listed."""
+    for path, module in model.named_modules():
+        if not isinstance(module, ChildAdapter):
+            continue
+        prefix = f"{path}." if path else ""
+        for name in ("filter_scale", "spatial_scale"):
+            p = getattr(module, name)
+            if p is not None:
+                yield prefix + name, p
+        if module.gate is not None:
+            for name, p in module.gate.named_parameters():
+                yield f"{prefix}gate.{name}", p
 
 
 def _as_parameter(t: Tensor | None) -> nn.Parameter | None:

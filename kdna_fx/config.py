@@ -21,9 +21,10 @@ from typing import Any, Callable
 
 import torch.nn.functional as F
 
+from .adapters import check_gate_norm
 from .errors import ConfigError
+from .functional import GateNorm
 
-_GATE_NORMS = ("batch", "layer", "none")
 _FUNCTION_NAMES: dict[Any, str] = {F.conv2d: "torch.nn.functional.conv2d"}
 
 
@@ -35,7 +36,7 @@ class AdapterConfig:
     """Input-dependent gate a(x). False makes the child purely static (W = P(1+F)(1+S))."""
     reduction: int = 4
     """Gate width is C_in // reduction (at least ``gate_min_hidden``, at least 1)."""
-    gate_norm: str = "batch"
+    gate_norm: GateNorm = "batch"
     """'batch' (reference; needs batch >= 2 in training), 'layer' (any batch size) or 'none'."""
     gate_min_hidden: int = 1
     filter_scale: bool = True
@@ -44,8 +45,7 @@ class AdapterConfig:
     """Per-position scale S [k, k]; never created for 1x1 kernels."""
 
     def __post_init__(self) -> None:
-        if self.gate_norm not in _GATE_NORMS:
-            raise ConfigError(f"AdapterConfig.gate_norm must be one of {_GATE_NORMS}, got {self.gate_norm!r}")
+        check_gate_norm(self.gate_norm)
         for name in ("reduction", "gate_min_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -11,6 +11,7 @@ import torch
 import torchvision
 
 import kdna_fx
+from kdna_fx.testing import randomize_adapters
 
 from .timing import time_call
 
@@ -22,10 +23,7 @@ def run(image_size: int = 128, batch: int = 8, compile: bool = True) -> dict[str
     print(kdna_fx.report(kmodel), flush=True)
 
     # Give the adapters non-trivial values so the checks below mean something (they start at identity).
-    with torch.no_grad():
-        for name, p in kmodel.named_parameters():
-            if name.endswith(("filter_scale", "spatial_scale")):
-                p.normal_(0, 0.1)
+    randomize_adapters(kmodel, scale=0.1)
     x = torch.randn(batch, 3, image_size, image_size)
     with torch.no_grad():
         eager = kmodel(x)

@@ -25,7 +25,7 @@ class GateBatchSizeError(KDNAError, ValueError):
 
 
 class ConfigError(KDNAError, ValueError):
-    """A KDNAConfig (or its dict form) holds a value kdna_fx cannot use."""
+    """An option value kdna_fx cannot use: in a KDNAConfig or its dict form, a model option, a training option."""
 
 
 class StateError(KDNAError, ValueError):
@@ -42,3 +42,7 @@ class SkippedSiteWarning(UserWarning):
 
 class UnwrappedModelWarning(UserWarning):
     """transform() was given a compiled or (Distributed)DataParallel model and used the module inside."""
+
+
+class KDNATypeError(KDNAError, TypeError):
+    """An argument of the wrong type was passed to a kdna_fx function."""

@@ -9,7 +9,7 @@ per-position scale S [k, k], gate values a [B, C_in].
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from einops import rearrange, reduce
 from torch import Tensor
 
 GateNorm = Literal["batch", "layer", "none"]
+"""The norm inside a gate: BatchNorm over the batch (the reference), LayerNorm per sample, or none."""
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 IntOrPair = int | Sequence[int]
 
@@ -35,35 +36,35 @@ def modulate(parent: Tensor, filter_scale: Tensor | None = None, spatial_scale: 
     return weight
 
 
-def gate(
-    x: Tensor,
-    fc1_weight: Tensor,
-    fc2_weight: Tensor,
-    fc2_bias: Tensor | None,
-    *,
-    norm: GateNorm = "batch",
-    norm_weight: Tensor | None = None,
-    norm_bias: Tensor | None = None,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> Tensor:
+def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | None,
+         norm: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Dynamic routing a(x) = sigmoid(fc2(relu(norm(fc1(mean_hw(x)))))), shape [B, C_in].
 
-    ``norm="batch"`` normalises the reduced vector over the batch (running statistics updated in place
-    when ``training``, as F.batch_norm does); ``"layer"`` normalises each sample on its own and so works
-    at batch size 1; ``"none"`` skips the norm.
+    ``norm`` is applied to the reduced vector [B, C_in / r]: any callable, in practice the gate's own norm
+    module (nn.BatchNorm1d, nn.LayerNorm, or a SyncBatchNorm converted from them), so module conversions
+    and torch.func.functional_call reach it like any other layer. None skips the norm.
     """
     h = F.linear(reduce(x, "b c h w -> b c", "mean"), fc1_weight)
-    if norm == "batch":
-        h = F.batch_norm(h, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
-    elif norm == "layer":
-        h = F.layer_norm(h, h.shape[-1:], norm_weight, norm_bias, eps)
-    elif norm != "none":
-        raise ValueError(f"gate norm must be 'batch', 'layer' or 'none', got {norm!r}")
+    if norm is not None:
+        h = norm(h)
     return torch.sigmoid(F.linear(F.relu(h), fc2_weight, fc2_bias))
+
+
+def require_batch_statistics(x: Tensor) -> Tensor:
+    """``x`` itself, or a GateBatchSizeError when its batch has one sample (batch statistics are undefined).
+
+    A torch.fx leaf, so models that call it stay traceable in train mode: the check runs when the traced
+    graph runs, not while it is traced.
+    """
+    if x.shape[0] == 1:
+        from .errors import GateBatchSizeError
+
+        raise GateBatchSizeError(
+            "a KernelDNA gate with a BatchNorm cannot train on a batch of 1 sample (the batch statistics of "
+            "one vector are undefined). Train with batch size >= 2, or use a gate norm that works at any batch "
+            "size: KDNAConfig(adapter=AdapterConfig(gate_norm='layer')) (or 'none'), or gate_norm='layer' for "
+            "a zoo model.")
+    return x
 
 
 def scale_channels(x: Tensor, a: Tensor) -> Tensor:
@@ -137,5 +138,6 @@ def child_conv2d(
 
 # torch.fx leaves: tracing code that calls these (a transformed model traced again, a model-zoo network)
 # records one call_function node each instead of tracing into einops, which cannot take fx proxies.
-for _name in ("modulate", "gate", "scale_channels", "conv2d", "child_conv2d", "per_sample_kernel"):
+for _name in ("modulate", "gate", "require_batch_statistics", "scale_channels", "conv2d", "child_conv2d",
+              "per_sample_kernel"):
     torch.fx.wrap(_name)

@@ -6,18 +6,23 @@ it are never shared. Add your own with ``register_not_traced`` or ``KDNAConfig(l
 from __future__ import annotations
 
 from torch import nn
+from torchvision.ops import StochasticDepth
+
+from .errors import ConfigError, KDNATypeError
 
 NOT_TRACED: dict[type, str] = {
     nn.MultiheadAttention: "its forward branches on input shapes (batched or not), which symbolic tracing "
                            "cannot follow; it holds no convolution",
+    StochasticDepth: "it reads self.training when called; traced into, the graph would keep the train/eval mode "
+                     "it was traced in forever; it holds no convolution",
 }
 
 
 def register_not_traced(cls: type, reason: str) -> type:
     """Keep ``cls`` opaque during tracing. Usable as ``register_not_traced(MyBlock, "why")``."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_not_traced takes an nn.Module subclass, got {cls!r}")
+        raise KDNATypeError(f"register_not_traced takes an nn.Module subclass, got {cls!r}")
     if not reason:
-        raise ValueError("give a one-line reason so the registry stays readable")
+        raise ConfigError("give a one-line reason so the registry stays readable")
     NOT_TRACED[cls] = reason
     return cls

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._format import format_table
-from ._record import record_of
+from .adapters import Gate
+from .tables import format_table
+from .record import record_of
 
 
 @dataclass
@@ -30,11 +31,9 @@ class Report:
         return asdict(self)
 
     def __str__(self) -> str:
-        from kdna_fx.passes.plan import Family, Plan, Skipped
+        from kdna_fx.passes import Plan
 
-        plan = Plan(tuple(Family(f["stage"], f["parent"], tuple(f["children"]), tuple(f["shape"]), f["groups"])
-                          for f in self.families),
-                    tuple(Skipped(s["name"], s["reason"]) for s in self.skipped))
+        plan = Plan.from_dict({"families": self.families, "skipped": self.skipped})
         shape = "x".join(map(str, self.input_shape))
         summary = format_table(["", "before", "after", "change"], [
             ["parameters", f"{self.params_before:,}", f"{self.params_after:,}",
@@ -67,8 +66,10 @@ def count_macs(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
             model(example_input)
     finally:
         model.train(was_training)
+    gates = {name for name, m in model.named_modules() if isinstance(m, Gate)}
+    # The counter names modules by path from the root, prefixed with the root's class name.
     gate_flops = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                     if name.endswith(".gate"))
+                     if name.partition(".")[2] in gates)
     return counter.get_total_flops() // 2, gate_flops // 2
 
 

@@ -1,8 +1,9 @@
 """Saving and reloading transformed models.
 
 A transformed model is saved as its state dict (safetensors: every tensor stored once, under one name)
-plus, in the file's metadata, the KDNAConfig and the plan. Reloading re-runs transform() on a fresh copy
-of the original architecture with that config, checks the plan is the same, and loads strictly.
+plus, in the file's metadata, the KDNAConfig and the plan. Reloading replays that plan on a fresh copy of
+the original architecture (so models built from edited or hand-written plans reload too) and loads
+strictly; a model that is already transformed with the same plan (a zoo model) just takes the tensors.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Any
 
 from torch import fx, nn
 
-from ._record import record_of
 from .config import KDNAConfig
 from .errors import StateError
+from .passes import Plan
+from .record import record_of
 
 FORMAT = "kdna_fx/1"
 
@@ -32,31 +34,47 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
-def load(path: str | os.PathLike[str], model: nn.Module, **transform_kwargs: Any) -> fx.GraphModule:
-    """Rebuild a saved transformed model from a fresh, untransformed ``model`` of the same architecture."""
+def load(path: str | os.PathLike[str], model: nn.Module) -> fx.GraphModule:
+    """The model saved at ``path``, rebuilt on ``model``: a fresh, untransformed instance of the saved
+    architecture (transformed here with the saved config and plan), or a transformed one whose plan is the
+    saved plan, such as ``kdna_fx.models.create_model(name)``."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from .api import transform
 
+    where = os.fspath(path)
     try:
-        with safe_open(os.fspath(path), framework="pt") as f:
+        with safe_open(where, framework="pt") as f:
             metadata = f.metadata() or {}
-        state = load_file(os.fspath(path))
+        state = load_file(where)
     except (SafetensorError, OSError) as exc:
-        raise StateError(f"cannot read {os.fspath(path)!r} as a safetensors file: {exc}") from None
+        raise StateError(f"cannot read {where!r} as a safetensors file: {exc}") from None
     if metadata.get("format") != FORMAT:
-        raise StateError(f"{os.fspath(path)!r} was not written by kdna_fx.save (format "
-                         f"{metadata.get('format')!r}, expected {FORMAT!r})")
+        raise StateError(f"{where!r} was not written by kdna_fx.save (format {metadata.get('format')!r}, "
+                         f"expected {FORMAT!r})")
     config = KDNAConfig.from_dict(json.loads(metadata["config"]))
-    kmodel = transform(model, config, **transform_kwargs)
-    saved_plan, plan = json.loads(metadata["plan"]), record_of(kmodel).plan.to_dict()
-    if saved_plan != plan:
-        raise StateError("the model given to kdna_fx.load does not produce the saved plan (a different "
-                         f"architecture?): saved {len(saved_plan['families'])} families, this model gives "
-                         f"{len(plan['families'])}. Pass a fresh instance of the architecture that was saved.")
+    saved_plan = json.loads(metadata["plan"])
+    if "kdna" in getattr(model, "meta", {}):
+        kmodel = model
+        _check_same_plan(saved_plan, record_of(kmodel).plan.to_dict(), where)
+    else:
+        kmodel = transform(model, config, plan=Plan.from_dict(saved_plan))
     try:
         kmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise StateError(f"the saved tensors do not fit the transformed model: {exc}") from None
+        raise StateError(f"the tensors saved in {where!r} do not fit the model: {exc}. Pass a fresh instance of "
+                         f"the architecture that was saved, built with the same options.") from None
     return kmodel
+
+
+def _check_same_plan(saved: dict[str, Any], mine: dict[str, Any], where: str) -> None:
+    saved_families = {f["parent"]: f["children"] for f in saved["families"]}
+    my_families = {f["parent"]: f["children"] for f in mine["families"]}
+    if saved_families == my_families:
+        return
+    diff = [f"{p}: saved {saved_families.get(p)}, model {my_families.get(p)}"
+            for p in sorted(set(saved_families) | set(my_families)) if saved_families.get(p) != my_families.get(p)]
+    raise StateError(f"the transformed model given to kdna_fx.load does not have the plan saved in {where!r} "
+                     f"({len(diff)} families differ, e.g. {'; '.join(diff[:3])}). Pass the untransformed "
+                     f"architecture (the saved plan is then replayed on it) or the model the file was saved from.")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ._record import record_of
+from .adapters import adapter_parameters
+from .record import record_of
 
 
 class BasicBlock(nn.Module):
@@ -93,9 +94,8 @@ class FunctionalConvNet(nn.Module):
 def randomize_adapters(model: nn.Module, scale: float = 0.3, generator: torch.Generator | None = None) -> None:
     """Give every adapter parameter (F, S, gate weights and biases) random, non-trivial values."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("filter_scale", "spatial_scale")) or ".gate." in f".{name}":
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+        for _, p in adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
 
 
 def untie_parents(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list[str]]]:
@@ -111,23 +111,16 @@ def untie_parents(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list[st
     copies: dict[str, list[str]] = {}
     for node in list(gm.graph.nodes):
         meta = node.meta.get("kdna", {})
-        if meta.get("role") != "conv":
+        if meta.get("role") != "child_conv":
             continue
-        site = plan.sites[meta["child"]]
-        family = next(f for f in plan.families if site.name in f.children)
-        if family.self_adapted:
+        family = plan.family_of(meta["child"])
+        if family is None or family.self_adapted:
             continue
         parent_name = plan.parent_weight(family)
         untied = f"untied_{meta['child'].replace('.', '_')}"
         gm.register_parameter(untied, nn.Parameter(gm.get_parameter(parent_name).detach().clone()))
-        weight_input = node.args[1]
-        target = weight_input.args[0] if weight_input.op == "call_function" else weight_input  # modulate or get_attr
-        with gm.graph.inserting_before(weight_input if weight_input.op == "call_function" else node):
-            new = gm.graph.get_attr(untied)
-        if weight_input.op == "call_function":
-            weight_input.replace_input_with(target, new)
-        else:
-            node.replace_input_with(target, new)
+        with gm.graph.inserting_before(node):
+            node.replace_input_with(node.args[1], gm.graph.get_attr(untied))
         copies.setdefault(parent_name, []).append(untied)
     gm.graph.lint()
     gm.recompile()

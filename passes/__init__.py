@@ -1,16 +1,19 @@
 """The FX passes of kdna_fx, one module per pass, composable as plain functions:
 
-    unwrap -> trace -> find_convs -> plan_families -> check_plan -> rewrite -> (fold) -> (as_function)
+    unwrap -> trace -> find_convs -> plan_families (or adopt a given plan) -> check_plan -> rewrite
+           -> (fold) -> (as_function)
 
-``kdna_fx.transform`` runs the first six in that order.
+``kdna_fx.transform`` runs the first six in that order. ``rewrite`` leaves the record that ``fold``,
+``as_function``, ``kdna_fx.report`` and ``kdna_fx.save`` read, so a pipeline built from the passes
+directly works with all of them.
 """
 from .find import ConvSite, Skipped, find_convs
 from .fold import fold
 from .functionalize import FunctionalModel, as_function
-from .plan import Family, Plan, plan_families
+from .plan import Family, Plan, adopt, plan_families
 from .rewrite import check_plan, rewrite
 from .trace import trace
 from .unwrap import unwrap
 
-__all__ = ["ConvSite", "Family", "FunctionalModel", "Plan", "Skipped", "as_function", "check_plan", "find_convs",
-           "fold", "plan_families", "rewrite", "trace", "unwrap"]
+__all__ = ["ConvSite", "Family", "FunctionalModel", "Plan", "Skipped", "adopt", "as_function", "check_plan",
+           "find_convs", "fold", "plan_families", "rewrite", "trace", "unwrap"]

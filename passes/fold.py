@@ -8,12 +8,12 @@ import torch
 from torch import fx, nn
 
 from kdna_fx import functional as KF
-from kdna_fx._record import record_of
-from kdna_fx.errors import SkippedSiteWarning
+from kdna_fx.errors import KDNAError, SkippedSiteWarning
+from kdna_fx.record import record_of
 
 
 def fold(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` where every ``modulate`` node reads a precomputed, frozen ``folded_weight``.
+    """A copy of ``gm`` in which every child conv reads a precomputed, frozen ``folded_weight``.
 
     The gate stays (it depends on the input). The folded kernels are Parameters with
     requires_grad=False, so parameter counts show what inference stores. ``gm`` itself is unchanged.
@@ -22,29 +22,40 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     gm = copy.deepcopy(gm)
     graph = gm.graph
     for node in list(graph.nodes):
-        if not (node.op == "call_function" and node.target is KF.modulate):
+        if not (node.op == "call_function" and node.target is KF.child_conv2d):
             continue
-        if "kdna" not in node.meta:
+        if node.meta.get("kdna", {}).get("role") != "child_conv":
             warnings.warn(f"fold left {node.name!r} unfolded: it was not inserted by kdna_fx.transform",
                           SkippedSiteWarning, stacklevel=2)
             continue
-        path, args = node.meta["kdna"]["adapter"], list(node.args)  # erase_node clears node.args
-        inputs = [gm.get_parameter(a.target) if isinstance(a, fx.Node) else None for a in args]
-        with torch.no_grad():
-            folded = KF.modulate(*inputs).detach().clone()
+        path = node.meta["kdna"]["adapter"]
         adapter = gm.get_submodule(path)
+        weight_node = node.args[1]
+        scale_nodes = [node.kwargs.get(n) for n in ("filter_scale", "spatial_scale")]
+        tensors = [_value(gm, n) for n in (weight_node, *scale_nodes)]
+        with torch.no_grad():
+            folded = KF.modulate(*tensors).detach().clone()
         adapter.folded_weight = nn.Parameter(folded, requires_grad=False)
         with graph.inserting_before(node):
             new = graph.get_attr(f"{path}.folded_weight")
             new.meta["kdna"] = dict(node.meta["kdna"], role="folded_weight")
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        for arg in args:
-            if isinstance(arg, fx.Node) and arg.op == "get_attr" and not arg.users:
-                graph.erase_node(arg)
-                if arg.meta.get("kdna", {}).get("role") in ("filter_scale", "spatial_scale"):
-                    setattr(adapter, arg.target.rpartition(".")[2], None)
+        node.args = (node.args[0], new)
+        node.kwargs = {**node.kwargs, "filter_scale": None, "spatial_scale": None}
+        for old in (weight_node, *scale_nodes):
+            if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
+                graph.erase_node(old)
+                owner, _, name = old.target.rpartition(".")
+                if owner == path:  # the child's own F, S or (self-adapted) kernel: folded into folded_weight
+                    setattr(adapter, name, None)
     graph.lint()
     gm.recompile()
     record_of(gm).folded = True
     return gm
+
+
+def _value(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    if node is None:
+        return None
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        raise KDNAError(f"fold expects stored tensors as the kernel and scales of a child, got {node!r}")
+    return gm.get_parameter(node.target)

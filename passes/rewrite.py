@@ -1,15 +1,18 @@
-"""Pass 4: rewrite each child conv into parent-weight reference + functional adapter ops.
+"""Pass 4: rewrite each child conv into a parent-weight reference and one functional child conv.
 
 For a child C of parent P the graph becomes (module form)::
 
-    p  = get_attr P.weight                       # once per parent, its original name
-    a  = call_module C.gate(x)                   # [B, C_in]
-    xg = call_function scale_channels(x, a)      # only the child's input edge is gated
-    w  = call_function modulate(p, get_attr C.filter_scale, get_attr C.spatial_scale)
-    y  = call_function conv2d(xg, w, get_attr C.bias, stride, padding, dilation, groups, padding_mode)
+    p = get_attr P.weight                      # once per parent, under its original name
+    a = call_module C.gate(x)                  # [B, C_in]
+    y = call_function child_conv2d(x, p, filter_scale=get_attr C.filter_scale,
+                                   spatial_scale=get_attr C.spatial_scale, gate_values=a,
+                                   bias=get_attr C.bias, stride=..., padding=..., groups=...)
 
-The child's conv module is replaced by a ChildAdapter holding F, S, the gate and its bias; its own
-kernel is gone. Parents, norms and everything else are untouched.
+kdna_fx.functional.child_conv2d is the one place where a child is computed: it gates only the child's
+input edge, modulates the kernel and runs one batch-shared convolution. The child's conv module is
+replaced by a ChildAdapter holding F, S, the gate and its bias; its own kernel is gone. Parents, norms and
+everything else are untouched. The pass leaves a TransformRecord (kdna_fx.record) on the module, so
+fold, as_function, report and save work on its result directly.
 """
 from __future__ import annotations
 
@@ -17,14 +20,16 @@ import dataclasses
 import warnings
 from typing import Any
 
+import torch.nn.functional as F
 from torch import fx, nn
 
 from kdna_fx import functional as KF
 from kdna_fx.adapters import ChildAdapter, Gate
 from kdna_fx.errors import KDNAError, SkippedSiteWarning
+from kdna_fx.record import TransformRecord
 
 from .find import ConvSite, Skipped, conv2d_arguments
-from .plan import Family, Plan
+from .plan import Plan
 
 
 def check_plan(gm: fx.GraphModule, plan: Plan) -> Plan:
@@ -34,17 +39,20 @@ def check_plan(gm: fx.GraphModule, plan: Plan) -> Plan:
     whose call this pass does not recognise is left as it is, with a SkippedSiteWarning, rather than
     risk a wrong graph; a family left without children is dropped.
     """
+    if plan.config is None:
+        raise KDNAError("the plan does not belong to a model yet; pass it through passes.adopt (or build it with "
+                        "passes.plan_families) before checking it")
     nodes = {n.name: n for n in gm.graph.nodes}
     families, skipped = [], list(plan.skipped)
     for family in plan.families:
         parent = plan.sites[family.parent]
         for child in family.children:
             site = plan.sites[child]
-            if (site.out_channels, site.in_channels, site.kernel_size, site.groups) != (
-                    parent.out_channels, parent.in_channels, parent.kernel_size, parent.groups):
-                raise KDNAError(f"{child!r} cannot be a child of {family.parent!r}: kernel shapes differ "
-                                f"({site.out_channels}x{site.in_channels // site.groups}x{site.kernel_size}, "
-                                f"groups={site.groups} vs the parent's {family.shape}, groups={family.groups})")
+            mine, theirs = _geometry(site), _geometry(parent)
+            if mine != theirs:
+                diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k])
+                raise KDNAError(f"{child!r} cannot be a child of {family.parent!r}: their kernels differ "
+                                f"({diff}, child vs parent)")
         keep = []
         for name in dict.fromkeys((family.parent, *family.children)):
             reason = _unsupported(nodes.get(plan.sites[name].node), plan.sites[name])
@@ -59,7 +67,12 @@ def check_plan(gm: fx.GraphModule, plan: Plan) -> Plan:
         children = tuple(c for c in family.children if c in keep)
         if children:
             families.append(dataclasses.replace(family, children=children))
-    return Plan(tuple(families), tuple(skipped), plan.sites)
+    return dataclasses.replace(plan, families=tuple(families), skipped=tuple(skipped))
+
+
+def _geometry(site: ConvSite) -> dict[str, Any]:
+    return {"out_channels": site.out_channels, "in_channels": site.in_channels, "kernel": site.kernel_size,
+            "groups": site.groups}
 
 
 def _unsupported(node: fx.Node | None, site: ConvSite) -> str | None:
@@ -73,7 +86,15 @@ def _unsupported(node: fx.Node | None, site: ConvSite) -> str | None:
 
 
 def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
-    """Apply ``plan`` (as returned by ``check_plan``) to ``gm`` in place; returns the lint-clean, recompiled gm."""
+    """Apply ``plan`` (as returned by ``check_plan``) to ``gm`` in place; returns the lint-clean, recompiled gm
+    carrying its TransformRecord. A plan without families changes nothing but the record."""
+    if "kdna" in gm.meta:
+        raise KDNAError("this GraphModule was already rewritten by kdna_fx; rewrite a fresh trace of the original")
+    if plan.config is None:
+        raise KDNAError("the plan does not belong to a model yet; pass it through passes.adopt (or build it with "
+                        "passes.plan_families) before rewriting")
+    params_before = sum(p.numel() for p in gm.parameters())
+    in_channels = _first_in_channels(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     # Positions of the original nodes; inserting new nodes never changes their relative order.
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -87,7 +108,19 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
             _rewrite_child(gm, nodes, plan.sites[child], parent_weight=parent_weight, parent_name=parent.name)
     gm.graph.lint()
     gm.recompile()
+    gm.meta["kdna"] = TransformRecord(plan=plan, params_before=params_before, in_channels=in_channels)
     return gm
+
+
+def _first_in_channels(gm: fx.GraphModule) -> int | None:
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.conv._ConvNd):
+            return gm.get_submodule(node.target).in_channels
+        if node.op == "call_function" and node.target is F.conv2d:
+            args = conv2d_arguments(node)
+            if isinstance(args["weight"], fx.Node) and args["weight"].op == "get_attr":
+                return gm.get_parameter(args["weight"].target).shape[1] * int(args["groups"])
+    return None
 
 
 def _tag(node: fx.Node, role: str, child: str, adapter: str | None = None) -> fx.Node:
@@ -145,22 +178,16 @@ def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], site: ConvSite
         if self_adapted:
             parent_weight = (_tag(graph.get_attr(f"{path}.weight"), "parent_weight", site.name)
                              if site.kind == "module" else conv_args["weight"])
-        gated = x
-        if gate is not None:
-            a = _tag(graph.call_module(f"{path}.gate", (x,)), "gate", site.name)
-            gated = _tag(graph.call_function(KF.scale_channels, (x, a)), "scale_channels", site.name)
-        w = parent_weight
-        if adapter.filter_scale is not None or adapter.spatial_scale is not None:
-            scales = [_tag(graph.get_attr(f"{path}.{n}"), n, site.name) if getattr(adapter, n) is not None else None
-                      for n in ("filter_scale", "spatial_scale")]
-            w = _tag(graph.call_function(KF.modulate, (parent_weight, *scales)), "modulate", site.name, path)
+        a = _tag(graph.call_module(f"{path}.gate", (x,)), "gate", site.name) if gate is not None else None
+        scales = {n: _tag(graph.get_attr(f"{path}.{n}"), n, site.name) if getattr(adapter, n) is not None else None
+                  for n in ("filter_scale", "spatial_scale")}
         b: Any = conv_args.get("bias")
         if site.kind == "module" and adapter.bias is not None:
             b = _tag(graph.get_attr(f"{path}.bias"), "bias", site.name)
-        y = graph.call_function(KF.conv2d, (gated, w, b), dict(
-            stride=site.stride, padding=site.padding, dilation=site.dilation, groups=site.groups,
-            padding_mode=site.padding_mode))
-        _tag(y, "conv", site.name)
+        y = graph.call_function(KF.child_conv2d, (x, parent_weight), dict(
+            **scales, gate_values=a, bias=b, stride=site.stride, padding=site.padding, dilation=site.dilation,
+            groups=site.groups, padding_mode=site.padding_mode))
+        _tag(y, "child_conv", site.name, path)
     node.replace_all_uses_with(y)
     graph.erase_node(node)
     if site.kind == "function" and not self_adapted:

@@ -5,7 +5,7 @@ import warnings
 
 from torch import nn
 
-from kdna_fx.errors import KDNAError, UnwrappedModelWarning
+from kdna_fx.errors import KDNAError, KDNATypeError, UnwrappedModelWarning
 
 
 def unwrap(model: object) -> nn.Module:
@@ -16,7 +16,7 @@ def unwrap(model: object) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         hint = " (a compiled function? pass the nn.Module itself)" if callable(model) else ""
-        raise TypeError(f"kdna_fx.transform expects a torch.nn.Module, got {type(model).__name__}{hint}")
+        raise KDNATypeError(f"kdna_fx.transform expects a torch.nn.Module, got {type(model).__name__}{hint}")
     import torch._dynamo.eval_frame as eval_frame
 
     while True:

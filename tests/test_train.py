@@ -340,9 +340,6 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     assert "Fashion-MNIST files not found" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="kdna_fx/train/models.py and kdna_fx/models raise a plain ValueError for an unknown "
-                          "model; the CLI catches only KDNAError. Remove this mark once it is a ConfigError.")
 def test_cli_unknown_model_is_a_clean_error(tmp_path, capsys):
     from kdna_fx.cli import main
 

@@ -1,6 +1,7 @@
 """The rewritten graph itself: one parent reference, children without kernels, re-traceable."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 from torch import fx
@@ -21,7 +22,7 @@ def test_resnet18_graph_structure():
             adapter = kmodel.get_submodule(child)
             assert isinstance(adapter, kdna_fx.ChildAdapter) and adapter.parent == family.parent
             assert adapter.weight is None and f"{child}.weight" not in dict(kmodel.named_parameters())
-    convs = [n for n in kmodel.graph.nodes if n.target is KF.conv2d]
+    convs = [n for n in kmodel.graph.nodes if n.target is KF.child_conv2d]
     assert len(convs) == len(plan.children)
     # geometry kept: the stride-1 children keep stride 1 and padding 1
     assert all(n.kwargs["stride"] == (1, 1) and n.kwargs["padding"] == (1, 1) for n in convs)
@@ -52,7 +53,7 @@ def test_transformed_model_can_be_traced_again(dtype, tol):
     randomize_adapters(kmodel)
     kmodel.eval()
     retraced = fx.symbolic_trace(kmodel)
-    assert sum(n.target is KF.modulate for n in retraced.graph.nodes) == len(
+    assert sum(n.target is KF.child_conv2d for n in retraced.graph.nodes) == len(
         kdna_fx.plan_of(kmodel).children)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(retraced(x), kmodel(x), **tol)
@@ -75,35 +76,102 @@ def test_an_edited_plan_may_put_the_parent_after_its_children(dtype, tol):
         for conv in model.convs:
             conv.weight.copy_(model.convs[0].weight)
     config = kdna_fx.KDNAConfig(adapter=kdna_fx.AdapterConfig(gate=False))
-    plan = kdna_fx.plan(model, config)
-    family = plan.families[0]
-    edited = kdna_fx.passes.Plan((kdna_fx.passes.Family(family.stage, "convs.2", ("convs.0", "convs.1"),
-                                                         family.shape, family.groups),), plan.skipped)
+    edited = kdna_fx.plan(model, config).with_family("convs.2", ["convs.0", "convs.1"])
+    assert [(f.parent, f.children) for f in edited.families] == [("convs.2", ("convs.0", "convs.1"))]
     kmodel = kdna_fx.transform(model, config, plan=edited)
     assert isinstance(kmodel.get_submodule("convs.0"), kdna_fx.ChildAdapter)
+    assert isinstance(kmodel.get_submodule("convs.2"), torch.nn.Conv2d)
     x = torch.randn(2, 4, 6, 6)
     torch.testing.assert_close(kmodel(x), model(x), **tol)
 
 
 def test_an_edited_plan_with_mismatched_shapes_or_unknown_names_is_refused():
-    import pytest
+    model = TinyResNet()
+    bad = kdna_fx.passes.Plan.from_dict({"families": [{"parent": "layer1.0.conv1", "children": ["layer2.1.conv1"]}]})
+    with pytest.raises(kdna_fx.KDNAError, match=r"kernels differ \(out_channels 16 vs 8, in_channels 16 vs 8"):
+        kdna_fx.transform(model, plan=bad)
+    ghost = kdna_fx.passes.Plan.from_dict({"families": [{"parent": "layer1.0.conv1", "children": ["nowhere.conv"]}]})
+    with pytest.raises(kdna_fx.KDNAError, match="'nowhere.conv': no such conv"):
+        kdna_fx.transform(model, plan=ghost)
+    down = kdna_fx.passes.Plan.from_dict({"families": [{"parent": "layer2.0.conv2", "children": ["layer2.0.down.0"]}]})
+    with pytest.raises(kdna_fx.KDNAError, match=r"'layer2.0.down.0': kernel 1x1 is not in kernel_sizes"):
+        kdna_fx.transform(model, plan=down)
 
+
+def test_a_conv_that_is_both_parent_and_child_is_refused():
+    plan = kdna_fx.passes.Plan.from_dict({"families": [
+        {"parent": "layer1.0.conv1", "children": ["layer1.0.conv2"]},
+        {"parent": "layer1.0.conv2", "children": ["layer1.1.conv1"]}]})
+    with pytest.raises(kdna_fx.KDNAError, match=r"\['layer1.0.conv2'\] would be both a parent and a child"):
+        kdna_fx.transform(TinyResNet(), plan=plan)
+    twice = kdna_fx.passes.Plan.from_dict({"families": [
+        {"parent": "layer1.0.conv1", "children": ["layer1.0.conv2"]},
+        {"parent": "layer1.1.conv1", "children": ["layer1.0.conv2"]}]})
+    with pytest.raises(kdna_fx.KDNAError, match="more than one family"):
+        kdna_fx.transform(TinyResNet(), plan=twice)
+
+
+def test_plan_dict_round_trip_and_bad_dicts():
+    plan = kdna_fx.plan(TinyResNet())
+    again = kdna_fx.passes.Plan.from_dict(plan.to_dict())
+    assert again == plan and again.to_dict() == plan.to_dict()
+    with pytest.raises(kdna_fx.KDNAError, match="'families'"):
+        kdna_fx.passes.Plan.from_dict({"familes": []})
+    with pytest.raises(kdna_fx.KDNAError, match="needs 'parent' and 'children'"):
+        kdna_fx.passes.Plan.from_dict({"families": [{"parent": "a", "child": ["b"]}]})
+    with pytest.raises(kdna_fx.KDNAError, match="sequence of conv names"):
+        kdna_fx.passes.Plan.from_dict({"families": [{"parent": "a", "children": "b"}]})
+
+
+def test_plan_editing():
+    plan = kdna_fx.plan(TinyResNet())
+    first = plan.families[0]
+    smaller = plan.without(first.children[0])
+    assert first.children[0] not in smaller.children
+    assert any(s.name == first.children[0] and "Plan.without" in s.reason for s in smaller.skipped)
+    gone = plan.without(first.parent)
+    assert not set(first.members) & set(gone.children) and first.parent not in [f.parent for f in gone.families]
+    with pytest.raises(kdna_fx.KDNAError, match="in no family"):
+        plan.without("stem.0")
+    moved = plan.with_family(first.children[-1], [first.parent])
+    assert moved.family_of(first.parent).parent == first.children[-1]
+    assert moved.family_of(first.parent).shape == first.shape  # filled in from the model's sites
+
+
+def test_a_model_built_from_an_edited_plan_saves_and_reloads(tmp_path, dtype, tol):
     model = TinyResNet()
     plan = kdna_fx.plan(model)
-    bad = kdna_fx.passes.Plan((kdna_fx.passes.Family("", "layer1.0.conv1", ("layer2.1.conv1",), (8, 8, 3, 3), 1),),
-                              ())
-    with pytest.raises(kdna_fx.KDNAError, match="kernel shapes differ"):
-        kdna_fx.transform(model, plan=bad)
-    ghost = kdna_fx.passes.Plan((kdna_fx.passes.Family("", "layer1.0.conv1", ("nowhere.conv",), (8, 8, 3, 3), 1),), ())
-    with pytest.raises(kdna_fx.KDNAError, match="does not offer"):
-        kdna_fx.transform(model, plan=ghost)
-    assert plan.families  # the automatic plan itself is fine
+    edited = plan.without(plan.families[0].children[0])
+    kmodel = kdna_fx.transform(model, plan=edited)
+    randomize_adapters(kmodel)
+    kdna_fx.save(kmodel, tmp_path / "m.safetensors")
+    loaded = kdna_fx.load(tmp_path / "m.safetensors", TinyResNet())
+    assert kdna_fx.plan_of(loaded).to_dict() == kdna_fx.plan_of(kmodel).to_dict()
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(loaded.eval()(x), kmodel.eval()(x), **tol)
+
+
+def test_the_passes_compose_without_transform(dtype, tol):
+    """rewrite leaves the record, so fold, as_function, report and save work on a hand-run pipeline."""
+    from kdna_fx import passes
+
+    model = TinyResNet().eval()
+    config = kdna_fx.KDNAConfig()
+    gm = passes.trace(model, config)
+    plan = passes.check_plan(gm, passes.plan_families(*passes.find_convs(gm, config), config))
+    gm = passes.rewrite(gm, plan)
+    randomize_adapters(gm)
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(passes.fold(gm)(x), gm(x), **tol)
+    fn = passes.as_function(gm)
+    torch.testing.assert_close(fn(fn.parents, fn.params, fn.buffers, x), gm(x), **tol)
+    assert kdna_fx.report(gm, x).params_before == sum(p.numel() for p in model.parameters())
+    with pytest.raises(kdna_fx.KDNAError, match="already rewritten"):
+        passes.rewrite(gm, plan)
 
 
 def test_check_plan_leaves_unrecognised_sites_alone_with_a_warning():
     import dataclasses
-
-    import pytest
 
     from kdna_fx import passes
 
@@ -111,8 +179,8 @@ def test_check_plan_leaves_unrecognised_sites_alone_with_a_warning():
     gm = passes.trace(TinyResNet(), config)
     plan = passes.plan_families(*passes.find_convs(gm, config), config)
     child = plan.families[0].children[0]
-    broken = passes.Plan(plan.families, plan.skipped,
-                         {**plan.sites, child: dataclasses.replace(plan.sites[child], node="no_such_node")})
+    broken = dataclasses.replace(plan, sites={**plan.sites, child: dataclasses.replace(plan.sites[child],
+                                                                                      node="no_such_node")})
     with pytest.warns(kdna_fx.SkippedSiteWarning, match=child):
         checked = passes.check_plan(gm, broken)
     assert child not in checked.children and any(s.name == child for s in checked.skipped)

@@ -4,10 +4,10 @@
     kdna_fx.models.list_models("*resnet*")
 
 Names: ``<arch>`` is the plain torchvision model (weights=None), ``replace_<arch>`` is kdna_fx.transform
-applied to it, ``kdna_<arch>`` is the hand-built KernelDNA topology. See docs/models.md.
+applied to it, ``kdna_<arch>`` is the KernelDNA reference topology: a plain network rewritten by the same
+transform with an explicit plan (so report, fold, save/load and export work on it). See docs/models.md.
 """
 from . import convnext, mobilenet, resnet  # noqa: F401  (they register their models)
-from ._common import SharedStage
-from ._registry import create_model, list_models, register
+from ._registry import create_model, list_models, model_options, register
 
-__all__ = ["SharedStage", "create_model", "list_models", "register"]
+__all__ = ["create_model", "list_models", "model_options", "register"]

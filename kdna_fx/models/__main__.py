@@ -6,14 +6,13 @@ Defaults: 1000 classes, one 3x224x224 image. ``--small`` measures the small CPU 
 from __future__ import annotations
 
 import argparse
-import inspect
 import warnings
 
 import torch
 
-from .._format import format_table
+from ..tables import format_table
 from ..report import count_macs
-from . import _registry, create_model, list_models
+from . import create_model, list_models, model_options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in names:
         options = dict(kwargs)
-        if args.small and "width" in inspect.signature(_registry._MODELS[name]).parameters:
+        if args.small and "width" in model_options(name):
             options["width"] = 0.25
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

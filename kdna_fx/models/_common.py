@@ -1,66 +1,35 @@
-"""Building blocks shared by the zoo: child convs, the stage that owns parent kernels, option checks."""
+"""Building blocks shared by the zoo: the reference topologies as a plain network plus a plan, option checks."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
-from torch import Tensor, nn
+from torch import fx, nn
 
-from ..adapters import ChildAdapter, Gate
+from ..config import AdapterConfig, KDNAConfig
+from ..errors import ConfigError, KDNATypeError
 from ..functional import GateNorm
 
-Parents = dict[str, Tensor]
 
+def with_plan(model: nn.Module, families: Sequence[dict[str, Any]], config: KDNAConfig) -> fx.GraphModule:
+    """A reference topology: the plain ``model`` rewritten by kdna_fx.transform with the given families.
 
-def child_conv(parent: str, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
-               padding: int = 0, groups: int = 1, reduction: int = 4, gate_norm: GateNorm = "batch") -> ChildAdapter:
-    """A KernelDNA child conv: SE gate on its input, F [C_out], S [k, k] (none for 1x1), no kernel of its own.
-
-    ``parent`` is the qualified name (from the zoo model's root) of the module whose ``weight`` it reuses.
+    Each family is ``{"parent": conv name, "children": [conv names]}``; the rewrite is the one every user
+    model goes through, so report, fold, save/load, as_function and export work on zoo models too.
     """
-    return ChildAdapter(parent=parent, out_channels=out_channels, in_channels=in_channels,
-                        kernel_size=(kernel_size, kernel_size), stride=stride, padding=padding, groups=groups,
-                        gate=Gate(in_channels, reduction, norm=gate_norm))
+    from ..api import transform  # late: kdna_fx imports this package while it is being set up
+    from ..passes import Plan
+
+    return transform(model, config, plan=Plan.from_dict({"families": list(families)}), inplace=True)
 
 
-def run_conv(conv: nn.Module, x: Tensor, parents: Parents) -> Tensor:
-    """Apply a conv slot: an ordinary conv, or a child fed with its parent's kernel."""
-    # isinstance on a module is resolved once at trace/compile time, not per input.
-    if isinstance(conv, ChildAdapter):
-        return conv(x, parents[conv.parent])
-    return conv(x)
-
-
-class SharedStage(nn.Sequential):
-    """A run of blocks whose child convs reuse kernels owned by other blocks of the same stage.
-
-    Each kernel stays a parameter of exactly one conv (its owner); the stage looks the parents up at
-    forward time and hands them to every block, so nothing is registered twice. Blocks take
-    ``(x, parents)``. ``name`` is the stage's qualified name in the model, the prefix of every parent name.
-    """
-
-    def __init__(self, name: str, *blocks: nn.Module):
-        super().__init__(*blocks)
-        self._parent_paths: dict[str, str] = {}
-        for module in self.modules():
-            if not isinstance(module, ChildAdapter):
-                continue
-            if not module.parent.startswith(name + "."):
-                raise ValueError(f"child of {module.parent!r} sits in stage {name!r}: a parent must be owned "
-                                 f"by a block of the same stage")
-            path = module.parent[len(name) + 1:]
-            owner = self.get_submodule(path)
-            shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
-            if not isinstance(owner, nn.Conv2d) or tuple(owner.weight.shape) != shape:
-                raise ValueError(f"parent {module.parent!r} must be an nn.Conv2d with a {shape} kernel, "
-                                 f"got {owner!r}")
-            self._parent_paths[module.parent] = path
-
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        parents = {name: self.get_submodule(path).weight for name, path in self._parent_paths.items()}
-        for block in self:
-            x = block(x, parents)
-        return x
+def reference_config(gate_norm: GateNorm, *, kernel_sizes: tuple[int, ...] = (3,), stage_depth: int = 1,
+                     reductions: dict[str, int] | None = None) -> KDNAConfig:
+    """The config of a reference topology: SE gate (r = 4 unless ``reductions`` maps a conv-name regex to
+    another r), F and S, every conv the plan names shared whatever its size (the reference counts)."""
+    regex = [(pattern, AdapterConfig(reduction=r, gate_norm=gate_norm)) for pattern, r in (reductions or {}).items()]
+    return KDNAConfig(adapter=AdapterConfig(gate_norm=gate_norm), by_name_regex=regex, kernel_sizes=kernel_sizes,
+                      stage_depth=stage_depth, only_if_smaller=False)
 
 
 def scaled(channels: int, width: float, divisor: int = 1) -> int:
@@ -76,21 +45,20 @@ def check_options(name: str, *, num_classes: Any, in_chans: Any, width: Any, sma
     """Raise a clear error for an option value the zoo cannot build."""
     for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: {key} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name}: {key} must be a positive integer, got {value!r}")
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
-        raise ValueError(f"{name}: width must be a positive number (channel multiplier, 1.0 = reference), "
-                         f"got {width!r}")
+        raise ConfigError(f"{name}: width must be a positive number (channel multiplier, 1.0 = reference), "
+                          f"got {width!r}")
     if not isinstance(small_stem, bool):
-        raise ValueError(f"{name}: small_stem must be True or False, got {small_stem!r}")
+        raise ConfigError(f"{name}: small_stem must be True or False, got {small_stem!r}")
 
 
 def replace_mode(model: nn.Module, config: Any) -> nn.Module:
     """``kdna_fx.transform(model, config)``: the automatic FX rewrite of an ordinary model."""
-    from ..api import transform  # late: kdna_fx may import this package while it is being set up
-    from ..config import KDNAConfig
+    from ..api import transform
 
     if config is not None and not isinstance(config, KDNAConfig):
-        raise TypeError(f"config must be a kdna_fx.KDNAConfig or None, got {type(config).__name__}")
+        raise KDNATypeError(f"config must be a kdna_fx.KDNAConfig or None, got {type(config).__name__}")
     return transform(model, config)
 
 

@@ -8,13 +8,15 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..errors import ConfigError, KDNATypeError
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a builder under its function name."""
     if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__!r} is registered twice")
+        raise ConfigError(f"model {fn.__name__!r} is registered twice")
     _MODELS[fn.__name__] = fn
     return fn
 
@@ -24,18 +26,26 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
 
 
+def model_options(name: str) -> list[str]:
+    """The options ``create_model(name, ...)`` takes."""
+    return list(inspect.signature(_builder(name)).parameters)
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    if name not in _MODELS:
+        close = difflib.get_close_matches(str(name), list(_MODELS), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"unknown model {name!r}.{hint} Available models: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the model registered as ``name`` (see ``list_models()``), freshly initialised, no weights.
 
     Every model takes ``num_classes``, ``in_chans`` and ``small_stem``; see docs/models.md for the rest.
     """
-    if name not in _MODELS:
-        close = difflib.get_close_matches(str(name), list(_MODELS), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Available models: {', '.join(list_models())}")
-    fn = _MODELS[name]
-    accepted = [p for p in inspect.signature(fn).parameters]
+    accepted = model_options(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise TypeError(f"{name} does not take option(s) {unknown}; it takes {accepted}")
-    return fn(**kwargs)
+        raise KDNATypeError(f"{name} does not take option(s) {unknown}; it takes {accepted}")
+    return _MODELS[name](**kwargs)

@@ -19,14 +19,13 @@ from functools import partial
 
 import torch
 import torchvision
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torchvision.models.convnext import CNBlockConfig, LayerNorm2d
 from torchvision.ops import StochasticDepth
 
-from ..adapters import Gate
 from ..config import KDNAConfig
 from ..functional import GateNorm
-from ._common import Parents, SharedStage, check_options, child_conv, replace_mode, run_conv, scaled
+from ._common import check_options, reference_config, replace_mode, scaled, with_plan
 from ._registry import register
 
 DIMS, DEPTHS = (96, 192, 384, 768), (3, 3, 9, 3)
@@ -45,69 +44,70 @@ def sharing(depth: int) -> list[int | None]:
     return parent_of
 
 
-def _pointwise(inp: int, out: int, parent: str | None, reduction: int, gate_norm: GateNorm) -> nn.Module:
-    if parent is None:
-        return nn.Conv2d(inp, out, 1)
-    # A child keeps its own bias (a bias is not part of the kernel), zero-initialised like the parent's.
-    child = child_conv(parent, inp, out, 1, reduction=reduction, gate_norm=gate_norm)
-    child.bias = nn.Parameter(torch.zeros(out))
-    return child
-
-
 class ConvNeXtBlock(nn.Module):
     """dw 7x7 -> LayerNorm -> pw expand -> GELU -> pw project -> layer scale -> drop path (+ input)."""
 
-    def __init__(self, dim: int, drop_path: float, shared: dict[str, str], gate_norm: GateNorm,
-                 layer_scale: float = 1e-6):
+    def __init__(self, dim: int, drop_path: float, layer_scale: float = 1e-6):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.norm = LayerNorm2d(dim, eps=1e-6)
-        self.pwconv1 = _pointwise(dim, 4 * dim, shared.get("pwconv1"), EXPAND_REDUCTION, gate_norm)
+        self.pwconv1 = nn.Conv2d(dim, 4 * dim, 1)
         self.act = nn.GELU()
-        self.pwconv2 = _pointwise(4 * dim, dim, shared.get("pwconv2"), PROJECT_REDUCTION, gate_norm)
+        self.pwconv2 = nn.Conv2d(4 * dim, dim, 1)
         self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale))
         self.drop_path = StochasticDepth(drop_path, "row")
 
-    def forward(self, x: Tensor, parents: Parents) -> Tensor:
-        out = self.norm(self.dwconv(x))
-        out = run_conv(self.pwconv2, self.act(run_conv(self.pwconv1, out, parents)), parents)
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
         return x + self.drop_path(self.layer_scale * out)
 
 
 class ConvNeXt(nn.Module):
-    """ConvNeXt (torchvision layout and initialisation) whose stages may share pointwise kernels."""
+    """ConvNeXt with torchvision's layout, parameters and initialisation; pointwise layers as 1x1 convs."""
 
     def __init__(self, *, num_classes: int = 1000, in_chans: int = 3, width: float = 1.0, small_stem: bool = False,
-                 share: bool = True, gate_norm: GateNorm = "batch", drop_path: float = 0.1):
+                 drop_path: float = 0.1):
         super().__init__()
         dims = [scaled(d, width) for d in DIMS]
         stem = (nn.Conv2d(in_chans, dims[0], 3, 1, 1) if small_stem else nn.Conv2d(in_chans, dims[0], 4, 4))
         layers: list[nn.Module] = [nn.Sequential(stem, LayerNorm2d(dims[0], eps=1e-6))]
         total, seen = sum(DEPTHS), 0
         for i, (dim, depth) in enumerate(zip(dims, DEPTHS)):
-            name = f"features.{len(layers)}"
             blocks = []
-            for j, parent in enumerate(sharing(depth) if share else [None] * depth):
-                shared = {} if parent is None else {k: f"{name}.{parent}.{k}" for k in ("pwconv1", "pwconv2")}
-                blocks.append(ConvNeXtBlock(dim, drop_path * seen / (total - 1), shared, gate_norm))
+            for _ in range(depth):
+                blocks.append(ConvNeXtBlock(dim, drop_path * seen / (total - 1)))
                 seen += 1
-            layers.append(SharedStage(name, *blocks))
+            layers.append(nn.Sequential(*blocks))
             if i + 1 < len(dims):
                 layers.append(nn.Sequential(LayerNorm2d(dim, eps=1e-6), nn.Conv2d(dim, dims[i + 1], 2, 2)))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(LayerNorm2d(dims[-1], eps=1e-6), nn.Flatten(1),
                                         nn.Linear(dims[-1], num_classes))
-        # torchvision's initialisation; F stays zero and gates keep nn.Linear's default, as in every zoo model.
-        in_gates = {id(m) for g in self.modules() if isinstance(g, Gate) for m in g.modules()}
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in in_gates:
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.avgpool(self.features(x)))
+
+
+def reference_families() -> list[dict]:
+    """Per stage (features.1, .3, .5, .7), the runs of ``sharing``: each child block's pwconv1 and pwconv2
+    reuse those of the last block of its run."""
+    families = []
+    for stage, depth in zip((1, 3, 5, 7), DEPTHS):
+        runs: dict[int, list[int]] = {}
+        for block, parent in enumerate(sharing(depth)):
+            if parent is not None:
+                runs.setdefault(parent, []).append(block)
+        for parent, children in runs.items():
+            for conv in ("pwconv1", "pwconv2"):
+                families.append({"parent": f"features.{stage}.{parent}.{conv}",
+                                 "children": [f"features.{stage}.{c}.{conv}" for c in children]})
+    return families
 
 
 # ---- registered models ------------------------------------------------------------------------------
@@ -148,10 +148,11 @@ def replace_convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem
 
 @register
 def kdna_convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                       gate_norm: GateNorm = "batch", drop_path: float = 0.1) -> ConvNeXt:
+                       gate_norm: GateNorm = "batch", drop_path: float = 0.1) -> fx.GraphModule:
     """KernelDNA ConvNeXt-Tiny (our design, see the module docstring and docs/models.md)."""
     _check("kdna_convnext_tiny", num_classes, in_chans, small_stem, width)
-    if gate_norm not in ("batch", "layer", "none"):
-        raise ValueError(f"kdna_convnext_tiny: gate_norm must be 'batch', 'layer' or 'none', got {gate_norm!r}")
-    return ConvNeXt(num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem,
-                    gate_norm=gate_norm, drop_path=drop_path)
+    config = reference_config(gate_norm, kernel_sizes=(1,), stage_depth=2,
+                              reductions={r"\.pwconv1$": EXPAND_REDUCTION, r"\.pwconv2$": PROJECT_REDUCTION})
+    plain = ConvNeXt(num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem,
+                     drop_path=drop_path)
+    return with_plan(plain, reference_families(), config)

@@ -1,13 +1,14 @@
-"""MobileNetV2 whose middle blocks reuse the pointwise (1x1) kernels of their stage's last block."""
+"""MobileNetV2, and the KernelDNA reference topology: the middle blocks of a stage reuse the pointwise (1x1)
+kernels of the stage's last block, with their own depthwise convs, BatchNorms and gates."""
 from __future__ import annotations
 
 import torchvision
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ..config import KDNAConfig
 from ..functional import GateNorm
-from ._common import Parents, SharedStage, check_options, child_conv, kaiming_conv, replace_mode, run_conv, scaled
+from ._common import check_options, kaiming_conv, reference_config, replace_mode, scaled, with_plan
 from ._registry import register
 
 # (expansion t, base channels c, blocks n, first stride s), as in the MobileNetV2 paper.
@@ -20,64 +21,52 @@ SHARED_STAGES = (32, 64, 96, 160)
 EXPAND_REDUCTION, PROJECT_REDUCTION = 4, 24
 
 
-def _pointwise(inp: int, out: int, parent: str | None, reduction: int, gate_norm: GateNorm) -> nn.Module:
-    if parent is None:
-        return nn.Conv2d(inp, out, 1, bias=False)
-    return child_conv(parent, inp, out, 1, reduction=reduction, gate_norm=gate_norm)
-
-
 class InvertedResidual(nn.Module):
-    """expand 1x1 -> depthwise 3x3 -> project 1x1; ``expand`` and ``project`` may be children."""
+    """expand 1x1 -> depthwise 3x3 -> project 1x1 (torchvision's block, with short names)."""
 
-    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, shared: dict[str, str],
-                 gate_norm: GateNorm):
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
         super().__init__()
         hidden = int(round(inp * expand_ratio))
         self.use_residual = stride == 1 and inp == oup
         self.expand: nn.Module | None = None
         if expand_ratio != 1:
-            self.expand = _pointwise(inp, hidden, shared.get("expand"), EXPAND_REDUCTION, gate_norm)
+            self.expand = nn.Conv2d(inp, hidden, 1, bias=False)
             self.expand_bn = nn.BatchNorm2d(hidden)
-        # Depthwise convs are never shared (as in the reference): they hold few parameters.
         self.dw = nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False)
         self.dw_bn = nn.BatchNorm2d(hidden)
-        self.project = _pointwise(hidden, oup, shared.get("project"), PROJECT_REDUCTION, gate_norm)
+        self.project = nn.Conv2d(hidden, oup, 1, bias=False)
         self.project_bn = nn.BatchNorm2d(oup)
         self.act = nn.ReLU6(inplace=True)
 
-    def forward(self, x: Tensor, parents: Parents) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         out = x
         if self.expand is not None:
-            out = self.act(self.expand_bn(run_conv(self.expand, out, parents)))
+            out = self.act(self.expand_bn(self.expand(out)))
         out = self.act(self.dw_bn(self.dw(out)))
-        out = self.project_bn(run_conv(self.project, out, parents))
+        out = self.project_bn(self.project(out))
         return x + out if self.use_residual else out
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2 (torchvision-equivalent counts) with KernelDNA pointwise sharing in SHARED_STAGES."""
+    """MobileNetV2 with torchvision's parameters, MACs and initialisation (module names of our own)."""
 
     def __init__(self, *, num_classes: int = 1000, in_chans: int = 3, width: float = 1.0, small_stem: bool = False,
-                 share: bool = True, gate_norm: GateNorm = "batch", dropout: float = 0.2):
+                 dropout: float = 0.2):
         super().__init__()
         inp = scaled(32, width, 8)
         last = scaled(1280, max(1.0, width), 8)
         stages: list[nn.Module] = [Conv2dNormActivation(in_chans, inp, 3, stride=1 if small_stem else 2,
                                                         norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU6)]
         for t, c, n, s in SETTINGS:
-            name, oup = f"features.{len(stages)}", scaled(c, width, 8)
-            parent = f"{n - 1}"
-            blocks = []
+            oup, blocks = scaled(c, width, 8), []
             for i in range(n):
-                middle = share and c in SHARED_STAGES and 0 < i < n - 1
-                shared = {"expand": f"{name}.{parent}.expand", "project": f"{name}.{parent}.project"} if middle else {}
-                blocks.append(InvertedResidual(inp, oup, s if i == 0 else 1, t, shared, gate_norm))
+                blocks.append(InvertedResidual(inp, oup, s if i == 0 else 1, t))
                 inp = oup
-            stages.append(SharedStage(name, *blocks))
+            stages.append(nn.Sequential(*blocks))
         stages.append(Conv2dNormActivation(inp, last, 1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU6))
         self.features = nn.Sequential(*stages)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes))
-        for m in self.modules():  # torchvision's initialisation; F stays zero
+        for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
                 if m.bias is not None:
@@ -103,13 +92,26 @@ def _baseline(name: str, num_classes: int, in_chans: int, small_stem: bool, widt
     return model
 
 
+def reference_families() -> list[dict]:
+    """In each stage of SHARED_STAGES, the middle blocks' expand and project convs are children of the
+    stage's last block's (the first block, which changes the width or stride, keeps its own)."""
+    families, index = [], 1  # features.0 is the stem
+    for _, c, n, _ in SETTINGS:
+        if c in SHARED_STAGES and n > 2:
+            for conv in ("expand", "project"):
+                families.append({"parent": f"features.{index}.{n - 1}.{conv}",
+                                 "children": [f"features.{index}.{i}.{conv}" for i in range(1, n - 1)]})
+        index += 1
+    return families
+
+
 def _kdna(name: str, num_classes: int, in_chans: int, small_stem: bool, width: float,
-          gate_norm: GateNorm) -> MobileNetV2:
+          gate_norm: GateNorm) -> fx.GraphModule:
     check_options(name, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-    if gate_norm not in ("batch", "layer", "none"):
-        raise ValueError(f"{name}: gate_norm must be 'batch', 'layer' or 'none', got {gate_norm!r}")
-    return MobileNetV2(num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem,
-                       gate_norm=gate_norm)
+    config = reference_config(gate_norm, kernel_sizes=(1,), stage_depth=2,
+                              reductions={r"\.expand$": EXPAND_REDUCTION, r"\.project$": PROJECT_REDUCTION})
+    plain = MobileNetV2(num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
+    return with_plan(plain, reference_families(), config)
 
 
 @register
@@ -129,13 +131,13 @@ def replace_mobilenet_v2(num_classes: int = 1000, in_chans: int = 3, small_stem:
 
 @register
 def kdna_mobilenet_v2(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                      gate_norm: GateNorm = "batch") -> MobileNetV2:
+                      gate_norm: GateNorm = "batch") -> fx.GraphModule:
     """KernelDNA MobileNetV2 1.0x (reference topology): 3,136,840 parameters at 1000 classes."""
     return _kdna("kdna_mobilenet_v2", num_classes, in_chans, small_stem, width, gate_norm)
 
 
 @register
 def kdna_mobilenet_v2_050(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
-                          gate_norm: GateNorm = "batch") -> MobileNetV2:
+                          gate_norm: GateNorm = "batch") -> fx.GraphModule:
     """KernelDNA MobileNetV2 0.5x (reference topology): 1,878,232 parameters at 1000 classes."""
     return _kdna("kdna_mobilenet_v2_050", num_classes, in_chans, small_stem, 0.5, gate_norm)

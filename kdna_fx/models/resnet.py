@@ -1,29 +1,20 @@
-"""ResNet-18/50: torchvision-shaped ResNets whose stages can hold KernelDNA children.
+"""ResNet-18/50: torchvision-shaped ResNets, and the KernelDNA reference topologies as a deeper plain ResNet
+plus a plan.
 
-Module and parameter names follow torchvision (conv1, bn1, layer3.1.conv2, downsample.0, fc), so a plain
-layout at width 1 is the torchvision ResNet, and a child sits where torchvision has a conv.
+Module and parameter names follow torchvision (conv1, bn1, layer3.1.conv2, downsample.0, fc), so the plain
+network at width 1 is the torchvision ResNet, and a child sits where torchvision has a conv.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torchvision
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..config import KDNAConfig
 from ..functional import GateNorm
-from ._common import Parents, SharedStage, check_options, child_conv, kaiming_conv, replace_mode, run_conv, scaled
+from ._common import check_options, kaiming_conv, reference_config, replace_mode, scaled, with_plan
 from ._registry import register
-
-# A stage layout lists, per block, which conv slots are children and of which parent (block index and
-# slot inside the same stage). An empty dict is an ordinary block.
-Layout = Sequence[dict[str, str]]
-
-
-def _conv3x3(inplanes: int, planes: int, stride: int, parent: str | None, gate_norm: GateNorm) -> nn.Module:
-    if parent is None:
-        return nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    return child_conv(parent, inplanes, planes, 3, stride=stride, padding=1, gate_norm=gate_norm)
 
 
 def _downsample(inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
@@ -33,60 +24,56 @@ def _downsample(inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs (conv1, conv2), either of which may be a child."""
+    """Two 3x3 convs, conv1 (with the stride) and conv2, and a residual."""
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int, shared: dict[str, str], gate_norm: GateNorm):
+    def __init__(self, inplanes: int, planes: int, stride: int):
         super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride, shared.get("conv1"), gate_norm)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes, 1, shared.get("conv2"), gate_norm)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = _downsample(inplanes, planes, stride)
 
-    def forward(self, x: Tensor, parents: Parents) -> Tensor:
-        out = self.relu(self.bn1(run_conv(self.conv1, x, parents)))
-        out = self.bn2(run_conv(self.conv2, out, parents))
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 -> 1x1 (stride on the 3x3, as torchvision); only the 3x3 conv2 may be a child."""
+    """1x1 -> 3x3 -> 1x1, the stride on the 3x3 conv2 (as torchvision)."""
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, shared: dict[str, str], gate_norm: GateNorm):
+    def __init__(self, inplanes: int, planes: int, stride: int):
         super().__init__()
-        if set(shared) - {"conv2"}:
-            raise ValueError(f"a bottleneck shares only its 3x3 conv2, got slots {sorted(shared)}")
         outplanes = planes * self.expansion
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride, shared.get("conv2"), gate_norm)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, outplanes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(outplanes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(inplanes, outplanes, stride)
 
-    def forward(self, x: Tensor, parents: Parents) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        # The gate (inside the child) sees the 3x3 conv's input only, never the residual input x.
-        out = self.relu(self.bn2(run_conv(self.conv2, out, parents)))
+        out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
 
 class ResNet(nn.Module):
-    """A ResNet built from per-stage layouts (four stages of 64, 128, 256, 512 base channels x width)."""
+    """A ResNet with four stages of 64, 128, 256, 512 base channels x width and ``depths`` blocks each."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layouts: Sequence[Layout], *,
-                 num_classes: int = 1000, in_chans: int = 3, width: float = 1.0, small_stem: bool = False,
-                 gate_norm: GateNorm = "batch"):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: Sequence[int], *,
+                 num_classes: int = 1000, in_chans: int = 3, width: float = 1.0, small_stem: bool = False):
         super().__init__()
         stem = scaled(64, width)
         if small_stem:  # 28-32 px inputs: keep the resolution, no max-pool
@@ -97,18 +84,15 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool: nn.Module = nn.Identity() if small_stem else nn.MaxPool2d(3, 2, 1)
         inplanes = stem
-        for i, (base, layout) in enumerate(zip((64, 128, 256, 512), layouts)):
-            name, planes = f"layer{i + 1}", scaled(base, width)
-            blocks = []
-            for j, shared in enumerate(layout):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(block(inplanes, planes, stride, {k: f"{name}.{v}" for k, v in shared.items()},
-                                    gate_norm))
+        for i, (base, depth) in enumerate(zip((64, 128, 256, 512), depths)):
+            planes, blocks = scaled(base, width), []
+            for j in range(depth):
+                blocks.append(block(inplanes, planes, 2 if (i > 0 and j == 0) else 1))
                 inplanes = planes * block.expansion
-            setattr(self, name, SharedStage(name, *blocks))
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
-        for m in self.modules():  # torchvision's initialisation; F and S stay zero
+        for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
@@ -121,36 +105,31 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def plain_layouts(depths: Sequence[int]) -> list[Layout]:
-    """Ordinary stages: no children."""
-    return [[{} for _ in range(d)] for d in depths]
+def _r18_stage(s: str) -> list[dict]:
+    # Three blocks, three unique 3x3 kernels (A.conv1, P1 = B.conv2, P2 = C.conv2):
+    # A = conv1 (stride) -> child of P1; B = child of P1 -> P1; C = child of P2 -> P2.
+    return [{"parent": f"{s}.1.conv2", "children": [f"{s}.0.conv2", f"{s}.1.conv1"]},
+            {"parent": f"{s}.2.conv2", "children": [f"{s}.2.conv1"]}]
 
 
-# ResNet-18, stages 3 and 4 rebuilt from 2 to 3 blocks with 3 unique 3x3 kernels (A.conv1, P1, P2):
-# A = conv1 (stride) -> child of P1; B = child of P1 -> P1; C = child of P2 -> P2.
-_R18_SHARED: Layout = [{"conv2": "1.conv2"}, {"conv1": "1.conv2"}, {"conv1": "2.conv2"}]
-KDNA_RESNET18: list[Layout] = [*plain_layouts((2, 2)), _R18_SHARED, _R18_SHARED]
-
-# ResNet-50: stage 3 = stride-2 block, then 3 x (child, parent) (7 blocks instead of 6); stage 4 =
-# stride-2 block, child, parent. Each child bottleneck reuses the 3x3 kernel of the block after it.
-KDNA_RESNET50: list[Layout] = [
-    *plain_layouts((3, 4)),
-    [{}, {"conv2": "2.conv2"}, {}, {"conv2": "4.conv2"}, {}, {"conv2": "6.conv2"}, {}],
-    [{}, {"conv2": "2.conv2"}, {}],
-]
+# The reference topologies: (block, depths of the plain network, families). Stages 3 and 4 of ResNet-18 go
+# from 2 to 3 blocks; ResNet-50's stage 3 from 6 to 7 blocks, each child bottleneck reusing the 3x3 kernel
+# of the block after it (stage 3: 3 x (child, parent); stage 4: child, parent).
+REFERENCE = {
+    "resnet18": (BasicBlock, (2, 2, 3, 3), _r18_stage("layer3") + _r18_stage("layer4")),
+    "resnet50": (Bottleneck, (3, 4, 7, 3),
+                 [{"parent": f"layer3.{p}.conv2", "children": [f"layer3.{p - 1}.conv2"]} for p in (2, 4, 6)]
+                 + [{"parent": "layer4.2.conv2", "children": ["layer4.1.conv2"]}]),
+}
+_BASELINE = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
 
 
 # ---- registered models ------------------------------------------------------------------------------
-_ARCH = {"resnet18": (BasicBlock, (2, 2, 2, 2), KDNA_RESNET18),
-         "resnet50": (Bottleneck, (3, 4, 6, 3), KDNA_RESNET50)}
-
-
 def _baseline(arch: str, num_classes: int, in_chans: int, small_stem: bool, width: float) -> nn.Module:
     check_options(arch, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-    block, depths, _ = _ARCH[arch]
+    block, depths = _BASELINE[arch]
     if width != 1:  # torchvision has no width multiplier; this class reproduces it (tested at width 1)
-        return ResNet(block, plain_layouts(depths), num_classes=num_classes, in_chans=in_chans, width=width,
-                      small_stem=small_stem)
+        return ResNet(block, depths, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
     model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if small_stem:
         model.conv1 = kaiming_conv(in_chans, 64, 3, 1, 1)
@@ -161,13 +140,12 @@ def _baseline(arch: str, num_classes: int, in_chans: int, small_stem: bool, widt
 
 
 def _kdna(arch: str, num_classes: int, in_chans: int, small_stem: bool, width: float,
-          gate_norm: GateNorm) -> ResNet:
+          gate_norm: GateNorm) -> fx.GraphModule:
     check_options(f"kdna_{arch}", num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-    if gate_norm not in ("batch", "layer", "none"):
-        raise ValueError(f"kdna_{arch}: gate_norm must be 'batch', 'layer' or 'none', got {gate_norm!r}")
-    block, _, layouts = _ARCH[arch]
-    return ResNet(block, layouts, num_classes=num_classes, in_chans=in_chans, width=width,
-                  small_stem=small_stem, gate_norm=gate_norm)
+    config = reference_config(gate_norm)
+    block, depths, families = REFERENCE[arch]
+    plain = ResNet(block, depths, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
+    return with_plan(plain, families, config)
 
 
 @register
@@ -198,13 +176,15 @@ def replace_resnet50(num_classes: int = 1000, in_chans: int = 3, small_stem: boo
 
 @register
 def kdna_resnet18(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                  gate_norm: GateNorm = "batch") -> ResNet:
-    """KernelDNA ResNet-18 (reference topology): 9,240,798 parameters at 1000 classes."""
+                  gate_norm: GateNorm = "batch") -> fx.GraphModule:
+    """KernelDNA ResNet-18 (reference topology): a 2-2-3-3 ResNet with 6 children; 9,240,798 parameters at
+    1000 classes."""
     return _kdna("resnet18", num_classes, in_chans, small_stem, width, gate_norm)
 
 
 @register
 def kdna_resnet50(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                  gate_norm: GateNorm = "batch") -> ResNet:
-    """KernelDNA ResNet-50 (reference topology): 22,778,060 parameters at 1000 classes."""
+                  gate_norm: GateNorm = "batch") -> fx.GraphModule:
+    """KernelDNA ResNet-50 (reference topology): a 3-4-7-3 ResNet with 4 children; 22,778,060 parameters at
+    1000 classes."""
     return _kdna("resnet50", num_classes, in_chans, small_stem, width, gate_norm)

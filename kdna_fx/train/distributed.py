@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from kdna_fx.adapters import Gate
+from kdna_fx.errors import ConfigError
+
 
 
 @dataclass
@@ -46,7 +47,7 @@ def setup(device: str | None = None) -> DistContext:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     if use_cuda:
         explicit = torch.device(device).index if device not in (None, "auto") else None
         index = local_rank if world > 1 else (explicit or 0)
@@ -98,31 +99,11 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
                                                else None)
 
 
-class _ModuleNormGate(nn.Module):
-    """A KernelDNA gate that calls its norm *module* (so a SyncBatchNorm there really synchronises).
-
-    kdna_fx.Gate evaluates its BatchNorm functionally with the module's tensors, which would silently
-    bypass SyncBatchNorm. Same submodule names as Gate, so state dicts are unchanged.
-    """
-
-    def __init__(self, gate: Gate):
-        super().__init__()
-        self.fc1, self.norm, self.fc2 = gate.fc1, gate.norm, gate.fc2
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.norm(self.fc1(x.mean(dim=(2, 3))))
-        return torch.sigmoid(self.fc2(torch.relu(h)))
-
-
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """SyncBatchNorm everywhere, including the BatchNorm1d inside KernelDNA gates (see _ModuleNormGate).
+    """SyncBatchNorm everywhere, the BatchNorm1d inside KernelDNA gates included (a gate calls its norm module).
 
     Needs CUDA when run under a process group: PyTorch's SyncBatchNorm has no CPU implementation.
     """
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Gate) and module.norm_kind == "batch":
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner) if owner else model, attr, _ModuleNormGate(module))
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 

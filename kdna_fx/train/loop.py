@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from kdna_fx.errors import ConfigError, KDNAError
+from kdna_fx.errors import ConfigError, KDNAError, KDNATypeError
 from kdna_fx.timing import provenance
 
 from . import distributed as D
@@ -90,7 +90,7 @@ class NonFiniteLossError(KDNAError, RuntimeError):
     """What `kdna train` exits with (2 for every other KDNAError), so scripts can tell divergence apart."""
 
 
-class WrappedModelError(KDNAError, TypeError):
+class WrappedModelError(KDNATypeError):
     """train() was given a DDP-wrapped or compiled model; it wraps and compiles the plain model itself."""
 
 

@@ -5,6 +5,8 @@ from typing import Any
 
 from torch import nn
 
+from kdna_fx.errors import ConfigError
+
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """``spec``: name, num_classes, in_chans, small_stem, width and optionally gate_norm.
@@ -14,18 +16,16 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     from kdna_fx import models
 
     name = spec["name"]
-    known = models.list_models()
-    if name not in known:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(known)}")
+    options = models.model_options(name)  # an unknown name is a ConfigError listing the close matches
     kwargs: dict[str, Any] = {k: spec[k] for k in ("num_classes", "in_chans", "small_stem", "width") if k in spec}
     gate_norm = spec.get("gate_norm")
     if gate_norm is not None:
-        if name.startswith("kdna_"):
+        if "gate_norm" in options:
             kwargs["gate_norm"] = gate_norm
-        elif name.startswith("replace_"):
+        elif "config" in options:
             from kdna_fx import AdapterConfig, KDNAConfig
 
             kwargs["config"] = KDNAConfig(adapter=AdapterConfig(gate_norm=gate_norm))
         else:
-            raise ValueError(f"--gate-norm applies to KernelDNA models (kdna_*, replace_*), not {name!r}")
+            raise ConfigError(f"--gate-norm applies to KernelDNA models (kdna_*, replace_*), not {name!r}")
     return models.create_model(name, **kwargs)

@@ -10,14 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-# Parameter-name fragments that mark KernelDNA adapter parameters (kdna_fx.ChildAdapter and its Gate).
-ADAPTER_MARKERS = ("filter_scale", "spatial_scale", ".gate.")
+from kdna_fx.adapters import adapter_parameters
+from kdna_fx.errors import ConfigError
+
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-
-
-def is_adapter_parameter(name: str) -> bool:
-    """True for the per-child F and S scales and every parameter of a gate."""
-    return any(m in f".{name}" for m in ADAPTER_MARKERS)
 
 
 def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: float = 0.0) -> list[dict[str, Any]]:
@@ -28,6 +24,7 @@ def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: fl
     removes duplicates), so it appears in exactly one group.
     """
     norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    adapter = {id(p) for _, p in adapter_parameters(model)}
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "adapter": []}
     names: dict[str, list[str]] = {k: [] for k in groups}
     for name, p in model.named_parameters():
@@ -35,7 +32,7 @@ def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: fl
             continue
         if id(p) in norm_params or name.endswith("bias"):
             key = "no_decay"
-        elif is_adapter_parameter(name):
+        elif id(p) in adapter:
             key = "adapter"
         elif p.ndim <= 1:  # other per-channel scales (layer scale and the like)
             key = "no_decay"
@@ -58,7 +55,7 @@ def build_optimizer(groups: list[dict[str, Any]], name: str, lr: float, *, momen
         return torch.optim.SGD(clean, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "adamw":
         return torch.optim.AdamW(clean, lr=lr, betas=betas)
-    raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adamw'")
+    raise ConfigError(f"unknown optimizer {name!r}; choose 'sgd' or 'adamw'")
 
 
 class WarmupCosine:
@@ -72,7 +69,7 @@ class WarmupCosine:
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
                  min_lr: float = 0.0, warmup_start: float = 0.01):
         if total_steps < 1:
-            raise ValueError(f"the schedule needs at least one step, got total_steps={total_steps}")
+            raise ConfigError(f"the schedule needs at least one step, got total_steps={total_steps}")
         self.optimizer = optimizer
         self.total_steps, self.warmup_steps = total_steps, min(max(0, warmup_steps), total_steps)
         self.min_lr, self.warmup_start = min_lr, warmup_start
@@ -113,7 +110,7 @@ class WarmupCosine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("total_steps", "warmup_steps"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"schedule mismatch: checkpoint has {key}={state[key]}, this run "
+                raise ConfigError(f"schedule mismatch: checkpoint has {key}={state[key]}, this run "
                                  f"{getattr(self, key)} (different epochs, batch size or data size)")
         self.step_count = int(state["step_count"])
         self._apply()
@@ -126,7 +123,7 @@ AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device`` (None: full fp32). 'auto' is bf16/fp16 on CUDA, fp32 on CPU."""
     if amp not in AMP_CHOICES:
-        raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")
+        raise ConfigError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")
     if amp == "none":
         return None
     if device.type == "cuda":
@@ -136,7 +133,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return None  # CPU autocast is opt-in: bf16 on CPUs without native support is slower than fp32
     if amp == "fp16":
-        raise ValueError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or --amp none")
+        raise ConfigError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or --amp none")
     return torch.bfloat16
 
 

@@ -1,0 +1,123 @@
+"""Every public call works on every zoo model: the reference topologies are transformed models like any other."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx
+
+import kdna_fx
+import kdna_fx.models as zoo
+from kdna_fx.testing import randomize_adapters
+
+NAMES = zoo.list_models("kdna_*")
+
+
+def build(name: str, **extra) -> torch.nn.Module:
+    options = dict(num_classes=10, in_chans=1, small_stem=True, **extra)
+    if "width" in zoo.model_options(name):
+        options["width"] = 0.25
+    torch.manual_seed(0)
+    return zoo.create_model(name, **options)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_report_plan_and_fold(name):
+    model = build(name)
+    randomize_adapters(model)
+    model.eval()
+    x = torch.randn(3, 1, 20, 20)
+    report = kdna_fx.report(model, x)
+    plan = kdna_fx.plan_of(model)
+    assert plan.families and report.families == plan.to_dict()["families"]
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    # The plain network the plan was applied to had one kernel per child more.
+    removed = sum(plan.sites[c].out_channels * plan.sites[c].in_channels // plan.sites[c].groups
+                  * plan.sites[c].kernel_size[0] * plan.sites[c].kernel_size[1] for c in plan.children)
+    added = sum(p.numel() for _, p in kdna_fx.adapters.adapter_parameters(model))
+    assert report.params_before == report.params_after + removed - added
+    folded = kdna_fx.fold(model)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_and_load_into_a_fresh_zoo_model(name, tmp_path):
+    model = build(name, gate_norm="layer")
+    randomize_adapters(model)
+    model.eval()
+    path = tmp_path / f"{name}.safetensors"
+    kdna_fx.save(model, path)
+    loaded = kdna_fx.load(path, build(name, gate_norm="layer")).eval()
+    x = torch.randn(2, 1, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert kdna_fx.plan_of(loaded).to_dict() == kdna_fx.plan_of(model).to_dict()
+
+
+def test_load_into_a_zoo_model_with_another_plan_names_the_difference(tmp_path):
+    path = tmp_path / "r18.safetensors"
+    kdna_fx.save(build("kdna_resnet18"), path)
+    with pytest.raises(kdna_fx.StateError, match="families differ"):
+        kdna_fx.load(path, zoo.create_model("replace_resnet18", num_classes=10, in_chans=1, small_stem=True,
+                                            width=0.25))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_as_function(name):
+    model = build(name).eval()
+    randomize_adapters(model)
+    fn = kdna_fx.as_function(model)
+    assert set(fn.parents) == {kdna_fx.plan_of(model).parent_weight(f) for f in kdna_fx.plan_of(model).families}
+    x = torch.randn(2, 1, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(fn.parents, fn.params, fn.buffers, x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fx_traces_in_train_and_eval_mode(name):
+    model = build(name)
+    x = torch.randn(2, 1, 20, 20)
+    for train in (True, False):
+        model.train(train)
+        traced = fx.symbolic_trace(model)
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(traced(x), expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compile_does_not_recompile_across_batch_sizes(name):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = build(name).eval()
+    counter = CompileCounter()  # dynamo's captured graphs, run as they are: what recompiles is dynamo's guards
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    with torch.no_grad():
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 1, 20, 20)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+            frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames == [frames[0]] * 3, f"recompiled: frames compiled after each call {frames}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_export_with_a_dynamic_batch(name):
+    model = build(name).eval()
+    randomize_adapters(model)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    exported = torch.export.export(model, (torch.randn(2, 1, 20, 20),), dynamic_shapes=({0: batch},))
+    for n in (2, 7):
+        x = torch.randn(n, 1, 20, 20)
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-6)
