@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,6 +17,8 @@ from tqdm import tqdm
 
 from kdna_fx.errors import ConfigError, KDNAError, KDNATypeError
 from kdna_fx.timing import provenance
+
+from kdna_fx.adapters import adapter_parameters
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_model_weights, model_signature, read_checkpoint, \
@@ -210,6 +213,10 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config
         _write_metrics(run_dir, config, [])
 
     net = D.wrap_ddp(model, ctx)
+    if config.compile and ctx.device.type == "cpu" and any(True for _ in adapter_parameters(model)):
+        warnings.warn("--compile on CPU: Inductor's backward of transformed models gave wrong gradients for "
+                      "some weights in some processes (docs/known-issues.md); train eagerly on CPU and compile "
+                      "for inference.", stacklevel=2)
     if config.compile:
         net = torch.compile(net)
     val_loader = make_eval_loader(val_set, config.batch_size, config.workers, ctx) if val_set is not None else None
