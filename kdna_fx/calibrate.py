@@ -1,0 +1,515 @@
+"""Label-free calibration of a transformed model against the trained model it came from.
+
+    kmodel = kdna_fx.transform(trained)
+    result = kdna_fx.calibrate(kmodel, images, reference=trained)      # modes=("bn", "distill")
+    print(result)                                                     # agreement and output error per mode
+
+Modes, run in this order when several are asked:
+
+- ``"bn"``: re-estimate the running statistics of every BatchNorm of ``kmodel`` on the data (cumulative
+  average, only the BatchNorms in train mode, no gradients).
+- ``"layerwise"``: child by child in graph order, fit that child's adapter (F, S, gate) so that its output,
+  on the input the *kmodel* gives it, matches the output of the conv at the same path in ``reference`` on
+  the reference's own input; BatchNorm statistics are re-estimated after every child.
+- ``"distill"``: end-to-end distillation of ``kmodel``'s outputs to the reference's (KL divergence on
+  logits with a temperature, mean squared error for any other output), training every adapter parameter
+  and every norm's affine parameters (and the parent kernels with ``train_parents=True``).
+
+The reference is only read: it runs in eval mode under ``torch.no_grad`` and every module's training flag
+is restored afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .adapters import ChildAdapter, adapter_parameters
+from .errors import ConfigError, KDNAError, KDNATypeError
+from .record import record_of
+from .tables import format_table
+
+MODES: tuple[str, ...] = ("bn", "layerwise", "distill")
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+class CalibrationError(KDNAError, ValueError):
+    """calibrate() cannot use its data, its reference or its model as given."""
+
+
+@dataclass
+class ModeResult:
+    """One calibration mode: how long it took and how close ``kmodel`` was to the reference before and after.
+
+    ``agreement`` is the fraction of images whose top-1 class (argmax over dim 1) is the reference's (None
+    when the output is not 2-D logits); ``error`` is the relative RMS output error,
+    sqrt(sum |k - r|^2 / sum |r|^2) over the data. ``children`` (layerwise only) maps each child to its
+    relative output error before and after its fit.
+    """
+
+    mode: str
+    seconds: float
+    steps: int
+    agreement_before: float | None
+    agreement_after: float | None
+    error_before: float
+    error_after: float
+    children: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationReport:
+    """What calibrate() did: one ModeResult per mode, in the order they ran."""
+
+    modes: list[ModeResult]
+    images: int
+    seed: int
+
+    @property
+    def agreement_before(self) -> float | None:
+        return self.modes[0].agreement_before if self.modes else None
+
+    @property
+    def agreement_after(self) -> float | None:
+        return self.modes[-1].agreement_after if self.modes else None
+
+    @property
+    def seconds(self) -> float:
+        return sum(m.seconds for m in self.modes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "seed": self.seed, "seconds": self.seconds,
+                "modes": [dataclasses.asdict(m) for m in self.modes]}
+
+    def __str__(self) -> str:
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        rows = [[m.mode, m.steps, f"{m.seconds:.1f}", pct(m.agreement_before), pct(m.agreement_after),
+                 f"{m.error_before:.4f}", f"{m.error_after:.4f}"] for m in self.modes]
+        out = format_table(["mode", "steps", "seconds", "agreement before", "after", "error before", "after"],
+                           rows, title=f"calibration on {self.images} images (seed {self.seed})")
+        for m in self.modes:
+            if m.children:
+                out += "\n\n" + format_table(["child", "error before", "after"],
+                                             [[c, f"{b:.4f}", f"{a:.4f}"] for c, (b, a) in m.children.items()],
+                                             title=f"{m.mode}: per-child relative output error")
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _images(item: Any, where: str) -> Tensor:
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]  # (images, labels, ...): labels are ignored
+    if isinstance(item, dict):
+        raise CalibrationError(f"calibrate: {where} is a dict; data must yield image tensors [N, C, H, W] or "
+                               f"(images, labels) tuples")
+    if not isinstance(item, Tensor):
+        raise CalibrationError(f"calibrate: {where} is a {type(item).__name__}, not a tensor of images "
+                               f"[N, C, H, W] (nor an (images, labels) tuple)")
+    if item.dim() != 4:
+        raise CalibrationError(f"calibrate: {where} has shape {tuple(item.shape)}; images must be a 4-D batch "
+                               f"[N, C, H, W] (add the batch dimension with x.unsqueeze(0))")
+    if not item.is_floating_point():
+        raise CalibrationError(f"calibrate: {where} has dtype {item.dtype}; images must be floating point "
+                               f"(convert with x.float() and the normalisation the model was trained with)")
+    if item.shape[0] == 0:
+        raise CalibrationError(f"calibrate: {where} is an empty batch (shape {tuple(item.shape)})")
+    return item
+
+
+class _Data:
+    """Batches of images from a tensor (shuffled by our own generator) or from any iterable (its own order)."""
+
+    def __init__(self, data: Any, batch_size: int, device: torch.device, dtype: torch.dtype):
+        self.batch_size, self.device, self.dtype = batch_size, device, dtype
+        if isinstance(data, Tensor):
+            self.tensor: Tensor | None = _images(data, "data")
+            self.iterable = None
+            self.count = self.tensor.shape[0]
+        else:
+            if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+                raise CalibrationError(f"calibrate: data must be a tensor of images [N, C, H, W] or an iterable "
+                                       f"(a DataLoader) of them, got {type(data).__name__}")
+            self.tensor, self.iterable = None, data
+            self.count = sum(b.shape[0] for b in self._iterate())
+            if self.count == 0:
+                raise CalibrationError("calibrate: data is empty (the iterable yielded no batch); pass at least "
+                                       "one image")
+
+    def _iterate(self) -> Iterator[Tensor]:
+        for i, item in enumerate(self.iterable):  # type: ignore[union-attr]
+            yield _images(item, f"data item #{i}")
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def batches(self, generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """One pass over the data; a tensor is shuffled when ``generator`` is given."""
+        if self.tensor is not None:
+            order = (torch.randperm(self.count, generator=generator) if generator is not None
+                     else torch.arange(self.count))
+            for i in range(0, self.count, self.batch_size):
+                yield self._prepare(self.tensor[order[i:i + self.batch_size]])
+        else:
+            for x in self._iterate():
+                yield self._prepare(x)
+
+    def stream(self, generator: torch.Generator) -> Iterator[Tensor]:
+        """Endless shuffled batches (epochs one after another), batches of one image skipped."""
+        while True:
+            for x in self.batches(generator):
+                if x.shape[0] > 1:
+                    yield x
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+class _Modes:
+    """Saves every module's training flag; restores them on exit."""
+
+    def __init__(self, *models: nn.Module):
+        self.flags = [(m, m.training) for model in models for m in model.modules()]
+
+    def __enter__(self) -> "_Modes":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _output(y: Any, who: str) -> Tensor:
+    if isinstance(y, Tensor):
+        return y
+    if isinstance(y, (tuple, list)) and y and isinstance(y[0], Tensor):
+        return y[0]
+    raise CalibrationError(f"calibrate: {who} returned a {type(y).__name__}; calibrate needs a tensor output "
+                           f"(logits or a feature map)")
+
+
+class _Runner:
+    def __init__(self, kmodel: nn.Module, reference: nn.Module, data: _Data):
+        self.kmodel, self.reference, self.data = kmodel, reference, data
+        self.ref_device, self.ref_dtype = _device_dtype(reference)
+
+    @torch.no_grad()
+    def ref(self, x: Tensor) -> Tensor:
+        self.reference.eval()
+        y = _output(self.reference(x.to(device=self.ref_device, dtype=self.ref_dtype)), "the reference")
+        return y.to(device=x.device, dtype=x.dtype)
+
+    def logits_like(self, y: Tensor) -> bool:
+        return y.dim() == 2
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float | None, float]:
+        """(top-1 agreement or None, relative RMS output error) of kmodel in eval mode over the data."""
+        with _Modes(self.kmodel):
+            self.kmodel.eval()
+            same = total = 0
+            diff = norm = 0.0
+            logits = True
+            for x in self.data.batches():
+                r, k = self.ref(x), _output(self.kmodel(x), "kmodel")
+                logits = logits and self.logits_like(r)
+                if logits:
+                    same += int((r.argmax(1) == k.argmax(1)).sum())
+                total += x.shape[0]
+                diff += float((k - r).double().pow(2).sum())
+                norm += float(r.double().pow(2).sum())
+        return (same / total if logits else None), (diff / max(norm, 1e-300)) ** 0.5
+
+    def check_shapes(self) -> None:
+        x = next(self.data.batches())[:2]
+        try:
+            r = self.ref(x)
+        except (RuntimeError, ValueError) as e:
+            raise CalibrationError(f"calibrate: the reference cannot run on the data (batch of shape "
+                                   f"{tuple(x.shape)}): {e}") from e
+        with _Modes(self.kmodel), torch.no_grad():
+            self.kmodel.eval()
+            try:
+                k = _output(self.kmodel(x), "kmodel")
+            except (RuntimeError, ValueError) as e:
+                raise CalibrationError(f"calibrate: kmodel cannot run on the data (batch of shape "
+                                       f"{tuple(x.shape)}): {e}") from e
+        if k.shape != r.shape:
+            raise CalibrationError(f"calibrate: the reference's output has shape {tuple(r.shape)} but kmodel's has "
+                                   f"{tuple(k.shape)} on the same batch; reference must be the model kmodel was "
+                                   f"transformed from")
+
+
+def _shared_tensors(kmodel: nn.Module, reference: nn.Module) -> list[str]:
+    ref = {t.data_ptr() for t in list(reference.parameters()) + list(reference.buffers()) if t.numel()}
+    named = list(kmodel.named_parameters()) + list(kmodel.named_buffers())
+    return [n for n, t in named if t.numel() and t.data_ptr() in ref]
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def _reestimate_bn(kmodel: nn.Module, data: _Data, bar: Any = None) -> int:
+    """Cumulative-average BatchNorm statistics over one pass of the data; returns the batches used."""
+    bns = _batchnorms(kmodel)
+    if not bns:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    steps = 0
+    with _Modes(kmodel):
+        kmodel.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        try:
+            for x in data.batches():
+                if x.shape[0] < 2:
+                    continue  # a gate's BatchNorm1d cannot take one sample; statistics of one image are poor anyway
+                kmodel(x)
+                steps += 1
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            for bn, m in zip(bns, momenta):
+                bn.momentum = m
+    return steps
+
+
+class _Stop(Exception):
+    def __init__(self, value: Tensor):
+        super().__init__("stop")
+        self.value = value  # not in args: fx.Interpreter rewrites the args of exceptions it passes on
+
+
+class _Capture(fx.Interpreter):
+    """Runs a GraphModule up to one child_conv node and returns that node's input."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node):
+        super().__init__(gm)
+        self.target_node = node
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n is self.target_node:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            raise _Stop(args[0])
+        return super().run_node(n)
+
+
+def _child_input(gm: fx.GraphModule, node: fx.Node, x: Tensor) -> Tensor:
+    try:
+        _Capture(gm, node).run(x)
+    except _Stop as stop:
+        return stop.value
+    raise KDNAError(f"calibrate: the child conv node {node.name} was not reached")  # pragma: no cover
+
+
+def _child_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.meta.get("kdna", {}).get("role") == "child_conv"]
+
+
+def _parent_weight(gm: fx.GraphModule, node: fx.Node) -> Tensor:
+    weight = node.args[1]
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        return gm.get_parameter(weight.target) if isinstance(weight.target, str) else weight.target
+    raise KDNAError(f"calibrate: cannot find the parent kernel of child node {node.name}")  # pragma: no cover
+
+
+def _layerwise(kmodel: fx.GraphModule, runner: _Runner, data: _Data, *, steps: int, lr: float,
+               generator: torch.Generator, bar: Any) -> tuple[int, dict[str, tuple[float, float]]]:
+    reference = runner.reference
+    ref_modules = dict(reference.named_modules())
+    done, errors = 0, {}
+    for node in _child_nodes(kmodel):
+        name = node.meta["kdna"]["child"]
+        adapter = kmodel.get_submodule(node.meta["kdna"].get("adapter") or name)
+        target = ref_modules.get(name)
+        if not isinstance(adapter, ChildAdapter) or not isinstance(target, nn.Conv2d):
+            continue  # no conv at that path in the reference: nothing to match
+        weight = _parent_weight(kmodel, node).detach()
+        # Inputs from kmodel (so each child corrects the error before it), targets from the reference.
+        captured: list[Tensor] = []
+        hook = target.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+        pairs = []
+        try:
+            with _Modes(kmodel), torch.no_grad():
+                kmodel.eval()
+                for x in data.batches():
+                    captured.clear()
+                    runner.ref(x)
+                    pairs.append((_child_input(kmodel, node, x), captured[0].to(x.device, x.dtype)))
+        finally:
+            hook.remove()
+        params = [p for p in adapter.parameters() if p is not adapter.bias and p is not adapter.weight]
+        if not params:
+            continue
+
+        def error() -> float:
+            with torch.no_grad():
+                d = sum(float((adapter(i, weight) - t).double().pow(2).sum()) for i, t in pairs)
+                n = sum(float(t.double().pow(2).sum()) for _, t in pairs)
+            return (d / max(n, 1e-300)) ** 0.5
+
+        with _Modes(kmodel):
+            kmodel.eval()  # gate norms use their running statistics: a fixed affine while fitting
+            before = error()
+            opt = torch.optim.Adam(params, lr=lr)
+            for _ in range(steps):
+                i, t = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
+                loss = F.mse_loss(adapter(i, weight), t) / t.pow(2).mean().clamp_min(1e-12)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done += 1
+                bar.update(1)
+            errors[name] = (before, error())
+        _reestimate_bn(kmodel, data)
+    return done, errors
+
+
+def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr: float, temperature: float,
+             train_parents: bool, norms: str, generator: torch.Generator, bar: Any) -> int:
+    params: dict[int, nn.Parameter] = {id(p): p for _, p in adapter_parameters(kmodel)}
+    for m in kmodel.modules():
+        if isinstance(m, _NORMS):
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                if isinstance(p, nn.Parameter):
+                    params[id(p)] = p
+    if train_parents and isinstance(kmodel, fx.GraphModule):
+        for node in _child_nodes(kmodel):
+            p = _parent_weight(kmodel, node)
+            params[id(p)] = p
+    trainable = list(params.values())
+    if not trainable:
+        return 0
+    flags = [(p, p.requires_grad) for p in kmodel.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(id(p) in params)
+    opt = torch.optim.Adam(trainable, lr=lr)
+    done = 0
+    try:
+        with _Modes(kmodel):
+            kmodel.eval()
+            if norms == "train":
+                for bn in _batchnorms(kmodel):
+                    bn.train()
+            for x in data.stream(generator):
+                if done >= steps:
+                    break
+                r = runner.ref(x)
+                k = _output(kmodel(x), "kmodel")
+                if r.dim() == 2:
+                    t = temperature
+                    loss = F.kl_div(F.log_softmax(k / t, 1), F.log_softmax(r / t, 1), log_target=True,
+                                    reduction="batchmean") * t * t
+                else:
+                    loss = F.mse_loss(k, r) / r.pow(2).mean().clamp_min(1e-12)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done += 1
+                bar.update(1)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        opt.zero_grad(set_to_none=True)
+    if norms == "train":
+        _reestimate_bn(kmodel, data)
+    return done
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequence[str] | str = ("bn", "distill"),
+              steps: int = 300, lr: float = 1e-2, batch_size: int = 64, temperature: float = 1.0,
+              train_parents: bool = False, layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
+              norms: str = "train", seed: int = 0, progress: bool = True) -> CalibrationReport:
+    """Calibrate a transformed model to the trained ``reference`` it came from, with unlabeled ``data``.
+
+    ``data``: a tensor of images [N, C, H, W] (cut into ``batch_size`` batches, shuffled by ``seed``), or any
+    iterable (a DataLoader) of image batches or (images, labels) tuples, used in its own order (labels are
+    ignored). ``modes`` run in the order bn -> layerwise -> distill, whatever the order given.
+    ``steps``/``lr``/``temperature``: distillation (Adam) steps, learning rate and softmax temperature;
+    ``layerwise_steps``/``layerwise_lr``: Adam steps and rate per child in "layerwise". ``norms``: "train"
+    (BatchNorms use batch statistics during distillation, re-estimated at the end) or "eval" (frozen
+    statistics). ``kmodel`` is changed in place and its modules' train/eval flags are restored;
+    ``reference`` is never changed. Returns a CalibrationReport.
+    """
+    inner = getattr(kmodel, "_orig_mod", kmodel)
+    record_of(inner)  # KDNAError when kmodel is not a transformed model
+    if not isinstance(reference, nn.Module):
+        raise KDNATypeError(f"calibrate: reference must be the original trained nn.Module, got "
+                            f"{type(reference).__name__}")
+    if reference is inner:
+        raise CalibrationError("calibrate: reference is kmodel itself; pass the original model kmodel was "
+                               "transformed from")
+    wanted = [modes] if isinstance(modes, str) else list(modes)
+    unknown = [m for m in wanted if m not in MODES]
+    if unknown or not wanted:
+        raise ConfigError(f"calibrate: unknown mode(s) {unknown or wanted}; modes are {MODES} (any of them, run in "
+                          f"that order)")
+    if norms not in ("train", "eval"):
+        raise ConfigError(f"calibrate: norms must be 'train' or 'eval', got {norms!r}")
+    for name, value in (("steps", steps), ("layerwise_steps", layerwise_steps)):
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"calibrate: {name} must be an int >= 0, got {value!r}")
+    if not isinstance(batch_size, int) or batch_size < 2:
+        raise ConfigError(f"calibrate: batch_size must be an int >= 2 (gate BatchNorms need 2 samples), "
+                          f"got {batch_size!r}")
+    if not (lr > 0 and layerwise_lr > 0 and temperature > 0):
+        raise ConfigError(f"calibrate: lr, layerwise_lr and temperature must be > 0, got {lr}, {layerwise_lr}, "
+                          f"{temperature}")
+    shared = _shared_tensors(inner, reference)
+    if shared:
+        raise CalibrationError(f"calibrate: kmodel shares {len(shared)} tensor(s) with reference (e.g. "
+                               f"{shared[:3]}), as after transform(..., inplace=True); calibrating would change "
+                               f"the reference. Transform without inplace=True")
+    order = [m for m in MODES if m in wanted]
+    device, dtype = _device_dtype(inner)
+    feed = _Data(data, batch_size, device, dtype)
+    from tqdm.auto import tqdm
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _Modes(reference):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        runner = _Runner(inner, reference, feed)
+        runner.check_shapes()
+        agreement, error = runner.evaluate()
+        results = []
+        n_children = len(_child_nodes(inner)) if isinstance(inner, fx.GraphModule) else 0
+        for mode in order:
+            total = {"bn": None, "layerwise": layerwise_steps * n_children, "distill": steps}[mode]
+            with tqdm(total=total, desc=f"calibrate {mode}", disable=not progress, leave=False) as bar:
+                start = time.perf_counter()
+                children: dict[str, tuple[float, float]] = {}
+                if mode == "bn":
+                    done = _reestimate_bn(inner, feed, bar)
+                elif mode == "layerwise":
+                    if not isinstance(inner, fx.GraphModule):  # pragma: no cover (record_of implies a GraphModule)
+                        raise CalibrationError("calibrate: layerwise needs a torch.fx GraphModule")
+                    done, children = _layerwise(inner, runner, feed, steps=layerwise_steps, lr=layerwise_lr,
+                                                generator=generator, bar=bar)
+                else:
+                    done = _distill(inner, runner, feed, steps=steps, lr=lr, temperature=temperature,
+                                    train_parents=train_parents, norms=norms, generator=generator, bar=bar)
+                seconds = time.perf_counter() - start
+            after_agreement, after_error = runner.evaluate()
+            results.append(ModeResult(mode, seconds, done, agreement, after_agreement, error, after_error, children))
+            agreement, error = after_agreement, after_error
+    return CalibrationReport(results, feed.count, seed)
