@@ -7,7 +7,8 @@
 """
 from . import functional, passes, registry
 from .adapters import ChildAdapter, Gate
-from .api import as_function, fold, plan, plan_of, transform
+from .api import as_function, fold, load_original, plan, plan_of, transform
+from .calibrate import CalibrationError, CalibrationReport, calibrate
 from .config import AdapterConfig, KDNAConfig
 from .errors import (ConfigError, GateBatchSizeError, KDNAError, KDNATraceError, NoEligibleConvWarning,
                      SkippedSiteWarning, StateError, UnwrappedModelWarning)
@@ -20,8 +21,8 @@ from . import models  # noqa: E402  (the zoo builds on everything above)
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "ChildAdapter", "ConfigError", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError",
+    "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ConfigError", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError",
     "KDNATraceError", "NoEligibleConvWarning", "models", "Report", "SkippedSiteWarning", "StateError",
-    "UnwrappedModelWarning", "as_function", "fold", "functional", "load", "passes", "plan", "plan_of",
+    "UnwrappedModelWarning", "as_function", "calibrate", "fold", "functional", "load", "load_original", "passes", "plan", "plan_of",
     "register_not_traced", "report", "save", "transform",
 ]

@@ -10,6 +10,8 @@ from . import functional as KF
 from .errors import ConfigError
 
 GATE_NORMS: tuple[str, ...] = get_args(KF.GateNorm)
+ADAPTER_TENSORS = ("filter_scale", "spatial_scale", "lowrank_b", "lowrank_a")
+"""A ChildAdapter's own kernel modulation tensors, in the order child_conv2d takes them."""
 
 
 def check_gate_norm(norm: object) -> KF.GateNorm:
@@ -27,9 +29,11 @@ def gate_width(channels: int, reduction: int, min_hidden: int = 1) -> int:
 
 def adapter_cost(in_channels: int, out_channels: int, kernel_size: tuple[int, int], *, gate: bool = True,
                  reduction: int = 4, gate_norm: str = "batch", gate_min_hidden: int = 1,
-                 filter_scale: bool = True, spatial_scale: bool = True) -> int:
+                 filter_scale: bool = True, spatial_scale: bool = True, rank: int = 0, gate_scale: float = 1.0,
+                 groups: int = 1) -> int:
     """Parameters a ChildAdapter adds (bias excluded: the child keeps the one it had)."""
     cost = out_channels if filter_scale else 0
+    cost += rank * (out_channels + in_channels // groups * kernel_size[0] * kernel_size[1])
     cost += kernel_size[0] * kernel_size[1] if spatial_scale and tuple(kernel_size) != (1, 1) else 0
     if gate:
         hidden = gate_width(in_channels, reduction, gate_min_hidden)
@@ -41,9 +45,11 @@ class Gate(nn.Module):
     """Holds the gate's layers, fc1 (no bias) -> norm -> relu -> fc2 (bias) -> sigmoid; kdna_fx.functional.gate
     does the math. The norm is called as a module, so nn.SyncBatchNorm.convert_sync_batchnorm reaches it."""
 
-    def __init__(self, channels: int, reduction: int = 4, norm: KF.GateNorm = "batch", min_hidden: int = 1):
+    def __init__(self, channels: int, reduction: int = 4, norm: KF.GateNorm = "batch", min_hidden: int = 1,
+                 scale: float = 1.0):
         super().__init__()
         hidden = gate_width(channels, reduction, min_hidden)
+        self.scale = float(scale)
         self.norm_kind = check_gate_norm(norm)
         self.fc1 = nn.Linear(channels, hidden, bias=False)
         self.norm: nn.Module = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}.get(norm, nn.Identity)(hidden)
@@ -53,7 +59,18 @@ class Gate(nn.Module):
         if self.training and self.norm_kind == "batch":
             x = KF.require_batch_statistics(x)
         return KF.gate(x, self.fc1.weight, self.fc2.weight, self.fc2.bias,
-                       None if self.norm_kind == "none" else self.norm)
+                       None if self.norm_kind == "none" else self.norm, self.scale)
+
+    def make_identity(self) -> None:
+        """Start as the exact identity, a(x) = 1 for every x: fc2 = 0 and scale 2 (sigmoid(0) = 1/2)."""
+        with torch.no_grad():
+            self.fc2.weight.zero_()
+            if self.fc2.bias is not None:
+                self.fc2.bias.zero_()
+        self.scale = 2.0
+
+    def extra_repr(self) -> str:
+        return f"norm={self.norm_kind!r}, scale={self.scale:g}"
 
 
 class ChildAdapter(nn.Module):
@@ -79,6 +96,7 @@ class ChildAdapter(nn.Module):
         bias: Tensor | None = None,
         filter_scale: bool = True,
         spatial_scale: bool = True,
+        rank: int = 0,
         gate: Gate | None = None,
         weight: Tensor | None = None,
     ):
@@ -91,6 +109,11 @@ class ChildAdapter(nn.Module):
         self.filter_scale = nn.Parameter(torch.zeros(out_channels)) if filter_scale else None
         self.spatial_scale = (nn.Parameter(torch.zeros(self.kernel_size))
                               if spatial_scale and self.kernel_size != (1, 1) else None)
+        # Relaxed child: a rank-r kernel residual B A. B starts at zero (no change to the kernel), A random so
+        # that B gets a gradient (LoRA's initialisation); init="trained" sets both from an SVD instead.
+        fan = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
+        self.lowrank_b = nn.Parameter(torch.zeros(out_channels, rank)) if rank else None
+        self.lowrank_a = nn.Parameter(torch.randn(rank, fan) / fan ** 0.5) if rank else None
         self.gate = gate
         self.bias = _as_parameter(bias)
         # Only in adapter-only mode (share=False), where the child is its own parent.
@@ -102,7 +125,7 @@ class ChildAdapter(nn.Module):
 
     def forward(self, x: Tensor, parent_weight: Tensor) -> Tensor:
         return KF.child_conv2d(x, parent_weight, filter_scale=self.filter_scale, spatial_scale=self.spatial_scale,
-                               gate_values=self.gate(x) if self.gate is not None else None, bias=self.bias,
+                               lowrank_b=self.lowrank_b, lowrank_a=self.lowrank_a, gate_values=self.gate(x) if self.gate is not None else None, bias=self.bias,
                                **self.conv_kwargs())
 
     def extra_repr(self) -> str:
@@ -119,7 +142,7 @@ def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         if not isinstance(module, ChildAdapter):
             continue
         prefix = f"{path}." if path else ""
-        for name in ("filter_scale", "spatial_scale"):
+        for name in ADAPTER_TENSORS:
             p = getattr(module, name)
             if p is not None:
                 yield prefix + name, p

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections import Counter
 
-from torch import fx, nn
+import torch
+from torch import Tensor, fx, nn
 
 from . import passes
 from .config import KDNAConfig
-from .errors import KDNATypeError, NoEligibleConvWarning
+from .adapters import adapter_parameters
+from .errors import ConfigError, KDNATypeError, NoEligibleConvWarning, StateError
 from .record import record_of
 
 
@@ -35,19 +38,31 @@ def plan(model: nn.Module, config: KDNAConfig | None = None) -> passes.Plan:
 
 
 def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passes.Plan | None = None,
-              inplace: bool = False) -> fx.GraphModule:
+              init: str = "copy", inplace: bool = False) -> fx.GraphModule:
     """Trace ``model`` and turn same-shaped 3x3 convs of each stage into KernelDNA families.
 
     Returns a GraphModule. ``model`` is deep-copied first, so it stays untouched; ``inplace=True`` skips
     the copy (for very large models) and the result then shares its remaining parameters and leaf modules
     with ``model``. ``plan`` replaces the automatic planning with a given plan (edited, hand-written or
-    saved); ``config`` then defaults to the plan's own.
+    saved plan); ``config`` then defaults to the plan's own.
+
+    ``init="copy"`` (default, the paper's from-scratch init): each child starts as an exact copy of its
+    parent. ``init="trained"`` (converting a trained model): every gate starts as the exact identity
+    (``gate_scale`` 2 with fc2 = 0, so a(x) = 1 and the gate still trains), and each child's low-rank
+    residual (``AdapterConfig(rank=r)``) starts as the truncated SVD of its own kernel minus its parent's.
+    Follow with ``kdna_fx.calibrate`` on unlabeled images.
     """
+    if init not in ("copy", "trained"):
+        raise ConfigError(f"init must be 'copy' (train from scratch) or 'trained' (convert a trained model), "
+                          f"got {init!r}")
     if plan is not None and not isinstance(plan, passes.Plan):
         raise KDNATypeError(f"plan must be a kdna_fx.passes.Plan (kdna_fx.plan(...) or Plan.from_dict(...)), "
                             f"got {type(plan).__name__}")
     if config is None and plan is not None:
         config = plan.config
+    if init == "trained":
+        config = (config if config is not None else KDNAConfig()).map_adapters(
+            lambda a: dataclasses.replace(a, gate_scale=2.0))
     module, gm, config = _prepare(model, config, inplace)
     sites, skipped = passes.find_convs(gm, config)
     chosen = (passes.plan_families(sites, skipped, config) if plan is None
@@ -61,7 +76,41 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
             f"returned unchanged (traced). kdna_fx.report(model) lists each conv with its reason; "
             f"KDNAConfig(kernel_sizes=(1, 3), depthwise=True, stage_depth=0) widens the search.",
             NoEligibleConvWarning, stacklevel=2)
-    return passes.rewrite(gm, chosen)
+    return passes.rewrite(gm, chosen, init=init)
+
+
+def load_original(kmodel: fx.GraphModule, state_dict: dict[str, Tensor]) -> fx.GraphModule:
+    """Load a state dict of the *original* architecture into ``kmodel`` (strict about missing and unexpected
+    keys), then start its adapters from the loaded kernels as ``transform`` would have: with
+    ``init="trained"`` identity gates and SVD residuals, with ``parent="centroid"`` the mean kernel."""
+    record = record_of(kmodel)
+    plan = record.plan
+    own = kmodel.state_dict()
+    kernels = {m: plan.sites[m].weight for f in plan.families for m in f.members}
+    adapter_keys = {n for n, _ in adapter_parameters(kmodel)} | {
+        k for k in own for c in plan.families for m in c.members if k.startswith(f"{plan.sites[m].adapter_path}.gate.")}
+    missing = sorted(k for k in own if k not in state_dict and k not in adapter_keys)
+    unexpected = sorted(k for k in state_dict if k not in own and k not in kernels.values())
+    if missing or unexpected:
+        raise StateError(f"the state dict does not fit the original of this model: {len(missing)} missing "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). Pass the "
+                         f"state dict of the untransformed model this one was transformed from.")
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state_dict and state_dict[k].shape != v.shape]
+    if wrong:
+        raise StateError(f"{len(wrong)} tensors differ in shape (state dict vs model), e.g. {wrong[:3]}")
+    with torch.no_grad():
+        for key, value in own.items():
+            if key in state_dict:
+                value.copy_(state_dict[key])
+        originals = {m: state_dict[w] for m, w in kernels.items()}
+        for family in plan.families:
+            members = [originals[m] for m in family.members]
+            mean = torch.stack(members).mean(0) if plan.config.parent == "centroid" else originals[family.parent]
+            kmodel.get_parameter(plan.parent_weight(family)).copy_(mean)
+    if record.init == "trained":
+        passes.initialize(kmodel, originals)
+    return kmodel
 
 
 def plan_of(kmodel: nn.Module) -> passes.Plan:

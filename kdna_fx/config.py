@@ -43,9 +43,19 @@ class AdapterConfig:
     """Per-filter scale F [C_out]. Note: a BatchNorm right after the child cancels it in training."""
     spatial_scale: bool = True
     """Per-position scale S [k, k]; never created for 1x1 kernels."""
+    rank: int = 0
+    """Relaxed child (beyond the paper): a rank-r kernel residual B A added to P(1+F)(1+S), B [C_out, r],
+    A [r, C_in/g*k*k]; 0 = none. The knob between sharing and fidelity; folded away for inference."""
+    gate_scale: float = 1.0
+    """a(x) = gate_scale * sigmoid(...): 1 in the reference; transform(init="trained") sets 2, so that a
+    fresh gate is exactly the identity."""
 
     def __post_init__(self) -> None:
         check_gate_norm(self.gate_norm)
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise ConfigError(f"AdapterConfig.rank must be an integer >= 0, got {self.rank!r}")
+        if not (isinstance(self.gate_scale, (int, float)) and self.gate_scale > 0):
+            raise ConfigError(f"AdapterConfig.gate_scale must be a positive number, got {self.gate_scale!r}")
         for name in ("reduction", "gate_min_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -77,6 +87,10 @@ class KDNAConfig:
     """Only convs whose name matches this regex (re.search) are considered."""
     exclude: str | None = None
     """Convs whose name matches this regex (re.search) are skipped."""
+    parent: str = "first"
+    """'first': a family's first member keeps its kernel and is the parent. 'centroid': the family gets a
+    new shared kernel, initialised as the mean of the members' kernels, and every member (the first one
+    included, which holds the new kernel) becomes a child with its own adapter."""
     only_if_smaller: bool = True
     """Share a conv only when its adapter has fewer parameters than its kernel (thin grouped convs often don't)."""
     leaf_modules: tuple[type, ...] = ()
@@ -88,6 +102,8 @@ class KDNAConfig:
         self.by_name_regex = [tuple(item) for item in self.by_name_regex]  # type: ignore[misc]
         if not self.kernel_sizes or any(not isinstance(k, int) or k < 1 for k in self.kernel_sizes):
             raise ConfigError(f"kernel_sizes must be positive integers, got {self.kernel_sizes!r}")
+        if self.parent not in ("first", "centroid"):
+            raise ConfigError(f"KDNAConfig.parent must be 'first' or 'centroid', got {self.parent!r}")
         if self.stage_depth < 0:
             raise ConfigError(f"stage_depth must be >= 0, got {self.stage_depth}")
         if self.min_family_size < 2:
@@ -117,6 +133,15 @@ class KDNAConfig:
             if kind is key:
                 return adapter
         return self.adapter
+
+    def map_adapters(self, fn: Callable[[AdapterConfig], AdapterConfig]) -> "KDNAConfig":
+        """A copy with ``fn`` applied to every AdapterConfig at every level (None entries stay None)."""
+        def f(a: AdapterConfig | None) -> AdapterConfig | None:
+            return None if a is None else fn(a)
+
+        return dataclasses.replace(self, adapter=f(self.adapter), by_type={k: f(v) for k, v in self.by_type.items()},
+                                   by_name_regex=[(p, f(v)) for p, v in self.by_name_regex],
+                                   by_name={k: f(v) for k, v in self.by_name.items()})
 
     def selected(self, name: str) -> str | None:
         """Why ``include``/``exclude`` drop this name, or None when they keep it."""
@@ -149,6 +174,7 @@ class KDNAConfig:
             "max_children": self.max_children,
             "include": self.include,
             "exclude": self.exclude,
+            "parent": self.parent,
             "only_if_smaller": self.only_if_smaller,
             "leaf_modules": [_qualname(t) for t in self.leaf_modules],
         }

@@ -26,19 +26,30 @@ def _pair(v: IntOrPair) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def modulate(parent: Tensor, filter_scale: Tensor | None = None, spatial_scale: Tensor | None = None) -> Tensor:
-    """Static modulation W = P * (1 + F) * (1 + S); a missing scale counts as zero."""
+def modulate(parent: Tensor, filter_scale: Tensor | None = None, spatial_scale: Tensor | None = None,
+             lowrank_b: Tensor | None = None, lowrank_a: Tensor | None = None) -> Tensor:
+    """Static modulation W = P * (1 + F) * (1 + S) (+ B A); a missing scale counts as zero.
+
+    B [C_out, r] and A [r, C_in/g * kh * kw] form the optional low-rank kernel residual of a relaxed child,
+    added on the kernel viewed as a [C_out, C_in/g * kh * kw] matrix.
+    """
     weight = parent
     if filter_scale is not None:
         weight = weight * rearrange(1 + filter_scale, "o -> o 1 1 1")
     if spatial_scale is not None:
         weight = weight * rearrange(1 + spatial_scale, "kh kw -> 1 1 kh kw")
+    if lowrank_b is not None and lowrank_a is not None:
+        _, cin, kh, kw = parent.shape
+        weight = weight + rearrange(lowrank_b @ lowrank_a, "o (i kh kw) -> o i kh kw", i=cin, kh=kh, kw=kw)
     return weight
 
 
 def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | None,
-         norm: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Dynamic routing a(x) = sigmoid(fc2(relu(norm(fc1(mean_hw(x)))))), shape [B, C_in].
+         norm: Callable[[Tensor], Tensor] | None = None, scale: float = 1.0) -> Tensor:
+    """Dynamic routing a(x) = scale * sigmoid(fc2(relu(norm(fc1(mean_hw(x)))))), shape [B, C_in].
+
+    ``scale`` is 1 in the reference. With scale 2 and fc2 = 0 the gate is exactly the identity (a = 1) while
+    its gradient stays that of a sigmoid at 0: how a converted trained model starts (init="trained").
 
     ``norm`` is applied to the reduced vector [B, C_in / r]: any callable, in practice the gate's own norm
     module (nn.BatchNorm1d, nn.LayerNorm, or a SyncBatchNorm converted from them), so module conversions
@@ -47,7 +58,8 @@ def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | N
     h = F.linear(reduce(x, "b c h w -> b c", "mean"), fc1_weight)
     if norm is not None:
         h = norm(h)
-    return torch.sigmoid(F.linear(F.relu(h), fc2_weight, fc2_bias))
+    a = torch.sigmoid(F.linear(F.relu(h), fc2_weight, fc2_bias))
+    return a if scale == 1.0 else a * scale
 
 
 def require_batch_statistics(x: Tensor) -> Tensor:
@@ -121,6 +133,8 @@ def child_conv2d(
     *,
     filter_scale: Tensor | None = None,
     spatial_scale: Tensor | None = None,
+    lowrank_b: Tensor | None = None,
+    lowrank_a: Tensor | None = None,
     gate_values: Tensor | None = None,
     bias: Tensor | None = None,
     stride: IntOrPair = 1,
@@ -129,10 +143,10 @@ def child_conv2d(
     groups: int = 1,
     padding_mode: PaddingMode = "zeros",
 ) -> Tensor:
-    """One KernelDNA child: conv2d(x * a(x), P(1+F)(1+S)) + bias, a single batch-shared convolution."""
+    """One KernelDNA child: conv2d(x * a(x), P(1+F)(1+S) (+ B A)) + bias, a single batch-shared convolution."""
     if gate_values is not None:
         x = scale_channels(x, gate_values)
-    weight = modulate(parent, filter_scale, spatial_scale)
+    weight = modulate(parent, filter_scale, spatial_scale, lowrank_b, lowrank_a)
     return conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode)
 
 

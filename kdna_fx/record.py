@@ -16,6 +16,8 @@ class TransformRecord:
     in_channels: int | None
     """Input channels of the first convolution: the default example input of report()."""
     folded: bool = False
+    init: str = "copy"
+    """How the adapters started: 'copy' (children are copies of their parent) or 'trained' (converted)."""
 
     @property
     def config(self) -> dict[str, Any]:

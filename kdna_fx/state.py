@@ -30,7 +30,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
         raise StateError("save the unfolded model and fold after loading: a folded model has no F/S to restore")
     model = getattr(model, "_orig_mod", model)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": FORMAT, "config": json.dumps(record.config), "plan": json.dumps(record.plan.to_dict())}
+    metadata = {"format": FORMAT, "config": json.dumps(record.config), "plan": json.dumps(record.plan.to_dict()),
+                "init": record.init}
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
@@ -59,7 +60,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> fx.GraphModule:
         kmodel = model
         _check_same_plan(saved_plan, record_of(kmodel).plan.to_dict(), where)
     else:
-        kmodel = transform(model, config, plan=Plan.from_dict(saved_plan))
+        kmodel = transform(model, config, plan=Plan.from_dict(saved_plan), init=metadata.get("init", "copy"))
     try:
         kmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:

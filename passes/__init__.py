@@ -10,10 +10,11 @@ directly works with all of them.
 from .find import ConvSite, Skipped, find_convs
 from .fold import fold
 from .functionalize import FunctionalModel, as_function
+from .initialize import initialize
 from .plan import Family, Plan, adopt, plan_families
 from .rewrite import check_plan, rewrite
 from .trace import trace
 from .unwrap import unwrap
 
 __all__ = ["ConvSite", "Family", "FunctionalModel", "Plan", "Skipped", "adopt", "as_function", "check_plan",
-           "find_convs", "fold", "plan_families", "rewrite", "trace", "unwrap"]
+           "find_convs", "fold", "initialize", "plan_families", "rewrite", "trace", "unwrap"]

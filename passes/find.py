@@ -163,7 +163,8 @@ def _ineligible(site: ConvSite, gm: fx.GraphModule, config: KDNAConfig, tied: Co
     if tied[id(weight)] > 1:
         return "its weight is tied to another parameter of the model"
     if config.share and config.only_if_smaller:
-        cost = adapter_cost(site.in_channels, site.out_channels, site.kernel_size, **dataclasses.asdict(site.adapter))
+        cost = adapter_cost(site.in_channels, site.out_channels, site.kernel_size, groups=site.groups,
+                            **dataclasses.asdict(site.adapter))
         if cost >= weight.numel():
             return (f"its adapter ({cost:,} params) would cost more than the kernel it shares "
                     f"({weight.numel():,}); set only_if_smaller=False to share anyway")

@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from kdna_fx import functional as KF
+from kdna_fx.adapters import ADAPTER_TENSORS, ChildAdapter
 from kdna_fx.errors import KDNAError, SkippedSiteWarning
 from kdna_fx.record import record_of
 
@@ -31,7 +32,7 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
         path = node.meta["kdna"]["adapter"]
         adapter = gm.get_submodule(path)
         weight_node = node.args[1]
-        scale_nodes = [node.kwargs.get(n) for n in ("filter_scale", "spatial_scale")]
+        scale_nodes = [node.kwargs.get(n) for n in ADAPTER_TENSORS]
         tensors = [_value(gm, n) for n in (weight_node, *scale_nodes)]
         with torch.no_grad():
             folded = KF.modulate(*tensors).detach().clone()
@@ -40,13 +41,13 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
             new = graph.get_attr(f"{path}.folded_weight")
             new.meta["kdna"] = dict(node.meta["kdna"], role="folded_weight")
         node.args = (node.args[0], new)
-        node.kwargs = {**node.kwargs, "filter_scale": None, "spatial_scale": None}
+        node.kwargs = {**node.kwargs, **dict.fromkeys(ADAPTER_TENSORS)}
         for old in (weight_node, *scale_nodes):
             if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
                 graph.erase_node(old)
                 owner, _, name = old.target.rpartition(".")
-                if owner == path:  # the child's own F, S or (self-adapted) kernel: folded into folded_weight
-                    setattr(adapter, name, None)
+                if isinstance(gm.get_submodule(owner), ChildAdapter):  # F, S, B, A or a kernel a child held
+                    setattr(gm.get_submodule(owner), name, None)
     graph.lint()
     gm.recompile()
     record_of(gm).folded = True

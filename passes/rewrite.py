@@ -20,11 +20,12 @@ import dataclasses
 import warnings
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from kdna_fx import functional as KF
-from kdna_fx.adapters import ChildAdapter, Gate
+from kdna_fx.adapters import ADAPTER_TENSORS, ChildAdapter, Gate
 from kdna_fx.errors import KDNAError, SkippedSiteWarning
 from kdna_fx.record import TransformRecord
 
@@ -85,9 +86,17 @@ def _unsupported(node: fx.Node | None, site: ConvSite) -> str | None:
     return None
 
 
-def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+def rewrite(gm: fx.GraphModule, plan: Plan, init: str = "copy") -> fx.GraphModule:
     """Apply ``plan`` (as returned by ``check_plan``) to ``gm`` in place; returns the lint-clean, recompiled gm
-    carrying its TransformRecord. A plan without families changes nothing but the record."""
+    carrying its TransformRecord. A plan without families changes nothing but the record.
+
+    ``init="copy"``: every child starts as an exact copy of its parent kernel (the paper's from-scratch
+    init). ``init="trained"``: the adapters start from the model's own kernels (passes.initialize): gates
+    at the exact identity, low-rank residuals from a truncated SVD. With ``plan.config.parent ==
+    "centroid"`` the first member's kernel becomes the mean of the family's kernels and it becomes a child
+    too."""
+    if init not in ("copy", "trained"):
+        raise KDNAError(f"init must be 'copy' or 'trained', got {init!r}")
     if "kdna" in gm.meta:
         raise KDNAError("this GraphModule was already rewritten by kdna_fx; rewrite a fresh trace of the original")
     if plan.config is None:
@@ -95,6 +104,9 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
                         "passes.plan_families) before rewriting")
     params_before = sum(p.numel() for p in gm.parameters())
     in_channels = _first_in_channels(gm)
+    kernels = {m: gm.get_parameter(plan.sites[m].weight).detach().clone()
+               for f in plan.families for m in f.members}
+    centroid = plan.config.parent == "centroid"
     nodes = {n.name: n for n in gm.graph.nodes}
     # Positions of the original nodes; inserting new nodes never changes their relative order.
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -104,11 +116,19 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
             _rewrite_child(gm, nodes, parent, parent_weight=None, parent_name=parent.name)
             continue
         parent_weight = _parent_weight_node(gm, nodes, order, plan, family)
+        if centroid:
+            with torch.no_grad():
+                gm.get_parameter(parent.weight).copy_(torch.stack([kernels[m] for m in family.members]).mean(0))
+            _rewrite_child(gm, nodes, parent, parent_weight=parent_weight, parent_name=parent.name, owns_kernel=True)
         for child in family.children:
             _rewrite_child(gm, nodes, plan.sites[child], parent_weight=parent_weight, parent_name=parent.name)
     gm.graph.lint()
     gm.recompile()
-    gm.meta["kdna"] = TransformRecord(plan=plan, params_before=params_before, in_channels=in_channels)
+    gm.meta["kdna"] = TransformRecord(plan=plan, params_before=params_before, in_channels=in_channels, init=init)
+    if init == "trained":
+        from .initialize import initialize
+
+        initialize(gm, kernels)
     return gm
 
 
@@ -151,10 +171,13 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
 
 
 def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], site: ConvSite, *,
-                   parent_weight: fx.Node | None, parent_name: str) -> None:
+                   parent_weight: fx.Node | None, parent_name: str, owns_kernel: bool = False) -> None:
+    """Rewrite one conv into a child. ``owns_kernel``: the child keeps the shared kernel as its own ``weight``
+    (a centroid family's first member), read by the others through ``parent_weight``."""
     graph, node, cfg = gm.graph, nodes[site.node], site.adapter
     assert cfg is not None, "plan_families only keeps sites that have an adapter config"
     self_adapted = parent_weight is None
+    keeps_weight = (self_adapted or owns_kernel) and site.kind == "module"
     weight = gm.get_parameter(site.weight)
     if site.kind == "module":
         conv = gm.get_submodule(site.name)
@@ -163,13 +186,12 @@ def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], site: ConvSite
     else:
         conv_args = conv2d_arguments(node)
         x, bias = conv_args["input"], None
-    gate = Gate(site.in_channels, cfg.reduction, cfg.gate_norm, cfg.gate_min_hidden) if cfg.gate else None
+    gate = Gate(site.in_channels, cfg.reduction, cfg.gate_norm, cfg.gate_min_hidden, cfg.gate_scale) if cfg.gate else None
     adapter = ChildAdapter(
         parent=parent_name, out_channels=site.out_channels, in_channels=site.in_channels,
         kernel_size=site.kernel_size, stride=site.stride, padding=site.padding, dilation=site.dilation,
         groups=site.groups, padding_mode=site.padding_mode, bias=bias, filter_scale=cfg.filter_scale,
-        spatial_scale=cfg.spatial_scale, gate=gate,
-        weight=weight if (self_adapted and site.kind == "module") else None,
+        spatial_scale=cfg.spatial_scale, rank=cfg.rank, gate=gate, weight=weight if keeps_weight else None,
     ).to(device=weight.device, dtype=weight.dtype)
     path = site.adapter_path
     _install(gm, path, adapter)
@@ -180,7 +202,7 @@ def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], site: ConvSite
                              if site.kind == "module" else conv_args["weight"])
         a = _tag(graph.call_module(f"{path}.gate", (x,)), "gate", site.name) if gate is not None else None
         scales = {n: _tag(graph.get_attr(f"{path}.{n}"), n, site.name) if getattr(adapter, n) is not None else None
-                  for n in ("filter_scale", "spatial_scale")}
+                  for n in ADAPTER_TENSORS}
         b: Any = conv_args.get("bias")
         if site.kind == "module" and adapter.bias is not None:
             b = _tag(graph.get_attr(f"{path}.bias"), "bias", site.name)
@@ -190,7 +212,7 @@ def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], site: ConvSite
         _tag(y, "child_conv", site.name, path)
     node.replace_all_uses_with(y)
     graph.erase_node(node)
-    if site.kind == "function" and not self_adapted:
+    if site.kind == "function" and not (self_adapted or owns_kernel):
         old_weight = conv_args["weight"]
         graph.erase_node(old_weight)
         owner_path, _, field = site.weight.rpartition(".")

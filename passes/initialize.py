@@ -1,0 +1,51 @@
+"""Pass 4b (conversion): start the adapters of a rewritten model from the original model's kernels.
+
+Used by ``rewrite(..., init="trained")`` and by ``kdna_fx.load_original``. Every gate becomes the exact
+identity (a(x) = 1); each child's low-rank residual B A (AdapterConfig.rank > 0) becomes the truncated SVD
+of the difference between its original kernel and its modulated parent kernel, so that at full rank a child
+reproduces its original kernel exactly. F and S stay at zero: trained kernels of one stage are nearly
+orthogonal, so fitting scales in kernel space buys nothing (see docs/conversion.md); calibration on data
+(kdna_fx.calibrate) is what fits them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+
+from kdna_fx import functional as KF
+from kdna_fx.adapters import ChildAdapter
+from kdna_fx.record import record_of
+
+
+@torch.no_grad()
+def initialize(gm: fx.GraphModule, kernels: dict[str, Tensor]) -> fx.GraphModule:
+    """Initialise every child of ``gm`` from ``kernels``: original kernel by conv name (plan member names)."""
+    plan = record_of(gm).plan
+    for family in plan.families:
+        shared = gm.get_parameter(plan.parent_weight(family))
+        for name in family.members:
+            adapter = gm.get_submodule(plan.sites[name].adapter_path)
+            if not isinstance(adapter, ChildAdapter):
+                continue  # a parent that keeps its conv (parent="first")
+            if adapter.gate is not None:
+                adapter.gate.make_identity()
+            if adapter.lowrank_b is not None:
+                base = KF.modulate(shared, adapter.filter_scale, adapter.spatial_scale)
+                b, a = low_rank_factors(kernels[name].to(base) - base, adapter.lowrank_b.shape[1])
+                adapter.lowrank_b.copy_(b)
+                adapter.lowrank_a.copy_(a)
+    return gm
+
+
+def low_rank_factors(residual: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """B [C_out, r], A [r, C_in/g*k*k] with B A the best rank-r approximation of ``residual`` (truncated SVD,
+    the singular values split evenly between the factors)."""
+    matrix = residual.reshape(residual.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    b = torch.zeros(matrix.shape[0], rank, dtype=torch.float64)
+    a = torch.zeros(rank, matrix.shape[1], dtype=torch.float64)
+    b[:, :r] = u[:, :r] * root
+    a[:r] = root[:, None] * vh[:r]
+    return b.to(residual.dtype), a.to(residual.dtype)

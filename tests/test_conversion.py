@@ -1,0 +1,117 @@
+"""Converting a trained model: init="trained", relaxed (low-rank) children, centroid parents, load_original."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdna_fx
+from kdna_fx import AdapterConfig, KDNAConfig
+from kdna_fx.testing import TinyResNet
+
+
+def _trained_like(seed: int = 0) -> TinyResNet:
+    """A TinyResNet with distinct random kernels and non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = TinyResNet(width=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+FULL_RANK = 4 * 9  # C_in * k * k of every 3x3 conv of layer1 (8 * 9 in layer2 is more than its C_out 8)
+
+
+def test_trained_init_gates_are_the_exact_identity_and_still_train(dtype):
+    kmodel = kdna_fx.transform(_trained_like(), init="trained")
+    gates = [m for m in kmodel.modules() if isinstance(m, kdna_fx.Gate)]
+    assert gates
+    kmodel.train()
+    for gate in gates:
+        a = gate(torch.randn(3, gate.fc1.in_features, 5, 5) * 3)
+        assert torch.allclose(a, torch.ones_like(a), atol=1e-6, rtol=0)
+        (a * torch.randn_like(a)).sum().backward()
+        assert gate.fc2.bias.grad is not None and gate.fc2.bias.grad.abs().sum() > 0
+
+
+def test_trained_init_of_identical_kernels_reproduces_the_model(dtype, tol):
+    model = _trained_like()
+    with torch.no_grad():  # every conv of a family holds the same kernel
+        for layer in (model.layer1, model.layer2):
+            convs = [m for n, m in layer.named_modules() if n.endswith(("conv1", "conv2"))
+                     and m.weight.shape == layer[-1].conv2.weight.shape]
+            for conv in convs:
+                conv.weight.copy_(convs[0].weight)
+    kmodel = kdna_fx.transform(model, init="trained").eval()
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(kmodel(x), model(x), **tol)
+
+
+@pytest.mark.parametrize("parent", ["first", "centroid"])
+def test_full_rank_residual_reproduces_any_kernel_and_folds_exactly(dtype, tol, parent):
+    model = _trained_like()
+    config = KDNAConfig(adapter=AdapterConfig(rank=FULL_RANK * 2), parent=parent, only_if_smaller=False)
+    kmodel = kdna_fx.transform(model, config, init="trained").eval()
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(kmodel(x), model(x), **tol)
+    torch.testing.assert_close(kdna_fx.fold(kmodel)(x), model(x), **tol)
+    low = kdna_fx.transform(model, KDNAConfig(adapter=AdapterConfig(rank=2), parent=parent,
+                                              only_if_smaller=False), init="trained").eval()
+    assert (low(x) - model(x)).abs().max() > 1e-3  # rank 2 of 36 cannot reproduce distinct kernels
+
+
+def test_centroid_families_make_every_member_a_child_and_count_the_kernel_once():
+    model = _trained_like()
+    kmodel = kdna_fx.transform(model, KDNAConfig(parent="centroid"))
+    plan = kdna_fx.plan_of(kmodel)
+    for family in plan.families:
+        members = [kmodel.get_submodule(m) for m in family.members]
+        assert all(isinstance(m, kdna_fx.ChildAdapter) for m in members)
+        shared = kmodel.get_parameter(plan.parent_weight(family))
+        expected = torch.stack([model.get_submodule(m).weight for m in family.members]).mean(0)
+        torch.testing.assert_close(shared, expected)
+        assert sum(m.weight is not None for m in members) == 1
+    first = kdna_fx.transform(model)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    adapter_of_parents = sum(sum(p.numel() for p in kmodel.get_submodule(f.parent).parameters()) -
+                             kmodel.get_submodule(f.parent).weight.numel() for f in plan.families)
+    assert n(kmodel) == n(first) + adapter_of_parents
+    x = torch.randn(2, 3, 12, 12)
+    assert kmodel.eval()(x).shape == model(x).shape
+
+
+def test_load_original_round_trip(dtype, tol):
+    trained = _trained_like(seed=1)
+    config = KDNAConfig(adapter=AdapterConfig(rank=FULL_RANK * 2), only_if_smaller=False)
+    kmodel = kdna_fx.transform(_trained_like(seed=2), config, init="trained")
+    kdna_fx.load_original(kmodel, trained.state_dict())
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(kmodel.eval()(x), trained(x), **tol)
+    bad = dict(trained.state_dict())
+    bad.pop("head.weight")
+    bad["extra.weight"] = torch.zeros(1)
+    with pytest.raises(kdna_fx.StateError, match=r"1 missing \(e.g. \['head.weight'\]\), 1 unexpected"):
+        kdna_fx.load_original(kmodel, bad)
+
+
+def test_trained_init_saves_and_reloads(tmp_path, dtype, tol):
+    kmodel = kdna_fx.transform(_trained_like(), KDNAConfig(adapter=AdapterConfig(rank=3)), init="trained")
+    kdna_fx.save(kmodel, tmp_path / "k.safetensors")
+    loaded = kdna_fx.load(tmp_path / "k.safetensors", TinyResNet(width=4))
+    assert all(g.scale == 2.0 for g in loaded.modules() if isinstance(g, kdna_fx.Gate))
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(loaded.eval()(x), kmodel.eval()(x), **tol)
+
+
+def test_rank_counts_in_only_if_smaller_and_bad_values_are_refused():
+    with pytest.raises(kdna_fx.ConfigError, match="rank"):
+        AdapterConfig(rank=-1)
+    with pytest.raises(kdna_fx.ConfigError, match="parent"):
+        KDNAConfig(parent="mean")
+    with pytest.raises(kdna_fx.ConfigError, match="init"):
+        kdna_fx.transform(_trained_like(), init="pretrained")
+    huge = kdna_fx.plan(_trained_like(), KDNAConfig(adapter=AdapterConfig(rank=64)))
+    assert not huge.families and any("would cost more" in s.reason for s in huge.skipped)
