@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("kdna_fx.train.commands:train_main",
               "train a kdna_fx.models model (Fashion-MNIST, ImageFolder, ImageNet; DDP)"),
     "eval": ("kdna_fx.train.commands:eval_main", "top-1 and images/s of a kdna train checkpoint"),
+    "convert": ("kdna_fx.convert_command:main", "convert a trained model (run directory or state dict) into a "
+                                               "KernelDNA model, calibrated without labels"),
 }
 
 

@@ -1,0 +1,190 @@
+"""``kdna convert SOURCE --model NAME``: convert a trained model into a KernelDNA model, without labels.
+
+SOURCE is a ``kdna train`` run directory (model options and data come from the run) or a state-dict file
+(.pt or .safetensors, with the model options given here). The converted model is written with
+kdna_fx.save (reload it with ``kdna_fx.load(path, fresh_original_model)``), and beside it a Markdown and a
+JSON report: parameters, top-1 and agreement with the original right after conversion, after
+calibration and after the optional fine-tune, and the time of each step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import kdna_fx
+
+from .config import AdapterConfig, KDNAConfig
+from .errors import ConfigError, KDNAError, StateError
+from .tables import format_table
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdna convert", description=__doc__.splitlines()[0])
+    p.add_argument("source", help="a `kdna train` run directory, or a state dict (.pt / .safetensors)")
+    p.add_argument("--model", default=None, help="zoo or torchvision name of the original architecture "
+                                                 "(default: the run's model)")
+    p.add_argument("--width", type=float, default=None, help="width of the original (state-dict sources)")
+    p.add_argument("--small-stem", action="store_true", default=None, help="small stem (state-dict sources)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the original (state-dict sources)")
+    p.add_argument("--config", default=None, help="a JSON file with a KDNAConfig dict (KDNAConfig.to_dict)")
+    p.add_argument("--rank", type=int, default=None, help="low-rank residual per child (AdapterConfig.rank)")
+    p.add_argument("--parent", choices=("first", "centroid"), default=None, help="KDNAConfig.parent")
+    p.add_argument("--calib-images", type=int, default=1024, help="unlabeled training images for calibration")
+    p.add_argument("--steps", type=int, default=300, help="distillation steps")
+    p.add_argument("--val-images", type=int, default=2000, help="validation images for the report (0: all)")
+    p.add_argument("--finetune-epochs", type=float, default=0, help="labelled fine-tune after calibration")
+    p.add_argument("--data", dest="data_path", default=None, help="data location (default: the run's, or "
+                                                                   "the Fashion-MNIST package)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output .safetensors (default: <source>.kdna.safetensors)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _load_source(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(model spec, data spec, state dict) of the source."""
+    from .train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+
+    if os.path.isdir(args.source):
+        ckpt = read_checkpoint(os.path.join(args.source, CHECKPOINT_NAME))
+        spec, data = dict(ckpt["config"]["model"]), dict(ckpt["config"]["data"])
+        if args.model not in (None, spec["name"]):
+            raise ConfigError(f"--model {args.model!r} differs from the run's model {spec['name']!r}; drop it or "
+                              f"pass the run's name")
+        return spec, data, ckpt["model"]
+    if not os.path.isfile(args.source):
+        raise ConfigError(f"{args.source!r} is neither a `kdna train` run directory nor a state-dict file")
+    if args.model is None:
+        raise ConfigError("a state-dict SOURCE needs --model NAME (the architecture the weights belong to)")
+    try:
+        if args.source.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(args.source)
+        else:
+            state = torch.load(args.source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise StateError(f"cannot read {args.source!r} as a state dict: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StateError(f"{args.source!r} does not hold a state dict (name -> tensor)")
+    spec = {"name": args.model, "width": args.width or 1.0, "small_stem": bool(args.small_stem),
+            "num_classes": args.num_classes or 10, "in_chans": 1}
+    return spec, {"dataset": "fashion-mnist", "path": None}, state
+
+
+def _build_original(spec: dict[str, Any]) -> nn.Module:
+    from .models import list_models
+    from .train.models import build_model
+
+    if spec["name"] in list_models():
+        return build_model({k: v for k, v in spec.items() if k != "gate_norm" or v is not None})
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(spec["name"], weights=None, num_classes=spec["num_classes"])
+    except ValueError:
+        raise ConfigError(f"unknown model {spec['name']!r}: neither a kdna_fx.models name "
+                          f"(kdna_fx.models.list_models()) nor a torchvision builder") from None
+
+
+@torch.no_grad()
+def _score(model: nn.Module, original: nn.Module, loader: DataLoader) -> dict[str, float]:
+    model.eval()
+    correct = agree = count = 0
+    for x, y in loader:
+        out, ref = model(x).argmax(1), original(x).argmax(1)
+        correct += (out == y).sum().item()
+        agree += (out == ref).sum().item()
+        count += len(y)
+    return {"top1": 100.0 * correct / count, "agreement": agree / count}
+
+
+def _images(data: Dataset, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(data), generator=g)[:n].tolist()
+    return torch.stack([data[i][0] for i in index])
+
+
+def convert(args: argparse.Namespace) -> dict[str, Any]:
+    from .train.data import build_data
+
+    spec, data_spec, state = _load_source(args)
+    if args.data_path:
+        data_spec["path"] = args.data_path
+    data = build_data(data_spec.get("dataset", "fashion-mnist"), data_spec.get("path"), seed=args.seed,
+                      image_size=data_spec.get("image_size"), val_subset=args.val_images or None)
+    if args.calib_images < 1:
+        raise ConfigError(f"--calib-images must be >= 1, got {args.calib_images}")
+    spec = {**spec, "num_classes": data.num_classes, "in_chans": data.in_chans}
+    original = _build_original(spec)
+    try:
+        original.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise StateError(f"the weights in {args.source!r} do not fit {spec['name']} with options "
+                         f"{ {k: v for k, v in spec.items() if k != 'name'} }: {str(exc).splitlines()[0]}. Give the "
+                         f"options the model was trained with (--width, --small-stem).") from None
+    original.eval()
+    config = KDNAConfig.from_dict(json.load(open(args.config))) if args.config else KDNAConfig()
+    if args.rank is not None:
+        config = config.map_adapters(lambda a: AdapterConfig(**{**a.__dict__, "rank": args.rank}))
+    if args.parent is not None:
+        config = KDNAConfig.from_dict({**config.to_dict(), "parent": args.parent})
+    steps: dict[str, dict[str, Any]] = {}
+    val = DataLoader(data.val, batch_size=256)
+    steps["original"] = {**_score(original, original, val), "seconds": 0.0}
+    start = time.perf_counter()
+    with torch.no_grad():
+        kmodel = kdna_fx.transform(original, config, init="trained")
+    if not kdna_fx.plan_of(kmodel).families:
+        raise KDNAError(f"{spec['name']} has no conv kdna_fx can share under this config: nothing to convert "
+                        f"(kdna_fx.plan(model, config) lists each conv with its reason)")
+    steps["converted"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
+    start = time.perf_counter()
+    calib = _images(data.train, args.calib_images, args.seed)
+    report = kdna_fx.calibrate(kmodel, calib, reference=original, steps=args.steps, seed=args.seed,
+                               progress=args.progress)
+    steps["calibrated"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
+    if args.finetune_epochs > 0:
+        from .train import TrainConfig, train
+
+        start = time.perf_counter()
+        epochs = max(1, round(args.finetune_epochs))
+        train(kmodel, data.train, None, TrainConfig(epochs=epochs, batch_size=128, lr=0.01, warmup_epochs=0,
+                                                    seed=args.seed, amp="none", progress=args.progress),
+              tempfile.mkdtemp(prefix="kdna_convert_"))
+        steps["fine-tuned"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
+    params = {"original": sum(p.numel() for p in original.parameters()),
+              "converted": sum(p.numel() for p in kmodel.parameters())}
+    out = args.out or f"{args.source.rstrip('/')}.kdna.safetensors"
+    tmp = f"{out}.tmp"
+    kdna_fx.save(kmodel, tmp)  # written whole, then renamed: nothing half-written is left at --out
+    os.replace(tmp, out)
+    result = {"source": args.source, "model": spec, "config": config.to_dict(), "params": params,
+              "steps": steps, "calibration": report.to_dict(), "out": out}
+    stem = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
+    table = format_table(["step", "top-1 %", "agreement", "seconds"],
+                         [[k, f"{v['top1']:.2f}", f"{v['agreement']:.3f}", f"{v['seconds']:.1f}"]
+                          for k, v in steps.items()],
+                         title=f"{spec['name']}: {params['original']:,} -> {params['converted']:,} parameters")
+    with open(f"{stem}.json", "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(f"{stem}.md", "w") as f:
+        f.write(f"```\n{table}\n```\n\nCommand: `kdna convert {' '.join(args.argv)}`\n")
+    print(table)
+    print(f"wrote {out} (reload: kdna_fx.load(path, <fresh {spec['name']}>)), {stem}.md, {stem}.json")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.argv = list(argv or [])
+    convert(args)
+    return 0

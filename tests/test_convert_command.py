@@ -1,0 +1,73 @@
+"""`kdna convert` end to end on a tiny run (a tiny IDX data set, so it never skips), and its bad inputs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import kdna_fx
+from kdna_fx.cli import main
+
+_spec = importlib.util.spec_from_file_location("_train_tests", os.path.join(os.path.dirname(__file__), "test_train.py"))
+_train_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_train_tests)  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    data = str(root / "fmnist")
+    _train_tests.write_tiny_fashion_mnist(data, n_train=64, n_test=32)
+    run_dir = str(root / "run")
+    assert main(["train", "--model", "resnet18", "--width", "0.125", "--epochs", "1", "--batch-size", "16",
+                 "--data", data, "--run-dir", run_dir, "--no-progress", "--limit-steps", "2"]) == 0
+    return root, data, run_dir
+
+
+def test_convert_a_run_end_to_end(run, capsys):
+    root, data, run_dir = run
+    out = str(root / "converted.safetensors")
+    assert main(["convert", run_dir, "--calib-images", "16", "--steps", "3", "--val-images", "0", "--rank", "2",
+                 "--data", data, "--out", out, "--no-progress"]) == 0
+    report = json.loads((root / "converted.json").read_text())
+    assert set(report["steps"]) == {"original", "converted", "calibrated"}
+    assert report["steps"]["original"]["agreement"] == 1.0
+    assert report["params"]["converted"] < report["params"]["original"]
+    assert "top-1 %" in (root / "converted.md").read_text() and "wrote" in capsys.readouterr().out
+    fresh = kdna_fx.models.create_model("resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.125)
+    loaded = kdna_fx.load(out, fresh)
+    assert kdna_fx.plan_of(loaded).families and kdna_fx.record.record_of(loaded).init == "trained"
+
+
+def test_convert_a_state_dict_file(run, tmp_path):
+    _, data, run_dir = run
+    from kdna_fx.train import read_checkpoint
+
+    state = read_checkpoint(os.path.join(run_dir, "last.pt"))["model"]
+    torch.save(state, tmp_path / "weights.pt")
+    out = tmp_path / "w.safetensors"
+    assert main(["convert", str(tmp_path / "weights.pt"), "--model", "resnet18", "--width", "0.125",
+                 "--small-stem", "--calib-images", "8", "--steps", "2", "--val-images", "0", "--data", data,
+                 "--out", str(out), "--no-progress"]) == 0
+    assert out.exists()
+
+
+def test_bad_inputs_are_clear_and_leave_nothing_at_out(run, tmp_path, capsys):
+    _, data, run_dir = run
+    state = tmp_path / "weights.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, state)
+    out = tmp_path / "never.safetensors"
+    cases = [
+        ([str(state), "--data", data], "needs --model"),
+        ([str(state), "--model", "resnet18", "--width", "0.125", "--small-stem", "--data", data], "do not fit"),
+        ([run_dir, "--calib-images", "0", "--data", data], "--calib-images"),
+        ([run_dir, "--model", "resnet50", "--data", data], "differs from the run's model"),
+        ([str(tmp_path / "nowhere"), "--data", data], "neither a `kdna train` run directory"),
+    ]
+    for argv, needle in cases:
+        assert main(["convert", *argv, "--out", str(out), "--no-progress"]) == 2, argv
+        assert needle in capsys.readouterr().err, needle
+    assert not out.exists() and not (tmp_path / "never.safetensors.tmp").exists()
