@@ -87,8 +87,8 @@ def load_original(kmodel: fx.GraphModule, state_dict: dict[str, Tensor]) -> fx.G
     plan = record.plan
     own = kmodel.state_dict()
     kernels = {m: plan.sites[m].weight for f in plan.families for m in f.members}
-    adapter_keys = {n for n, _ in adapter_parameters(kmodel)} | {
-        k for k in own for c in plan.families for m in c.members if k.startswith(f"{plan.sites[m].adapter_path}.gate.")}
+    gates = tuple(f"{plan.sites[m].adapter_path}.gate." for m in kernels)  # gate buffers (BatchNorm statistics)
+    adapter_keys = {n for n, _ in adapter_parameters(kmodel)} | {k for k in own if k.startswith(gates)}
     missing = sorted(k for k in own if k not in state_dict and k not in adapter_keys)
     unexpected = sorted(k for k in state_dict if k not in own and k not in kernels.values())
     if missing or unexpected:

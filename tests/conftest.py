@@ -31,6 +31,15 @@ def dtype(request):
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: on a shared 2-core machine two threads only fight."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tol(dtype):
     return TOLERANCES[dtype]
