@@ -115,3 +115,22 @@ def test_rank_counts_in_only_if_smaller_and_bad_values_are_refused():
         kdna_fx.transform(_trained_like(), init="pretrained")
     huge = kdna_fx.plan(_trained_like(), KDNAConfig(adapter=AdapterConfig(rank=64)))
     assert not huge.families and any("would cost more" in s.reason for s in huge.skipped)
+
+
+def test_transform_composes_with_structured_pruning(dtype, tol):
+    """Prune then share: a Torch-Pruning-pruned model transforms, with fewer parameters than either alone."""
+    import torch_pruning as tp
+
+    model = _trained_like()
+    example = torch.randn(1, 3, 12, 12)
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                  pruning_ratio=0.25, ignored_layers=[model.head])
+    pruner.step()
+    pruned = sum(p.numel() for p in model.parameters())
+    kmodel = kdna_fx.transform(model, init="trained").eval()
+    assert kdna_fx.plan_of(kmodel).families
+    assert sum(p.numel() for p in kmodel.parameters()) < pruned < sum(p.numel() for p in _trained_like().parameters())
+    identical = kdna_fx.transform(model, KDNAConfig(adapter=AdapterConfig(rank=64), only_if_smaller=False),
+                                  init="trained").eval()
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(identical(x), model.eval()(x), **tol)  # full-rank residuals: the pruned model
