@@ -167,8 +167,11 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     tmp = f"{out}.tmp"
     kdna_fx.save(kmodel, tmp)  # written whole, then renamed: nothing half-written is left at --out
     os.replace(tmp, out)
+    from .timing import provenance
+
     result = {"source": args.source, "model": spec, "config": config.to_dict(), "params": params,
-              "steps": steps, "calibration": report.to_dict(), "out": out}
+              "steps": steps, "calibration": report.to_dict(), "out": out,
+              "provenance": provenance(["kdna", "convert", *args.argv])}
     stem = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
     table = format_table(["step", "top-1 %", "agreement", "seconds"],
                          [[k, f"{v['top1']:.2f}", f"{v['agreement']:.3f}", f"{v['seconds']:.1f}"]
@@ -177,7 +180,10 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     with open(f"{stem}.json", "w") as f:
         json.dump(result, f, indent=2, default=str)
     with open(f"{stem}.md", "w") as f:
-        f.write(f"```\n{table}\n```\n\nCommand: `kdna convert {' '.join(args.argv)}`\n")
+        machine = result["provenance"]["machine"]
+        f.write(f"```\n{table}\n```\n\nCommand: `kdna convert {' '.join(args.argv)}`  \n"
+                f"Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {machine['gpu']}  \n"
+                f"Versions: {', '.join(f'{k} {v}' for k, v in result['provenance']['versions'].items())}\n")
     print(table)
     print(f"wrote {out} (reload: kdna_fx.load(path, <fresh {spec['name']}>)), {stem}.md, {stem}.json")
     return result
