@@ -15,8 +15,6 @@ parameters, like MobileNetV2's, sit almost all in the pointwise layers):
 """
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torchvision
 from torch import Tensor, fx, nn
