@@ -125,7 +125,8 @@ class ChildAdapter(nn.Module):
 
     def forward(self, x: Tensor, parent_weight: Tensor) -> Tensor:
         return KF.child_conv2d(x, parent_weight, filter_scale=self.filter_scale, spatial_scale=self.spatial_scale,
-                               lowrank_b=self.lowrank_b, lowrank_a=self.lowrank_a, gate_values=self.gate(x) if self.gate is not None else None, bias=self.bias,
+                               lowrank_b=self.lowrank_b, lowrank_a=self.lowrank_a,
+                               gate_values=self.gate(x) if self.gate is not None else None, bias=self.bias,
                                **self.conv_kwargs())
 
     def extra_repr(self) -> str:

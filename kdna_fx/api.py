@@ -82,7 +82,8 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
 def load_original(kmodel: fx.GraphModule, state_dict: dict[str, Tensor]) -> fx.GraphModule:
     """Load a state dict of the *original* architecture into ``kmodel`` (strict about missing and unexpected
     keys), then start its adapters from the loaded kernels as ``transform`` would have: with
-    ``init="trained"`` identity gates and SVD residuals, with ``parent="centroid"`` the mean kernel."""
+    ``parent="centroid"`` the mean kernel, with ``init="trained"`` identity gates and SVD residuals
+    (passes.initialize)."""
     record = record_of(kmodel)
     plan = record.plan
     own = kmodel.state_dict()
@@ -103,14 +104,7 @@ def load_original(kmodel: fx.GraphModule, state_dict: dict[str, Tensor]) -> fx.G
         for key, value in own.items():
             if key in state_dict:
                 value.copy_(state_dict[key])
-        originals = {m: state_dict[w] for m, w in kernels.items()}
-        for family in plan.families:
-            members = [originals[m] for m in family.members]
-            mean = torch.stack(members).mean(0) if plan.config.parent == "centroid" else originals[family.parent]
-            kmodel.get_parameter(plan.parent_weight(family)).copy_(mean)
-    if record.init == "trained":
-        passes.initialize(kmodel, originals)
-    return kmodel
+    return passes.initialize(kmodel, {m: state_dict[w] for m, w in kernels.items()})
 
 
 def plan_of(kmodel: nn.Module) -> passes.Plan:

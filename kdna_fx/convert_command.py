@@ -9,6 +9,7 @@ calibration and after the optional fine-tune, and the time of each step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import kdna_fx
 
-from .config import AdapterConfig, KDNAConfig
+from .config import KDNAConfig
 from .errors import ConfigError, KDNAError, StateError
 from .tables import format_table
 
@@ -85,7 +86,7 @@ def _build_original(spec: dict[str, Any]) -> nn.Module:
     from .train.models import build_model
 
     if spec["name"] in list_models():
-        return build_model({k: v for k, v in spec.items() if k != "gate_norm" or v is not None})
+        return build_model(spec)
     import torchvision
 
     try:
@@ -105,6 +106,14 @@ def _score(model: nn.Module, original: nn.Module, loader: DataLoader) -> dict[st
         agree += (out == ref).sum().item()
         count += len(y)
     return {"top1": 100.0 * correct / count, "agreement": agree / count}
+
+
+def _read_config(path: str) -> KDNAConfig:
+    try:
+        with open(path) as f:
+            return KDNAConfig.from_dict(json.load(f))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--config {path!r}: cannot read a KDNAConfig dict as JSON ({exc})") from None
 
 
 def _images(data: Dataset, n: int, seed: int) -> torch.Tensor:
@@ -132,11 +141,11 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                          f"{ {k: v for k, v in spec.items() if k != 'name'} }: {str(exc).splitlines()[0]}. Give the "
                          f"options the model was trained with (--width, --small-stem).") from None
     original.eval()
-    config = KDNAConfig.from_dict(json.load(open(args.config))) if args.config else KDNAConfig()
+    config = _read_config(args.config) if args.config else KDNAConfig()
     if args.rank is not None:
-        config = config.map_adapters(lambda a: AdapterConfig(**{**a.__dict__, "rank": args.rank}))
+        config = config.map_adapters(lambda a: dataclasses.replace(a, rank=args.rank))
     if args.parent is not None:
-        config = KDNAConfig.from_dict({**config.to_dict(), "parent": args.parent})
+        config = dataclasses.replace(config, parent=args.parent)
     steps: dict[str, dict[str, Any]] = {}
     val = DataLoader(data.val, batch_size=256)
     steps["original"] = {**_score(original, original, val), "seconds": 0.0}

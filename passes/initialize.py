@@ -1,6 +1,8 @@
-"""Pass 4b (conversion): start the adapters of a rewritten model from the original model's kernels.
+"""Pass 4b: start a rewritten model from the original model's kernels.
 
-Used by ``rewrite(..., init="trained")`` and by ``kdna_fx.load_original``. Every gate becomes the exact
+Used by ``rewrite`` and by ``kdna_fx.load_original``. Each family's shared kernel becomes the parent's
+original kernel, or with ``KDNAConfig(parent="centroid")`` the mean of its members' kernels. With
+``init="trained"`` (converting a trained model) the adapters start from the kernels too: every gate becomes the exact
 identity (a(x) = 1); each child's low-rank residual B A (AdapterConfig.rank > 0) becomes the truncated SVD
 of the difference between its original kernel and its modulated parent kernel, so that at full rank a child
 reproduces its original kernel exactly. F and S stay at zero: trained kernels of one stage are nearly
@@ -19,10 +21,17 @@ from kdna_fx.record import record_of
 
 @torch.no_grad()
 def initialize(gm: fx.GraphModule, kernels: dict[str, Tensor]) -> fx.GraphModule:
-    """Initialise every child of ``gm`` from ``kernels``: original kernel by conv name (plan member names)."""
-    plan = record_of(gm).plan
+    """Initialise ``gm`` from ``kernels``: original kernel by conv name (plan member names)."""
+    record = record_of(gm)
+    plan = record.plan
     for family in plan.families:
         shared = gm.get_parameter(plan.parent_weight(family))
+        if plan.config.parent == "centroid":
+            shared.copy_(torch.stack([kernels[m] for m in family.members]).mean(0))
+        else:
+            shared.copy_(kernels[family.parent])
+        if record.init != "trained":
+            continue
         for name in family.members:
             adapter = gm.get_submodule(plan.sites[name].adapter_path)
             if not isinstance(adapter, ChildAdapter):

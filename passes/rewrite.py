@@ -20,7 +20,6 @@ import dataclasses
 import warnings
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -30,6 +29,7 @@ from kdna_fx.errors import KDNAError, SkippedSiteWarning
 from kdna_fx.record import TransformRecord
 
 from .find import ConvSite, Skipped, conv2d_arguments
+from .initialize import initialize
 from .plan import Plan
 
 
@@ -116,20 +116,14 @@ def rewrite(gm: fx.GraphModule, plan: Plan, init: str = "copy") -> fx.GraphModul
             _rewrite_child(gm, nodes, parent, parent_weight=None, parent_name=parent.name)
             continue
         parent_weight = _parent_weight_node(gm, nodes, order, plan, family)
-        if centroid:
-            with torch.no_grad():
-                gm.get_parameter(parent.weight).copy_(torch.stack([kernels[m] for m in family.members]).mean(0))
+        if centroid:  # the first member holds the family's new kernel and is a child too
             _rewrite_child(gm, nodes, parent, parent_weight=parent_weight, parent_name=parent.name, owns_kernel=True)
         for child in family.children:
             _rewrite_child(gm, nodes, plan.sites[child], parent_weight=parent_weight, parent_name=parent.name)
     gm.graph.lint()
     gm.recompile()
     gm.meta["kdna"] = TransformRecord(plan=plan, params_before=params_before, in_channels=in_channels, init=init)
-    if init == "trained":
-        from .initialize import initialize
-
-        initialize(gm, kernels)
-    return gm
+    return initialize(gm, kernels)
 
 
 def _first_in_channels(gm: fx.GraphModule) -> int | None:
