@@ -12,8 +12,10 @@ Modes, run in this order when several are asked:
   on the input the *kmodel* gives it, matches the output of the conv at the same path in ``reference`` on
   the reference's own input; BatchNorm statistics are re-estimated after every child.
 - ``"distill"``: end-to-end distillation of ``kmodel``'s outputs to the reference's (KL divergence on
-  logits with a temperature, mean squared error for any other output), training every adapter parameter
-  and every norm's affine parameters (and the parent kernels with ``train_parents=True``).
+  logits with a temperature, mean squared error for any other output). ``train`` says what it trains:
+  ``"adapters"`` (every adapter parameter and every norm's affine parameters), ``"parents"`` (those and
+  the shared parent kernels) or ``"all"`` (every parameter). With ``"all"`` any student works, transformed
+  or not (a pruned or factorised model distilled the same way, for a like-for-like comparison).
 
 The reference is only read: it runs in eval mode under ``torch.no_grad`` and every module's training flag
 is restored afterwards.
@@ -35,6 +37,7 @@ from .record import record_of
 from .tables import format_table
 
 MODES: tuple[str, ...] = ("bn", "layerwise", "distill")
+TRAIN: tuple[str, ...] = ("adapters", "parents", "all")
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -383,17 +386,19 @@ def _layerwise(kmodel: fx.GraphModule, runner: _Runner, data: _Data, *, steps: i
 
 
 def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr: float, temperature: float,
-             train_parents: bool, norms: str, generator: torch.Generator, bar: Any) -> int:
+             train: str, norms: str, generator: torch.Generator, bar: Any) -> int:
     params: dict[int, nn.Parameter] = {id(p): p for _, p in adapter_parameters(kmodel)}
     for m in kmodel.modules():
         if isinstance(m, _NORMS):
             for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
                 if isinstance(p, nn.Parameter):
                     params[id(p)] = p
-    if train_parents and isinstance(kmodel, fx.GraphModule):
+    if train == "parents" and isinstance(kmodel, fx.GraphModule):
         for node in _child_nodes(kmodel):
             p = _parent_weight(kmodel, node)
             params[id(p)] = p
+    if train == "all":
+        params = {id(p): p for p in kmodel.parameters()}
     trainable = list(params.values())
     if not trainable:
         return 0
@@ -438,7 +443,7 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
 
 def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequence[str] | str = ("bn", "distill"),
               steps: int = 300, lr: float = 1e-2, batch_size: int = 64, temperature: float = 1.0,
-              train_parents: bool = False, layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
+              train: str = "adapters", layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
               norms: str = "train", seed: int = 0, progress: bool = True) -> CalibrationReport:
     """Calibrate a transformed model to the trained ``reference`` it came from, with unlabeled ``data``.
 
@@ -446,20 +451,32 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
     iterable (a DataLoader) of image batches or (images, labels) tuples, used in its own order (labels are
     ignored). ``modes`` run in the order bn -> layerwise -> distill, whatever the order given.
     ``steps``/``lr``/``temperature``: distillation (Adam) steps, learning rate and softmax temperature;
-    ``layerwise_steps``/``layerwise_lr``: Adam steps and rate per child in "layerwise". ``norms``: "train"
+    ``layerwise_steps``/``layerwise_lr``: Adam steps and rate per child in "layerwise". ``train``: what
+    "distill" trains, "adapters" (adapters and norm affines), "parents" (also the shared kernels) or "all"
+    (every parameter; the only choice for a student that was not transformed). ``norms``: "train"
     (BatchNorms use batch statistics during distillation, re-estimated at the end) or "eval" (frozen
     statistics). ``kmodel`` is changed in place and its modules' train/eval flags are restored;
     ``reference`` is never changed. Returns a CalibrationReport.
     """
     inner = getattr(kmodel, "_orig_mod", kmodel)
-    record_of(inner)  # KDNAError when kmodel is not a transformed model
+    wanted = [modes] if isinstance(modes, str) else list(modes)
+    if train not in TRAIN:
+        raise ConfigError(f"calibrate: train must be one of {TRAIN}, got {train!r}")
+    if not isinstance(inner, nn.Module):
+        raise KDNATypeError(f"calibrate: kmodel must be an nn.Module, got {type(kmodel).__name__}")
+    if train != "all" or "layerwise" in wanted:
+        try:
+            record_of(inner)
+        except KDNAError as exc:
+            raise KDNAError(f"{exc}. calibrate(train={train!r}) and layerwise mode need a transformed model; "
+                            f"to distill any other student (pruned, factorised) pass train='all' with modes "
+                            f"'bn' and/or 'distill'") from None
     if not isinstance(reference, nn.Module):
         raise KDNATypeError(f"calibrate: reference must be the original trained nn.Module, got "
                             f"{type(reference).__name__}")
     if reference is inner:
         raise CalibrationError("calibrate: reference is kmodel itself; pass the original model kmodel was "
                                "transformed from")
-    wanted = [modes] if isinstance(modes, str) else list(modes)
     unknown = [m for m in wanted if m not in MODES]
     if unknown or not wanted:
         raise ConfigError(f"calibrate: unknown mode(s) {unknown or wanted}; modes are {MODES} (any of them, run in "
@@ -507,7 +524,7 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
                                                 generator=generator, bar=bar)
                 else:
                     done = _distill(inner, runner, feed, steps=steps, lr=lr, temperature=temperature,
-                                    train_parents=train_parents, norms=norms, generator=generator, bar=bar)
+                                    train=train, norms=norms, generator=generator, bar=bar)
                 seconds = time.perf_counter() - start
             after_agreement, after_error = runner.evaluate()
             results.append(ModeResult(mode, seconds, done, agreement, after_agreement, error, after_error, children))

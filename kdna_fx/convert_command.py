@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", choices=("first", "centroid"), default=None, help="KDNAConfig.parent")
     p.add_argument("--calib-images", type=int, default=1024, help="unlabeled training images for calibration")
     p.add_argument("--steps", type=int, default=300, help="distillation steps")
+    p.add_argument("--train", choices=("adapters", "parents", "all"), default="adapters",
+                   help="what distillation trains (kdna_fx.calibrate's train)")
     p.add_argument("--val-images", type=int, default=2000, help="validation images for the report (0: all)")
     p.add_argument("--finetune-epochs", type=float, default=0, help="labelled fine-tune after calibration")
     p.add_argument("--data", dest="data_path", default=None, help="data location (default: the run's, or "
@@ -158,8 +160,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     steps["converted"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
     start = time.perf_counter()
     calib = _images(data.train, args.calib_images, args.seed)
-    report = kdna_fx.calibrate(kmodel, calib, reference=original, steps=args.steps, seed=args.seed,
-                               progress=args.progress)
+    report = kdna_fx.calibrate(kmodel, calib, reference=original, steps=args.steps, train=args.train,
+                               seed=args.seed, progress=args.progress)
     steps["calibrated"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
     if args.finetune_epochs > 0:
         from .train import TrainConfig, train

@@ -159,7 +159,9 @@ def test_bad_inputs_raise_clear_errors(task):
         (dict(data=calib_x, batch_size=1), "batch_size"),
         (dict(data=torch.randn(8, 3, 16, 16)), "cannot run"),
         (dict(data=calib_x, reference=TinyResNet(width=8, in_chans=1, num_classes=7)), "output has shape"),
-        (dict(data=calib_x, kmodel=copy.deepcopy(model)), "not a kdna_fx-transformed model"),
+        (dict(data=calib_x, kmodel=copy.deepcopy(model)), "not a kdna_fx-transformed model.*train='all'"),
+        (dict(data=calib_x, kmodel=copy.deepcopy(model), train="all", modes="layerwise"), "layerwise"),
+        (dict(data=calib_x, train="everything"), "train must be one of"),
         (dict(data=calib_x, reference=kmodel), "kmodel itself"),
     ]
     for kwargs, words in cases:
@@ -188,3 +190,34 @@ def test_runs_on_cuda_when_there_is_one(task):
     kmodel = fresh_kmodel(reference)
     report = calibrate(kmodel, calib_x, reference=reference, steps=20, progress=False)  # data stays on the CPU
     assert report.agreement_after > report.agreement_before
+
+
+def test_train_all_distills_a_student_that_was_not_transformed(task):
+    """The like-for-like baseline: a smaller plain net distilled with the same data, steps and loss."""
+    model, calib_x, test_x, _ = task
+    torch.manual_seed(3)
+    student = TinyResNet(width=4, in_chans=1, num_classes=5)
+    before_state, _ = snapshot(model)
+    held_out_before = agreement(student, model, test_x)
+    report = calibrate(student, calib_x, reference=model, train="all", steps=150, lr=3e-3, progress=False)
+    assert report.agreement_after > report.agreement_before
+    assert agreement(student, model, test_x) > max(0.6, held_out_before + 0.2)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_state.items())
+
+
+@pytest.mark.parametrize("train, parents_move, others_move", [("adapters", False, False), ("parents", True, False),
+                                                             ("all", True, True)])
+def test_train_chooses_what_distillation_changes(task, train, parents_move, others_move):
+    model, calib_x, _, _ = task
+    kmodel = fresh_kmodel(model)
+    plan = kdna_fx.plan_of(kmodel)
+    parents = {f.parent for f in plan.families}
+    before = {k: v.clone() for k, v in kmodel.named_parameters()}
+    calibrate(kmodel, calib_x, reference=model, modes="distill", train=train, steps=5, progress=False)
+    after = dict(kmodel.named_parameters())
+    moved = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    parent_keys = {f"{p}.weight" for p in parents}
+    assert parent_keys <= set(before)
+    assert bool(moved & parent_keys) == parents_move
+    assert ("head.weight" in moved) == others_move
+    assert any("filter_scale" in k for k in moved)  # adapters train in every choice
