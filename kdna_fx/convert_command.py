@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 import kdna_fx
 
 from .config import KDNAConfig
+from .models import sharing_config
 from .errors import ConfigError, KDNAError, StateError
 from .tables import format_table
 
@@ -143,7 +144,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                          f"{ {k: v for k, v in spec.items() if k != 'name'} }: {str(exc).splitlines()[0]}. Give the "
                          f"options the model was trained with (--width, --small-stem).") from None
     original.eval()
-    config = _read_config(args.config) if args.config else KDNAConfig()
+    config = _read_config(args.config) if args.config else sharing_config(spec["name"])
     if args.rank is not None:
         config = config.map_adapters(lambda a: dataclasses.replace(a, rank=args.rank))
     if args.parent is not None:

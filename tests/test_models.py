@@ -202,3 +202,20 @@ def test_old_checkpoints_keep_their_state_dict(name: str) -> None:
         model = zoo.create_model(name, **entry["options"])
         assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == entry["state"]
         assert [k for k, _ in model.named_parameters()] == entry["parameters"]
+
+
+@pytest.mark.parametrize("arch, kernel_sizes, depthwise", [("resnet18", (3,), False), ("mobilenet_v2", (1,), False),
+                                                           ("convnext_tiny", (7,), True)])
+def test_sharing_config_is_the_one_default_of_replace_mode_train_and_convert(arch, kernel_sizes, depthwise) -> None:
+    """replace_<arch>, `kdna train --gate-norm` and `kdna convert` take the architecture's sharing from one
+    place, so a gate-norm option no longer drops MobileNetV2's 1x1 or ConvNeXt's depthwise sharing."""
+    from kdna_fx import plan_of
+    from kdna_fx.train.models import build_model
+
+    for name in (arch, f"replace_{arch}", f"kdna_{arch}"):
+        config = zoo.sharing_config(name)
+        assert (config.kernel_sizes, config.depthwise) == (kernel_sizes, depthwise)
+    assert zoo.sharing_config("vgg11").kernel_sizes == (3,)  # any other (torchvision) name: the 3x3 default
+    spec = dict(name=f"replace_{arch}", num_classes=10, in_chans=1, small_stem=True, width=0.25, gate_norm="layer")
+    config = plan_of(build_model(spec)).config
+    assert (config.kernel_sizes, config.depthwise, config.adapter.gate_norm) == (kernel_sizes, depthwise, "layer")

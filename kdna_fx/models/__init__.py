@@ -8,6 +8,6 @@ applied to it, ``kdna_<arch>`` is the KernelDNA reference topology: a plain netw
 transform with an explicit plan (so report, fold, save/load and export work on it). See docs/models.md.
 """
 from . import convnext, mobilenet, resnet  # noqa: F401  (they register their models)
-from ._registry import create_model, list_models, model_options, register
+from ._registry import create_model, list_models, model_options, register, sharing_config
 
-__all__ = ["create_model", "list_models", "model_options", "register"]
+__all__ = ["create_model", "list_models", "model_options", "register", "sharing_config"]

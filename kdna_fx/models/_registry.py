@@ -4,13 +4,16 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import re
 from typing import Any, Callable
 
 from torch import nn
 
+from ..config import KDNAConfig
 from ..errors import ConfigError, KDNATypeError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_SHARING: dict[str, Callable[[], KDNAConfig]] = {}
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -49,3 +52,21 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if unknown:
         raise KDNATypeError(f"{name} does not take option(s) {unknown}; it takes {accepted}")
     return _MODELS[name](**kwargs)
+
+
+def register_sharing(arch: str, make: Callable[[], KDNAConfig]) -> None:
+    """Declare which convs of the plain architecture ``arch`` share by default (see ``sharing_config``)."""
+    _SHARING[arch] = make
+
+
+def sharing_config(name: str) -> KDNAConfig:
+    """The KDNAConfig that ``replace_<arch>`` and ``kdna convert`` use when given none.
+
+    ``name`` may be the plain, ``replace_`` or ``kdna_`` name of a zoo architecture; MobileNetV2 shares its
+    1x1 convs and ConvNeXt its depthwise 7x7 convs, since neither has plain 3x3 convs to share. Any other
+    name (a torchvision model, say) gets ``KDNAConfig()``: same-shaped 3x3 convs of each stage.
+    """
+    arch = re.sub(r"^(replace_|kdna_)", "", name)
+    arch = re.sub(r"_0\d\d$", "", arch)  # kdna_mobilenet_v2_050 -> mobilenet_v2
+    make = _SHARING.get(arch)
+    return make() if make is not None else KDNAConfig()

@@ -24,7 +24,7 @@ from torchvision.ops import StochasticDepth
 from ..config import KDNAConfig
 from ..functional import GateNorm
 from ._common import check_options, reference_config, replace_mode, scaled, with_plan
-from ._registry import register
+from ._registry import register, register_sharing
 
 DIMS, DEPTHS = (96, 192, 384, 768), (3, 3, 9, 3)
 EXPAND_REDUCTION, PROJECT_REDUCTION = 4, 16
@@ -113,6 +113,10 @@ def _check(name: str, num_classes: int, in_chans: int, small_stem: bool, width: 
     check_options(name, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
 
 
+# torchvision's pointwise layers are nn.Linear: the depthwise 7x7 convs of each stage share
+register_sharing("convnext_tiny", lambda: KDNAConfig(kernel_sizes=(7,), depthwise=True, stage_depth=2))
+
+
 @register
 def convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
                   width: float = 1.0) -> nn.Module:
@@ -140,8 +144,7 @@ def replace_convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem
                           width: float = 1.0, config: KDNAConfig | None = None) -> nn.Module:
     """kdna_fx.transform(convnext_tiny(...)). torchvision's pointwise layers are nn.Linear, which transform
     does not share, so by default the depthwise 7x7 convs of each stage share one kernel."""
-    config = config if config is not None else KDNAConfig(kernel_sizes=(7,), depthwise=True, stage_depth=2)
-    return replace_mode(convnext_tiny(num_classes, in_chans, small_stem, width), config)
+    return replace_mode(convnext_tiny(num_classes, in_chans, small_stem, width), config, "convnext_tiny")
 
 
 @register

@@ -9,7 +9,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 from ..config import KDNAConfig
 from ..functional import GateNorm
 from ._common import check_options, kaiming_conv, reference_config, replace_mode, scaled, with_plan
-from ._registry import register
+from ._registry import register, register_sharing
 
 # (expansion t, base channels c, blocks n, first stride s), as in the MobileNetV2 paper.
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -114,6 +114,10 @@ def _kdna(name: str, num_classes: int, in_chans: int, small_stem: bool, width: f
     return with_plan(plain, reference_families(), config)
 
 
+# its 3x3 convs are depthwise: the same-shaped 1x1 expand/project convs share instead
+register_sharing("mobilenet_v2", lambda: KDNAConfig(kernel_sizes=(1,)))
+
+
 @register
 def mobilenet_v2(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
                  width: float = 1.0) -> nn.Module:
@@ -125,8 +129,7 @@ def mobilenet_v2(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = 
 def replace_mobilenet_v2(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
                          config: KDNAConfig | None = None) -> nn.Module:
     """kdna_fx.transform(mobilenet_v2(...)), by default sharing same-shaped 1x1 convs (kernel_sizes=(1,))."""
-    config = config if config is not None else KDNAConfig(kernel_sizes=(1,))
-    return replace_mode(mobilenet_v2(num_classes, in_chans, small_stem, width), config)
+    return replace_mode(mobilenet_v2(num_classes, in_chans, small_stem, width), config, "mobilenet_v2")
 
 
 @register

@@ -164,14 +164,14 @@ def resnet50(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = Fals
 def replace_resnet18(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
                      config: KDNAConfig | None = None) -> nn.Module:
     """kdna_fx.transform(resnet18(...), config): same-shaped 3x3 convs of each stage share one kernel."""
-    return replace_mode(resnet18(num_classes, in_chans, small_stem, width), config)
+    return replace_mode(resnet18(num_classes, in_chans, small_stem, width), config, "resnet18")
 
 
 @register
 def replace_resnet50(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
                      config: KDNAConfig | None = None) -> nn.Module:
     """kdna_fx.transform(resnet50(...), config): same-shaped 3x3 convs of each stage share one kernel."""
-    return replace_mode(resnet50(num_classes, in_chans, small_stem, width), config)
+    return replace_mode(resnet50(num_classes, in_chans, small_stem, width), config, "resnet50")
 
 
 @register

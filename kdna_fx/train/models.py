@@ -23,9 +23,11 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         if "gate_norm" in options:
             kwargs["gate_norm"] = gate_norm
         elif "config" in options:
-            from kdna_fx import AdapterConfig, KDNAConfig
+            import dataclasses
 
-            kwargs["config"] = KDNAConfig(adapter=AdapterConfig(gate_norm=gate_norm))
+            # the architecture's own sharing (MobileNetV2's 1x1 convs, ...) with the gate norm asked for
+            kwargs["config"] = models.sharing_config(name).map_adapters(
+                lambda a: dataclasses.replace(a, gate_norm=gate_norm))
         else:
             raise ConfigError(f"--gate-norm applies to KernelDNA models (kdna_*, replace_*), not {name!r}")
     return models.create_model(name, **kwargs)
