@@ -386,26 +386,30 @@ def _layerwise(kmodel: fx.GraphModule, runner: _Runner, data: _Data, *, steps: i
 
 
 def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr: float, temperature: float,
-             train: str, norms: str, generator: torch.Generator, bar: Any) -> int:
+             train: str, weight_lr: float | None, norms: str, generator: torch.Generator, bar: Any) -> int:
     params: dict[int, nn.Parameter] = {id(p): p for _, p in adapter_parameters(kmodel)}
     for m in kmodel.modules():
         if isinstance(m, _NORMS):
             for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
                 if isinstance(p, nn.Parameter):
                     params[id(p)] = p
+    adapters_and_norms = set(params)
     if train == "parents" and isinstance(kmodel, fx.GraphModule):
         for node in _child_nodes(kmodel):
             p = _parent_weight(kmodel, node)
             params[id(p)] = p
     if train == "all":
         params = {id(p): p for p in kmodel.parameters()}
-    trainable = list(params.values())
-    if not trainable:
+    if not params:
         return 0
     flags = [(p, p.requires_grad) for p in kmodel.parameters()]
     for p, _ in flags:
         p.requires_grad_(id(p) in params)
-    opt = torch.optim.Adam(trainable, lr=lr)
+    light = [p for p in params.values() if id(p) in adapters_and_norms]
+    weights = [p for p in params.values() if id(p) not in adapters_and_norms]
+    groups = [{"params": light}] if light else []
+    groups += [{"params": weights, "lr": weight_lr or lr}] if weights else []
+    opt = torch.optim.Adam(groups, lr=lr)
     done = 0
     try:
         with _Modes(kmodel):
@@ -443,7 +447,7 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
 
 def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequence[str] | str = ("bn", "distill"),
               steps: int = 300, lr: float = 1e-2, batch_size: int = 64, temperature: float = 1.0,
-              train: str = "adapters", layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
+              train: str = "adapters", weight_lr: float | None = None, layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
               norms: str = "train", seed: int = 0, progress: bool = True) -> CalibrationReport:
     """Calibrate a transformed model to the trained ``reference`` it came from, with unlabeled ``data``.
 
@@ -453,7 +457,8 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
     ``steps``/``lr``/``temperature``: distillation (Adam) steps, learning rate and softmax temperature;
     ``layerwise_steps``/``layerwise_lr``: Adam steps and rate per child in "layerwise". ``train``: what
     "distill" trains, "adapters" (adapters and norm affines), "parents" (also the shared kernels) or "all"
-    (every parameter; the only choice for a student that was not transformed). ``norms``: "train"
+    (every parameter; the only choice for a student that was not transformed); ``weight_lr``: the rate of
+    the weights these add (kernels, linear layers; None: ``lr``), adapters and norms keep ``lr``. ``norms``: "train"
     (BatchNorms use batch statistics during distillation, re-estimated at the end) or "eval" (frozen
     statistics). ``kmodel`` is changed in place and its modules' train/eval flags are restored;
     ``reference`` is never changed. Returns a CalibrationReport.
@@ -489,9 +494,9 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
     if not isinstance(batch_size, int) or batch_size < 2:
         raise ConfigError(f"calibrate: batch_size must be an int >= 2 (gate BatchNorms need 2 samples), "
                           f"got {batch_size!r}")
-    if not (lr > 0 and layerwise_lr > 0 and temperature > 0):
-        raise ConfigError(f"calibrate: lr, layerwise_lr and temperature must be > 0, got {lr}, {layerwise_lr}, "
-                          f"{temperature}")
+    if not (lr > 0 and layerwise_lr > 0 and temperature > 0 and (weight_lr is None or weight_lr > 0)):
+        raise ConfigError(f"calibrate: lr, weight_lr, layerwise_lr and temperature must be > 0, got {lr}, "
+                          f"{weight_lr}, {layerwise_lr}, {temperature}")
     shared = _shared_tensors(inner, reference)
     if shared:
         raise CalibrationError(f"calibrate: kmodel shares {len(shared)} tensor(s) with reference (e.g. "
@@ -524,7 +529,7 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
                                                 generator=generator, bar=bar)
                 else:
                     done = _distill(inner, runner, feed, steps=steps, lr=lr, temperature=temperature,
-                                    train=train, norms=norms, generator=generator, bar=bar)
+                                    train=train, weight_lr=weight_lr, norms=norms, generator=generator, bar=bar)
                 seconds = time.perf_counter() - start
             after_agreement, after_error = runner.evaluate()
             results.append(ModeResult(mode, seconds, done, agreement, after_agreement, error, after_error, children))
