@@ -385,8 +385,38 @@ def _layerwise(kmodel: fx.GraphModule, runner: _Runner, data: _Data, *, steps: i
     return done, errors
 
 
+class _Taps:
+    """Forward hooks on the norm layers found at the same path in both models: their outputs, per forward."""
+
+    def __init__(self, kmodel: nn.Module, reference: nn.Module):
+        mine = dict(kmodel.named_modules())
+        self.names = [n for n, m in reference.named_modules() if isinstance(m, _NORMS) and isinstance(mine.get(n), type(m))]
+        self.outputs: dict[str, dict[str, Tensor]] = {"k": {}, "r": {}}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(side, n))
+                        for side, model in (("k", kmodel), ("r", reference)) for n in self.names]
+
+    def _hook(self, side: str, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            self.outputs[side][name] = out
+        return hook
+
+    def loss(self) -> Tensor | None:
+        """Mean over the taps of the normalised MSE; taps whose shapes differ (a pruned layer) are skipped."""
+        terms = [F.mse_loss(k, r) / r.pow(2).mean().clamp_min(1e-12)
+                 for n in self.names
+                 for k, r in [(self.outputs["k"].get(n), self.outputs["r"].get(n))]
+                 if k is not None and r is not None and k.shape == r.shape]
+        self.outputs = {"k": {}, "r": {}}
+        return torch.stack(terms).mean() if terms else None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr: float, temperature: float,
-             train: str, weight_lr: float | None, norms: str, generator: torch.Generator, bar: Any) -> int:
+             train: str, weight_lr: float | None, features: float, norms: str, generator: torch.Generator,
+             bar: Any) -> int:
     params: dict[int, nn.Parameter] = {id(p): p for _, p in adapter_parameters(kmodel)}
     for m in kmodel.modules():
         if isinstance(m, _NORMS):
@@ -411,6 +441,7 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
     groups += [{"params": weights, "lr": weight_lr or lr}] if weights else []
     opt = torch.optim.Adam(groups, lr=lr)
     done = 0
+    taps = _Taps(kmodel, runner.reference) if features > 0 else None
     try:
         with _Modes(kmodel):
             kmodel.eval()
@@ -428,12 +459,17 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
                                     reduction="batchmean") * t * t
                 else:
                     loss = F.mse_loss(k, r) / r.pow(2).mean().clamp_min(1e-12)
+                inner = taps.loss() if taps is not None else None
+                if inner is not None:
+                    loss = loss + features * inner
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 done += 1
                 bar.update(1)
     finally:
+        if taps is not None:
+            taps.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
         opt.zero_grad(set_to_none=True)
@@ -447,7 +483,7 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
 
 def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequence[str] | str = ("bn", "distill"),
               steps: int = 300, lr: float = 1e-2, batch_size: int = 64, temperature: float = 1.0,
-              train: str = "adapters", weight_lr: float | None = None, layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
+              train: str = "adapters", weight_lr: float | None = None, features: float = 0.0, layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
               norms: str = "train", seed: int = 0, progress: bool = True) -> CalibrationReport:
     """Calibrate a transformed model to the trained ``reference`` it came from, with unlabeled ``data``.
 
@@ -458,7 +494,9 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
     ``layerwise_steps``/``layerwise_lr``: Adam steps and rate per child in "layerwise". ``train``: what
     "distill" trains, "adapters" (adapters and norm affines), "parents" (also the shared kernels) or "all"
     (every parameter; the only choice for a student that was not transformed); ``weight_lr``: the rate of
-    the weights these add (kernels, linear layers; None: ``lr``), adapters and norms keep ``lr``. ``norms``: "train"
+    the weights these add (kernels, linear layers; None: ``lr``), adapters and norms keep ``lr``. ``features``:
+    weight of an intermediate loss added to the output one, the normalised MSE between the outputs of the norm
+    layers found at the same path and with the same shape in both models (0: outputs only). ``norms``: "train"
     (BatchNorms use batch statistics during distillation, re-estimated at the end) or "eval" (frozen
     statistics). ``kmodel`` is changed in place and its modules' train/eval flags are restored;
     ``reference`` is never changed. Returns a CalibrationReport.
@@ -494,6 +532,8 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
     if not isinstance(batch_size, int) or batch_size < 2:
         raise ConfigError(f"calibrate: batch_size must be an int >= 2 (gate BatchNorms need 2 samples), "
                           f"got {batch_size!r}")
+    if not features >= 0:
+        raise ConfigError(f"calibrate: features must be >= 0 (0: match the outputs only), got {features!r}")
     if not (lr > 0 and layerwise_lr > 0 and temperature > 0 and (weight_lr is None or weight_lr > 0)):
         raise ConfigError(f"calibrate: lr, weight_lr, layerwise_lr and temperature must be > 0, got {lr}, "
                           f"{weight_lr}, {layerwise_lr}, {temperature}")
@@ -529,7 +569,8 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
                                                 generator=generator, bar=bar)
                 else:
                     done = _distill(inner, runner, feed, steps=steps, lr=lr, temperature=temperature,
-                                    train=train, weight_lr=weight_lr, norms=norms, generator=generator, bar=bar)
+                                    train=train, weight_lr=weight_lr, features=features,
+                                    norms=norms, generator=generator, bar=bar)
                 seconds = time.perf_counter() - start
             after_agreement, after_error = runner.evaluate()
             results.append(ModeResult(mode, seconds, done, agreement, after_agreement, error, after_error, children))

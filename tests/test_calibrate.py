@@ -162,6 +162,8 @@ def test_bad_inputs_raise_clear_errors(task):
         (dict(data=calib_x, kmodel=copy.deepcopy(model)), "not a kdna_fx-transformed model.*train='all'"),
         (dict(data=calib_x, kmodel=copy.deepcopy(model), train="all", modes="layerwise"), "layerwise"),
         (dict(data=calib_x, train="everything"), "train must be one of"),
+        (dict(data=calib_x, weight_lr=0.0), "weight_lr"),
+        (dict(data=calib_x, features=-1.0), "features must be >= 0"),
         (dict(data=calib_x, reference=kmodel), "kmodel itself"),
     ]
     for kwargs, words in cases:
@@ -221,3 +223,26 @@ def test_train_chooses_what_distillation_changes(task, train, parents_move, othe
     assert bool(moved & parent_keys) == parents_move
     assert ("head.weight" in moved) == others_move
     assert any("filter_scale" in k for k in moved)  # adapters train in every choice
+
+
+def test_features_match_the_norm_outputs_found_in_both_models(task):
+    """features > 0 adds a per-layer loss on the norms at the same path; a student without them still runs."""
+    from kdna_fx.calibrate import _Taps
+
+    model, calib_x, test_x, _ = task
+    kmodel = fresh_kmodel(model)
+    taps = _Taps(kmodel, model)
+    try:
+        assert "layer1.0.bn2" in taps.names and "stem.1" in taps.names
+        with torch.no_grad():
+            kmodel.eval()(calib_x[:4])
+            model(calib_x[:4])
+        assert taps.loss() > 0
+    finally:
+        taps.remove()
+    assert not kmodel.get_submodule("layer1.0.bn2")._forward_hooks
+    report = calibrate(kmodel, calib_x, reference=model, features=1.0, steps=60, progress=False)
+    assert report.agreement_after > report.agreement_before
+    assert report.modes[-1].error_after < report.modes[0].error_before
+    student = TinyResNet(width=4, in_chans=1, num_classes=5)  # every tap differs in shape: outputs only
+    calibrate(student, calib_x, reference=model, train="all", features=1.0, steps=3, progress=False)
