@@ -9,9 +9,9 @@ Fashion-MNIST training images). Every row then starts from the same trained weig
 
 1. **convert**: the method's own label-free step:
    - ``kdna-r{R}``: ``kdna_fx.transform(original, sharing_config with AdapterConfig(rank=R), init="trained")``;
-     ``-centroid`` adds ``KDNAConfig(parent="centroid")``; ``-parents`` / ``-all`` distil with
-     ``train="parents"`` / ``"all"`` instead of ``"adapters"``; ``kdna-copy-r0`` uses ``init="copy"``
-     (the paper's from-scratch init) as a control.
+     ``-centroid`` adds ``KDNAConfig(parent="centroid")``; ``kdna-copy-r0`` uses ``init="copy"`` (the paper's
+     from-scratch init) as a control. Ablations (first seed only): ``-adapters`` distils adapters and norms
+     only (``train="adapters"``), ``-logits`` drops the per-layer loss (``features=0``).
    - ``prune@ROW``: Torch-Pruning (``MetaPruner``, L2 magnitude importance, the same ratio in every layer, the
      classifier kept) at the ratio whose parameter count is closest to ROW's.
    - ``svd@ROW``: every conv that KernelDNA shares in that architecture becomes a k x k conv to R_i channels and
@@ -20,9 +20,13 @@ Fashion-MNIST training images). Every row then starts from the same trained weig
    - ``prune{P}+kdna-r{R}``: prune at ratio P/100 first, then convert as ``kdna-r{R}`` (fewer MACs too).
    - ``original``: unchanged (the fine-tune control).
 2. **calibrate**: ``kdna_fx.calibrate(model, images, reference=original, modes=("bn", "distill"))`` on the same
-   ``--calib-images`` unlabeled training images and ``--steps`` Adam steps for every row (KL to the original's
-   logits); KernelDNA rows train adapters and norm affines (``train="adapters"``), pruned and factorised
-   students train every parameter (``train="all"``, at ``--all-lr``: they have no adapters).
+   ``--calib-images`` unlabeled training images and ``--steps`` Adam steps for every row, with calibrate's
+   default loss: KL to the original's logits plus the normalised MSE of every norm layer's output that has the
+   same path and shape in both models (``features=1``). KernelDNA rows use calibrate's defaults (adapters and
+   norms at lr 1e-2, the shared kernels at 1e-3: ``train="parents"``); pruned and factorised students have no
+   adapters and train every parameter at ``--all-lr`` (``train="all"``). A factorised student keeps every
+   layer's output shape, so it gets the per-layer loss too; a pruned one has narrower layers and gets the
+   logits loss only.
 3. **fine-tune**: one epoch on ``--finetune-images`` labelled training images (SGD, lr 0.01, cosine, batch 128,
    kdna_fx.train.train), the same for every row, the original included.
 
@@ -65,7 +69,10 @@ ORIGINALS = {
                          "--warmup-epochs 0.25 --run-dir runs/conversion_original_mobilenet_v2_w050 --no-progress",
 }
 ROWS = ["original", "kdna-r4", "prune@kdna-r4", "svd@kdna-r4", "kdna-r0", "prune@kdna-r0", "svd@kdna-r0",
-        "kdna-r8", "prune@kdna-r8", "svd@kdna-r8", "kdna-r4-centroid", "kdna-copy-r0", "prune30+kdna-r4"]
+        "kdna-r8", "prune@kdna-r8", "svd@kdna-r8", "kdna-r4-centroid", "kdna-copy-r0", "prune30+kdna-r4",
+        "prune@prune30+kdna-r4"]
+# Which calibration steps matter: the same conversion with parts of the recipe switched off (first seed only).
+ABLATION = ["kdna-r4-adapters-logits", "kdna-r4-logits", "kdna-r4-adapters"]
 STAGES = ("converted", "calibrated", "fine-tuned")
 
 
@@ -91,23 +98,27 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def kdna_config(spec: dict[str, Any], row: str) -> tuple[kdna_fx.KDNAConfig, str, str]:
-    """(config, init, what distillation trains) of a ``kdna-...`` row."""
-    m = re.fullmatch(r"kdna(-copy)?-r(\d+)((?:-centroid|-parents|-all)*)", row)
+def kdna_config(spec: dict[str, Any], row: str) -> tuple[kdna_fx.KDNAConfig, str, dict[str, Any]]:
+    """(config, init, calibrate options) of a ``kdna-...`` row; no flag means calibrate's defaults."""
+    m = re.fullmatch(r"kdna(-copy)?-r(\d+)((?:-centroid|-adapters|-all|-logits)*)", row)
     if m is None:
         raise SystemExit(f"unknown KernelDNA row {row!r}")
     rank, flags = int(m.group(2)), m.group(3)
     config = sharing_config(spec["name"]).map_adapters(lambda a: dataclasses.replace(a, rank=rank))
     if "-centroid" in flags:
         config = dataclasses.replace(config, parent="centroid")
-    trainable = "parents" if "-parents" in flags else "all" if "-all" in flags else "adapters"
-    return config, ("copy" if m.group(1) else "trained"), trainable
+    options: dict[str, Any] = {}
+    if "-adapters" in flags or "-all" in flags:
+        options["train"] = "adapters" if "-adapters" in flags else "all"
+    if "-logits" in flags:
+        options["features"] = 0.0
+    return config, ("copy" if m.group(1) else "trained"), options
 
 
-def kdna_convert(model: nn.Module, spec: dict[str, Any], row: str) -> tuple[nn.Module, str]:
-    config, init, trainable = kdna_config(spec, row)
+def kdna_convert(model: nn.Module, spec: dict[str, Any], row: str) -> tuple[nn.Module, dict[str, Any]]:
+    config, init, options = kdna_config(spec, row)
     with torch.no_grad():
-        return kdna_fx.transform(model, config, init=init), trainable
+        return kdna_fx.transform(model, config, init=init), options
 
 
 def classifier(model: nn.Module) -> nn.Module:
@@ -177,28 +188,30 @@ def matched(build: Callable[[float], nn.Module], target: int, lo: float, hi: flo
     return build(best), best
 
 
-def make_student(row: str, original: nn.Module, spec: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
-    """(student, what distillation trains, how it was made) for one row."""
+def make_student(row: str, original: nn.Module, spec: dict[str, Any],
+                 all_lr: float) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any]]:
+    """(student, calibrate options or None for no calibration, how it was made) for one row."""
     if row == "original":
-        return copy.deepcopy(original), "none", {}
+        return copy.deepcopy(original), None, {}
     if row.startswith("kdna"):
-        student, trainable = kdna_convert(original, spec, row)
-        return student, trainable, {}
+        student, options = kdna_convert(original, spec, row)
+        return student, options, {}
+    everything = {"train": "all", "lr": all_lr, "weight_lr": all_lr}  # no adapters: every weight, one rate
     m = re.fullmatch(r"(prune|svd)@(.+)", row)
     if m:
-        target = n_params(kdna_convert(original, spec, m.group(2))[0])
+        target = n_params(make_student(m.group(2), original, spec, all_lr)[0])
         if m.group(1) == "prune":
             student, knob = matched(lambda r: prune(original, r), target, 0.0, 0.9)
-            return student, "all", {"pruning_ratio": knob, "matched_to": m.group(2), "target_params": target}
+            return student, everything, {"pruning_ratio": knob, "matched_to": m.group(2), "target_params": target}
         names = shared_convs(original, spec)
         student, knob = matched(lambda f: factorise(original, names, f), target, 0.02, 1.0)
-        return student, "all", {"rank_fraction": knob, "matched_to": m.group(2), "target_params": target,
-                                "factorised": names}
+        return student, everything, {"rank_fraction": knob, "matched_to": m.group(2), "target_params": target,
+                                     "factorised": names}
     m = re.fullmatch(r"prune(\d+)\+(kdna-.+)", row)
     if m:
         ratio = int(m.group(1)) / 100
-        student, trainable = kdna_convert(prune(original, ratio), spec, m.group(2))
-        return student, trainable, {"pruning_ratio": ratio}
+        student, options = kdna_convert(prune(original, ratio), spec, m.group(2))
+        return student, options, {"pruning_ratio": ratio}
     raise SystemExit(f"unknown row {row!r}; rows look like {ROWS}")
 
 
@@ -243,15 +256,14 @@ def run_one(arch: str, row: str, seed: int, args: argparse.Namespace, path: str)
 
     record: dict[str, Any] = {"arch": arch, "row": row, "seed": seed, "stages": {}}
     start = time.perf_counter()
-    student, trainable, made = make_student(row, original, spec)
-    record.update(made=made, train=trainable, params_original=n_params(original))
+    student, options, made = make_student(row, original, spec, args.all_lr)
+    record.update(made=made, calibrate_options=options, params_original=n_params(original))
     record["stages"]["converted"] = {**score(student, original, test), "seconds": time.perf_counter() - start}
 
     start = time.perf_counter()
-    if trainable != "none":
-        lr = args.all_lr if trainable == "all" else args.lr
-        report = kdna_fx.calibrate(student, calib, reference=original, steps=args.steps, lr=lr, train=trainable,
-                                   seed=seed, progress=args.progress)
+    if options is not None:
+        report = kdna_fx.calibrate(student, calib, reference=original, steps=args.steps, seed=seed,
+                                   progress=args.progress, **options)
         record["calibration"] = report.to_dict()
     record["stages"]["calibrated"] = {**score(student, original, test), "seconds": time.perf_counter() - start}
     record["cost"] = cost(student)
@@ -281,8 +293,8 @@ def summarise(out: str) -> dict[str, Any]:
                     r = json.load(f)
                 runs.setdefault((r["arch"], r["row"]), []).append(r)
     rows = []
-    for (arch, row), rs in sorted(runs.items(), key=lambda kv: (kv[0][0], ROWS.index(kv[0][1])
-                                                                if kv[0][1] in ROWS else 99)):
+    for (arch, row), rs in sorted(runs.items(), key=lambda kv: (kv[0][0], (ROWS + ABLATION).index(kv[0][1])
+                                                                if kv[0][1] in ROWS + ABLATION else 99)):
         entry: dict[str, Any] = {"arch": arch, "row": row, "seeds": sorted(r["seed"] for r in rs),
                                  "params": rs[0]["cost"]["params"], "params_original": rs[0]["params_original"],
                                  "macs": rs[0]["cost"]["macs"],
@@ -360,11 +372,10 @@ def report(out: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=list(ORIGINALS), choices=list(ORIGINALS))
-    p.add_argument("--rows", nargs="+", default=ROWS)
+    p.add_argument("--rows", nargs="+", default=ROWS + ABLATION)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-2, help="distillation lr of KernelDNA rows (calibrate's default)")
     p.add_argument("--all-lr", type=float, default=1e-3, help="distillation lr when every parameter trains")
     p.add_argument("--finetune-images", type=int, default=10_000)
     p.add_argument("--test-images", type=int, default=0, help="score on the first N test images (0: all 10,000)")
@@ -376,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.report:
-        todo = [(a, r, s) for s in args.seeds for a in args.arch for r in args.rows]  # seed-major: spread noise
+        todo = [(a, r, s) for s in args.seeds for a in args.arch for r in args.rows  # seed-major: spread noise
+                if r not in ABLATION or s == args.seeds[0]]
         for i, (arch, row, seed) in enumerate(todo):
             path = os.path.join(args.out, "runs", arch, row, f"seed{seed}.json")
             if os.path.exists(path):

@@ -483,7 +483,7 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
 
 def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequence[str] | str = ("bn", "distill"),
               steps: int = 300, lr: float = 1e-2, batch_size: int = 64, temperature: float = 1.0,
-              train: str = "adapters", weight_lr: float | None = None, features: float = 0.0, layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
+              train: str = "parents", weight_lr: float | None = 1e-3, features: float = 1.0, layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
               norms: str = "train", seed: int = 0, progress: bool = True) -> CalibrationReport:
     """Calibrate a transformed model to the trained ``reference`` it came from, with unlabeled ``data``.
 

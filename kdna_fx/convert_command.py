@@ -41,8 +41,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", choices=("first", "centroid"), default=None, help="KDNAConfig.parent")
     p.add_argument("--calib-images", type=int, default=1024, help="unlabeled training images for calibration")
     p.add_argument("--steps", type=int, default=300, help="distillation steps")
-    p.add_argument("--train", choices=("adapters", "parents", "all"), default="adapters",
+    p.add_argument("--train", choices=("adapters", "parents", "all"), default="parents",
                    help="what distillation trains (kdna_fx.calibrate's train)")
+    p.add_argument("--features", type=float, default=1.0,
+                   help="weight of the per-layer loss on norm outputs (kdna_fx.calibrate's features; 0: logits only)")
     p.add_argument("--val-images", type=int, default=2000, help="validation images for the report (0: all)")
     p.add_argument("--finetune-epochs", type=float, default=0, help="labelled fine-tune after calibration")
     p.add_argument("--data", dest="data_path", default=None, help="data location (default: the run's, or "
@@ -162,7 +164,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     calib = _images(data.train, args.calib_images, args.seed)
     report = kdna_fx.calibrate(kmodel, calib, reference=original, steps=args.steps, train=args.train,
-                               seed=args.seed, progress=args.progress)
+                               features=args.features, seed=args.seed, progress=args.progress)
     steps["calibrated"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
     if args.finetune_epochs > 0:
         from .train import TrainConfig, train

@@ -201,7 +201,8 @@ def test_train_all_distills_a_student_that_was_not_transformed(task):
     student = TinyResNet(width=4, in_chans=1, num_classes=5)
     before_state, _ = snapshot(model)
     held_out_before = agreement(student, model, test_x)
-    report = calibrate(student, calib_x, reference=model, train="all", steps=150, lr=3e-3, progress=False)
+    report = calibrate(student, calib_x, reference=model, train="all", steps=150, lr=3e-3, weight_lr=3e-3,
+                       progress=False)
     assert report.agreement_after > report.agreement_before
     assert agreement(student, model, test_x) > max(0.6, held_out_before + 0.2)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_state.items())
