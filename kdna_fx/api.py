@@ -27,18 +27,42 @@ def _prepare(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[n
     return module, passes.trace(module, config), config
 
 
-def plan(model: nn.Module, config: KDNAConfig | None = None) -> passes.Plan:
+def _families(module: nn.Module, gm: fx.GraphModule, config: KDNAConfig, data: object) -> passes.Plan:
+    """plan_families, with the convs' output similarities measured on ``data`` when the policy needs them."""
+    sites, skipped = passes.find_convs(gm, config)
+    if config.policy != "cka":
+        if data is not None:
+            raise ConfigError("data is only used by KDNAConfig(policy='cka'), which groups convs by measured "
+                              "similarity; drop data or set policy='cka'")
+        return passes.plan_families(sites, skipped, config)
+    if data is None:
+        raise ConfigError("KDNAConfig(policy='cka') groups convs by the similarity of their outputs and needs "
+                          "calibration images: pass data=images (a tensor [N, C, H, W] or a DataLoader)")
+    from .cka import layer_similarity
+
+    names = [s.name for s in sites]
+    measured = layer_similarity(module, data, layers=names, progress=False) if len(names) > 1 else None
+    index = {n: i for i, n in enumerate(measured.names)} if measured is not None else {}
+
+    def similarity(a: str, b: str) -> float:
+        return float(measured.matrix[index[a], index[b]])  # type: ignore[union-attr]
+
+    return passes.plan_families(sites, skipped, config, similarity)
+
+
+def plan(model: nn.Module, config: KDNAConfig | None = None, *, data: object = None) -> passes.Plan:
     """The families transform() would build, and every skipped conv with its reason. Changes nothing.
 
     Edit the result with ``Plan.without`` / ``Plan.with_family`` (or ``to_dict`` -> ``Plan.from_dict``) and
-    pass it back as ``transform(model, config, plan=...)``.
+    pass it back as ``transform(model, config, plan=...)``. ``data``: calibration images for
+    ``KDNAConfig(policy="cka")`` (the convs' outputs are compared on them with linear CKA).
     """
-    _, gm, config = _prepare(model, config, inplace=True)
-    return passes.check_plan(gm, passes.plan_families(*passes.find_convs(gm, config), config))
+    module, gm, config = _prepare(model, config, inplace=True)
+    return passes.check_plan(gm, _families(module, gm, config, data))
 
 
 def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passes.Plan | None = None,
-              init: str = "copy", inplace: bool = False) -> fx.GraphModule:
+              init: str = "copy", data: object = None, inplace: bool = False) -> fx.GraphModule:
     """Trace ``model`` and turn same-shaped 3x3 convs of each stage into KernelDNA families.
 
     Returns a GraphModule. ``model`` is deep-copied first, so it stays untouched; ``inplace=True`` skips
@@ -50,7 +74,8 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
     parent. ``init="trained"`` (converting a trained model): every gate starts as the exact identity
     (``gate_scale`` 2 with fc2 = 0, so a(x) = 1 and the gate still trains), and each child's low-rank
     residual (``AdapterConfig(rank=r)``) starts as the truncated SVD of its own kernel minus its parent's.
-    Follow with ``kdna_fx.calibrate`` on unlabeled images.
+    Follow with ``kdna_fx.calibrate`` on unlabeled images. ``data``: calibration images for
+    ``KDNAConfig(policy="cka")``, as in ``plan``.
     """
     if init not in ("copy", "trained"):
         raise ConfigError(f"init must be 'copy' (train from scratch) or 'trained' (convert a trained model), "
@@ -64,9 +89,13 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
         config = (config if config is not None else KDNAConfig()).map_adapters(
             lambda a: dataclasses.replace(a, gate_scale=2.0))
     module, gm, config = _prepare(model, config, inplace)
-    sites, skipped = passes.find_convs(gm, config)
-    chosen = (passes.plan_families(sites, skipped, config) if plan is None
-              else passes.adopt(plan, sites, skipped, config))
+    if plan is None:
+        chosen = _families(module, gm, config, data)
+    else:
+        if data is not None:
+            raise ConfigError("transform got both plan= and data=; data only chooses the families of a new plan "
+                              "(policy='cka'), a given plan already has them")
+        chosen = passes.adopt(plan, *passes.find_convs(gm, config), config)
     chosen = passes.check_plan(gm, chosen)
     if not chosen.families:
         reasons = Counter(s.reason.split(":")[0] for s in chosen.skipped)

@@ -91,6 +91,12 @@ class KDNAConfig:
     """'first': a family's first member keeps its kernel and is the parent. 'centroid': the family gets a
     new shared kernel, initialised as the mean of the members' kernels, and every member (the first one
     included, which holds the new kernel) becomes a child with its own adapter."""
+    policy: str = "position"
+    """How families form among same-shaped convs. 'position': by graph order (the first member is the
+    parent; ``max_children`` splits a family into consecutive runs). 'cka': by measured similarity of the
+    convs' outputs (linear CKA on calibration data: ``kdna_fx.plan(model, config, data=images)``); the
+    parent is the member most similar to the rest, and ``max_children`` splits a family into groups of
+    similar convs with the same sizes as 'position' would give."""
     only_if_smaller: bool = True
     """Share a conv only when its adapter has fewer parameters than its kernel (thin grouped convs often don't)."""
     leaf_modules: tuple[type, ...] = ()
@@ -102,6 +108,9 @@ class KDNAConfig:
         self.by_name_regex = [tuple(item) for item in self.by_name_regex]  # type: ignore[misc]
         if not self.kernel_sizes or any(not isinstance(k, int) or k < 1 for k in self.kernel_sizes):
             raise ConfigError(f"kernel_sizes must be positive integers, got {self.kernel_sizes!r}")
+        if self.policy not in ("position", "cka"):
+            raise ConfigError(f"KDNAConfig.policy must be 'position' (families by graph order) or 'cka' (by "
+                              f"measured output similarity, needs data), got {self.policy!r}")
         if self.parent not in ("first", "centroid"):
             raise ConfigError(f"KDNAConfig.parent must be 'first' or 'centroid', got {self.parent!r}")
         if self.stage_depth < 0:

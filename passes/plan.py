@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from kdna_fx.config import KDNAConfig
 from kdna_fx.errors import KDNAError
@@ -32,11 +32,18 @@ class Family:
     stage: str = ""
     shape: tuple[int, int, int, int] | None = None  # parent kernel: (C_out, C_in / groups, kh, kw)
     groups: int = 1
+    similarity: tuple[float, ...] | None = None
+    """policy='cka': each child's measured CKA to the parent (in ``children`` order)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.children, str):
             raise KDNAError(f"Family.children must be a sequence of conv names, got the string {self.children!r}")
         object.__setattr__(self, "children", tuple(self.children))
+        if self.similarity is not None:
+            object.__setattr__(self, "similarity", tuple(float(v) for v in self.similarity))
+            if len(self.similarity) != len(self.children):
+                raise KDNAError(f"the family of {self.parent!r} has {len(self.children)} children but "
+                                f"{len(self.similarity)} similarities; give one per child or none")
         if self.shape is not None:
             object.__setattr__(self, "shape", tuple(self.shape))
         if not self.children:
@@ -90,10 +97,12 @@ class Plan:
                 skipped += [Skipped(m, reason if m in drop else f"its parent {family.parent!r} was {reason}")
                             for m in family.members]
                 continue
-            children = tuple(c for c in family.children if c not in drop)
+            kept = [i for i, c in enumerate(family.children) if c not in drop]
+            children = tuple(family.children[i] for i in kept)
             skipped += [Skipped(c, reason) for c in family.children if c in drop]
             if children:
-                families.append(dataclasses.replace(family, children=children))
+                similarity = None if family.similarity is None else tuple(family.similarity[i] for i in kept)
+                families.append(dataclasses.replace(family, children=children, similarity=similarity))
             else:
                 skipped.append(Skipped(family.parent, "its family has no child left"))
         return dataclasses.replace(self, families=tuple(families), skipped=tuple(skipped))
@@ -115,7 +124,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "families": [{"stage": f.stage, "parent": f.parent, "children": list(f.children),
-                          "shape": list(f.shape) if f.shape is not None else None, "groups": f.groups}
+                          "shape": list(f.shape) if f.shape is not None else None, "groups": f.groups,
+                          **({"similarity": list(f.similarity)} if f.similarity is not None else {})}
                          for f in self.families],
             "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
         }
@@ -128,10 +138,10 @@ class Plan:
             raise KDNAError(f"a plan dict has the keys 'families' (required) and 'skipped'; got {sorted(data)}")
         families = []
         for i, entry in enumerate(data["families"]):
-            extra = sorted(set(entry) - {"parent", "children", "stage", "shape", "groups"})
+            extra = sorted(set(entry) - {"parent", "children", "stage", "shape", "groups", "similarity"})
             if extra or "parent" not in entry or "children" not in entry:
                 raise KDNAError(f"plan family #{i} {dict(entry)!r}: needs 'parent' and 'children' (optional: "
-                                f"'stage', 'shape', 'groups'){f'; unknown keys {extra}' if extra else ''}")
+                                f"'stage', 'shape', 'groups', 'similarity'){f'; unknown keys {extra}' if extra else ''}")
             families.append(Family(**entry))
         skipped = tuple(Skipped(s["name"], s["reason"]) for s in data.get("skipped", ()))
         return cls(tuple(families), skipped)
@@ -139,9 +149,13 @@ class Plan:
     # ---- display -------------------------------------------------------------------------------------------
     def table(self) -> str:
         """The plan as readable text tables."""
+        measured = any(f.similarity is not None for f in self.families)
         rows = [[f.stage or "-", f.parent, "(self)" if f.self_adapted else ", ".join(f.children),
-                 "x".join(map(str, f.shape or ("?",))), str(f.groups)] for f in self.families]
-        text = format_table(["stage", "parent", "children", "kernel", "groups"], rows,
+                 "x".join(map(str, f.shape or ("?",))), str(f.groups)]
+                + ([", ".join(f"{v:.2f}" for v in f.similarity or ()) or "-"] if measured else [])
+                for f in self.families]
+        text = format_table(["stage", "parent", "children", "kernel", "groups"]
+                            + (["CKA child-parent"] if measured else []), rows,
                             title=f"{len(self.families)} families, {len(self.children)} children")
         if self.skipped:
             text += "\n\n" + format_table(["conv", "why it is left alone"],
@@ -153,12 +167,22 @@ class Plan:
         return self.table()
 
 
-def plan_families(sites: list[ConvSite], skipped: list[Skipped], config: KDNAConfig) -> Plan:
-    """Families by identical (stage, C_in, C_out, kernel, groups, dilation, padding mode), in graph order.
+Similarity = Callable[[str, str], float]
 
-    The first member of a family is its parent; with ``max_children`` a family is split into runs of at
-    most that many children, each run led by a parent of its own. Deterministic: same model, same plan.
+
+def plan_families(sites: list[ConvSite], skipped: list[Skipped], config: KDNAConfig,
+                  similarity: Similarity | None = None) -> Plan:
+    """Families by identical (stage, C_in, C_out, kernel, groups, dilation, padding mode).
+
+    ``config.policy == "position"``: in graph order, the first member of a family is its parent; with
+    ``max_children`` a family is split into runs of at most that many children, each led by a parent of
+    its own. ``"cka"``: ``similarity(a, b)`` (the CKA of two convs' outputs, measured by the caller) groups
+    the members into families of the same sizes, most similar together, and makes the member with the
+    highest mean similarity to the rest of its family the parent. Deterministic: same inputs, same plan.
     """
+    if config.policy == "cka" and similarity is None:
+        raise KDNAError("KDNAConfig(policy='cka') needs the convs' measured similarities: give calibration "
+                        "images, kdna_fx.plan(model, config, data=images) or transform(model, config, data=images)")
     by_name = {s.name: s for s in sites}
     skipped = list(skipped)
     if not config.share:
@@ -178,12 +202,17 @@ def plan_families(sites: list[ConvSite], skipped: list[Skipped], config: KDNACon
                     f"'{first.stage or '<model>'}', min_family_size={config.min_family_size}")))
             continue
         step = (config.max_children or len(members)) + 1
-        for start in range(0, len(members), step):
-            run = members[start:start + step]
+        runs = [members[start:start + step] for start in range(0, len(members), step)]
+        if config.policy == "cka":
+            runs = _similar_groups(members, [len(r) for r in runs], similarity)  # type: ignore[arg-type]
+        for run in runs:
             if len(run) < 2:  # a lone trailing parent would share with nobody
                 skipped.append(Skipped(run[0].name, f"left over after splitting by max_children={config.max_children}"))
                 continue
-            families.append(_family(run[0], run[1:]))
+            if config.policy == "cka":
+                families.append(_representative_family(run, similarity))  # type: ignore[arg-type]
+            else:
+                families.append(_family(run[0], run[1:]))
     order = {s.name: i for i, s in enumerate(sites)}
     families.sort(key=lambda f: order[f.parent])
     return Plan(tuple(families), tuple(skipped), by_name, config)
@@ -215,7 +244,8 @@ def adopt(plan: Plan, sites: list[ConvSite], skipped: list[Skipped], config: KDN
     if repeated:
         raise KDNAError(f"{repeated} appear in more than one family (or twice in one); a conv belongs to one "
                         f"family at most")
-    families = tuple(_family(by_name[f.parent], [by_name[c] for c in f.children]) for f in plan.families)
+    families = tuple(dataclasses.replace(_family(by_name[f.parent], [by_name[c] for c in f.children]),
+                                         similarity=f.similarity) for f in plan.families)
     in_family = set(named)
     kept = [s for s in plan.skipped if s.name not in in_family]
     listed = {s.name for s in kept}
@@ -223,6 +253,34 @@ def adopt(plan: Plan, sites: list[ConvSite], skipped: list[Skipped], config: KDN
     rest += [Skipped(s.name, "not in the given plan") for s in sites
              if s.name not in in_family and s.name not in listed]
     return Plan(families, tuple(kept + rest), by_name, config)
+
+
+def _similar_groups(members: list[ConvSite], sizes: list[int], similarity: Similarity) -> list[list[ConvSite]]:
+    """Split ``members`` into groups of ``sizes``: each group is seeded by the member most similar to the
+    others left, then filled with the members most similar to that seed. Ties go to graph order."""
+    left = list(members)
+    groups = []
+    for size in sizes:
+        def mean_to_rest(m: ConvSite) -> float:
+            return sum(similarity(m.name, o.name) for o in left if o is not m) / max(1, len(left) - 1)
+
+        seed = max(left, key=lambda m: (mean_to_rest(m), -left.index(m)))
+        rest = sorted((m for m in left if m is not seed), key=lambda m: (-similarity(seed.name, m.name), left.index(m)))
+        group = [seed] + rest[:size - 1]
+        left = [m for m in left if m not in group]
+        groups.append([m for m in members if m in group])  # graph order inside a family
+    return groups
+
+
+def _representative_family(run: list[ConvSite], similarity: Similarity) -> Family:
+    """The member with the highest mean similarity to the others is the parent (ties: graph order)."""
+    def mean(m: ConvSite) -> float:
+        return sum(similarity(m.name, o.name) for o in run if o is not m) / (len(run) - 1)
+
+    parent = max(run, key=lambda m: (mean(m), -run.index(m)))
+    children = [m for m in run if m is not parent]
+    return dataclasses.replace(_family(parent, children),
+                               similarity=tuple(similarity(parent.name, c.name) for c in children))
 
 
 def _family(parent: ConvSite, children: Iterable[ConvSite]) -> Family:
