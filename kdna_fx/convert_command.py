@@ -24,6 +24,7 @@ import kdna_fx
 
 from .config import KDNAConfig
 from .models import sharing_config
+from .source import build_original, load_source
 from .errors import ConfigError, KDNAError, StateError
 from .tables import format_table
 
@@ -55,52 +56,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_source(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(model spec, data spec, state dict) of the source."""
-    from .train.checkpoint import CHECKPOINT_NAME, read_checkpoint
-
-    if os.path.isdir(args.source):
-        ckpt = read_checkpoint(os.path.join(args.source, CHECKPOINT_NAME))
-        spec, data = dict(ckpt["config"]["model"]), dict(ckpt["config"]["data"])
-        if args.model not in (None, spec["name"]):
-            raise ConfigError(f"--model {args.model!r} differs from the run's model {spec['name']!r}; drop it or "
-                              f"pass the run's name")
-        return spec, data, ckpt["model"]
-    if not os.path.isfile(args.source):
-        raise ConfigError(f"{args.source!r} is neither a `kdna train` run directory nor a state-dict file")
-    if args.model is None:
-        raise ConfigError("a state-dict SOURCE needs --model NAME (the architecture the weights belong to)")
-    try:
-        if args.source.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(args.source)
-        else:
-            state = torch.load(args.source, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise StateError(f"cannot read {args.source!r} as a state dict: {exc}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise StateError(f"{args.source!r} does not hold a state dict (name -> tensor)")
-    spec = {"name": args.model, "width": args.width or 1.0, "small_stem": bool(args.small_stem),
-            "num_classes": args.num_classes or 10, "in_chans": 1}
-    return spec, {"dataset": "fashion-mnist", "path": None}, state
-
-
-def _build_original(spec: dict[str, Any]) -> nn.Module:
-    from .models import list_models
-    from .train.models import build_model
-
-    if spec["name"] in list_models():
-        return build_model(spec)
-    import torchvision
-
-    try:
-        return torchvision.models.get_model(spec["name"], weights=None, num_classes=spec["num_classes"])
-    except ValueError:
-        raise ConfigError(f"unknown model {spec['name']!r}: neither a kdna_fx.models name "
-                          f"(kdna_fx.models.list_models()) nor a torchvision builder") from None
-
-
 @torch.no_grad()
 def _score(model: nn.Module, original: nn.Module, loader: DataLoader) -> dict[str, float]:
     model.eval()
@@ -130,7 +85,8 @@ def _images(data: Dataset, n: int, seed: int) -> torch.Tensor:
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     from .train.data import build_data
 
-    spec, data_spec, state = _load_source(args)
+    spec, data_spec, state = load_source(args.source, args.model, width=args.width, small_stem=args.small_stem,
+                                         num_classes=args.num_classes)
     if args.data_path:
         data_spec["path"] = args.data_path
     data = build_data(data_spec.get("dataset", "fashion-mnist"), data_spec.get("path"), seed=args.seed,
@@ -138,7 +94,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     if args.calib_images < 1:
         raise ConfigError(f"--calib-images must be >= 1, got {args.calib_images}")
     spec = {**spec, "num_classes": data.num_classes, "in_chans": data.in_chans}
-    original = _build_original(spec)
+    original = build_original(spec)
     try:
         original.load_state_dict(state, strict=True)
     except RuntimeError as exc:
