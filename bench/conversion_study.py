@@ -98,27 +98,57 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def kdna_config(spec: dict[str, Any], row: str) -> tuple[kdna_fx.KDNAConfig, str, dict[str, Any]]:
-    """(config, init, calibrate options) of a ``kdna-...`` row; no flag means calibrate's defaults."""
-    m = re.fullmatch(r"kdna(-copy)?-r(\d+)((?:-centroid|-adapters|-all|-logits)*)", row)
+def kdna_config(spec: dict[str, Any], row: str) -> tuple[kdna_fx.KDNAConfig, str, dict[str, Any], int | None]:
+    """(config, init, calibrate options, random-plan seed) of a ``kdna-...`` row; no flag: calibrate's defaults.
+
+    Plan flags (the CKA study's rows): ``-pairs`` caps families at one child (``max_children=1``), ``-cka``
+    groups by measured similarity (``policy="cka"``), ``-random{K}`` shuffles the members of each shape group
+    into families of the same sizes with seed K.
+    """
+    m = re.fullmatch(r"kdna(-copy)?-r(\d+)((?:-centroid|-adapters|-all|-logits|-pairs|-cka|-random\d+)*)", row)
     if m is None:
         raise SystemExit(f"unknown KernelDNA row {row!r}")
     rank, flags = int(m.group(2)), m.group(3)
     config = sharing_config(spec["name"]).map_adapters(lambda a: dataclasses.replace(a, rank=rank))
     if "-centroid" in flags:
         config = dataclasses.replace(config, parent="centroid")
+    if "-pairs" in flags:
+        config = dataclasses.replace(config, max_children=1)
+    if "-cka" in flags:
+        config = dataclasses.replace(config, policy="cka")
     options: dict[str, Any] = {}
     if "-adapters" in flags or "-all" in flags:
         options["train"] = "adapters" if "-adapters" in flags else "all"
     if "-logits" in flags:
         options["features"] = 0.0
-    return config, ("copy" if m.group(1) else "trained"), options
+    shuffle = re.search(r"-random(\d+)", flags)
+    return config, ("copy" if m.group(1) else "trained"), options, int(shuffle.group(1)) if shuffle else None
 
 
-def kdna_convert(model: nn.Module, spec: dict[str, Any], row: str) -> tuple[nn.Module, dict[str, Any]]:
-    config, init, options = kdna_config(spec, row)
+def random_plan(plan: kdna_fx.passes.Plan, seed: int) -> kdna_fx.passes.Plan:
+    """The eligible convs of each shape group shuffled into families of the sizes ``plan`` has."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes: dict[Any, list[int]] = {}
+    for family in plan.families:
+        sizes.setdefault(plan.sites[family.parent].family_key, []).append(len(family.members))
+    families = []
+    for key, wanted in sizes.items():
+        pool = [name for name, site in plan.sites.items() if site.family_key == key]
+        pool = [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
+        for size in wanted:
+            run, pool = pool[:size], pool[size:]
+            families.append(kdna_fx.passes.Family(run[0], tuple(run[1:])))
+    return kdna_fx.passes.Plan(tuple(families))
+
+
+def kdna_convert(model: nn.Module, spec: dict[str, Any], row: str,
+                 calib: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    config, init, options, shuffle = kdna_config(spec, row)
     with torch.no_grad():
-        return kdna_fx.transform(model, config, init=init), options
+        if shuffle is not None:
+            return kdna_fx.transform(model, config, plan=random_plan(kdna_fx.plan(model, config), shuffle),
+                                     init=init), options
+        return kdna_fx.transform(model, config, init=init, data=calib if config.policy == "cka" else None), options
 
 
 def classifier(model: nn.Module) -> nn.Module:
@@ -188,18 +218,19 @@ def matched(build: Callable[[float], nn.Module], target: int, lo: float, hi: flo
     return build(best), best
 
 
-def make_student(row: str, original: nn.Module, spec: dict[str, Any],
-                 all_lr: float) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any]]:
+def make_student(row: str, original: nn.Module, spec: dict[str, Any], all_lr: float,
+                 calib: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any]]:
     """(student, calibrate options or None for no calibration, how it was made) for one row."""
     if row == "original":
         return copy.deepcopy(original), None, {}
     if row.startswith("kdna"):
-        student, options = kdna_convert(original, spec, row)
-        return student, options, {}
+        student, options = kdna_convert(original, spec, row, calib)
+        made = {"plan": kdna_fx.plan_of(student).to_dict()["families"]} if re.search(r"-(pairs|cka|random)", row) else {}
+        return student, options, made
     everything = {"train": "all", "lr": all_lr, "weight_lr": all_lr}  # no adapters: every weight, one rate
     m = re.fullmatch(r"(prune|svd)@(.+)", row)
     if m:
-        target = n_params(make_student(m.group(2), original, spec, all_lr)[0])
+        target = n_params(make_student(m.group(2), original, spec, all_lr, calib)[0])
         if m.group(1) == "prune":
             student, knob = matched(lambda r: prune(original, r), target, 0.0, 0.9)
             return student, everything, {"pruning_ratio": knob, "matched_to": m.group(2), "target_params": target}
@@ -210,7 +241,7 @@ def make_student(row: str, original: nn.Module, spec: dict[str, Any],
     m = re.fullmatch(r"prune(\d+)\+(kdna-.+)", row)
     if m:
         ratio = int(m.group(1)) / 100
-        student, options = kdna_convert(prune(original, ratio), spec, m.group(2))
+        student, options = kdna_convert(prune(original, ratio), spec, m.group(2), calib)
         return student, options, {"pruning_ratio": ratio}
     raise SystemExit(f"unknown row {row!r}; rows look like {ROWS}")
 
@@ -256,7 +287,7 @@ def run_one(arch: str, row: str, seed: int, args: argparse.Namespace, path: str)
 
     record: dict[str, Any] = {"arch": arch, "row": row, "seed": seed, "stages": {}}
     start = time.perf_counter()
-    student, options, made = make_student(row, original, spec, args.all_lr)
+    student, options, made = make_student(row, original, spec, args.all_lr, calib)
     record.update(made=made, calibrate_options=options, params_original=n_params(original))
     record["stages"]["converted"] = {**score(student, original, test), "seconds": time.perf_counter() - start}
 
