@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("kdna_fx.train.commands:eval_main", "top-1 and images/s of a kdna train checkpoint"),
     "convert": ("kdna_fx.convert_command:main", "convert a trained model (run directory or state dict) into a "
                                                "KernelDNA model, calibrated without labels"),
+    "cka": ("kdna_fx.cka_command:main", "linear CKA between a model's conv outputs: heat map (PNG), matrix (JSON) "
+                                       "and the most similar pairs; --compare draws a second model beside it"),
 }
 
 
