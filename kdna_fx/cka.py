@@ -253,7 +253,7 @@ class LayerSimilarity:
         try:
             from matplotlib.figure import Figure
         except ImportError:
-            raise KDNAError("LayerSimilarity.plot needs matplotlib: pip install matplotlib") from None
+            raise KDNAError("LayerSimilarity.plot needs matplotlib: pip install matplotlib (or the plot extra: pip install kdna_fx[plot])") from None
         panels = [self] if compare is None else [self, compare]
         size = max(4.0, 0.22 * max(len(p.names) for p in panels) + 2.5)
         # Figure, not pyplot: no global backend or state is touched, and it renders with Agg.
