@@ -64,6 +64,7 @@ def test_a_cka_plan_transforms_saves_and_reloads(tmp_path, dtype, tol):
     config = KDNAConfig(stage_depth=0, max_children=1, only_if_smaller=False, policy="cka")
     kmodel = kdna_fx.transform(model, config, data=images().to(dtype)).eval()
     assert kdna_fx.plan_of(kmodel).families[0].similarity is not None
+    assert "CKA child-parent" in str(kdna_fx.report(kmodel))
     x = images(4).to(dtype)
     path = tmp_path / "twins.safetensors"
     kdna_fx.save(kmodel, path)
