@@ -331,7 +331,8 @@ def summarise(out: str) -> dict[str, Any]:
                                  "macs": rs[0]["cost"]["macs"],
                                  "latency_b1_ms": statistics.median(r["cost"]["latency_b1_ms"] for r in rs),
                                  "images_per_s_b32": statistics.median(r["cost"]["images_per_s_b32"] for r in rs),
-                                 "calibration_s": statistics.mean(r["stages"]["calibrated"]["seconds"] for r in rs)}
+                                 "calibration_s": statistics.mean(r.get("calibration", {}).get("seconds", 0.0)
+                                                                  for r in rs)}
         for stage in STAGES:
             top1 = [r["stages"][stage]["top1"] for r in rs]
             entry[stage] = {"top1_mean": statistics.mean(top1),
