@@ -261,14 +261,20 @@ def score(model: nn.Module, original: nn.Module, loader: DataLoader) -> dict[str
     return {"top1": 100.0 * correct / count, "agreement": agree / count}
 
 
-def cost(model: nn.Module) -> dict[str, Any]:
+def deployable(model: nn.Module) -> nn.Module:
+    """What one would ship: KernelDNA rows folded (kdna_fx.fold), others as they are; eval mode."""
     transformed = isinstance(getattr(model, "meta", None), dict) and "kdna" in model.meta
-    deployable = kdna_fx.fold(model) if transformed else model
-    deployable.eval()
+    return (kdna_fx.fold(model) if transformed else model).eval()
+
+
+def cost(model: nn.Module) -> dict[str, Any]:
+    """Parameters, MACs and a first latency reading, taken inside the run (other jobs may share the cores:
+    ``--speed`` re-times every row interleaved in one process)."""
+    deployable_model = deployable(model)
     one, batch = torch.randn(1, 1, 28, 28), torch.randn(32, 1, 28, 28)
     with torch.no_grad():
-        latency = time_call(lambda: deployable(one), warmup=5, repeat=30)
-        throughput = time_call(lambda: deployable(batch), warmup=2, repeat=10)
+        latency = time_call(lambda: deployable_model(one), warmup=5, repeat=30)
+        throughput = time_call(lambda: deployable_model(batch), warmup=2, repeat=10)
     return {"params": n_params(model), "macs": count_macs(model, one)[0],
             "latency_b1_ms": 1e3 * latency["median_s"], "images_per_s_b32": 32 / throughput["median_s"]}
 
@@ -315,6 +321,31 @@ def run_one(arch: str, row: str, seed: int, args: argparse.Namespace, path: str)
 # ------------------------------------------------------------------------------------------------ report
 
 
+def speed(args: argparse.Namespace) -> None:
+    """Re-time the deployable form of every row on disk, rows interleaved in one process (weights do not
+    change the time: each row is rebuilt uncalibrated), median over ``--speed-rounds`` rounds."""
+    summary = summarise(args.out)
+    for arch in sorted({r["arch"] for r in summary["rows"]}):
+        original, spec = load_original(arch)
+        calib = torch.randn(64, 1, 28, 28)  # only for policy="cka" rows: which convs pair up, not the time
+        models = {r["row"]: deployable(make_student(r["row"], original, spec, args.all_lr, calib)[0])
+                  for r in summary["rows"] if r["arch"] == arch}
+        one, batch = torch.randn(1, 1, 28, 28), torch.randn(32, 1, 28, 28)
+        samples: dict[str, dict[str, list[float]]] = {row: {"b1": [], "b32": []} for row in models}
+        for _ in range(args.speed_rounds):
+            for row, model in models.items():
+                with torch.no_grad():
+                    samples[row]["b1"].append(time_call(lambda: model(one), warmup=3, repeat=20)["median_s"])
+                    samples[row]["b32"].append(time_call(lambda: model(batch), warmup=1, repeat=5)["median_s"])
+        result = {row: {"latency_b1_ms": 1e3 * statistics.median(v["b1"]),
+                        "latency_b1_ms_min_max": [1e3 * min(v["b1"]), 1e3 * max(v["b1"])],
+                        "images_per_s_b32": 32 / statistics.median(v["b32"])} for row, v in samples.items()}
+        with open(os.path.join(args.out, f"speed_{arch}.json"), "w") as f:
+            json.dump({"rows": result, "rounds": args.speed_rounds, "threads": torch.get_num_threads(),
+                       "provenance": provenance()}, f, indent=2)
+        print(f"{arch}: timed {len(models)} rows")
+
+
 def summarise(out: str) -> dict[str, Any]:
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for root, _, files in os.walk(os.path.join(out, "runs")):
@@ -340,6 +371,14 @@ def summarise(out: str) -> dict[str, Any]:
                             "top1_min": min(top1), "top1_max": max(top1),
                             "agreement_mean": statistics.mean(r["stages"][stage]["agreement"] for r in rs)}
         rows.append(entry)
+    for arch in {r["arch"] for r in rows}:
+        path = os.path.join(out, f"speed_{arch}.json")
+        if os.path.exists(path):  # the interleaved timings replace the in-run readings
+            with open(path) as f:
+                timed = json.load(f)["rows"]
+            for r in rows:
+                if r["arch"] == arch and r["row"] in timed:
+                    r.update(timed[r["row"]], timing="interleaved")
     return {"rows": rows}
 
 
@@ -364,25 +403,29 @@ def plot(summary: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     archs = sorted({r["arch"] for r in summary["rows"]})
-    fig, axes = plt.subplots(len(archs), 2, figsize=(12, 4.5 * len(archs)), squeeze=False)
+    fig, axes = plt.subplots(len(archs), 3, figsize=(18, 4.5 * len(archs)), squeeze=False)
     style = {"kdna": ("tab:blue", "o"), "prune": ("tab:orange", "s"), "svd": ("tab:green", "^"),
              "original": ("black", "*")}
+    panels = (("calibrated", "params", "after label-free calibration"),
+              ("fine-tuned", "params", "after 1-epoch fine-tune"),
+              ("fine-tuned", "latency_b1_ms", "after fine-tune, against batch-1 latency"))
     for ax_row, arch in zip(axes, archs):
-        for ax, stage in zip(ax_row, ("calibrated", "fine-tuned")):
+        for ax, (stage, x_key, what) in zip(ax_row, panels):
             for r in (r for r in summary["rows"] if r["arch"] == arch):
                 kind = "original" if r["row"] == "original" else re.split(r"[@\-0-9+]", r["row"])[0]
                 if "+" in r["row"]:
                     kind = "prune+kdna"
                 color, marker = style.get(kind, ("tab:purple", "D"))
                 s = r[stage]
-                ax.errorbar(r["params"], s["top1_mean"], yerr=[[s["top1_mean"] - s["top1_min"]],
-                                                                [s["top1_max"] - s["top1_mean"]]],
+                ax.errorbar(r[x_key], s["top1_mean"], yerr=[[s["top1_mean"] - s["top1_min"]],
+                                                             [s["top1_max"] - s["top1_mean"]]],
                             color=color, marker=marker, capsize=3, linestyle="none")
-                ax.annotate(r["row"], (r["params"], s["top1_mean"]), fontsize=7, xytext=(4, 3),
+                ax.annotate(r["row"], (r[x_key], s["top1_mean"]), fontsize=7, xytext=(4, 3),
                             textcoords="offset points")
-            ax.set_xlabel("parameters")
+            ax.set_xlabel("parameters" if x_key == "params" else "batch-1 latency, ms (eager CPU, 1 thread; "
+                          "KernelDNA folded)")
             ax.set_ylabel("top-1 % (10k test; bars: min-max over seeds)")
-            ax.set_title(f"{arch}: {'after label-free calibration' if stage == 'calibrated' else 'after 1-epoch fine-tune'}")
+            ax.set_title(f"{arch}: {what}")
             ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -415,10 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results/conversion")
     p.add_argument("--report", action="store_true", help="only write the tables and the plot")
+    p.add_argument("--speed", action="store_true", help="re-time every row on disk, interleaved, then report")
+    p.add_argument("--speed-rounds", type=int, default=5)
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not args.report:
+    if args.speed:
+        speed(args)
+    elif not args.report:
         todo = [(a, r, s) for s in args.seeds for a in args.arch for r in args.rows  # seed-major: spread noise
                 if r not in ABLATION or s == args.seeds[0]]
         for i, (arch, row, seed) in enumerate(todo):
