@@ -17,12 +17,13 @@ from .report import Report, report
 from .state import load, save
 
 from . import models  # noqa: E402  (the zoo builds on everything above)
+from . import peers  # noqa: E402  (CondConv, DY-Conv, ODConv as transforms, for comparison)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ConfigError", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError",
-    "KDNATraceError", "NoEligibleConvWarning", "models", "Report", "SkippedSiteWarning", "StateError",
+    "KDNATraceError", "NoEligibleConvWarning", "models", "peers", "Report", "SkippedSiteWarning", "StateError",
     "UnwrappedModelWarning", "as_function", "calibrate", "fold", "functional", "load", "load_original", "passes", "plan", "plan_of",
     "register_not_traced", "report", "save", "transform",
 ]

@@ -6,15 +6,19 @@
 ``kdna_fx.transform`` runs the first six in that order. ``rewrite`` leaves the record that ``fold``,
 ``as_function``, ``kdna_fx.report`` and ``kdna_fx.save`` read, so a pipeline built from the passes
 directly works with all of them.
+
+``swap_convs`` (passes/peers.py) is the dynamic-convolution peers' pass: after ``trace`` and with
+``find_convs``' eligibility, it swaps conv modules for kdna_fx.peers layers.
 """
 from .find import ConvSite, Skipped, find_convs
 from .fold import fold
 from .functionalize import FunctionalModel, as_function
 from .initialize import initialize
+from .peers import PeerRecord, swap_convs
 from .plan import Family, Plan, adopt, plan_families
 from .rewrite import check_plan, rewrite
 from .trace import trace
 from .unwrap import unwrap
 
-__all__ = ["ConvSite", "Family", "FunctionalModel", "Plan", "Skipped", "adopt", "as_function", "check_plan",
-           "find_convs", "fold", "initialize", "plan_families", "rewrite", "trace", "unwrap"]
+__all__ = ["ConvSite", "Family", "FunctionalModel", "PeerRecord", "Plan", "Skipped", "adopt", "as_function", "check_plan",
+           "find_convs", "fold", "initialize", "plan_families", "rewrite", "swap_convs", "trace", "unwrap"]
