@@ -20,5 +20,5 @@ from .rewrite import check_plan, rewrite
 from .trace import trace
 from .unwrap import unwrap
 
-__all__ = ["ConvSite", "Family", "FunctionalModel", "PeerRecord", "Plan", "Skipped", "adopt", "as_function", "check_plan",
-           "find_convs", "fold", "initialize", "plan_families", "rewrite", "swap_convs", "trace", "unwrap"]
+__all__ = ["ConvSite", "Family", "FunctionalModel", "PeerRecord", "Plan", "Skipped", "adopt", "as_function",
+           "check_plan", "find_convs", "fold", "initialize", "plan_families", "rewrite", "swap_convs", "trace", "unwrap"]
