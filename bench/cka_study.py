@@ -183,6 +183,7 @@ def _scatter(pairs: list[dict[str, Any]], rho: float, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", default=["maps", "plans", "stand-in"], choices=["maps", "plans", "stand-in"])
+    p.add_argument("--rows", nargs="+", default=PLAN_ROWS, choices=PLAN_ROWS, help="plan rows to run")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--cka-images", type=int, default=512)
     p.add_argument("--calib-images", type=int, default=1024)
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 stand_in(args, original, spec, LayerSimilarity.from_dict(maps["original"]["flatten"]))
         if "plans" in args.parts:
             for seed in args.seeds:
-                for row in PLAN_ROWS:
+                for row in args.rows:
                     path = os.path.join(args.out, "runs", ARCH, row, f"seed{seed}.json")
                     if not os.path.exists(path):
                         print(f"{row} seed {seed}", flush=True)

@@ -11,7 +11,7 @@ from .api import as_function, fold, load_original, plan, plan_of, transform
 from .calibrate import CalibrationError, CalibrationReport, calibrate
 from .config import AdapterConfig, KDNAConfig
 from .errors import (ConfigError, GateBatchSizeError, KDNAError, KDNATraceError, NoEligibleConvWarning,
-                     SkippedSiteWarning, StateError, UnwrappedModelWarning)
+                     PartialTraceWarning, SkippedSiteWarning, StateError, UnwrappedModelWarning)
 from .registry import register_not_traced
 from .report import Report, report
 from .state import load, save
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ConfigError", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError",
-    "KDNATraceError", "NoEligibleConvWarning", "models", "peers", "Report", "SkippedSiteWarning", "StateError",
+    "KDNATraceError", "NoEligibleConvWarning", "PartialTraceWarning", "models", "peers", "Report", "SkippedSiteWarning", "StateError",
     "UnwrappedModelWarning", "as_function", "calibrate", "fold", "functional", "load", "load_original", "passes", "plan", "plan_of",
     "register_not_traced", "report", "save", "transform",
 ]

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import warnings
 from collections import Counter
+from typing import Callable
 
 import torch
 from torch import Tensor, fx, nn
@@ -16,7 +17,7 @@ from .errors import ConfigError, KDNATypeError, NoEligibleConvWarning, StateErro
 from .record import record_of
 
 
-def _prepare(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[nn.Module, fx.GraphModule, KDNAConfig]:
+def _module(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[nn.Module, KDNAConfig]:
     config = config if config is not None else KDNAConfig()
     if not isinstance(config, KDNAConfig):
         raise KDNATypeError(f"config must be a kdna_fx.KDNAConfig, got {type(config).__name__}")
@@ -24,30 +25,58 @@ def _prepare(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[n
     if not inplace:
         # Tracing shares leaf modules and tensors with the original; a copy keeps the caller's model intact.
         module = copy.deepcopy(module)
+    return module, config
+
+
+def _prepare(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[nn.Module, fx.GraphModule, KDNAConfig]:
+    """The model traced as a whole (kdna_fx.peers swaps convs in one graph; it does no partial tracing)."""
+    module, config = _module(model, config, inplace)
     return module, passes.trace(module, config), config
 
 
-def _families(module: nn.Module, gm: fx.GraphModule, config: KDNAConfig, data: object) -> passes.Plan:
-    """plan_families, with the convs' output similarities measured on ``data`` when the policy needs them."""
-    sites, skipped = passes.find_convs(gm, config)
-    if config.policy != "cka":
+def _plans(module: nn.Module, traced: passes.Traced, config: KDNAConfig, data: object,
+           given: passes.Plan | None) -> dict[str, passes.Plan]:
+    """One checked plan per traced part: ``given`` split into the parts, or plan_families (with the convs'
+    output similarities measured on ``data`` when the policy needs them)."""
+    found = {path: passes.find_convs(gm, config) for path, gm in traced.parts.items()}
+    if given is not None:
+        if data is not None:
+            raise ConfigError("transform got both plan= and data=; data only chooses the families of a new plan "
+                              "(policy='cka'), a given plan already has them")
+        wanted = passes.split_plan(given, traced.parts)
+        plans = {path: passes.adopt(wanted[path], *found[path], config) for path in traced.parts}
+    elif config.policy != "cka":
         if data is not None:
             raise ConfigError("data is only used by KDNAConfig(policy='cka'), which groups convs by measured "
                               "similarity; drop data or set policy='cka'")
-        return passes.plan_families(sites, skipped, config)
+        plans = {path: passes.plan_families(*found[path], config) for path in traced.parts}
+    else:
+        plans = _similar_plans(module, found, config, data)
+    return {path: passes.check_plan(traced.parts[path], plans[path]) for path in traced.parts}
+
+
+def _similar_plans(module: nn.Module, found: dict[str, tuple[list[passes.ConvSite], list[passes.Skipped]]],
+                   config: KDNAConfig, data: object) -> dict[str, passes.Plan]:
+    """policy='cka': the convs' outputs measured once, on the whole model, by their names from its root."""
     if data is None:
         raise ConfigError("KDNAConfig(policy='cka') groups convs by the similarity of their outputs and needs "
                           "calibration images: pass data=images (a tensor [N, C, H, W] or a DataLoader)")
     from .cka import layer_similarity
 
-    names = [s.name for s in sites]
+    def rooted(path: str, name: str) -> str:
+        return f"{path}.{name}" if path else name
+
+    names = [rooted(path, s.name) for path, (sites, _) in found.items() for s in sites]
     measured = layer_similarity(module, data, layers=names, progress=False) if len(names) > 1 else None
     index = {n: i for i, n in enumerate(measured.names)} if measured is not None else {}
 
-    def similarity(a: str, b: str) -> float:
-        return float(measured.matrix[index[a], index[b]])  # type: ignore[union-attr]
+    def similarity_in(path: str) -> Callable[[str, str], float]:
+        def similarity(a: str, b: str) -> float:
+            return float(measured.matrix[index[rooted(path, a)], index[rooted(path, b)]])  # type: ignore[union-attr]
+        return similarity
 
-    return passes.plan_families(sites, skipped, config, similarity)
+    return {path: passes.plan_families(sites, skipped, config, similarity_in(path))
+            for path, (sites, skipped) in found.items()}
 
 
 def plan(model: nn.Module, config: KDNAConfig | None = None, *, data: object = None) -> passes.Plan:
@@ -55,20 +84,28 @@ def plan(model: nn.Module, config: KDNAConfig | None = None, *, data: object = N
 
     Edit the result with ``Plan.without`` / ``Plan.with_family`` (or ``to_dict`` -> ``Plan.from_dict``) and
     pass it back as ``transform(model, config, plan=...)``. ``data``: calibration images for
-    ``KDNAConfig(policy="cka")`` (the convs' outputs are compared on them with linear CKA).
+    ``KDNAConfig(policy="cka")`` (the convs' outputs are compared on them with linear CKA). On a model that
+    is only partly traceable (docs/partial-tracing.md) the names run from the model's root.
     """
-    module, gm, config = _prepare(model, config, inplace=True)
-    return passes.check_plan(gm, _families(module, gm, config, data))
+    module, config = _module(model, config, inplace=True)
+    traced = passes.trace_parts(module, config)
+    passes.warn_opaque(module, traced.opaque, stacklevel=2)
+    return passes.merge_plans(_plans(module, traced, config, data, None), config)
 
 
 def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passes.Plan | None = None,
-              init: str = "copy", data: object = None, inplace: bool = False) -> fx.GraphModule:
+              init: str = "copy", data: object = None, inplace: bool = False) -> nn.Module:
     """Trace ``model`` and turn same-shaped 3x3 convs of each stage into KernelDNA families.
 
-    Returns a GraphModule. ``model`` is deep-copied first, so it stays untouched; ``inplace=True`` skips
-    the copy (for very large models) and the result then shares its remaining parameters and leaf modules
-    with ``model``. ``plan`` replaces the automatic planning with a given plan (edited, hand-written or
+    Returns a GraphModule when the model traces as a whole. ``model`` is deep-copied first, so it stays
+    untouched; ``inplace=True`` skips the copy (for very large models) and the result then shares its
+    remaining parameters and leaf modules with ``model``. ``plan`` replaces the automatic planning with a given plan (edited, hand-written or
     saved plan); ``config`` then defaults to the plan's own.
+
+    A model whose own forward torch.fx cannot trace comes back as itself (its class, its Python forward)
+    with its traceable subtrees rewritten into GraphModules in place; parts that cannot be traced stay as
+    they were, named by one PartialTraceWarning (``KDNAConfig(untraceable="error")`` raises KDNATraceError
+    instead). See docs/partial-tracing.md.
 
     ``init="copy"`` (default, the paper's from-scratch init): each child starts as an exact copy of its
     parent. ``init="trained"`` (converting a trained model): every gate starts as the exact identity
@@ -88,27 +125,25 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
     if init == "trained":
         config = (config if config is not None else KDNAConfig()).map_adapters(
             lambda a: dataclasses.replace(a, gate_scale=2.0))
-    module, gm, config = _prepare(model, config, inplace)
-    if plan is None:
-        chosen = _families(module, gm, config, data)
-    else:
-        if data is not None:
-            raise ConfigError("transform got both plan= and data=; data only chooses the families of a new plan "
-                              "(policy='cka'), a given plan already has them")
-        chosen = passes.adopt(plan, *passes.find_convs(gm, config), config)
-    chosen = passes.check_plan(gm, chosen)
-    if not chosen.families:
-        reasons = Counter(s.reason.split(":")[0] for s in chosen.skipped)
+    module, config = _module(model, config, inplace)
+    traced = passes.trace_parts(module, config)
+    plans = _plans(module, traced, config, data, plan)
+    kmodel = passes.assemble(module, traced, plans, config, init=init)
+    record = record_of(kmodel)
+    passes.warn_opaque(module, record.opaque, stacklevel=2)
+    if not record.plan.families:
+        reasons = Counter(s.reason.split(":")[0] for s in record.plan.skipped)
         summary = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "the model has no 2-D convolution"
+        how = "traced" if traced.whole else "not traced as a whole"
         warnings.warn(
             f"kdna_fx found no convolutions to share in {type(module).__name__} ({summary}); the model is "
-            f"returned unchanged (traced). kdna_fx.report(model) lists each conv with its reason; "
+            f"returned unchanged ({how}). kdna_fx.report(model) lists each conv with its reason; "
             f"KDNAConfig(kernel_sizes=(1, 3), depthwise=True, stage_depth=0) widens the search.",
             NoEligibleConvWarning, stacklevel=2)
-    return passes.rewrite(gm, chosen, init=init)
+    return kmodel
 
 
-def load_original(kmodel: fx.GraphModule, state_dict: dict[str, Tensor]) -> fx.GraphModule:
+def load_original(kmodel: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
     """Load a state dict of the *original* architecture into ``kmodel`` (strict about missing and unexpected
     keys), then start its adapters from the loaded kernels as ``transform`` would have: with
     ``parent="centroid"`` the mean kernel, with ``init="trained"`` identity gates and SVD residuals

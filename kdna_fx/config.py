@@ -101,6 +101,12 @@ class KDNAConfig:
     """Share a conv only when its adapter has fewer parameters than its kernel (thin grouped convs often don't)."""
     leaf_modules: tuple[type, ...] = ()
     """Module types kept opaque by tracing (added to kdna_fx.registry.NOT_TRACED)."""
+    untraceable: str = "partial"
+    """What transform() does with a forward that torch.fx cannot trace. 'partial': a submodule that cannot be
+    traced is kept opaque (its convs are not shared); when the model's own forward cannot be traced, each
+    traceable child subtree is transformed on its own and installed in place, so the model keeps its own
+    Python forward (docs/partial-tracing.md). One PartialTraceWarning names what stayed opaque.
+    'error': raise KDNATraceError, pointing at the line of the model that broke tracing."""
 
     def __post_init__(self) -> None:
         self.kernel_sizes = tuple(self.kernel_sizes)
@@ -111,6 +117,9 @@ class KDNAConfig:
         if self.policy not in ("position", "cka"):
             raise ConfigError(f"KDNAConfig.policy must be 'position' (families by graph order) or 'cka' (by "
                               f"measured output similarity, needs data), got {self.policy!r}")
+        if self.untraceable not in ("partial", "error"):
+            raise ConfigError(f"KDNAConfig.untraceable must be 'partial' (keep what cannot be traced opaque and "
+                              f"transform the rest) or 'error' (raise KDNATraceError), got {self.untraceable!r}")
         if self.parent not in ("first", "centroid"):
             raise ConfigError(f"KDNAConfig.parent must be 'first' or 'centroid', got {self.parent!r}")
         if self.stage_depth < 0:
@@ -186,6 +195,7 @@ class KDNAConfig:
             "parent": self.parent,
             "only_if_smaller": self.only_if_smaller,
             "leaf_modules": [_qualname(t) for t in self.leaf_modules],
+            "untraceable": self.untraceable,
         }
 
     @classmethod

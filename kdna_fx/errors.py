@@ -9,15 +9,17 @@ class KDNAError(Exception):
 class KDNATraceError(KDNAError):
     """The model could not be traced by torch.fx symbolic tracing.
 
-    Attributes name the innermost module being traced (``module_name``, ``module_type``) and the
-    operation that broke tracing (``operation``).
+    Attributes name the innermost module being traced (``module_name``, ``module_type``), the
+    operation that broke tracing (``operation``) and where, in the model's own code (``source``:
+    ``"path/to/model.py:42 `if x.sum() > 0:`"``, or "" when no line of it was running).
     """
 
-    def __init__(self, message: str, *, module_name: str, module_type: str, operation: str):
+    def __init__(self, message: str, *, module_name: str, module_type: str, operation: str, source: str = ""):
         super().__init__(message)
         self.module_name = module_name
         self.module_type = module_type
         self.operation = operation
+        self.source = source
 
 
 class GateBatchSizeError(KDNAError, ValueError):
@@ -34,6 +36,11 @@ class StateError(KDNAError, ValueError):
 
 class NoEligibleConvWarning(UserWarning):
     """transform() found nothing to share; the model is returned unchanged (traced)."""
+
+
+class PartialTraceWarning(UserWarning):
+    """transform() kept parts of the model it could not trace (or rewrite) as they were; their convs are not
+    shared. kdna_fx.report lists each part with its reason; KDNAConfig(untraceable="error") raises instead."""
 
 
 class SkippedSiteWarning(UserWarning):

@@ -1,12 +1,21 @@
-"""What passes.rewrite leaves on a GraphModule (``gm.meta["kdna"]``), read by fold, report, save and load."""
+"""What kdna_fx.transform leaves on the model it returns, read by fold, report, save and load.
+
+A GraphModule (the whole model traced) carries its record in ``gm.meta["kdna"]``, left there by
+passes.rewrite. A *composite* (the model's own forward could not be traced; passes.partial) is the user's
+model object with rewritten GraphModule subtrees installed in place: its record sits in the attribute
+``COMPOSITE_ATTR``, speaks in names from the model's root, and lists the subtrees in ``parts``; each
+subtree keeps its own record (names inside the subtree) as any GraphModule does.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from .errors import KDNAError
+
+COMPOSITE_ATTR = "_kdna_record"
 
 
 @dataclass
@@ -18,6 +27,10 @@ class TransformRecord:
     folded: bool = False
     init: str = "copy"
     """How the adapters started: 'copy' (children are copies of their parent) or 'trained' (converted)."""
+    parts: tuple[str, ...] = ()
+    """A composite's rewritten GraphModule subtrees, by module path; empty on a GraphModule."""
+    opaque: tuple[Any, ...] = ()
+    """kdna_fx.passes.partial.Opaque: each part that runs as it was (not traced, or left alone), and why."""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -25,13 +38,31 @@ class TransformRecord:
         return self.plan.config.to_dict()
 
 
+def find_record(model: object) -> TransformRecord | None:
+    """The record of a transformed model (or of the model inside a torch.compile wrapper), else None."""
+    if not isinstance(model, nn.Module):
+        return None
+    meta = getattr(model, "meta", None)
+    record = meta.get("kdna") if isinstance(meta, dict) else None
+    # vars(): a plain attribute, never a parameter or submodule (nn.Module.__getattr__ would look there).
+    record = record or vars(model).get(COMPOSITE_ATTR)
+    if record is None and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return find_record(model._orig_mod)
+    return record
+
+
 def record_of(model: nn.Module) -> TransformRecord:
     """The record of a transformed model (or of the model inside a torch.compile wrapper)."""
-    record = getattr(model, "meta", {}).get("kdna") if isinstance(model, nn.Module) else None
+    record = find_record(model)
     if record is None:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is not None:
-            return record_of(inner)
         raise KDNAError(f"{type(model).__name__} is not a kdna_fx-transformed model; "
                         f"call kdna_fx.transform(model) first")
     return record
+
+
+def graphs_of(model: nn.Module) -> list[fx.GraphModule]:
+    """The rewritten graphs of a transformed model: the model itself, or a composite's parts."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, fx.GraphModule) and "kdna" in model.meta:
+        return [model]
+    return [model.get_submodule(path) for path in record_of(model).parts]  # type: ignore[misc]

@@ -1,7 +1,7 @@
 """report(): what transform() did, as readable tables and as data."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,8 @@ class Report:
     macs_before: int
     macs_after: int
     folded: bool
+    opaque: list[dict[str, Any]] = field(default_factory=list)
+    """Parts that ran as they were (not traced, or left alone): path, type, kept, reason, source."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,7 +45,13 @@ class Report:
         ], title=f"kdna_fx report: {self.model}" + (" (folded for inference)" if self.folded else ""))
         note = ("MACs count convolutions and matrix products (torch.utils.flop_counter); elementwise gating and "
                 "modulation are not counted.")
-        return f"{summary}\n{note}\n\n{plan.table()}"
+        text = f"{summary}\n{note}\n\n{plan.table()}"
+        if self.opaque:
+            text += "\n\n" + format_table(
+                ["part", "type", "kept", "why", "where"],
+                [[o["path"] or "<model>", o["type"], o["kept"], o["reason"], o["source"] or "-"] for o in self.opaque],
+                title=f"{len(self.opaque)} parts kept as they were (their convolutions are not shared)")
+        return text
 
 
 def _change(before: int, after: int) -> str:
@@ -57,7 +65,7 @@ def _si(n: float) -> str:
     return str(int(n))
 
 
-def count_macs(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
+def count_macs(model: nn.Module, example_input: Tensor | list[Tensor]) -> tuple[int, int]:
     """(total MACs, MACs inside adapter gates) of one eval-mode forward pass."""
     was_training = model.training
     model.eval()
@@ -73,8 +81,9 @@ def count_macs(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
     return counter.get_total_flops() // 2, gate_flops // 2
 
 
-def report(model: nn.Module, example_input: Tensor | None = None) -> Report:
-    """Report on a transformed model. ``example_input`` defaults to one 224x224 image.
+def report(model: nn.Module, example_input: Tensor | list[Tensor] | None = None) -> Report:
+    """Report on a transformed model. ``example_input`` defaults to one 224x224 image; a model whose forward
+    takes a list of images (torchvision's detection models) takes a list (its first image gives the shape).
 
     MACs before are those of the original graph: the transformed graph runs the same convolutions with
     the same shapes, plus the gates, whose MACs are counted separately and subtracted.
@@ -85,12 +94,15 @@ def report(model: nn.Module, example_input: Tensor | None = None) -> Report:
         example_input = torch.randn(1, record.in_channels or 3, 224, 224)
     first = next(iter(model.parameters()), None)
     if first is not None:
-        example_input = example_input.to(device=first.device, dtype=first.dtype)
+        move = lambda t: t.to(device=first.device, dtype=first.dtype)  # noqa: E731
+        example_input = move(example_input) if isinstance(example_input, Tensor) else [move(t) for t in example_input]
+    shape = tuple((example_input if isinstance(example_input, Tensor) else example_input[0]).shape)
     macs_after, gate_macs = count_macs(model, example_input)
     plan = record.plan.to_dict()
     return Report(
-        model=type(model).__name__, input_shape=tuple(example_input.shape),
+        model=type(model).__name__, input_shape=shape,
         families=plan["families"], skipped=plan["skipped"],
         params_before=record.params_before, params_after=sum(p.numel() for p in model.parameters()),
         macs_before=macs_after - gate_macs, macs_after=macs_after, folded=record.folded,
+        opaque=[asdict(o) for o in record.opaque],
     )

@@ -11,12 +11,12 @@ import json
 import os
 from typing import Any
 
-from torch import fx, nn
+from torch import nn
 
 from .config import KDNAConfig
 from .errors import StateError
 from .passes import Plan
-from .record import record_of
+from .record import find_record, record_of
 
 FORMAT = "kdna_fx/1"
 
@@ -35,10 +35,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
-def load(path: str | os.PathLike[str], model: nn.Module) -> fx.GraphModule:
+def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     """The model saved at ``path``, rebuilt on ``model``: a fresh, untransformed instance of the saved
     architecture (transformed here with the saved config and plan), or a transformed one whose plan is the
-    saved plan, such as ``kdna_fx.models.create_model(name)``."""
+    saved plan, such as ``kdna_fx.models.create_model(name)``. A partly traced model (a composite) reloads
+    the same way: tracing it again finds the same parts, and the saved plan names convs from its root."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -56,7 +57,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> fx.GraphModule:
                          f"expected {FORMAT!r})")
     config = KDNAConfig.from_dict(json.loads(metadata["config"]))
     saved_plan = json.loads(metadata["plan"])
-    if "kdna" in getattr(model, "meta", {}):
+    if find_record(model) is not None:
         kmodel = model
         _check_same_plan(saved_plan, record_of(kmodel).plan.to_dict(), where)
     else:

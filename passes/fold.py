@@ -10,24 +10,33 @@ from torch import fx, nn
 from kdna_fx import functional as KF
 from kdna_fx.adapters import ADAPTER_TENSORS, ChildAdapter
 from kdna_fx.errors import KDNAError, SkippedSiteWarning
-from kdna_fx.record import record_of
+from kdna_fx.record import graphs_of, record_of
 
 
-def fold(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` in which every child conv reads a precomputed, frozen ``folded_weight``.
+def fold(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every child conv reads a precomputed, frozen ``folded_weight``.
 
     The gate stays (it depends on the input). The folded kernels are Parameters with
-    requires_grad=False, so parameter counts show what inference stores. ``gm`` itself is unchanged.
+    requires_grad=False, so parameter counts show what inference stores. ``model`` itself is unchanged.
+    A composite (a model not traced as a whole) has each of its rewritten subtrees folded.
     """
-    record_of(gm)  # refuse models that were not transformed, with the usual message
-    gm = copy.deepcopy(gm)
+    record_of(model)  # refuse models that were not transformed, with the usual message
+    model = copy.deepcopy(model)
+    for gm in graphs_of(model):
+        _fold_graph(gm)
+    record_of(model).folded = True
+    return model
+
+
+def _fold_graph(gm: fx.GraphModule) -> None:
+    """Fold ``gm``'s child convs in place (see fold)."""
     graph = gm.graph
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target is KF.child_conv2d):
             continue
         if node.meta.get("kdna", {}).get("role") != "child_conv":
             warnings.warn(f"fold left {node.name!r} unfolded: it was not inserted by kdna_fx.transform",
-                          SkippedSiteWarning, stacklevel=2)
+                          SkippedSiteWarning, stacklevel=3)
             continue
         path = node.meta["kdna"]["adapter"]
         adapter = gm.get_submodule(path)
@@ -51,7 +60,6 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     record_of(gm).folded = True
-    return gm
 
 
 def _value(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

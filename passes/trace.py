@@ -1,35 +1,41 @@
 """Pass 1: symbolic tracing into a GraphModule that keeps every parameter and buffer of the model."""
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
+from typing import Iterable
 
 import torch
 from torch import fx, nn
 
+import kdna_fx
 from kdna_fx.config import KDNAConfig
 from kdna_fx.errors import KDNATraceError
 from kdna_fx.registry import NOT_TRACED
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type, ...]):
+    def __init__(self, leaf_types: tuple[type, ...], leaves: Iterable[nn.Module] = ()):
         super().__init__()
         self.leaf_types = leaf_types
+        self.leaves = {id(m) for m in leaves}  # instances, not types: another instance of the class still traces
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+        return (id(m) in self.leaves or isinstance(m, self.leaf_types)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
-def trace(model: nn.Module, config: KDNAConfig | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterable[nn.Module] = ()) -> fx.GraphModule:
     """Trace ``model`` with torch.fx; never raises a raw torch.fx error.
 
-    Modules in kdna_fx.registry.NOT_TRACED and ``config.leaf_modules`` stay opaque. Parameters and
+    Modules in kdna_fx.registry.NOT_TRACED and ``config.leaf_modules`` stay opaque, and so do the module
+    instances in ``opaque`` (passes.partial puts the ones that failed to trace there). Parameters and
     buffers the graph does not read (a BatchNorm's num_batches_tracked, an unused head) are copied on
     purpose, so the state dict keeps every entry of the original.
     """
     config = config or KDNAConfig()
-    tracer = _Tracer(tuple(NOT_TRACED) + tuple(config.leaf_modules))
+    tracer = _Tracer(tuple(NOT_TRACED) + tuple(config.leaf_modules), opaque)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one documented error
@@ -40,15 +46,39 @@ def trace(model: nn.Module, config: KDNAConfig | None = None) -> fx.GraphModule:
     return gm
 
 
+# Frames of torch's tracing machinery and of kdna_fx's own library code are never "the model's code"; the
+# model zoo (kdna_fx/models) is model code like any other.
+_TORCH_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
+_OWN_DIRS = {os.path.dirname(os.path.abspath(f)) for f in (kdna_fx.__file__, __file__)}
+
+
+def _is_model_code(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return not path.startswith(_TORCH_DIR) and os.path.dirname(path) not in _OWN_DIRS
+
+
+def _source(exc: Exception, module: nn.Module) -> str:
+    """Where tracing broke, in the model's own code: the innermost frame that is neither torch nor kdna_fx,
+    else (the failure came from torch before any model code ran) the first line of the module's forward."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_model_code(f.filename)]
+    if frames:
+        return f"{frames[-1].filename}:{frames[-1].lineno} `{(frames[-1].line or '').strip()}`"
+    try:
+        forward = inspect.unwrap(type(module).forward)
+        lines, number = inspect.getsourcelines(forward)
+        return f"{inspect.getsourcefile(forward)}:{number} `{lines[0].strip()}`"
+    except (OSError, TypeError):  # defined in C or in a string: nothing to point at
+        return ""
+
+
 def _trace_error(tracer: _Tracer, model: nn.Module, exc: Exception) -> KDNATraceError:
     if tracer.module_stack:
         name, module_type = next(reversed(tracer.module_stack.values()))
     else:
         name, module_type = "", type(model)
     type_name = getattr(module_type, "__name__", str(module_type))
-    torch_dir = os.path.dirname(torch.__file__)
-    user_frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
-    where = f" at {user_frames[-1].filename}:{user_frames[-1].lineno} `{user_frames[-1].line}`" if user_frames else ""
+    source = _source(exc, model.get_submodule(name))
+    where = f" at {source}" if source else ""
     operation = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     shown = f"'{name}' ({type_name})" if name else f"the model's own forward ({type_name})"
     fix = (f"keep it opaque with kdna_fx.KDNAConfig(leaf_modules=({type_name},)) (its convolutions are then "
@@ -57,8 +87,10 @@ def _trace_error(tracer: _Tracer, model: nn.Module, exc: Exception) -> KDNATrace
     message = (f"kdna_fx could not trace {shown}: {type(exc).__name__}: {operation}{where}.\n"
                f"torch.fx symbolic tracing cannot follow Python control flow that depends on tensor values "
                f"(if/while on a tensor, len() of a tensor, calling .item()).\n"
-               f"Fix: {fix}, or make that forward free of data-dependent Python control flow.")
-    return KDNATraceError(message, module_name=name, module_type=type_name, operation=operation)
+               f"Fix: {fix}, or make that forward free of data-dependent Python control flow; "
+               f"KDNAConfig(untraceable='partial') (the default) transforms the parts that trace and keeps "
+               f"the rest as it is.")
+    return KDNATraceError(message, module_name=name, module_type=type_name, operation=operation, source=source)
 
 
 def _copy_untraced_state(model: nn.Module, gm: fx.GraphModule) -> None:

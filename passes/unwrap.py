@@ -6,6 +6,7 @@ import warnings
 from torch import nn
 
 from kdna_fx.errors import KDNAError, KDNATypeError, UnwrappedModelWarning
+from kdna_fx.record import find_record
 
 
 def unwrap(model: object) -> nn.Module:
@@ -32,7 +33,7 @@ def unwrap(model: object) -> nn.Module:
             model = model.module
         else:
             break
-    if "kdna" in getattr(model, "meta", {}):
+    if find_record(model) is not None:
         raise KDNAError("this model was already transformed by kdna_fx; transform the original model instead "
                         "(or change the plan with kdna_fx.plan + transform(model, plan=...)).")
     return model
