@@ -99,8 +99,8 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
 
     Returns a GraphModule when the model traces as a whole. ``model`` is deep-copied first, so it stays
     untouched; ``inplace=True`` skips the copy (for very large models) and the result then shares its
-    remaining parameters and leaf modules with ``model``. ``plan`` replaces the automatic planning with a given plan (edited, hand-written or
-    saved plan); ``config`` then defaults to the plan's own.
+    remaining parameters and leaf modules with ``model``. ``plan`` replaces the automatic planning with a
+    given plan (edited, hand-written or saved plan); ``config`` then defaults to the plan's own.
 
     A model whose own forward torch.fx cannot trace comes back as itself (its class, its Python forward)
     with its traceable subtrees rewritten into GraphModules in place; parts that cannot be traced stay as

@@ -94,7 +94,9 @@ def report(model: nn.Module, example_input: Tensor | list[Tensor] | None = None)
         example_input = torch.randn(1, record.in_channels or 3, 224, 224)
     first = next(iter(model.parameters()), None)
     if first is not None:
-        move = lambda t: t.to(device=first.device, dtype=first.dtype)  # noqa: E731
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=first.device, dtype=first.dtype)
+
         example_input = move(example_input) if isinstance(example_input, Tensor) else [move(t) for t in example_input]
     shape = tuple((example_input if isinstance(example_input, Tensor) else example_input[0]).shape)
     macs_after, gate_macs = count_macs(model, example_input)

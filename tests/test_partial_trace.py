@@ -1,0 +1,362 @@
+"""Partial tracing (KDNAConfig(untraceable="partial"), the default): what torch.fx cannot trace stays as it was,
+the rest is transformed, and everything downstream (report, plan_of, fold, save/load) works on the result."""
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import kdna_fx
+from kdna_fx import KDNAConfig, PartialTraceWarning
+from kdna_fx.passes import partial
+from kdna_fx.record import record_of
+from kdna_fx.report import count_macs
+from kdna_fx.testing import ConvSpec, ConvStack, TinyResNet, randomize_adapters
+
+# The warning is checked where it is the subject (pytest.warns records it regardless of this filter).
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::kdna_fx.PartialTraceWarning")]
+trace_pass = importlib.import_module("kdna_fx.passes.trace")  # the module; kdna_fx.passes.trace is the function
+
+
+def _line_of(function: object, needle: str) -> str:
+    """'test_partial_trace.py:N' for the line of ``function`` that contains ``needle``."""
+    lines, first = inspect.getsourcelines(function)
+    offset = next(i for i, line in enumerate(lines) if needle in line)
+    return f"{os.path.basename(__file__)}:{first + offset}"
+
+
+class GuardedNet(nn.Module):
+    """Data-dependent control flow in the model's own forward, above a traceable ResNet-like body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TinyResNet(width=4, num_classes=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if y.sum() > 0:  # data-dependent: torch.fx cannot follow it
+            return y
+        return -y
+
+
+class Branchy(nn.Module):
+    """Two convs, one chosen by the data when ``check`` is set (then it cannot be traced)."""
+
+    def __init__(self, channels: int, check: bool) -> None:
+        super().__init__()
+        self.check = check
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.check and x.mean() > 0:  # data-dependent only when check is set
+            return self.conv1(x)
+        return self.conv2(torch.tanh(self.conv1(x)))
+
+
+class MixedNet(nn.Module):
+    """Traceable convs around one untraceable instance of a class whose other instance traces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.blocks = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.Tanh(), Branchy(6, check=True),
+                                    Branchy(6, check=False), nn.Conv2d(6, 6, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+def _expected_with_parent_kernels(model: nn.Module, kmodel: nn.Module) -> nn.Module:
+    """The original model with every child's kernel replaced by its parent's: what a transform with
+    init='trained' computes (identity gates, zero F and S) when no residual is configured."""
+    expected = copy.deepcopy(model)
+    plan = kdna_fx.plan_of(kmodel)
+    with torch.no_grad():
+        for family in plan.families:
+            parent = expected.get_submodule(family.parent).weight
+            for child in family.children:
+                expected.get_submodule(child).weight.copy_(parent)
+    return expected
+
+
+# ---- (a) the model's own forward cannot be traced ----------------------------------------------------------------
+def test_untraceable_top_level_transforms_the_body_below_it(dtype, tol):
+    torch.manual_seed(0)
+    net = GuardedNet()
+    with pytest.warns(PartialTraceWarning, match=r"'<model>' \(GuardedNet\)"):
+        kmodel = kdna_fx.transform(net)
+    assert type(kmodel) is GuardedNet and isinstance(kmodel.body, fx.GraphModule)
+    assert not isinstance(net.body, fx.GraphModule)  # the caller's model is untouched
+    record = record_of(kmodel)
+    assert record.parts == ("body",) and record_of(kmodel.body).plan.families  # the part keeps its own record
+
+    # The families are exactly those of the body transformed on its own, named from the model's root.
+    alone = kdna_fx.plan(net.body)
+    assert [(f.parent, f.children) for f in kdna_fx.plan_of(kmodel).families] == [
+        (f"body.{f.parent}", tuple(f"body.{c}" for c in f.children)) for f in alone.families]
+    assert len(alone.families) == 2
+
+    # Same seed, same adapters: the composite is the original forward around the body transformed alone.
+    torch.manual_seed(1)
+    kmodel = kdna_fx.transform(net)
+    torch.manual_seed(1)
+    kbody = kdna_fx.transform(net.body)
+    reference = copy.deepcopy(net)
+    reference.body = kbody
+    x = torch.randn(2, 3, 8, 8)
+    kmodel.eval(), reference.eval()
+    torch.testing.assert_close(kmodel(x), reference(x), **tol)
+
+    # Copy-init oracle, independent of the passes: identity gates, each child computing with its parent's kernel.
+    trained = kdna_fx.transform(net, init="trained").eval()
+    torch.testing.assert_close(trained(x), _expected_with_parent_kernels(net, trained).eval()(x), **tol)
+
+    report = kdna_fx.report(kmodel, x[:1])
+    (top,) = report.opaque
+    assert (top["path"], top["type"], top["kept"]) == ("", "GuardedNet", "forward")
+    assert "control flow" in top["reason"]
+    assert _line_of(GuardedNet.forward, "if y.sum() > 0") in top["source"] and "if y.sum() > 0:" in top["source"]
+    assert report.macs_before == count_macs(net, x[:1])[0]
+    assert report.params_after < report.params_before == sum(p.numel() for p in net.parameters())
+    assert "kept as they were" in str(report) and _line_of(GuardedNet.forward, "if y.sum() > 0") in str(report)
+
+
+def test_inplace_returns_the_users_own_object():
+    net = GuardedNet()
+    with pytest.warns(PartialTraceWarning):
+        kmodel = kdna_fx.transform(net, inplace=True)
+    assert kmodel is net and isinstance(net.body, fx.GraphModule)
+    with pytest.raises(kdna_fx.KDNAError, match="already transformed"):
+        kdna_fx.transform(net)
+
+
+# ---- (b) one submodule instance cannot be traced ---------------------------------------------------------------
+def test_an_untraceable_submodule_stays_opaque_and_the_rest_is_shared(dtype, tol):
+    torch.manual_seed(0)
+    net = MixedNet()
+    with pytest.warns(PartialTraceWarning, match=r"'blocks\.2' \(Branchy\)"):
+        kmodel = kdna_fx.transform(net, init="trained")
+    assert isinstance(kmodel, fx.GraphModule)  # the model itself traced, around one opaque call
+    plan = kdna_fx.plan_of(kmodel)
+    # Only the failing *instance* is opaque: the other Branchy traces and its convs are shared.
+    assert [(f.parent, f.children) for f in plan.families] == [
+        ("blocks.0", ("blocks.3.conv1", "blocks.3.conv2", "blocks.4"))]
+    named = {s.name for s in plan.skipped} | {m for f in plan.families for m in f.members}
+    assert not any(n.startswith("blocks.2.") for n in named)  # inside the opaque leaf: not even looked at
+    assert all(isinstance(kmodel.get_submodule(f"blocks.2.{c}"), nn.Conv2d) for c in ("conv1", "conv2"))
+    leaf_calls = [n.target for n in kmodel.graph.nodes if n.op == "call_module"]
+    assert "blocks.2" in leaf_calls
+    (opaque,) = record_of(kmodel).opaque
+    assert (opaque.path, opaque.type, opaque.kept) == ("blocks.2", "Branchy", "leaf")
+    assert _line_of(Branchy.forward, "if self.check") in opaque.source
+    kmodel.eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(kmodel(x), _expected_with_parent_kernels(net, kmodel).eval()(x), **tol)
+    assert kdna_fx.report(kmodel, x[:1]).opaque[0]["path"] == "blocks.2"
+
+
+# ---- (c) untraceable="error": today's error, pointing at the user's line ------------------------------------
+def test_error_mode_points_at_the_users_line():
+    with pytest.raises(kdna_fx.KDNATraceError) as info:
+        kdna_fx.transform(GuardedNet(), KDNAConfig(untraceable="error"))
+    line = _line_of(GuardedNet.forward, "if y.sum() > 0")
+    message = str(info.value)
+    assert line in message and line in info.value.source and "if y.sum() > 0:" in message
+    assert info.value.module_name == "" and "passes" + os.sep + "trace.py" not in message
+
+    with pytest.raises(kdna_fx.KDNATraceError) as info:
+        kdna_fx.transform(MixedNet(), KDNAConfig(untraceable="error"))
+    assert (info.value.module_name, info.value.module_type) == ("blocks.2", "Branchy")
+    assert _line_of(Branchy.forward, "if self.check") in str(info.value)
+
+
+def test_kdna_fx_and_torch_frames_are_never_the_models_code():
+    for own in (trace_pass.__file__, partial.__file__, kdna_fx.api.__file__, torch.fx.proxy.__file__):
+        assert not trace_pass._is_model_code(own)
+    assert trace_pass._is_model_code(__file__)
+    assert trace_pass._is_model_code(inspect.getfile(kdna_fx.models))  # the zoo is model code like any other
+    # No frame of the model's code at all: the first line of the module's forward.
+    source = trace_pass._source(RuntimeError("raised by torch before the model ran"), GuardedNet())
+    assert _line_of(GuardedNet.forward, "def forward") in source
+
+
+def test_untraceable_option_is_validated_and_round_trips():
+    with pytest.raises(kdna_fx.ConfigError, match="untraceable"):
+        KDNAConfig(untraceable="skip")
+    config = KDNAConfig(untraceable="error")
+    assert KDNAConfig.from_dict(config.to_dict()) == config and config.to_dict()["untraceable"] == "error"
+    assert KDNAConfig().untraceable == "partial"
+
+
+# ---- (d) save/load, fold and plans on a composite --------------------------------------------------------------
+def test_composite_save_load_strict_and_fold(tmp_path, dtype, tol):
+    torch.manual_seed(0)
+    kmodel = kdna_fx.transform(GuardedNet())
+    randomize_adapters(kmodel)
+    kmodel(torch.randn(4, 3, 8, 8))  # move BN statistics away from their initial values
+    kmodel.eval()
+    x = torch.randn(2, 3, 8, 8)
+
+    fresh = kdna_fx.transform(GuardedNet())
+    fresh.load_state_dict(kmodel.state_dict(), strict=True)
+    torch.testing.assert_close(fresh.eval()(x), kmodel(x), **tol)
+
+    kdna_fx.save(kmodel, tmp_path / "guarded.safetensors")
+    loaded = kdna_fx.load(tmp_path / "guarded.safetensors", GuardedNet())  # the saved plan is replayed on it
+    assert type(loaded) is GuardedNet and kdna_fx.plan_of(loaded) == kdna_fx.plan_of(kmodel)
+    assert loaded.state_dict().keys() == kmodel.state_dict().keys()
+    torch.testing.assert_close(loaded.eval()(x), kmodel(x), **tol)
+    again = kdna_fx.load(tmp_path / "guarded.safetensors", fresh)  # an already transformed composite
+    assert again is fresh
+
+    folded = kdna_fx.fold(kmodel)
+    assert record_of(folded).folded and not record_of(kmodel).folded and record_of(folded.body).folded
+    assert sum(p.numel() for p in folded.parameters()) > 0
+    torch.testing.assert_close(folded(x), kmodel(x), **tol)
+    with pytest.raises(kdna_fx.StateError, match="unfolded"):
+        kdna_fx.save(folded, tmp_path / "folded.safetensors")
+
+    # A plan taken from the composite goes back in; one whose family crosses a trace boundary does not.
+    plan = kdna_fx.plan(GuardedNet())
+    assert kdna_fx.plan_of(kdna_fx.transform(GuardedNet(), plan=plan)) == plan
+    crossing = kdna_fx.passes.Plan.from_dict({"families": [{"parent": "body.layer1.0.conv1",
+                                                             "children": ["outside.conv"]}]})
+    with pytest.raises(kdna_fx.KDNAError, match="trace boundary"):
+        kdna_fx.transform(GuardedNet(), plan=crossing)
+
+
+def test_root_names_serve_as_function_load_original_and_cka_plans(dtype, tol):
+    torch.manual_seed(0)
+    net = GuardedNet()
+    kmodel = kdna_fx.transform(net).eval()
+    x = torch.randn(2, 3, 8, 8)
+    fn = kdna_fx.as_function(kmodel)
+    plan = kdna_fx.plan_of(kmodel)
+    assert set(fn.parents) == {plan.parent_weight(f) for f in plan.families} == {
+        "body.layer1.0.conv1.weight", "body.layer2.0.conv2.weight"}
+    torch.testing.assert_close(fn(fn.parents, fn.params, fn.buffers, x), kmodel(x), **tol)
+
+    reloaded = kdna_fx.load_original(kdna_fx.transform(GuardedNet()), net.state_dict()).eval()
+    torch.testing.assert_close(reloaded.body.get_parameter("layer1.0.conv1.weight"),
+                               net.body.layer1[0].conv1.weight, rtol=0, atol=0)
+
+    # policy="cka": similarities measured once on the whole (untraceable) model, by names from its root.
+    cka = kdna_fx.plan(net, KDNAConfig(policy="cka"), data=torch.randn(8, 3, 8, 8))
+    assert {f.stage for f in cka.families} == {"body.layer1", "body.layer2"}
+    assert all(f.similarity is not None for f in cka.families)
+
+
+def test_a_part_whose_rewrite_fails_is_left_whole(monkeypatch, tol, dtype):
+    """All or nothing per part: the failing part keeps its module and its (restored) kernels."""
+    class TwoBodies(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = TinyResNet(width=4)
+            self.stack = ConvStack(4, [ConvSpec()] * 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.body(self.stack(x)[:, :3])
+            return y if y.sum() > 0 else -y
+
+    real = partial.rewrite
+
+    def broken(gm: fx.GraphModule, plan: kdna_fx.passes.Plan, init: str = "copy") -> fx.GraphModule:
+        out = real(gm, plan, init=init)  # a complete rewrite, kernels written, then a failure
+        if type(gm).__name__ == "ConvStack":
+            raise RuntimeError("boom")
+        return out
+
+    monkeypatch.setattr(partial, "rewrite", broken)
+    torch.manual_seed(0)
+    net = TwoBodies()
+    with pytest.warns(PartialTraceWarning, match="boom"):
+        kmodel = kdna_fx.transform(net, KDNAConfig(parent="centroid"))
+    assert isinstance(kmodel.body, fx.GraphModule) and type(kmodel.stack) is ConvStack
+    for (name, mine), theirs in zip(kmodel.stack.state_dict().items(), net.stack.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)  # the centroid was undone
+    record = record_of(kmodel)
+    assert record.parts == ("body",)
+    stack = next(o for o in record.opaque if o.path == "stack")
+    assert stack.kept == "unchanged" and "boom" in stack.reason
+    assert not any(m.startswith("stack.") for f in record.plan.families for m in f.members)
+    assert any(s.name.startswith("stack.") and "boom" in s.reason for s in record.plan.skipped)
+    assert any(o["path"] == "stack" for o in kdna_fx.report(kmodel, torch.randn(1, 4, 8, 8)).opaque)
+    kmodel.eval()(torch.randn(2, 4, 8, 8))
+
+
+def test_subtrees_tied_to_each_other_are_left_alone():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            shared = nn.Conv2d(4, 4, 3, padding=1)
+            self.a = nn.Sequential(shared, nn.Conv2d(4, 4, 3, padding=1))
+            self.b = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), shared)  # the same conv in both
+            self.c = ConvStack(4, [ConvSpec()] * 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.c(self.b(self.a(x)))
+            return y if y.sum() > 0 else -y
+
+    with pytest.warns(PartialTraceWarning, match="tied"):
+        kmodel = kdna_fx.transform(Tied())
+    record = record_of(kmodel)
+    assert record.parts == ("c",) and kmodel.a[0] is kmodel.b[1]  # the tie is intact
+    assert {o.path: o.kept for o in record.opaque} == {"": "forward", "a": "unchanged", "b": "unchanged"}
+    kmodel.eval()(torch.randn(1, 4, 6, 6))
+
+
+# ---- (e) a torchvision detection model -------------------------------------------------------------------------
+def test_torchvision_detection_model_is_transformed():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3).eval()
+    with pytest.warns(PartialTraceWarning, match="FasterRCNN"):
+        kmodel = kdna_fx.transform(model)
+    assert type(kmodel) is type(model) and isinstance(kmodel.backbone, fx.GraphModule)
+    assert sum(p.numel() for p in kmodel.parameters()) < sum(p.numel() for p in model.parameters())
+    assert all(f.parent.startswith("backbone.") for f in kdna_fx.plan_of(kmodel).families)
+    images = [torch.rand(3, 128, 128)]
+    with torch.no_grad():
+        out = kmodel.eval()(images)
+    assert set(out[0]) == {"boxes", "labels", "scores"}
+    opaque = {o.path: o for o in record_of(kmodel).opaque}
+    assert {"", "rpn", "roi_heads"} <= set(opaque)
+    assert "generalized_rcnn.py" in opaque[""].source  # the line of the model's code that broke tracing
+
+
+# ---- (f) nothing to trace, nothing to share ------------------------------------------------------------------
+def test_nothing_traceable_and_nothing_to_share_returns_the_model_unchanged():
+    class Hopeless(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 3, 3, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                return F.conv2d(x, self.weight, padding=1)
+            return x
+
+    torch.manual_seed(0)
+    model = Hopeless()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kmodel = kdna_fx.transform(model)
+    kinds = {type(w.message) for w in caught}
+    assert kinds == {PartialTraceWarning, kdna_fx.NoEligibleConvWarning}
+    assert type(kmodel) is Hopeless and kmodel is not model
+    assert kmodel.state_dict().keys() == model.state_dict().keys()
+    torch.testing.assert_close(kmodel.weight, model.weight, rtol=0, atol=0)
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(kmodel(x), model(x), rtol=0, atol=0)
+    assert record_of(kmodel).parts == () and not kdna_fx.plan_of(kmodel).families
+    assert kdna_fx.report(kmodel, x).opaque[0]["path"] == ""
