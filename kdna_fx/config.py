@@ -195,6 +195,7 @@ class KDNAConfig:
             "parent": self.parent,
             "only_if_smaller": self.only_if_smaller,
             "leaf_modules": [_qualname(t) for t in self.leaf_modules],
+            "policy": self.policy,
             "untraceable": self.untraceable,
         }
 

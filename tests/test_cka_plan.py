@@ -134,3 +134,8 @@ def test_plan_similarity_round_trips_and_follows_edits():
     with pytest.raises(KDNAError, match="one per child"):
         passes.Family("a", ("b", "c"), similarity=(0.9,))
     assert "similarity" not in passes.Plan((passes.Family("a", ("b",)),)).to_dict()["families"][0]
+
+
+def test_policy_round_trips_through_the_config_dict():
+    config = KDNAConfig(policy="cka", max_children=2)
+    assert KDNAConfig.from_dict(config.to_dict()) == config
