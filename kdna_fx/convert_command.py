@@ -9,6 +9,7 @@ calibration and after the optional fine-tune, and the time of each step.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -77,6 +78,11 @@ def _read_config(path: str) -> KDNAConfig:
 
 
 def _images(data: Dataset, n: int, seed: int) -> torch.Tensor:
+    """``n`` training images drawn with ``seed``, as they are: calibration matches the original on real
+    images, so the training augmentation (Fashion-MNIST's shifts and flips) is switched off."""
+    if getattr(data, "augment", False):
+        data = copy.copy(data)
+        data.augment = False  # type: ignore[attr-defined]
     g = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(data), generator=g)[:n].tolist()
     return torch.stack([data[i][0] for i in index])
