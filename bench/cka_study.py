@@ -24,7 +24,6 @@ Every unit of work writes its own JSON (``<out>/parts/``, plan rows under ``<out
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import os
@@ -62,12 +61,8 @@ def _load(path: str) -> dict[str, Any] | None:
 
 
 def calibration_images(n: int, seed: int = 0) -> torch.Tensor:
-    """The calibration images conversion_study uses for ``seed`` (first ``n`` of its seeded order)."""
-    data = build_data("fashion-mnist")
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
-    plain = copy.copy(data.train)
-    plain.augment = False
-    return torch.stack([plain[i][0] for i in order[:n].tolist()])
+    """The calibration images conversion_study uses for ``seed``."""
+    return cs.calibration_images(build_data("fashion-mnist"), n, seed)[0]
 
 
 def heat_maps(args: argparse.Namespace, original: torch.nn.Module, spec: dict[str, Any]) -> dict[str, Any]:

@@ -279,16 +279,22 @@ def cost(model: nn.Module) -> dict[str, Any]:
             "latency_b1_ms": 1e3 * latency["median_s"], "images_per_s_b32": 32 / throughput["median_s"]}
 
 
+def calibration_images(data: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first ``n`` training images of the seeded order, un-augmented; the order itself): the fine-tune
+    takes its labelled images from the rest of the order, so the two never overlap."""
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+    plain = copy.copy(data.train)
+    plain.augment = False  # calibration sees the images as they are; the fine-tune augments as training did
+    return torch.stack([plain[i][0] for i in order[:n].tolist()]), order
+
+
 def run_one(arch: str, row: str, seed: int, args: argparse.Namespace, path: str) -> None:
     torch.manual_seed(seed)
     original, spec = load_original(arch)
     data = build_data("fashion-mnist", args.data)
     test_set = data.val if not args.test_images else Subset(data.val, range(args.test_images))
     test = DataLoader(test_set, batch_size=500)
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
-    plain = copy.copy(data.train)
-    plain.augment = False  # calibration sees the images as they are; the fine-tune augments as training did
-    calib = torch.stack([plain[i][0] for i in order[:args.calib_images].tolist()])
+    calib, order = calibration_images(data, args.calib_images, seed)
     labelled = Subset(data.train, order[args.calib_images:args.calib_images + args.finetune_images].tolist())
 
     record: dict[str, Any] = {"arch": arch, "row": row, "seed": seed, "stages": {}}
