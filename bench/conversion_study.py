@@ -341,8 +341,8 @@ def speed(args: argparse.Namespace) -> None:
         for _ in range(args.speed_rounds):
             for row, model in models.items():
                 with torch.no_grad():
-                    samples[row]["b1"].append(time_call(lambda: model(one), warmup=3, repeat=20)["median_s"])
-                    samples[row]["b32"].append(time_call(lambda: model(batch), warmup=1, repeat=5)["median_s"])
+                    samples[row]["b1"].append(time_call(lambda: model(one), warmup=3, repeat=50)["median_s"])
+                    samples[row]["b32"].append(time_call(lambda: model(batch), warmup=1, repeat=10)["median_s"])
         result = {row: {"latency_b1_ms": 1e3 * statistics.median(v["b1"]),
                         "latency_b1_ms_min_max": [1e3 * min(v["b1"]), 1e3 * max(v["b1"])],
                         "images_per_s_b32": 32 / statistics.median(v["b32"])} for row, v in samples.items()}
