@@ -19,7 +19,6 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import passes
 from . import peer_functional as PF
@@ -27,7 +26,7 @@ from .adapters import gate_width
 from .api import _prepare
 from .config import KDNAConfig
 from .errors import ConfigError, KDNAError
-from .report import _change, _si
+from .report import _change, _si, flop_counts
 from .tables import format_table
 
 Init = Literal["copy", "scratch"]
@@ -267,17 +266,11 @@ def peer_macs(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
     counter multiplies the grouped kernel [B*C_out, ...] by the input batch 1), so every MAC inside a peer
     that is not its convolution is added by the peer.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_input)
-    finally:
-        model.train(was_training)
+    total, by_module = flop_counts(model, example_input)
     peers = {name for name, m in model.named_modules() if isinstance(m, PeerConv2d)}
-    added = sum(flops for name, ops in counter.get_flop_counts().items() if name.partition(".")[2] in peers
+    added = sum(flops for name, ops in by_module.items() if name in peers
                 for op, flops in ops.items() if op is not torch.ops.aten.convolution)
-    return counter.get_total_flops() // 2, added // 2
+    return total // 2, added // 2
 
 
 def describe(model: nn.Module, example_input: Tensor | None = None) -> PeerReport:

@@ -65,8 +65,9 @@ def _si(n: float) -> str:
     return str(int(n))
 
 
-def count_macs(model: nn.Module, example_input: Tensor | list[Tensor]) -> tuple[int, int]:
-    """(total MACs, MACs inside adapter gates) of one eval-mode forward pass."""
+def flop_counts(model: nn.Module, example_input: Tensor | list[Tensor]) -> tuple[int, dict[str, dict[Any, int]]]:
+    """(total FLOPs, FLOPs per op of every module, keyed by module path from the root) of one eval-mode,
+    no-grad forward pass; the model's training flag is restored."""
     was_training = model.training
     model.eval()
     try:
@@ -74,11 +75,16 @@ def count_macs(model: nn.Module, example_input: Tensor | list[Tensor]) -> tuple[
             model(example_input)
     finally:
         model.train(was_training)
-    gates = {name for name, m in model.named_modules() if isinstance(m, Gate)}
     # The counter names modules by path from the root, prefixed with the root's class name.
-    gate_flops = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                     if name.partition(".")[2] in gates)
-    return counter.get_total_flops() // 2, gate_flops // 2
+    return counter.get_total_flops(), {name.partition(".")[2]: ops for name, ops in counter.get_flop_counts().items()}
+
+
+def count_macs(model: nn.Module, example_input: Tensor | list[Tensor]) -> tuple[int, int]:
+    """(total MACs, MACs inside adapter gates) of one eval-mode forward pass."""
+    total, by_module = flop_counts(model, example_input)
+    gates = {name for name, m in model.named_modules() if isinstance(m, Gate)}
+    gate_flops = sum(sum(ops.values()) for name, ops in by_module.items() if name in gates)
+    return total // 2, gate_flops // 2
 
 
 def report(model: nn.Module, example_input: Tensor | list[Tensor] | None = None) -> Report:
