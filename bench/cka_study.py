@@ -121,8 +121,8 @@ def report(args: argparse.Namespace) -> None:
         converted = LayerSimilarity.from_dict(maps["converted_flatten"])
         flat.label, pooled.label, converted.label = ("original, flattened", "original, mean-pooled",
                                                      "converted kdna-r4 after calibration, flattened")
-        flat.plot(os.path.join(args.out, "cka_original.png"), title="original ResNet-18 w0.25: flattened vs mean-pooled features",
-                  compare=pooled)
+        flat.plot(os.path.join(args.out, "cka_original.png"), compare=pooled,
+                  title="original ResNet-18 w0.25: flattened vs mean-pooled features")
         flat.plot(os.path.join(args.out, "cka_original_vs_converted.png"), compare=converted)
         off = ~torch.eye(len(flat.names), dtype=torch.bool)
         sections.append(markdown_table(

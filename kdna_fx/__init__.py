@@ -22,8 +22,9 @@ from . import peers  # noqa: E402  (CondConv, DY-Conv, ODConv as transforms, for
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ConfigError", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError",
-    "KDNATraceError", "NoEligibleConvWarning", "PartialTraceWarning", "models", "peers", "Report", "SkippedSiteWarning", "StateError",
-    "UnwrappedModelWarning", "as_function", "calibrate", "fold", "functional", "load", "load_original", "passes", "plan", "plan_of",
-    "register_not_traced", "report", "save", "transform",
+    "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ConfigError", "Gate",
+    "GateBatchSizeError", "KDNAConfig", "KDNAError", "KDNATraceError", "NoEligibleConvWarning", "PartialTraceWarning",
+    "models", "peers", "Report", "SkippedSiteWarning", "StateError", "UnwrappedModelWarning", "as_function",
+    "calibrate", "fold", "functional", "load", "load_original", "passes", "plan", "plan_of", "register_not_traced",
+    "report", "save", "transform",
 ]

@@ -390,7 +390,8 @@ class _Taps:
 
     def __init__(self, kmodel: nn.Module, reference: nn.Module):
         mine = dict(kmodel.named_modules())
-        self.names = [n for n, m in reference.named_modules() if isinstance(m, _NORMS) and isinstance(mine.get(n), type(m))]
+        self.names = [n for n, m in reference.named_modules()
+                      if isinstance(m, _NORMS) and isinstance(mine.get(n), type(m))]
         self.outputs: dict[str, dict[str, Tensor]] = {"k": {}, "r": {}}
         self.handles = [model.get_submodule(n).register_forward_hook(self._hook(side, n))
                         for side, model in (("k", kmodel), ("r", reference)) for n in self.names]
@@ -483,7 +484,8 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
 
 def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequence[str] | str = ("bn", "distill"),
               steps: int = 300, lr: float = 1e-2, batch_size: int = 64, temperature: float = 1.0,
-              train: str = "parents", weight_lr: float | None = 1e-3, features: float = 1.0, layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
+              train: str = "parents", weight_lr: float | None = 1e-3, features: float = 1.0,
+              layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
               norms: str = "train", seed: int = 0, progress: bool = True) -> CalibrationReport:
     """Calibrate a transformed model to the trained ``reference`` it came from, with unlabeled ``data``.
 
