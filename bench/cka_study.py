@@ -46,13 +46,6 @@ PLAN_ROWS = ["kdna-r4-pairs", "kdna-r4-pairs-cka", "kdna-r4-pairs-random1", "kdn
              "kdna-r4-pairs-random3"]
 
 
-def _save(path: str, payload: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f"{path}.tmp", path)
-
-
 def _load(path: str) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
@@ -80,7 +73,7 @@ def heat_maps(args: argparse.Namespace, original: torch.nn.Module, spec: dict[st
     converted = layer_similarity(student, images, images=args.cka_images, pool="flatten", progress=args.progress)
     result = {"original": {p: m.to_dict() for p, m in maps.items()}, "converted_flatten": converted.to_dict(),
               "provenance": provenance()}
-    _save(path, result)
+    cs.save_json(path, result)
     return result
 
 
@@ -106,7 +99,7 @@ def stand_in(args: argparse.Namespace, original: torch.nn.Module, spec: dict[str
                           "error_after": after, "agreement_after": report.agreement_after})
             print(f"    stand-in {a} -> {b}: CKA {similarity[a, b]:.3f}, error {before:.3f} -> {after:.3f}",
                   flush=True)
-    _save(path, {"pairs": pairs, "layerwise_steps": args.layerwise_steps, "provenance": provenance()})
+    cs.save_json(path, {"pairs": pairs, "layerwise_steps": args.layerwise_steps, "provenance": provenance()})
     return pairs
 
 

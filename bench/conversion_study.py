@@ -279,6 +279,14 @@ def cost(model: nn.Module) -> dict[str, Any]:
             "latency_b1_ms": 1e3 * latency["median_s"], "images_per_s_b32": 32 / throughput["median_s"]}
 
 
+def save_json(path: str, payload: dict[str, Any]) -> None:
+    """Write whole, then rename: a stopped study never leaves a half-written record to be skipped later."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
 def calibration_images(data: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(the first ``n`` training images of the seeded order, un-augmented; the order itself): the fine-tune
     takes its labelled images from the rest of the order, so the two never overlap."""
@@ -318,10 +326,7 @@ def run_one(arch: str, row: str, seed: int, args: argparse.Namespace, path: str)
         train(student, labelled, None, config, tmp)
     record["stages"]["fine-tuned"] = {**score(student, original, test), "seconds": time.perf_counter() - start}
     record["provenance"] = provenance()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    save_json(path, record)
 
 
 # ------------------------------------------------------------------------------------------------ report

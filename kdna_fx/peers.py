@@ -26,8 +26,7 @@ from .adapters import gate_width
 from .api import _prepare
 from .config import KDNAConfig
 from .errors import ConfigError, KDNAError
-from .report import _change, _si, flop_counts
-from .tables import format_table
+from .report import cost_table, flop_counts
 
 Init = Literal["copy", "scratch"]
 _NOISE = 0.01
@@ -247,12 +246,8 @@ class PeerReport:
 
     def __str__(self) -> str:
         shape = "x".join(map(str, self.input_shape))
-        table = format_table(["", "before", "after", "change"], [
-            ["parameters", f"{self.params_before:,}", f"{self.params_after:,}",
-             _change(self.params_before, self.params_after)],
-            [f"MACs @ {shape}", _si(self.macs_before), _si(self.macs_after),
-             _change(self.macs_before, self.macs_after)],
-        ], title=f"kdna_fx.peers: {self.method}, {len(self.converted)} convs converted")
+        table = cost_table(self.params_before, self.params_after, self.macs_before, self.macs_after, shape,
+                           f"kdna_fx.peers: {self.method}, {len(self.converted)} convs converted")
         note = ("MACs: convolutions and matrix products (torch.utils.flop_counter), the attention heads and the "
                 "kernel mixture included; elementwise attention products are not counted.")
         skipped = [f"  skipped {s['name']}: {s['reason']}" for s in self.skipped]

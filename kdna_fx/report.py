@@ -37,12 +37,8 @@ class Report:
 
         plan = Plan.from_dict({"families": self.families, "skipped": self.skipped})
         shape = "x".join(map(str, self.input_shape))
-        summary = format_table(["", "before", "after", "change"], [
-            ["parameters", f"{self.params_before:,}", f"{self.params_after:,}",
-             _change(self.params_before, self.params_after)],
-            [f"MACs @ {shape}", _si(self.macs_before), _si(self.macs_after),
-             _change(self.macs_before, self.macs_after)],
-        ], title=f"kdna_fx report: {self.model}" + (" (folded for inference)" if self.folded else ""))
+        summary = cost_table(self.params_before, self.params_after, self.macs_before, self.macs_after, shape,
+                             f"kdna_fx report: {self.model}" + (" (folded for inference)" if self.folded else ""))
         note = ("MACs count convolutions and matrix products (torch.utils.flop_counter); elementwise gating and "
                 "modulation are not counted.")
         text = f"{summary}\n{note}\n\n{plan.table()}"
@@ -56,6 +52,15 @@ class Report:
 
 def _change(before: int, after: int) -> str:
     return f"{100.0 * (after - before) / before:+.1f}%" if before else "-"
+
+
+def cost_table(params_before: int, params_after: int, macs_before: int, macs_after: int, shape: str,
+               title: str) -> str:
+    """Parameters and MACs before and after a rewrite, with the change, as a text table."""
+    return format_table(["", "before", "after", "change"], [
+        ["parameters", f"{params_before:,}", f"{params_after:,}", _change(params_before, params_after)],
+        [f"MACs @ {shape}", _si(macs_before), _si(macs_after), _change(macs_before, macs_after)],
+    ], title=title)
 
 
 def _si(n: float) -> str:
