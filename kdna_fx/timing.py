@@ -26,6 +26,37 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 10) -> di
             "repeat": repeat}
 
 
+def time_interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int = 3, repeat: int = 10,
+                     rounds: int = 5, sync: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
+    """Time several rows fairly on a shared machine: every row is warmed up, then ``rounds`` rounds run each
+    row ``repeat`` times in turn (rows interleaved, so a slow phase of the machine lands on all of them).
+
+    Per row: the median, min and max of the ``rounds * repeat`` samples (seconds) and the relative spread
+    (interquartile range over median). ``sync`` (e.g. torch.cuda.synchronize) runs after every call.
+    """
+    sync = sync or (lambda: None)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for fn in calls.values():
+            for _ in range(warmup):
+                fn()
+            sync()
+        for _ in range(rounds):
+            for name, fn in calls.items():
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    fn()
+                    sync()
+                    samples[name].append(time.perf_counter() - start)
+    out = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
+        med = statistics.median(s)
+        out[name] = {"median_s": med, "min_s": min(s), "max_s": max(s), "iqr_rel": (q[2] - q[0]) / med,
+                     "samples": len(s)}
+    return out
+
+
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     """The exact command, machine and versions behind a set of numbers."""
     import einops
