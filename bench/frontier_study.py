@@ -1,0 +1,644 @@
+"""Frontier study (issue 11): Fashion-MNIST accuracy against cost, KernelDNA vs plain ResNet-18s vs the peers.
+
+    OMP_NUM_THREADS=1 nohup .venv/bin/python bench/frontier_study.py > logs/frontier.log 2>&1 &   # the queue
+    .venv/bin/python bench/frontier_study.py --estimate        # time a few training steps of every row
+    .venv/bin/python bench/frontier_study.py --speed           # re-time every row compiled, interleaved
+    .venv/bin/python bench/frontier_study.py --report          # tables and plots from the runs on disk
+    .venv/bin/python bench/frontier_study.py --preset short    # the former accuracy_study: 10k images, 3 epochs
+
+Every row is a ResNet-18 with the same small stem (``create_model(..., in_chans=1, small_stem=True, width=w)``,
+a 3x3 stride-1 stem, no max-pool), named ``KIND-wWIDTH``:
+
+- ``plain-w{W}``: torchvision's ResNet-18 at width W (the plain-net curve);
+- ``replace-w{W}``: ``replace_resnet18`` (kdna_fx.transform of the plain net, sharing within the original depth);
+- ``kdna-w{W}``: ``kdna_resnet18``, the paper's reference topology (stages 3-4 grow to 3 blocks);
+- ``relaxed-r{R}-w{W}``: ``replace_resnet18`` whose children carry a rank-R kernel residual, built by the same
+  transform with ``sharing_config("replace_resnet18")`` mapped to ``AdapterConfig(rank=R)``;
+- ``condconv-k{K}-w{W}``, ``dyconv-k{K}-w{W}``, ``odconv-k{K}-w{W}``: ``kdna_fx.peers`` applied to the plain net
+  (every non-stem 3x3 conv; experts drawn from scratch, as the papers train). DY-Conv's softmax temperature falls
+  linearly from 30 to 1 over the first ``--dyconv-anneal`` of the training steps, as in its paper.
+
+One recipe for every row (``kdna_fx.train``): SGD momentum 0.9, peak lr 0.1 after a linear warm-up, cosine to 0,
+weight decay on conv/linear weights, label smoothing, batch 128, fp32, the training augmentation of
+``fashion_mnist(train=True)`` (random 2-pixel shift, horizontal flip). The 10,000 test images are scored after
+every epoch (never used to pick anything: the reported top-1 is the last epoch's).
+
+Resumable at two levels. Each (row, seed) writes ``<out>/runs/<row>/seed<S>.json`` when it finishes and is
+skipped when that file exists. Inside a run, kdna_fx.train checkpoints every epoch into ``<run-root>/<row>/
+seed<S>/``; a stopped run resumes exactly from its last epoch. A per-run lock file keeps two processes off the
+same run. ``--report`` (also run at the end of the queue) writes ``<out>/frontier.{json,md,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import kdna_fx
+from kdna_fx import peers
+from kdna_fx.models import create_model, sharing_config
+from kdna_fx.report import count_macs
+from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_results
+from kdna_fx.train import TrainConfig, build_data, train
+from kdna_fx.train.checkpoint import CHECKPOINT_NAME
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conversion_study import save_json  # noqa: E402  (one atomic JSON writer for the bench studies)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Queue order, most informative first: the width-0.25 head-to-head and the cheap end of the plain curve, then
+# the relaxed children and the peers, then the expensive width-0.375 rows. Seeds are the outer loop.
+# The peers run at width 0.125: at 0.25 their per-sample grouped convolutions trained 4-6x slower than the plain
+# net on the 2-core CPU (6.2-9.4 s per step of 128, 13-19 h per run), at 0.125 about as fast as plain-w0.25.
+ROWS = ["plain-w0.25", "replace-w0.25", "kdna-w0.25", "plain-w0.125", "plain-w0.1875", "relaxed-r4-w0.25",
+        "condconv-k4-w0.125", "dyconv-k4-w0.125", "odconv-k1-w0.125", "plain-w0.375", "replace-w0.375",
+        "kdna-w0.375"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "frontier": dict(rows=ROWS, seeds=[0, 1, 2], epochs=15, train_subset=0, warmup_epochs=1.0,
+                     out="bench/results/frontier", run_root="runs/frontier"),
+    # The former bench/accuracy_study.py (results in bench/results/accuracy_fashion_mnist.md): 10k images,
+    # 3 epochs; width 0.1725 is the plain net whose parameter count is closest to replace-w0.25's.
+    "short": dict(rows=["plain-w0.25", "replace-w0.25", "kdna-w0.25", "plain-w0.1725"], seeds=[0, 1, 2], epochs=3,
+                  train_subset=10_000, warmup_epochs=0.25, out="bench/results/frontier_short",
+                  run_root="runs/frontier_short"),
+}
+
+KINDS = {"plain": "plain ResNet-18", "replace": "replace mode", "kdna": "reference topology",
+         "relaxed": "relaxed children", "condconv": "CondConv", "dyconv": "DY-Conv", "odconv": "ODConv"}
+KERNELDNA = ("replace", "kdna", "relaxed")
+PEERS = ("condconv", "dyconv", "odconv")
+_ROW = re.compile(r"(plain|replace|kdna|relaxed-r(\d+)|(condconv|dyconv|odconv)-k(\d+))-w(\d*\.?\d+)")
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the study, parsed from its name (``plain-w0.25``, ``relaxed-r4-w0.25``, ``odconv-k1-w0.25``)."""
+
+    name: str
+    kind: str
+    width: float
+    rank: int = 0
+    kernels: int = 0
+
+    @classmethod
+    def parse(cls, name: str) -> "Row":
+        m = _ROW.fullmatch(name)
+        if m is None:
+            raise SystemExit(f"unknown row {name!r}: rows look like plain-w0.25, replace-w0.25, kdna-w0.25, "
+                             f"relaxed-r4-w0.25, condconv-k4-w0.25, dyconv-k4-w0.25, odconv-k1-w0.25")
+        width = float(m.group(5))
+        if not 0 < width <= 4:
+            raise SystemExit(f"row {name!r}: width must be in (0, 4], got {width:g}")
+        if m.group(2) is not None:
+            return cls(name, "relaxed", width, rank=int(m.group(2)))
+        if m.group(3) is not None:
+            if int(m.group(4)) < 1:
+                raise SystemExit(f"row {name!r}: the number of kernels must be >= 1")
+            return cls(name, m.group(3), width, kernels=int(m.group(4)))
+        return cls(name, m.group(1), width)
+
+    @property
+    def label(self) -> str:
+        extra = f" rank {self.rank}" if self.kind == "relaxed" else f" K={self.kernels}" if self.kernels else ""
+        return f"{KINDS[self.kind]}{extra}, width {self.width:g}"
+
+    def spec(self) -> dict[str, Any]:
+        """What goes into TrainConfig.model (checked on resume) and the run record."""
+        zoo = {"plain": "resnet18", "kdna": "kdna_resnet18"}.get(self.kind, "replace_resnet18")
+        return {"row": self.name, "name": "resnet18" if self.kind in PEERS else zoo, "num_classes": 10,
+                "in_chans": 1, "small_stem": True, "width": self.width}
+
+
+def build(row: Row, *, anneal_steps: int = 0) -> nn.Module:
+    """A freshly initialised model for ``row`` (seed torch first). ``anneal_steps``: DY-Conv's temperature schedule."""
+    kwargs = dict(num_classes=10, in_chans=1, small_stem=True, width=row.width)
+    if row.kind == "plain":
+        return create_model("resnet18", **kwargs)
+    if row.kind == "replace":
+        return create_model("replace_resnet18", **kwargs)
+    if row.kind == "kdna":
+        return create_model("kdna_resnet18", **kwargs)
+    if row.kind == "relaxed":  # the same transform pass as replace mode, only the adapters' rank differs
+        config = sharing_config("replace_resnet18").map_adapters(lambda a: dataclasses.replace(a, rank=row.rank))
+        return create_model("replace_resnet18", config=config, **kwargs)
+    plain = create_model("resnet18", **kwargs)
+    if row.kind == "condconv":
+        return peers.condconv(plain, experts=row.kernels, init="scratch")
+    if row.kind == "odconv":
+        return peers.odconv(plain, kernel_num=row.kernels, init="scratch")
+    model = peers.dyconv(plain, kernels=row.kernels, init="scratch")
+    if anneal_steps:
+        anneal_temperature(model, start=30.0, end=1.0, steps=anneal_steps)
+    return model
+
+
+def anneal_temperature(model: nn.Module, *, start: float, end: float, steps: int) -> None:
+    """DY-Conv's schedule: temperature linear from ``start`` to ``end`` over the first ``steps`` training forwards.
+
+    The step count is a buffer of the model, so it is in every checkpoint and a resumed run continues the
+    schedule exactly (setting the temperature between epochs would be lost: the checkpoint is written first).
+    """
+    model.register_buffer("anneal_step", torch.zeros((), dtype=torch.long))
+
+    def before_forward(module: nn.Module, _args: Any) -> None:
+        if module.training:
+            step = int(module.anneal_step)
+            peers.set_temperature(module, end if step >= steps else start + (end - start) * step / steps)
+            module.anneal_step += 1
+
+    peers.set_temperature(model, start)
+    model.register_forward_pre_hook(before_forward)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # a shared parent kernel is one Parameter: counted once
+
+
+def cost(row: Row) -> dict[str, Any]:
+    """Parameters and MACs of one 1x28x28 image; ``extra_macs``: inside KernelDNA gates or the peers' heads and
+    kernel mixtures (the peers' per-sample conv counts as the conv it replaces)."""
+    torch.manual_seed(0)
+    model = build(row).eval()
+    x = torch.randn(1, 1, 28, 28)
+    macs, extra = peers.peer_macs(model, x) if row.kind in PEERS else count_macs(model, x)
+    return {"params": n_params(model), "macs": macs, "extra_macs": extra}
+
+
+def deployable(row: Row) -> nn.Module:
+    """What one would ship, in eval mode: KernelDNA rows folded (kdna_fx.fold), the others as they are."""
+    model = build(row).eval()
+    return kdna_fx.fold(model) if row.kind in KERNELDNA else model
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train_config(row: Row, seed: int, args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer="sgd", lr=args.lr,
+                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                       label_smoothing=args.label_smoothing, amp="none", seed=seed, device=args.device,
+                       limit_steps=args.limit_steps, progress=args.progress, log_every=50, model=row.spec())
+
+
+def steps_per_epoch(n_train: int, args: argparse.Namespace) -> int:
+    steps = n_train // args.batch_size  # the loader drops the last partial batch
+    return min(steps, args.limit_steps or steps)
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def record_path(args: argparse.Namespace, row: Row, seed: int) -> str:
+    return os.path.join(args.out, "runs", row.name, f"seed{seed}.json")
+
+
+def run_dir(args: argparse.Namespace, row: Row, seed: int) -> str:
+    return os.path.join(args.run_root, row.name, f"seed{seed}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def take_lock(directory: str) -> bool:
+    """Claim a run for this process; False when another live process holds it. A stale lock is taken over."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    holder = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                return False
+            os.remove(path)  # left by a process that is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release_lock(directory: str) -> None:
+    try:
+        os.remove(os.path.join(directory, "lock"))
+    except FileNotFoundError:
+        pass
+
+
+def run_one(row: Row, seed: int, args: argparse.Namespace, data: Any,
+            on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) one (row, seed) to the end and write its record; returns the record."""
+    directory = run_dir(args, row, seed)
+    config = train_config(row, seed, args)
+    anneal = round(args.dyconv_anneal * steps_per_epoch(len(data.train), args) * args.epochs)
+    torch.manual_seed(seed)
+    model = build(row, anneal_steps=max(1, anneal))
+    resume = os.path.exists(os.path.join(directory, CHECKPOINT_NAME))
+    result = train(model, data.train, data.val, config, directory, resume=resume, on_epoch_end=on_epoch_end)
+    history = result["history"]
+    last = history[-1]
+    record = {"row": row.name, "kind": row.kind, "width": row.width, "seed": seed, "label": row.label,
+              "test_top1": last["val_top1"], "test_loss": last["val_loss"], "test_images": last["val_images"],
+              "train_images": len(data.train), "params": n_params(model), "epochs": len(history),
+              "train_seconds": sum(r["train_seconds"] for r in history), "resumed": resume,
+              "config": config.to_dict(), "history": history, "run_dir": directory,
+              "git": getattr(args, "git", None) or git_commit(),  # the code that ran: the commit at start
+              "provenance": provenance()}
+    save_json(record_path(args, row, seed), record)
+    return record
+
+
+def run_queue(args: argparse.Namespace) -> None:
+    rows = [Row.parse(name) for name in args.rows]
+    data = build_data("fashion-mnist", args.data, train_subset=args.train_subset or None,
+                      val_subset=args.test_subset or None, seed=args.subset_seed)
+    args.git = git_commit()
+    jobs = [(row, seed) for seed in args.seeds for row in rows]  # seed-major: every row gets seed 0 first
+    done = sum(os.path.exists(record_path(args, r, s)) for r, s in jobs)
+    print(f"frontier study: {len(jobs)} runs, {done} done; {len(data.train):,} training images, "
+          f"{len(data.val):,} test images, {args.epochs} epochs, {torch.get_num_threads()} torch thread(s)",
+          flush=True)
+    bar = tqdm(jobs, desc="runs", unit="run", initial=0, disable=not args.progress)
+    for i, (row, seed) in enumerate(bar):
+        if os.path.exists(record_path(args, row, seed)):
+            continue
+        directory = run_dir(args, row, seed)
+        if not take_lock(directory):
+            print(f"[{i + 1}/{len(jobs)}] {row.name} seed {seed}: another process holds {directory}/lock, "
+                  f"skipped", flush=True)
+            continue
+        try:
+            start = time.perf_counter()
+            resumed = os.path.exists(os.path.join(directory, CHECKPOINT_NAME))
+            print(f"[{i + 1}/{len(jobs)}] {row.name} seed {seed}{' (resuming)' if resumed else ''}", flush=True)
+            record = run_one(row, seed, args, data)
+            print(f"    test top-1 {record['test_top1']:.2f}% in {(time.perf_counter() - start) / 60:.1f} min",
+                  flush=True)
+        finally:
+            release_lock(directory)
+
+
+# ------------------------------------------------------------------------------------------------ estimate
+
+
+def estimate(args: argparse.Namespace) -> None:
+    """Time ``--estimate-steps`` training steps of every row (eager, as the queue trains) and project the run time."""
+    rows = [Row.parse(name) for name in args.rows]
+    n_train = 60_000 if not args.train_subset else min(args.train_subset, 60_000)
+    n_test = args.test_subset or 10_000
+    x = torch.randn(args.batch_size, 1, 28, 28)
+    y = torch.randint(0, 10, (args.batch_size,))
+    result = {}
+    for row in tqdm(rows, desc="estimate", unit="row"):
+        torch.manual_seed(0)
+        model = build(row, anneal_steps=100)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+        model.train()
+        for _ in range(2):
+            step()
+        times = []
+        for _ in range(args.estimate_steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        model.eval()
+        with torch.no_grad():
+            start = time.perf_counter()
+            model(x)
+            eval_step = time.perf_counter() - start
+        s = statistics.median(times)
+        epoch = s * steps_per_epoch(n_train, args) + eval_step * math.ceil(n_test / args.batch_size)
+        result[row.name] = {"step_s": s, "epoch_s": epoch, "run_min": epoch * args.epochs / 60}
+        tqdm.write(f"{row.name:>20}: {s:.3f} s/step, {epoch:.0f} s/epoch, {epoch * args.epochs / 60:.0f} min/run")
+    total = sum(r["run_min"] for r in result.values()) * len(args.seeds)
+    print(f"all {len(rows)} rows x {len(args.seeds)} seeds: about {total / 60:.1f} h at this machine's current load")
+    save_json(os.path.join(args.out, "estimate.json"),
+              {"rows": result, "batch_size": args.batch_size, "steps_timed": args.estimate_steps,
+               "threads": torch.get_num_threads(), "provenance": provenance()})
+
+
+# ------------------------------------------------------------------------------------------------ speed
+
+
+def speed(args: argparse.Namespace) -> None:
+    """Re-time every row in one process: batch-1 latency and batch-32 throughput of the deployable form, compiled
+    (torch.compile, static shapes), rows interleaved (kdna_fx.timing.time_interleaved). Weights do not change the
+    time, so each row is freshly built."""
+    rows = [Row.parse(name) for name in args.rows]
+    one, batch = torch.randn(1, 1, 28, 28), torch.randn(32, 1, 28, 28)
+    calls_b1: dict[str, Callable[[], Any]] = {}
+    calls_b32: dict[str, Callable[[], Any]] = {}
+    modes: dict[str, str] = {}
+    for row in tqdm(rows, desc="compile" if not args.eager else "build", unit="row"):
+        model = deployable(row)
+        mode = "eager"
+        if not args.eager:
+            try:
+                compiled = torch.compile(model, dynamic=False)  # per-sample grouped convs need static shapes
+                with torch.inference_mode():
+                    compiled(one), compiled(batch)
+                model, mode = compiled, "compiled"
+            except Exception as exc:  # noqa: BLE001  (a row that does not compile is timed eagerly and marked)
+                mode = f"eager (compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+                tqdm.write(f"{row.name}: {mode}")
+        modes[row.name] = mode
+        calls_b1[row.name] = lambda m=model: m(one)
+        calls_b32[row.name] = lambda m=model: m(batch)
+    b1 = time_interleaved(calls_b1, warmup=5, repeat=args.speed_repeat, rounds=args.speed_rounds)
+    b32 = time_interleaved(calls_b32, warmup=2, repeat=max(1, args.speed_repeat // 5), rounds=args.speed_rounds)
+    result = {name: {"latency_b1_ms": 1e3 * b1[name]["median_s"], "latency_b1_iqr_rel": b1[name]["iqr_rel"],
+                     "images_per_s_b32": 32 / b32[name]["median_s"], "b32_iqr_rel": b32[name]["iqr_rel"],
+                     "mode": modes[name]} for name in calls_b1}
+    save_json(os.path.join(args.out, "speed.json"),
+              {"rows": result, "rounds": args.speed_rounds, "repeat_b1": args.speed_repeat,
+               "threads": torch.get_num_threads(), "git": git_commit(), "provenance": provenance()})
+    for name, r in result.items():
+        print(f"{name:>20}: b1 {r['latency_b1_ms']:.2f} ms, b32 {r['images_per_s_b32']:.0f} img/s ({r['mode']})")
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _load_records(out: str) -> dict[str, list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {}
+    root = os.path.join(out, "runs")
+    for row_name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        for name in sorted(os.listdir(os.path.join(root, row_name))):
+            if name.endswith(".json"):
+                with open(os.path.join(root, row_name, name)) as f:
+                    runs.setdefault(row_name, []).append(json.load(f))
+    return runs
+
+
+def _in_progress(args: argparse.Namespace, rows: list[Row]) -> list[str]:
+    """Runs with a checkpoint but no record yet, and the epoch they reached."""
+    found = []
+    for row in rows:
+        for seed in args.seeds:
+            metrics = os.path.join(run_dir(args, row, seed), "metrics.json")
+            if os.path.exists(metrics) and not os.path.exists(record_path(args, row, seed)):
+                with open(metrics) as f:
+                    epochs = len(json.load(f)["epochs"])
+                found.append(f"{row.name} seed {seed} (epoch {epochs}/{args.epochs} done)")
+    return found
+
+
+def summarise(args: argparse.Namespace) -> dict[str, Any]:
+    runs = _load_records(args.out)
+    names = list(dict.fromkeys([*args.rows, *runs]))  # the queue's order, then any other row on disk
+    speed_path = os.path.join(args.out, "speed.json")
+    timed = {}
+    if os.path.exists(speed_path):
+        with open(speed_path) as f:
+            timed = json.load(f)["rows"]
+    rows = []
+    for name in tqdm(names, desc="costs", unit="row", disable=not args.progress):
+        row = Row.parse(name)
+        entry: dict[str, Any] = {"row": name, "kind": row.kind, "width": row.width, "label": row.label,
+                                 **cost(row), **timed.get(name, {})}
+        mine = runs.get(name, [])
+        if mine:
+            top1 = [r["test_top1"] for r in mine]
+            entry.update(seeds=sorted(r["seed"] for r in mine), top1_mean=statistics.fmean(top1),
+                         top1_std=statistics.stdev(top1) if len(top1) > 1 else 0.0, top1_min=min(top1),
+                         top1_max=max(top1),
+                         top1_per_epoch=[statistics.fmean(epochs) for epochs in
+                                         zip(*[[h["val_top1"] for h in r["history"]] for r in mine])],
+                         train_s_per_epoch=statistics.fmean(r["train_seconds"] / r["epochs"] for r in mine))
+        rows.append(entry)
+    done = sum(len(v) for k, v in runs.items() if k in args.rows)
+    return {"rows": rows, "runs_done": done, "runs_total": len(args.rows) * len(args.seeds),
+            "in_progress": _in_progress(args, [Row.parse(n) for n in args.rows])}
+
+
+def plain_curve(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return sorted((r[key], r["top1_mean"]) for r in rows if r["kind"] == "plain" and "top1_mean" in r and key in r)
+
+
+def versus_curve(curve: list[tuple[float, float]], x: float) -> float | None:
+    """This row's top-1 minus the plain curve's at the same cost (linear in log cost); None outside the curve."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return None
+
+
+def _delta(r: dict[str, Any], curve: list[tuple[float, float]], key: str) -> str:
+    if r["kind"] == "plain" or "top1_mean" not in r or key not in r:
+        return ""
+    at = versus_curve(curve, r[key])
+    return f"{r['top1_mean'] - at:+.2f}" if at is not None else "outside"
+
+
+def recipe_text(args: argparse.Namespace, n_train: str) -> str:
+    return (f"Recipe (every row): Fashion-MNIST, {n_train} training images, the 10,000 test images scored after "
+            f"every epoch (the reported top-1 is the last epoch's), {args.epochs} epochs, batch {args.batch_size}, "
+            f"SGD momentum 0.9, peak lr {args.lr:g} after a {args.warmup_epochs:g}-epoch linear warm-up, cosine to "
+            f"0 (per step), weight decay {args.weight_decay:g} on conv/linear weights (none on norms, biases and "
+            f"KernelDNA adapters), label smoothing {args.label_smoothing:g}, fp32, augmentation: random 2-pixel "
+            f"shift and horizontal flip. Small stem (3x3 stride-1 conv, no max-pool). Peers: experts from scratch "
+            f"(Kaiming); DY-Conv temperature 30 -> 1 over the first {100 * args.dyconv_anneal:g}% of the steps. "
+            f"Seeds change the initialisation, data order and augmentation.")
+
+
+def table(summary: dict[str, Any], args: argparse.Namespace) -> str:
+    rows = summary["rows"]
+    by_params, by_latency = plain_curve(rows, "params"), plain_curve(rows, "latency_b1_ms")
+    lines = []
+    for r in rows:
+        if "top1_mean" in r:
+            spread = f" ± {r['top1_std']:.2f} [{r['top1_min']:.2f}, {r['top1_max']:.2f}]" if len(r["seeds"]) > 1 else ""
+            top1, seeds = f"{r['top1_mean']:.2f}{spread}", str(len(r["seeds"]))
+        else:
+            top1, seeds = "pending", "0"
+        lines.append([f"`{r['row']}`", r["label"], f"{r['params']:,}",
+                      f"{r['macs'] / 1e6:.2f} ({r['extra_macs'] / 1e6:.2f})", seeds, top1,
+                      _delta(r, by_params, "params"),
+                      f"{r['latency_b1_ms']:.2f}" if "latency_b1_ms" in r else "-",
+                      f"{r['images_per_s_b32']:.0f}" if "images_per_s_b32" in r else "-",
+                      _delta(r, by_latency, "latency_b1_ms"),
+                      f"{r['train_s_per_epoch']:.0f}" if "train_s_per_epoch" in r else "-"])
+    return markdown_table(["row", "model", "params", "MMACs (gates/heads)", "seeds", "test top-1 %",
+                           "vs plain @ params", "b1 ms", "b32 img/s", "vs plain @ b1 ms", "train s/epoch"], lines)
+
+
+def plot(summary: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = {"plain": ("black", "o"), "replace": ("tab:blue", "s"), "kdna": ("tab:green", "D"),
+             "relaxed": ("tab:cyan", "P"), "condconv": ("tab:orange", "^"), "dyconv": ("tab:red", "v"),
+             "odconv": ("tab:purple", "X")}
+    panels = (("params", "parameters", 1.0), ("macs", "MACs per 28x28 image (millions)", 1e-6),
+              ("latency_b1_ms", "batch-1 latency, ms (compiled, CPU)", 1.0))
+    done = [r for r in summary["rows"] if "top1_mean" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for ax, (key, xlabel, scale) in zip(axes, panels):
+        have = [r for r in done if key in r]
+        curve = plain_curve(have, key)
+        if len(curve) > 1:
+            ax.plot([x * scale for x, _ in curve], [y for _, y in curve], color="black", lw=1, alpha=0.6,
+                    label="plain ResNet-18 widths")
+        for kind in style:
+            color, marker = style[kind]
+            mine = [r for r in have if r["kind"] == kind]
+            for i, r in enumerate(mine):
+                ax.errorbar(r[key] * scale, r["top1_mean"],
+                            yerr=[[r["top1_mean"] - r["top1_min"]], [r["top1_max"] - r["top1_mean"]]],
+                            color=color, marker=marker, capsize=3, linestyle="none",
+                            label=KINDS[kind] if i == 0 else None)
+                ax.annotate(f"{r['row']} ({len(r['seeds'])})", (r[key] * scale, r["top1_mean"]), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points")
+        if not have:
+            ax.text(0.5, 0.5, "no timings yet: run --speed" if key == "latency_b1_ms" else "no runs yet",
+                    ha="center", transform=ax.transAxes)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel + " (log scale)")
+        ax.set_ylabel("test top-1 % (mean; bars: min-max over seeds)")
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(args: argparse.Namespace) -> None:
+    summary = summarise(args)
+    n_train = f"{args.train_subset:,} (seeded subset)" if args.train_subset else "all 60,000"
+    status = (f"**Status: {summary['runs_done']} of {summary['runs_total']} runs done** "
+              f"({len(args.rows)} rows x seeds {', '.join(map(str, args.seeds))})."
+              + (f" In progress: {'; '.join(summary['in_progress'])}." if summary["in_progress"] else ""))
+    timing_note = ("Timing (`--speed`): the deployable form (KernelDNA rows folded), eval mode, torch.compile with "
+                   "static shapes, all rows interleaved in one process (kdna_fx.timing.time_interleaved), median; "
+                   "1 torch thread on a shared 2-core CPU, so read ratios, not absolute numbers. "
+                   "\"vs plain @ params\" / \"@ b1 ms\": this row's mean top-1 minus the plain-net curve's, linearly "
+                   "interpolated in log cost between the plain widths done; \"outside\" where the row's cost lies "
+                   "beyond them. MMACs: one 1x28x28 image, in parentheses the part inside KernelDNA gates or the "
+                   "peers' attention heads and kernel mixtures.")
+    md = "\n\n".join([f"### Fashion-MNIST frontier: ResNet-18 family, {n_train} training images, {args.epochs} epochs",
+                      status, recipe_text(args, n_train), table(summary, args), timing_note])
+    prov = provenance(["bench/frontier_study.py", *sys.argv[1:]])
+    git = git_commit()
+    md += f"\n\nGit commit: `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}"
+    os.makedirs(args.out, exist_ok=True)
+    write_results(os.path.join(args.out, "frontier"),
+                  {**summary, "settings": {k: v for k, v in vars(args).items()}, "git": git, "provenance": prov}, md)
+    plot(summary, os.path.join(args.out, "frontier.png"),
+         f"Fashion-MNIST, {n_train} train images, {args.epochs} epochs; {summary['runs_done']} of "
+         f"{summary['runs_total']} runs done (seeds per point in parentheses)")
+    print(md)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="frontier",
+                   help="the defaults of rows, seeds, epochs, data, warm-up and folders (options below override)")
+    p.add_argument("--rows", nargs="+", help=f"rows in queue order (frontier: {' '.join(ROWS)})")
+    p.add_argument("--seeds", nargs="+", type=int, help="one run per seed and row")
+    p.add_argument("--epochs", type=int, help="training epochs of every run (frontier: 15)")
+    p.add_argument("--train-subset", type=int, help="training images, a seeded random subset (0: all 60,000)")
+    p.add_argument("--test-subset", type=int, default=0, help="test images, a seeded subset (0: all 10,000)")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the subsets; the same for every run")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine (frontier: 1)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="conv/linear weights only")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--dyconv-anneal", type=float, default=0.1,
+                   help="fraction of the training steps over which DY-Conv's temperature falls from 30 to 1")
+    p.add_argument("--limit-steps", type=int, default=None, help="at most N steps per epoch (smoke runs)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the recipe is fp32 on both)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 because the 2 cores are shared with other jobs (2 oversubscribe them)")
+    p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
+    p.add_argument("--out", help="results folder (frontier: bench/results/frontier)")
+    p.add_argument("--run-root", help="checkpoints of the runs, gitignored (frontier: runs/frontier)")
+    p.add_argument("--progress", action="store_true", help="progress bars inside each run (noisy in a log)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--report", action="store_true", help="only write the table and plots from what is on disk")
+    mode.add_argument("--speed", action="store_true", help="re-time every row (compiled, interleaved), then report")
+    mode.add_argument("--estimate", action="store_true", help="time a few training steps of every row")
+    p.add_argument("--estimate-steps", type=int, default=5, help="timed training steps per row for --estimate")
+    p.add_argument("--speed-rounds", type=int, default=5, help="interleaved rounds of --speed")
+    p.add_argument("--speed-repeat", type=int, default=50, help="batch-1 calls per row and round (batch 32: /5)")
+    p.add_argument("--eager", action="store_true", help="--speed without torch.compile (quick checks)")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in args.rows:
+        Row.parse(name)  # a bad row name fails here, before any work
+    if args.epochs < 1 or args.batch_size < 2:
+        p.error(f"--epochs must be >= 1 and --batch-size >= 2, got {args.epochs} and {args.batch_size}")
+    if not 0 < args.dyconv_anneal <= 1:
+        p.error(f"--dyconv-anneal must be in (0, 1], got {args.dyconv_anneal}")
+    if len(set(args.rows)) != len(args.rows) or len(set(args.seeds)) != len(args.seeds):
+        p.error("--rows and --seeds must not repeat an entry")
+    args.out = os.path.join(REPO, args.out) if not os.path.isabs(args.out) else args.out
+    args.run_root = os.path.join(REPO, args.run_root) if not os.path.isabs(args.run_root) else args.run_root
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.estimate:
+        estimate(args)
+        return 0
+    if args.speed:
+        speed(args)
+    elif not args.report:
+        run_queue(args)
+    report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Smoke test of bench/frontier_study.py: a tiny budget end to end, skip when done, exact mid-run resume."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = "/usr/share/datasets/fashion-mnist"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "train-images-idx3-ubyte.gz")),
+                                reason="Fashion-MNIST is not installed (make data)")
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("frontier_study", os.path.join(REPO, "bench", "frontier_study.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["frontier_study"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    before = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(before)
+
+
+def tiny(tmp_path, rows, *extra):
+    return ["--rows", *rows, "--seeds", "0", "--epochs", "2", "--train-subset", "256", "--test-subset", "256",
+            "--batch-size", "32", "--limit-steps", "2", "--out", str(tmp_path / "out"),
+            "--run-root", str(tmp_path / "runs"), *extra]
+
+
+def record(tmp_path, row, seed=0):
+    with open(tmp_path / "out" / "runs" / row / f"seed{seed}.json") as f:
+        return json.load(f)
+
+
+def test_queue_skip_and_report(study, tmp_path, capsys):
+    rows = ["plain-w0.0625", "replace-w0.0625", "dyconv-k2-w0.0625"]
+    assert study.main(tiny(tmp_path, rows)) == 0
+    for row in rows:
+        r = record(tmp_path, row)
+        assert r["epochs"] == 2 and 0 <= r["test_top1"] <= 100 and r["test_images"] == 256
+        assert r["git"]["commit"] and r["provenance"]["versions"]["torch"]
+    assert record(tmp_path, "replace-w0.0625")["params"] < record(tmp_path, "plain-w0.0625")["params"]
+    dy = torch.load(tmp_path / "runs" / "dyconv-k2-w0.0625" / "seed0" / "last.pt", weights_only=False)
+    assert int(dy["model"]["anneal_step"]) == 4  # DY-Conv's temperature schedule counted every training step
+
+    stamp = os.path.getmtime(tmp_path / "out" / "runs" / "plain-w0.0625" / "seed0.json")
+    capsys.readouterr()
+    assert study.main(tiny(tmp_path, rows)) == 0  # everything done: nothing retrained
+    assert os.path.getmtime(tmp_path / "out" / "runs" / "plain-w0.0625" / "seed0.json") == stamp
+    assert "3 of 3 runs done" in capsys.readouterr().out
+
+    assert study.main(tiny(tmp_path, rows, "--speed", "--eager", "--speed-rounds", "1", "--speed-repeat", "5")) == 0
+    with open(tmp_path / "out" / "frontier.json") as f:
+        summary = json.load(f)
+    assert [r["row"] for r in summary["rows"]] == rows
+    assert all(r["latency_b1_ms"] > 0 and r["macs"] > 0 and len(r["seeds"]) == 1 for r in summary["rows"])
+    assert (tmp_path / "out" / "frontier.md").read_text().count("`dyconv-k2-w0.0625`") == 1
+    assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
+
+
+def test_mid_run_resume_is_exact(study, tmp_path):
+    row = "kdna-w0.0625"
+    whole = tmp_path / "whole"
+    assert study.main(tiny(whole, [row])) == 0
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(epoch, _record):
+        if epoch == 1:
+            raise Stop
+
+    split = tmp_path / "split"
+    args = study.parse_args(tiny(split, [row]))
+    data = study.build_data("fashion-mnist", None, train_subset=256, val_subset=256, seed=0)
+    with pytest.raises(Stop):  # a session ending mid-run: the epoch-1 checkpoint is on disk, no record yet
+        study.run_one(study.Row.parse(row), 0, args, data, on_epoch_end=stop_after_first_epoch)
+    assert not (split / "out" / "runs" / row / "seed0.json").exists()
+    assert study.main(tiny(split, [row], "--report")) == 0
+    assert "epoch 1/2 done" in (split / "out" / "frontier.md").read_text()
+
+    assert study.main(tiny(split, [row])) == 0
+    resumed, uninterrupted = record(split, row), record(whole, row)
+    assert resumed["resumed"] and not uninterrupted["resumed"]
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in uninterrupted["history"]]
+    assert resumed["test_top1"] == uninterrupted["test_top1"]
+
+
+def test_bad_arguments(study, tmp_path):
+    with pytest.raises(SystemExit, match="unknown row 'resnet-w0.25'"):
+        study.parse_args(["--rows", "resnet-w0.25"])
+    with pytest.raises(SystemExit, match="width must be"):
+        study.parse_args(["--rows", "plain-w0"])
+    with pytest.raises(SystemExit):
+        study.parse_args(["--rows", "plain-w0.25", "plain-w0.25"])
+
+
+def test_lock_keeps_a_second_process_off(study, tmp_path):
+    directory = str(tmp_path / "run")
+    assert study.take_lock(directory)
+    with open(os.path.join(directory, "lock"), "w") as f:
+        f.write("1")  # pid 1 is alive: another process holds the run
+    assert not study.take_lock(directory)
+    with open(os.path.join(directory, "lock"), "w") as f:
+        f.write("999999999")  # no such process: a stale lock is taken over
+    assert study.take_lock(directory)
+    study.release_lock(directory)
+    assert not os.path.exists(os.path.join(directory, "lock"))
