@@ -560,8 +560,9 @@ def report(args: argparse.Namespace) -> None:
                    "beyond them. MMACs: one 1x28x28 image, in parentheses the part inside KernelDNA gates or the "
                    "peers' attention heads and kernel mixtures.")
     md = "\n\n".join([f"### Fashion-MNIST frontier: ResNet-18 family, {n_train} training images, {args.epochs} epochs",
-                      status, recipe_text(args, n_train), table(summary, args), timing_note])
-    prov = provenance(["bench/frontier_study.py", *sys.argv[1:]])
+                      status, recipe_text(args, n_train), table(summary, args), timing_note,
+                      "![top-1 against parameters, MACs and batch-1 latency](frontier.png)"])
+    prov = provenance(["bench/frontier_study.py", *args.argv])
     git = git_commit()
     md += f"\n\nGit commit: `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}"
     os.makedirs(args.out, exist_ok=True)
@@ -610,6 +611,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--speed-repeat", type=int, default=50, help="batch-1 calls per row and round (batch 32: /5)")
     p.add_argument("--eager", action="store_true", help="--speed without torch.compile (quick checks)")
     args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
