@@ -33,7 +33,7 @@ from torch import Tensor, fx, nn
 
 from .adapters import ChildAdapter, adapter_parameters
 from .errors import ConfigError, KDNAError, KDNATypeError
-from .record import record_of
+from .record import interpreted, parts_of, record_of, rooted
 from .tables import format_table
 
 MODES: tuple[str, ...] = ("bn", "layerwise", "distill")
@@ -314,16 +314,24 @@ class _Capture(fx.Interpreter):
         return super().run_node(n)
 
 
-def _child_input(gm: fx.GraphModule, node: fx.Node, x: Tensor) -> Tensor:
+def _child_input(kmodel: nn.Module, gm: fx.GraphModule, node: fx.Node, x: Tensor) -> Tensor:
+    """The input of ``node`` in ``gm`` when ``kmodel`` (``gm`` itself, or a composite holding it) runs on x."""
     try:
-        _Capture(gm, node).run(x)
+        with interpreted(gm, _Capture(gm, node)):
+            kmodel(x)
     except _Stop as stop:
         return stop.value
-    raise KDNAError(f"calibrate: the child conv node {node.name} was not reached")  # pragma: no cover
+    raise KDNAError(f"calibrate: the child conv node {node.name} was not reached")
 
 
 def _child_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.meta.get("kdna", {}).get("role") == "child_conv"]
+
+
+def _children(kmodel: nn.Module) -> list[tuple[str, fx.GraphModule, fx.Node]]:
+    """(path of its graph, graph, node) of every child conv, in graph order, also inside the rewritten parts
+    of a partly traced composite (docs/partial-tracing.md)."""
+    return [(path, gm, node) for path, gm in parts_of(kmodel) for node in _child_nodes(gm)]
 
 
 def _parent_weight(gm: fx.GraphModule, node: fx.Node) -> Tensor:
@@ -333,18 +341,19 @@ def _parent_weight(gm: fx.GraphModule, node: fx.Node) -> Tensor:
     raise KDNAError(f"calibrate: cannot find the parent kernel of child node {node.name}")  # pragma: no cover
 
 
-def _layerwise(kmodel: fx.GraphModule, runner: _Runner, data: _Data, *, steps: int, lr: float,
+def _layerwise(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr: float,
                generator: torch.Generator, bar: Any) -> tuple[int, dict[str, tuple[float, float]]]:
     reference = runner.reference
     ref_modules = dict(reference.named_modules())
     done, errors = 0, {}
-    for node in _child_nodes(kmodel):
-        name = node.meta["kdna"]["child"]
-        adapter = kmodel.get_submodule(node.meta["kdna"].get("adapter") or name)
+    for path, gm, node in _children(kmodel):
+        local = node.meta["kdna"]["child"]
+        name = rooted(path, local)
+        adapter = gm.get_submodule(node.meta["kdna"].get("adapter") or local)
         target = ref_modules.get(name)
         if not isinstance(adapter, ChildAdapter) or not isinstance(target, nn.Conv2d):
             continue  # no conv at that path in the reference: nothing to match
-        weight = _parent_weight(kmodel, node).detach()
+        weight = _parent_weight(gm, node).detach()
         # Inputs from kmodel (so each child corrects the error before it), targets from the reference.
         captured: list[Tensor] = []
         hook = target.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
@@ -355,7 +364,7 @@ def _layerwise(kmodel: fx.GraphModule, runner: _Runner, data: _Data, *, steps: i
                 for x in data.batches():
                     captured.clear()
                     runner.ref(x)
-                    pairs.append((_child_input(kmodel, node, x), captured[0].to(x.device, x.dtype)))
+                    pairs.append((_child_input(kmodel, gm, node, x), captured[0].to(x.device, x.dtype)))
         finally:
             hook.remove()
         params = [p for p in adapter.parameters() if p is not adapter.bias and p is not adapter.weight]
@@ -425,9 +434,9 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
                 if isinstance(p, nn.Parameter):
                     params[id(p)] = p
     adapters_and_norms = set(params)
-    if train == "parents" and isinstance(kmodel, fx.GraphModule):
-        for node in _child_nodes(kmodel):
-            p = _parent_weight(kmodel, node)
+    if train == "parents":
+        for _, gm, node in _children(kmodel):
+            p = _parent_weight(gm, node)
             params[id(p)] = p
     if train == "all":
         params = {id(p): p for p in kmodel.parameters()}
@@ -556,7 +565,7 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
         runner.check_shapes()
         agreement, error = runner.evaluate()
         results = []
-        n_children = len(_child_nodes(inner)) if isinstance(inner, fx.GraphModule) else 0
+        n_children = len(_children(inner))
         for mode in order:
             total = {"bn": None, "layerwise": layerwise_steps * n_children, "distill": steps}[mode]
             with tqdm(total=total, desc=f"calibrate {mode}", disable=not progress, leave=False) as bar:
@@ -565,8 +574,6 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
                 if mode == "bn":
                     done = _reestimate_bn(inner, feed, bar)
                 elif mode == "layerwise":
-                    if not isinstance(inner, fx.GraphModule):  # pragma: no cover (record_of implies a GraphModule)
-                        raise CalibrationError("calibrate: layerwise needs a torch.fx GraphModule")
                     done, children = _layerwise(inner, runner, feed, steps=layerwise_steps, lr=layerwise_lr,
                                                 generator=generator, bar=bar)
                 else:

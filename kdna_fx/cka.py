@@ -13,6 +13,7 @@ Everything is computed in float64. See docs/cka.md.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import KDNAError
+from .record import interpreted, parts_of, rooted
 from .tables import format_table
 
 Pool = Literal["flatten", "mean"]
@@ -291,12 +293,24 @@ def _close(name: str, names: Sequence[str]) -> str:
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
+def _graphs(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """(path, graph) of each graph of ``model`` that holds child convs: the model itself when it was traced
+    as a whole, a partly traced composite's rewritten parts (docs/partial-tracing.md)."""
+    parts = parts_of(model)
+    if not parts and isinstance(model, fx.GraphModule):
+        parts = [("", model)]
+    return [(path, gm) for path, gm in parts if _child_convs(gm)]
+
+
+def _child_convs(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.meta.get("kdna", {}).get("role") == "child_conv"]
+
+
 def _conv_names(model: nn.Module) -> list[str]:
-    """Every conv the model runs: nn.Conv2d modules, and in a transformed model its child convs."""
+    """Every conv the model runs: nn.Conv2d modules, and in a transformed model its child convs (named from
+    the model's root, also inside the rewritten parts of a composite)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if isinstance(model, fx.GraphModule):
-        names += [n.meta["kdna"]["child"] for n in model.graph.nodes
-                  if n.meta.get("kdna", {}).get("role") == "child_conv"]
+    names += [rooted(path, n.meta["kdna"]["child"]) for path, gm in _graphs(model) for n in _child_convs(gm)]
     return names
 
 
@@ -413,14 +427,15 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
 
     param = next(iter(model.parameters()), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), None)
-    graph = isinstance(model, fx.GraphModule) and any(
-        n.meta.get("kdna", {}).get("role") == "child_conv" for n in model.graph.nodes)
-    forward: Callable[[Tensor], Any] = _ConvInterpreter(model, record).run if graph else model  # type: ignore[arg-type]
+    watched = contextlib.ExitStack()
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(name, o))
              for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     modes = {m: m.training for m in model.modules()}
     estimator, names, count = MinibatchCKA(), None, 0
     try:
+        # A child conv is a function call in a graph, not a module: each graph holding some runs node by node.
+        for path, gm in _graphs(model):
+            watched.enter_context(interpreted(gm, _ConvInterpreter(gm, lambda n, o, p=path: record(rooted(p, n), o))))
         from tqdm.auto import tqdm
 
         model.eval()
@@ -435,7 +450,7 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
                         raise CKAError(f"data gave {len(x)} images; the unbiased HSIC needs at least 4")
                     grams.clear()
                     x = x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
-                    forward(x)
+                    model(x)
                     if names is None:
                         names = list(grams)
                     elif list(grams) != names:
@@ -445,6 +460,7 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
                     count += len(x)
                     bar.update(len(x))
     finally:
+        watched.close()
         for h in hooks:
             h.remove()
         for m, training in modes.items():

@@ -8,8 +8,9 @@ subtree keeps its own record (names inside the subtree) as any GraphModule does.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from torch import fx, nn
 
@@ -62,7 +63,42 @@ def record_of(model: nn.Module) -> TransformRecord:
 
 def graphs_of(model: nn.Module) -> list[fx.GraphModule]:
     """The rewritten graphs of a transformed model: the model itself, or a composite's parts."""
+    record_of(model)  # refuses a model that was not transformed
+    return [gm for _, gm in parts_of(model)]
+
+
+def parts_of(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """(path from the model's root, graph) of each rewritten graph: ``[("", model)]`` for a model traced as a
+    whole, a composite's parts otherwise, ``[]`` for a model kdna_fx did not transform. Names inside a
+    part's graph (``node.meta["kdna"]["child"]``) are prefixed with its path to name the module from the root.
+    """
     model = getattr(model, "_orig_mod", model)
     if isinstance(model, fx.GraphModule) and "kdna" in model.meta:
-        return [model]
-    return [model.get_submodule(path) for path in record_of(model).parts]  # type: ignore[misc]
+        return [("", model)]
+    record = find_record(model)
+    return [] if record is None else [(path, model.get_submodule(path)) for path in record.parts]  # type: ignore[misc]
+
+
+def rooted(path: str, name: str) -> str:
+    """``name`` inside the part at ``path``, as seen from the model's root."""
+    return f"{path}.{name}" if path and name else path or name
+
+
+@contextmanager
+def interpreted(gm: fx.GraphModule, interpreter: fx.Interpreter) -> Iterator[None]:
+    """Within the block, every call of ``gm`` runs node by node through ``interpreter`` (to watch or stop at
+    a node), also when it is called from a composite's own Python forward: ``gm.forward`` is shadowed on the
+    instance, and restored on exit."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        # Interpreter.run takes positional arguments only: bind keywords (and defaults) by placeholder.
+        rest = [kwargs[n.target] if n.target in kwargs else n.args[0] for n in placeholders[len(args):]
+                if n.target in kwargs or n.args]
+        return interpreter.run(*args, *rest)
+
+    vars(gm)["forward"] = forward
+    try:
+        yield
+    finally:
+        vars(gm).pop("forward", None)

@@ -32,7 +32,8 @@ def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterabl
     Modules in kdna_fx.registry.NOT_TRACED and ``config.leaf_modules`` stay opaque, and so do the module
     instances in ``opaque`` (passes.partial puts the ones that failed to trace there). Parameters and
     buffers the graph does not read (a BatchNorm's num_batches_tracked, an unused head) are copied on
-    purpose, so the state dict keeps every entry of the original.
+    purpose, so the state dict keeps every entry of the original, and so are the modules' plain attributes
+    (``hidden_state_size``, ``out_channels``): code outside the graph may read them.
     """
     config = config or KDNAConfig()
     tracer = _Tracer(tuple(NOT_TRACED) + tuple(config.leaf_modules), opaque)
@@ -42,6 +43,7 @@ def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterabl
         raise _trace_error(tracer, model, exc) from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _copy_untraced_state(model, gm)
+    _copy_plain_attributes(model, gm)
     gm.train(model.training)
     return gm
 
@@ -108,3 +110,24 @@ def _copy_untraced_state(model: nn.Module, gm: fx.GraphModule) -> None:
             owner.register_parameter(leaf, value)
         else:
             owner.register_buffer(leaf, value)
+
+
+def _copy_plain_attributes(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Copy the plain (non-module, non-tensor) attributes of ``model`` and of its traced-through submodules.
+
+    A GraphModule keeps only what its graph reads. Installed in place of a child by passes.partial, it is
+    still used by its parent's own Python forward, which may read such an attribute (RAFT reads
+    ``self.update_block.hidden_state_size``). What the GraphModule already has (its graph, its code, a
+    leaf module itself) is never overwritten.
+    """
+    for name, module in model.named_modules():
+        try:
+            target = gm.get_submodule(name)
+        except AttributeError:
+            continue  # neither called nor holding state: the graph has no module there
+        if target is module:
+            continue  # a leaf: the module itself
+        for key, value in vars(module).items():
+            if key.startswith("_") or key == "training" or hasattr(target, key):
+                continue
+            object.__setattr__(target, key, value)

@@ -1,0 +1,112 @@
+"""Gaps a partly traced composite (docs/partial-tracing.md) used to have: CKA and layer-wise calibration see
+the child convs inside the rewritten parts, by their names from the model's root, exactly as on the part
+alone; a rewritten part keeps the plain attributes its parent's own forward reads."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import fx, nn
+
+import kdna_fx
+from kdna_fx.calibrate import calibrate
+from kdna_fx.cka import layer_similarity
+from kdna_fx.testing import TinyResNet
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::kdna_fx.PartialTraceWarning")]
+
+
+class Checked(nn.Module):
+    """A traceable ResNet body under a top-level forward torch.fx cannot trace (it always takes the first
+    branch, so the composite computes exactly what the body does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TinyResNet(width=4, num_classes=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().sum() >= 0:  # data-dependent control flow
+            return self.body(x)
+        return -self.body(x)
+
+
+def _pair(seed: int = 1, init: str = "copy") -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(original, its composite, its body transformed alone with the same seed)."""
+    torch.manual_seed(0)
+    net = Checked().eval()
+    torch.manual_seed(seed)
+    composite = kdna_fx.transform(net, init=init)
+    torch.manual_seed(seed)
+    alone = kdna_fx.transform(net.body, init=init)
+    assert not isinstance(composite, fx.GraphModule) and isinstance(composite.body, fx.GraphModule)
+    return net, composite, alone
+
+
+def _rooted(name: str) -> str:
+    return name if name.startswith("body.") else f"body.{name}"
+
+
+def test_layer_similarity_sees_the_child_convs_inside_a_composites_parts():
+    net, composite, alone = _pair()
+    data = torch.randn(16, 3, 8, 8)
+    measured = layer_similarity(composite, data, progress=False)
+    children = {_rooted(c) for f in kdna_fx.plan_of(composite).families for c in f.children}
+    assert children and children <= set(measured.names)
+    # The same layers, in the same order, as the original model and as the body transformed alone.
+    assert measured.names == layer_similarity(net, data, progress=False).names
+    reference = layer_similarity(alone, data, progress=False)
+    assert measured.names == [f"body.{n}" for n in reference.names]
+    torch.testing.assert_close(measured.matrix, reference.matrix)
+    # Asking for one child by its root name works, and the part's forward is its own again afterwards.
+    child = sorted(children)[0]
+    assert layer_similarity(composite, data, layers=[child], progress=False).names == [child]
+    assert "forward" not in vars(composite.body)
+
+
+def test_layerwise_calibration_fits_the_children_inside_a_composites_parts():
+    net, composite, alone = _pair(init="trained")
+    data = torch.randn(32, 3, 8, 8)
+    report = calibrate(composite, data, reference=net, modes=("layerwise",), layerwise_steps=5, batch_size=16,
+                       progress=False)
+    (result,) = report.modes
+    children = {_rooted(c) for f in kdna_fx.plan_of(composite).families for c in f.children}
+    assert set(result.children) == children and result.steps == 5 * len(children)
+    # Exactly what calibrating the body alone against the original body does, under root names.
+    expected = calibrate(alone, data, reference=net.body, modes=("layerwise",), layerwise_steps=5, batch_size=16,
+                         progress=False)
+    assert list(result.children) == [f"body.{n}" for n in expected.modes[0].children]
+    torch.testing.assert_close(torch.tensor(list(result.children.values())),
+                               torch.tensor(list(expected.modes[0].children.values())))
+    assert all(after < before for before, after in result.children.values())
+    assert "forward" not in vars(composite.body)
+
+
+def test_distilling_parents_trains_the_shared_kernels_inside_a_composites_parts():
+    net, composite, _ = _pair(init="trained")
+    plan = kdna_fx.plan_of(composite)
+    parents = {f.parent: composite.get_parameter(plan.parent_weight(f)) for f in plan.families}
+    before = {name: p.detach().clone() for name, p in parents.items()}
+    calibrate(composite, torch.randn(16, 3, 8, 8), reference=copy.deepcopy(net), modes=("distill",), steps=3,
+              batch_size=8, train="parents", progress=False)
+    assert all(not torch.equal(before[n], p) for n, p in parents.items())
+
+
+class ReadsAttributes(nn.Module):
+    """Like RAFT, whose forward reads ``self.update_block.hidden_state_size`` of a child that gets rewritten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TinyResNet(width=4, num_classes=3)
+        self.body.out_features = 3  # a plain attribute the traced graph never reads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        assert y.shape[1] == self.body.out_features
+        return y if x.abs().sum() >= 0 else -y  # data-dependent control flow
+
+
+def test_a_rewritten_part_keeps_the_plain_attributes_its_parents_forward_reads():
+    kmodel = kdna_fx.transform(ReadsAttributes())
+    assert isinstance(kmodel.body, fx.GraphModule) and kmodel.body.out_features == 3
+    assert kmodel(torch.randn(2, 3, 8, 8)).shape == (2, 3)
