@@ -116,7 +116,8 @@ class FashionScenes(Dataset):
         keep = [i for i, m in enumerate(masks) if m.any()]
         mask_stack = (torch.stack([masks[i] for i in keep]) if keep
                       else torch.zeros(0, self.size, self.size, dtype=torch.bool))
-        target = {"boxes": mask_boxes(mask_stack), "labels": torch.tensor([labels[i] for i in keep], dtype=torch.int64),
+        target = {"boxes": mask_boxes(mask_stack),
+                  "labels": torch.tensor([labels[i] for i in keep], dtype=torch.int64),
                   "masks": mask_stack.to(torch.uint8), "image_id": torch.tensor(index)}
         return canvas.expand(self.channels, -1, -1).clone(), target
 
