@@ -184,3 +184,13 @@ def test_dense_model_is_shared_or_documented(name):
 def test_the_lists_name_real_models():
     assert set(UNCHANGED) <= set(ALL) and set(SLOW) <= set(ALL) and set(CLIP) <= set(ALL)
     assert FLOW and VIDEO and len(DETECTION) >= 10 and len(SEGMENTATION) >= 5
+
+
+def test_a_skipped_conv_names_what_keeps_it_out_of_a_family():
+    """DeepLabV3's ASPP convs have one kernel shape but different dilations: each sits in a family of its own,
+    and the reason says which dilation (not '1 conv of shape 960->256' when there are three)."""
+    model = torchvision.models.get_model("deeplabv3_mobilenet_v3_large", weights=None, weights_backbone=None,
+                                         num_classes=3)
+    reasons = {s.name: s.reason for s in kdna_fx.plan(model).skipped}
+    assert "960->256 3x3 dilation=(12, 12)" in reasons["classifier.0.convs.1.0"]
+    assert "dilation" not in reasons["classifier.1"]
