@@ -45,8 +45,11 @@ def modulate(parent: Tensor, filter_scale: Tensor | None = None, spatial_scale: 
 
 
 def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | None,
-         norm: Callable[[Tensor], Tensor] | None = None, scale: float = 1.0) -> Tensor:
+         norm: Callable[[Tensor], Tensor] | None = None, scale: float = 1.0, fc1_bias: Tensor | None = None) -> Tensor:
     """Dynamic routing a(x) = scale * sigmoid(fc2(relu(norm(fc1(mean_hw(x)))))), shape [B, C_in].
+
+    ``fc1_bias`` is None in a trainable gate; a folded gate (kdna_fx.fold) has its eval-mode BatchNorm
+    folded into fc1's weight and this bias, and no norm.
 
     ``scale`` is 1 in the reference. With scale 2 and fc2 = 0 the gate is exactly the identity (a = 1) while
     its gradient stays that of a sigmoid at 0: how a converted trained model starts (init="trained").
@@ -55,7 +58,7 @@ def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | N
     module (nn.BatchNorm1d, nn.LayerNorm, or a SyncBatchNorm converted from them), so module conversions
     and torch.func.functional_call reach it like any other layer. None skips the norm.
     """
-    h = F.linear(reduce(x, "b c h w -> b c", "mean"), fc1_weight)
+    h = F.linear(reduce(x, "b c h w -> b c", "mean"), fc1_weight, fc1_bias)
     if norm is not None:
         h = norm(h)
     a = torch.sigmoid(F.linear(F.relu(h), fc2_weight, fc2_bias))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .adapters import adapter_parameters
+from .adapters import Gate, adapter_parameters
 from .record import record_of
 
 
@@ -92,10 +92,16 @@ class FunctionalConvNet(nn.Module):
 
 
 def randomize_adapters(model: nn.Module, scale: float = 0.3, generator: torch.Generator | None = None) -> None:
-    """Give every adapter parameter (F, S, gate weights and biases) random, non-trivial values."""
+    """Give every adapter parameter (F, S, gate weights and biases) random, non-trivial values, and every gate
+    BatchNorm random running statistics (so that eval mode and folding see non-trivial ones)."""
     with torch.no_grad():
         for _, p in adapter_parameters(model):
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+        for module in model.modules():
+            if isinstance(module, Gate) and isinstance(module.norm, nn.BatchNorm1d):
+                stats = module.norm
+                stats.running_mean.copy_(torch.randn(stats.running_mean.shape, generator=generator) * scale)
+                stats.running_var.copy_(torch.rand(stats.running_var.shape, generator=generator) + 0.5)
 
 
 def untie_parents(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list[str]]]:

@@ -16,7 +16,8 @@ from kdna_fx.record import graphs_of, record_of
 def fold(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in which every child conv reads a precomputed, frozen ``folded_weight``.
 
-    The gate stays (it depends on the input). The folded kernels are Parameters with
+    The gate stays (it depends on the input), with its BatchNorm folded into its first linear layer
+    (running statistics; a LayerNorm stays). The folded kernels are Parameters with
     requires_grad=False, so parameter counts show what inference stores. ``model`` itself is unchanged.
     A composite (a model not traced as a whole) has each of its rewritten subtrees folded.
     """
@@ -46,6 +47,8 @@ def _fold_graph(gm: fx.GraphModule) -> None:
         with torch.no_grad():
             folded = KF.modulate(*tensors).detach().clone()
         adapter.folded_weight = nn.Parameter(folded, requires_grad=False)
+        if adapter.gate is not None:
+            adapter.gate.fold_norm()
         with graph.inserting_before(node):
             new = graph.get_attr(f"{path}.folded_weight")
             new.meta["kdna"] = dict(node.meta["kdna"], role="folded_weight")

@@ -87,6 +87,9 @@ def test_fold_leaves_the_original_untouched_and_freezes_kernels(dtype):
     frozen = [n for n, p in folded.named_parameters() if n.endswith("folded_weight")]
     assert frozen and all(not folded.get_parameter(n).requires_grad for n in frozen)
     assert not any(n.endswith(("filter_scale", "spatial_scale")) for n, _ in folded.named_parameters())
+    # Each gate's BatchNorm is folded into its first linear layer (one op less per gate at inference).
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in kmodel.modules())
 
 
 @given(st.integers(2, 5), st.integers(0, 2**16))
