@@ -494,7 +494,8 @@ def table(summary: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append([f"`{r['row']}`", r["label"], f"{r['params']:,}",
                       f"{r['macs'] / 1e6:.2f} ({r['extra_macs'] / 1e6:.2f})", seeds, top1,
                       _delta(r, by_params, "params"),
-                      f"{r['latency_b1_ms']:.2f}" if "latency_b1_ms" in r else "-",
+                      f"{r['latency_b1_ms']:.2f} (IQR {100 * r['latency_b1_iqr_rel']:.0f}%)" if "latency_b1_ms" in r
+                      else "-",
                       f"{r['images_per_s_b32']:.0f}" if "images_per_s_b32" in r else "-",
                       _delta(r, by_latency, "latency_b1_ms"),
                       f"{r['train_s_per_epoch']:.0f}" if "train_s_per_epoch" in r else "-"])
@@ -532,7 +533,7 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
                 ax.annotate(f"{r['row']} ({len(r['seeds'])})", (r[key] * scale, r["top1_mean"]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")
         if not have:
-            ax.text(0.5, 0.5, "no timings yet: run --speed" if key == "latency_b1_ms" else "no runs yet",
+            ax.text(0.5, 0.5, "no timings yet: run --speed" if done else "no finished runs yet",
                     ha="center", transform=ax.transAxes)
         ax.set_xscale("log")
         ax.set_xlabel(xlabel + " (log scale)")
