@@ -33,11 +33,15 @@ def modulate(parent: Tensor, filter_scale: Tensor | None = None, spatial_scale: 
     B [C_out, r] and A [r, C_in/g * kh * kw] form the optional low-rank kernel residual of a relaxed child,
     added on the kernel viewed as a [C_out, C_in/g * kh * kw] matrix.
     """
-    weight = parent
+    # The two small scales are combined first ([C_out, 1, k, k]), so the kernel is read and written once:
+    # at batch 1 an unfolded child spends more time modulating its kernel than convolving.
+    scale = None
     if filter_scale is not None:
-        weight = weight * rearrange(1 + filter_scale, "o -> o 1 1 1")
+        scale = rearrange(1 + filter_scale, "o -> o 1 1 1")
     if spatial_scale is not None:
-        weight = weight * rearrange(1 + spatial_scale, "kh kw -> 1 1 kh kw")
+        spatial = rearrange(1 + spatial_scale, "kh kw -> 1 1 kh kw")
+        scale = spatial if scale is None else scale * spatial
+    weight = parent if scale is None else parent * scale
     if lowrank_b is not None and lowrank_a is not None:
         _, cin, kh, kw = parent.shape
         weight = weight + rearrange(lowrank_b @ lowrank_a, "o (i kh kw) -> o i kh kw", i=cin, kh=kh, kw=kw)
