@@ -129,6 +129,26 @@ def test_untraceable_top_level_transforms_the_body_below_it(dtype, tol):
     assert "kept as they were" in str(report) and _line_of(GuardedNet.forward, "if y.sum() > 0") in str(report)
 
 
+def test_composite_compiles_with_inductor_and_matches_eager():
+    """torch.compile of a composite: the model's own Python forward (a data-dependent branch) around the
+    rewritten part (its child convs, gates and shared kernels), compiled with Inductor, equals eager."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    kmodel = kdna_fx.transform(GuardedNet())
+    randomize_adapters(kmodel, generator=torch.Generator().manual_seed(0))
+    kmodel.eval()
+    x = torch.randn(3, 3, 8, 8)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        expected = kmodel(x)
+        compiled = torch.compile(kmodel)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled(-x), kmodel(-x), rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1  # something was compiled, not all run eagerly
+
+
 def test_inplace_returns_the_users_own_object():
     net = GuardedNet()
     with pytest.warns(PartialTraceWarning):

@@ -1,0 +1,458 @@
+"""Speed suite (issue 8): KernelDNA against its baselines and its peers, eager and compiled, at every batch size.
+
+    .venv/bin/python bench/speed.py                                  # every group, CPU defaults
+    .venv/bin/python bench/speed.py --groups resnet18 --batches 1 8 32 --train
+    .venv/bin/python bench/speed.py --report                         # tables and plot from what is on disk
+
+A *group* is one network and its variants, timed together in one process with the rows interleaved
+(kdna_fx.timing.time_interleaved), so that a slow phase of a shared machine lands on every row:
+
+- ``resnet18``: torchvision ResNet-18; ``kdna_fx.transform`` of it (replace mode) and its folded form; the
+  reference topology ``kdna_resnet18`` (folded); CondConv (K=4), DY-Conv (K=4) and ODConv 1x on the same net.
+- ``resnet50``: ResNet-50, replace mode, folded, the reference ``kdna_resnet50`` (folded).
+- ``mobilenet_v2``: MobileNetV2, replace mode with its 1x1 sharing (kdna_fx.models.sharing_config), folded.
+
+Modes: ``eager``, ``inductor`` (torch.compile) and ``freezing`` (torch.compile with Inductor's freezing:
+parameters become constants, so an unfolded model's kernels are folded by the compiler and CPU convs use
+pre-packed weights). Compiled rows are compiled with static shapes, one graph per batch size (the fastest
+code Inductor makes, and what a server with a fixed batch runs); separately, one ``torch.compile(dynamic=True)``
+per row is called at every batch size and the graphs it needed are counted against the baseline's. Per
+(mode, batch): median latency, images/s and the spread of every row; per row: compile time and peak memory of
+one forward. ``--train``: one SGD training step (forward + backward + step) at the largest batch, eager and
+compiled. ``--variants channels_last bf16`` adds those inference variants at the largest batch.
+
+Targets (issue 8) are evaluated in the report: replace mode (best of unfolded and folded) at >= 0.97 of the
+baseline in the same compiled mode; reference topologies at >= 0.95 of their MAC bound (the baseline's
+throughput times baseline MACs / model MACs); KernelDNA >= 3x ODConv 1x at batch 32 and >= 1.5x at batch 1;
+compiled training step faster than eager; no graph beyond the baseline's with a dynamic batch.
+
+Writes bench/results/speed/<group>_<device>.json (one per group: rerunning a group replaces it) and
+speed_<device>.{md,png} built from all groups on disk, each with the exact command, machine and versions.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torchvision
+from torch import nn
+from tqdm import tqdm
+
+import kdna_fx
+from kdna_fx import peers
+from kdna_fx.models import create_model, sharing_config
+from kdna_fx.report import count_macs
+from kdna_fx.timing import markdown_table, provenance, time_interleaved
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "speed")
+MODES = ("eager", "inductor", "freezing")
+Builder = Callable[[], nn.Module]
+
+
+def _tv(name: str) -> Builder:
+    return lambda: torchvision.models.get_model(name, weights=None)
+
+
+def _replace(name: str, fold: bool) -> Builder:
+    def build() -> nn.Module:
+        kmodel = kdna_fx.transform(torchvision.models.get_model(name, weights=None), sharing_config(name))
+        return kdna_fx.fold(kmodel.eval()) if fold else kmodel
+    return build
+
+
+def _reference(name: str) -> Builder:
+    return lambda: kdna_fx.fold(create_model(name).eval())
+
+
+def _peer(convert: Callable[..., nn.Module], **kwargs: Any) -> Builder:
+    return lambda: convert(torchvision.models.resnet18(weights=None), **kwargs)
+
+
+# Each row: (name, builder, role). Roles: baseline (the group's reference), replace / folded (KernelDNA in
+# replace mode), reference (a KernelDNA reference topology), peer.
+GROUPS: dict[str, list[tuple[str, Builder, str]]] = {
+    "resnet18": [
+        ("resnet18", _tv("resnet18"), "baseline"),
+        ("replace", _replace("resnet18", fold=False), "replace"),
+        ("replace folded", _replace("resnet18", fold=True), "folded"),
+        ("kdna_resnet18 folded", _reference("kdna_resnet18"), "reference"),
+        ("CondConv K=4", _peer(peers.condconv, experts=4), "peer"),
+        ("DY-Conv K=4", _peer(peers.dyconv, kernels=4), "peer"),
+        ("ODConv 1x", _peer(peers.odconv, kernel_num=1), "peer"),
+    ],
+    "resnet50": [
+        ("resnet50", _tv("resnet50"), "baseline"),
+        ("replace", _replace("resnet50", fold=False), "replace"),
+        ("replace folded", _replace("resnet50", fold=True), "folded"),
+        ("kdna_resnet50 folded", _reference("kdna_resnet50"), "reference"),
+    ],
+    "mobilenet_v2": [
+        ("mobilenet_v2", _tv("mobilenet_v2"), "baseline"),
+        ("replace", _replace("mobilenet_v2", fold=False), "replace"),
+        ("replace folded", _replace("mobilenet_v2", fold=True), "folded"),
+    ],
+}
+
+
+@contextlib.contextmanager
+def _freezing(on: bool):
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=on):
+        yield
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def peak_memory(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated by one call of ``fn`` above what was live before it (activations and
+    workspaces; parameters excluded): CUDA's allocator statistics, on CPU the profiler's allocation events
+    (which miss the buffers of a compiled graph: the suite measures eager memory only there)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each allocation is charged to the op that made it (its self memory; an allocation outside any op, such
+    # as a compiled graph's own buffers, is a "[memory]" event of its own), each free is a negative
+    # "[memory]" event: the running sum in time order peaks at the peak.
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def _macs(model: nn.Module, role: str, image_size: int) -> int:
+    x = torch.randn(1, 3, image_size, image_size)
+    return peers.peer_macs(model, x)[0] if role == "peer" else count_macs(model, x)[0]
+
+
+def run_group(group: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Build, compile and time one group; returns its JSON payload."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    torch.manual_seed(0)
+    rows: dict[str, dict[str, Any]] = {}
+    models: dict[str, nn.Module] = {}
+    for name, build, role in tqdm(GROUPS[group], desc=f"{group}: build", leave=False):
+        model = build().eval()
+        rows[name] = {"role": role, "params": sum(p.numel() for p in model.parameters()),
+                      "macs": _macs(model, role, args.image_size)}
+        models[name] = model.to(device)
+    inputs = {b: torch.randn(b, 3, args.image_size, args.image_size, device=device) for b in args.batches}
+    timings: dict[str, dict[str, Any]] = {}
+    for mode in args.modes:
+        torch._dynamo.reset()
+        with _freezing(mode == "freezing"), torch.inference_mode():
+            for b in tqdm(args.batches, desc=f"{group}: {mode}", leave=False):
+                calls = {}
+                for name, model in models.items():
+                    # Static shapes, one graph per batch size: what a server with a fixed batch runs, and
+                    # Inductor's fastest CPU code (a dynamic batch costs every row, the baseline included).
+                    start = time.perf_counter()
+                    fn = torch.compile(model, dynamic=False) if mode != "eager" else model
+                    fn(inputs[b])
+                    if mode != "eager":
+                        rows[name].setdefault("compile_s", {}).setdefault(mode, {})[str(b)] = time.perf_counter() - start
+                    # On CPU the profiler does not see a compiled graph's own buffers: eager memory only there.
+                    if b == min(args.batches) and (mode == "eager" or device.type == "cuda"):
+                        rows[name].setdefault("peak_bytes", {})[mode] = peak_memory(lambda: fn(inputs[b]))
+                    calls[name] = lambda fn=fn, x=inputs[b]: fn(x)
+                repeat = max(1, args.repeat // b) if b > 1 else args.repeat
+                timed = time_interleaved(calls, warmup=2, repeat=repeat, rounds=args.rounds, sync=sync)
+                for name, t in timed.items():
+                    t["images_per_s"] = b / t["median_s"]
+                    timings.setdefault(mode, {}).setdefault(str(b), {})[name] = t
+    if "inductor" in args.modes:  # the peers' per-sample grouped convs are known to need a graph per batch size
+        _count_graphs({n: m for n, m in models.items() if rows[n]["role"] != "peer"}, inputs, rows)
+    payload = {"group": group, "device": device.type, "image_size": args.image_size, "rows": rows,
+               "timings": timings, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if args.variants:
+        payload["variants"] = _variants(models, inputs[max(args.batches)], args, sync)
+    if args.train:
+        payload["train"] = _train_steps(group, args, device, sync)
+    return payload
+
+
+def _count_graphs(models: dict[str, nn.Module], inputs: dict[int, torch.Tensor], rows: dict[str, Any]) -> None:
+    """One ``torch.compile(dynamic=True)`` per row, called at every batch size: the graphs it needed.
+
+    Dynamo specialises batch 1 (its 0/1 rule), and torch's own convolution adds a guard of its own, so the
+    plain baseline needs more than one graph too; what a transform must not do is add graphs to it.
+    """
+    with torch.inference_mode():
+        for name, model in tqdm(models.items(), desc="graphs across batch sizes", leave=False):
+            torch._dynamo.reset()
+            before = _graphs()
+            fn = torch.compile(model, dynamic=True)
+            for b in sorted(inputs, reverse=True):  # largest first: the first graph is the dynamic one
+                fn(inputs[b])
+            rows[name]["graphs_dynamic"] = _graphs() - before
+
+
+def _variants(models: dict[str, nn.Module], x: torch.Tensor, args: argparse.Namespace,
+              sync: Callable[[], None] | None) -> dict[str, Any]:
+    """fp32 against channels_last and bf16 (autocast) inference, compiled with freezing, at one batch."""
+    out: dict[str, Any] = {}
+    torch._dynamo.reset()
+    with _freezing(True), torch.inference_mode():
+        calls = {}
+        for name, model in models.items():
+            for variant in ("fp32", *args.variants):
+                m = model.to(memory_format=torch.channels_last) if variant == "channels_last" else model
+                xx = x.to(memory_format=torch.channels_last) if variant == "channels_last" else x
+                c = torch.compile(m)
+                if variant == "bf16":
+                    def call(c=c, xx=xx):
+                        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                            return c(xx)
+                else:
+                    def call(c=c, xx=xx):
+                        return c(xx)
+                call()
+                calls[f"{name} | {variant}"] = call
+            model.to(memory_format=torch.contiguous_format)
+        timed = time_interleaved(calls, warmup=1, repeat=2, rounds=args.rounds, sync=sync)
+    for key, t in timed.items():
+        name, _, variant = key.partition(" | ")
+        out.setdefault(name, {})[variant] = dict(t, images_per_s=x.shape[0] / t["median_s"])
+    return out
+
+
+def _train_steps(group: str, args: argparse.Namespace, device: torch.device,
+                 sync: Callable[[], None] | None) -> dict[str, Any]:
+    """One SGD step (forward, backward, step) at the largest batch, eager and compiled, per trainable row."""
+    b = max(args.batches)
+    x = torch.randn(b, 3, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, 1000, (b,), device=device)
+    out: dict[str, Any] = {}
+    torch._dynamo.reset()
+    for name, build, role in GROUPS[group]:
+        if role == "folded" or (args.train_rows and name not in args.train_rows):
+            continue  # a folded model is for inference only
+        if role == "reference":
+            build = (lambda n=name.split()[0]: create_model(n))  # the unfolded reference trains
+        model = build().to(device).train()
+        for mode in ("eager", "inductor"):
+            step_model = torch.compile(model) if mode == "inductor" else model
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+            def step(m=step_model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(m(x), y).backward()
+                opt.step()
+            start = time.perf_counter()
+            with torch.enable_grad():
+                step()
+                compile_s = time.perf_counter() - start
+                samples = []
+                for _ in range(args.train_repeat):
+                    t0 = time.perf_counter()
+                    step()
+                    if sync:
+                        sync()
+                    samples.append(time.perf_counter() - t0)
+            samples.sort()
+            out.setdefault(name, {})[mode] = {"median_s": samples[len(samples) // 2], "min_s": samples[0],
+                                              "max_s": samples[-1], "first_call_s": compile_s}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _best_replace(timing: dict[str, Any], rows: dict[str, Any]) -> tuple[str, float]:
+    cands = [(n, t["images_per_s"]) for n, t in timing.items() if rows[n]["role"] in ("replace", "folded")]
+    return max(cands, key=lambda c: c[1])
+
+
+def targets(payload: dict[str, Any]) -> list[list[Any]]:
+    """[target, mode, batch, value, threshold, met] rows evaluated from one group's numbers."""
+    rows, out = payload["rows"], []
+    base = next(n for n, r in rows.items() if r["role"] == "baseline")
+    for mode, by_batch in payload["timings"].items():
+        compiled = mode != "eager"
+        for b, timing in by_batch.items():
+            base_ips = timing[base]["images_per_s"]
+            best, ips = _best_replace(timing, rows)
+            if compiled:
+                out.append([f"replace mode ({best}) / {base}", mode, b, ips / base_ips, 0.97, ips / base_ips >= 0.97])
+            for name, r in rows.items():
+                if r["role"] == "reference" and compiled:
+                    bound = base_ips * rows[base]["macs"] / r["macs"]
+                    ratio = timing[name]["images_per_s"] / bound
+                    out.append([f"{name} / MAC bound", mode, b, ratio, 0.95, ratio >= 0.95])
+                if name == "ODConv 1x":
+                    need = 3.0 if int(b) >= 32 else 1.5
+                    ratio = ips / timing[name]["images_per_s"]
+                    out.append([f"KernelDNA ({best}) / ODConv 1x", mode, b, ratio, need, ratio >= need])
+    batches = "/".join(sorted(next(iter(payload["timings"].values())), key=int))
+    for name, r in rows.items():
+        if "graphs_dynamic" in r and name != base:
+            extra = r["graphs_dynamic"] - rows[base]["graphs_dynamic"]
+            out.append([f"{name}: graphs beyond {base}'s {rows[base]['graphs_dynamic']} (dynamic=True)", "inductor",
+                        batches, extra, 0, extra <= 0])
+    for name, t in payload.get("train", {}).items():
+        ratio = t["eager"]["median_s"] / t["inductor"]["median_s"]
+        out.append([f"{name} train step: eager / compiled time", "inductor", max(map(int, payload["timings"]["eager"])),
+                    ratio, 1.0, ratio > 1.0])
+    return out
+
+
+def report(out_dir: str, device: str) -> str:
+    """speed_<device>.md and .png from every group JSON on disk; returns the Markdown."""
+    payloads = []
+    for group in GROUPS:
+        path = os.path.join(out_dir, f"{group}_{device}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                payloads.append(json.load(f))
+    if not payloads:
+        raise SystemExit(f"no results in {out_dir} for device {device!r}: run bench/speed.py first")
+    md = [f"# Speed suite ({device})", ""]
+    for p in payloads:
+        md += _group_markdown(p)
+    with open(os.path.join(out_dir, f"speed_{device}.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    _plot(payloads, os.path.join(out_dir, f"speed_{device}.png"))
+    return "\n".join(md)
+
+
+def _group_markdown(p: dict[str, Any]) -> list[str]:
+    rows, timings = p["rows"], p["timings"]
+    base = next(n for n, r in rows.items() if r["role"] == "baseline")
+    batches = sorted(next(iter(timings.values())), key=int)
+    md = [f"## {p['group']}: {p['image_size']}x{p['image_size']}, {p['device']}, eval", "",
+          "Images/s (median; relative spread in brackets) and the ratio to the baseline in the same mode.", ""]
+    headers = ["row", "params", "GMACs", *[f"{m} b{b}" for m in timings for b in batches]]
+    table = []
+    for name, r in rows.items():
+        cells = [name, f"{r['params']:,}", f"{r['macs'] / 1e9:.2f}"]
+        for mode in timings:
+            for b in batches:
+                t = timings[mode][b][name]
+                ratio = t["images_per_s"] / timings[mode][b][base]["images_per_s"]
+                cells.append(f"{t['images_per_s']:.1f} ({t['iqr_rel']:.0%}) x{ratio:.2f}")
+        table.append(cells)
+    md += [markdown_table(headers, table), ""]
+    compiled = [m for m in timings if m != "eager"]
+    measured = [m for m in timings if m in next(iter(rows.values())).get("peak_bytes", {})]
+    extra = [[n, *["/".join(f"{r['compile_s'][m][b]:.0f}" for b in batches) for m in compiled],
+              *[f"{r['peak_bytes'][m] / 2**20:.1f}" for m in measured], r.get("graphs_dynamic", "")]
+             for n, r in rows.items()]
+    md += ["Compile time per batch size (static shapes), peak memory of one forward above what was live, and the "
+           "graphs one `torch.compile(dynamic=True)` needed across all batch sizes:", ""]
+    md += [markdown_table(["row", *[f"compile s ({m}, b{'/'.join(batches)})" for m in compiled],
+                           *[f"peak MiB b{batches[0]} ({m})" for m in measured], "graphs (dynamic)"], extra), ""]
+    if "train" in p:
+        md += ["Training step (SGD, forward + backward + step), batch " f"{max(map(int, batches))}:", ""]
+        md += [markdown_table(["row", "eager ms", "compiled ms", "compiled first call s"],
+                              [[n, f"{t['eager']['median_s'] * 1e3:.0f}", f"{t['inductor']['median_s'] * 1e3:.0f}",
+                                f"{t['inductor']['first_call_s']:.0f}"] for n, t in p["train"].items()]), ""]
+    if "variants" in p:
+        names = list(next(iter(p["variants"].values())))
+        md += [f"Inference variants (freezing, batch {max(map(int, batches))}), images/s:", ""]
+        md += [markdown_table(["row", *names], [[n, *[f"{v[k]['images_per_s']:.1f}" for k in names]]
+                                                for n, v in p["variants"].items()]), ""]
+    md += ["Targets:", "", markdown_table(["target", "mode", "batch", "value", "needs", "met"],
+                                          [[t[0], t[1], t[2], f"{t[3]:.3g}", f">= {t[4]}" if t[4] else "0",
+                                            "yes" if t[5] else "**no**"] for t in targets(p)]), ""]
+    prov = p["provenance"]
+    md += [f"Command: `{prov['command']}`  ", f"Machine: {prov['machine']['cpu']}, {prov['machine']['cores']} cores, "
+           f"torch threads {prov['machine']['torch_threads']}, GPU: {prov['machine']['gpu']}; load average during "
+           f"the run {p['load_average']}  ", "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
+           + f"  ", f"Date (UTC): {prov['date_utc']}, commit {p.get('commit', '?')}", ""]
+    return md
+
+
+def _plot(payloads: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(payloads), figsize=(6 * len(payloads), 4.5), squeeze=False)
+    for ax, p in zip(axes[0], payloads):
+        mode = "freezing" if "freezing" in p["timings"] else list(p["timings"])[-1]
+        timing = p["timings"][mode]
+        batches = sorted(timing, key=int)
+        base = next(n for n, r in p["rows"].items() if r["role"] == "baseline")
+        names = [n for n in p["rows"] if n != base]
+        width = 0.8 / len(batches)
+        for i, b in enumerate(batches):
+            ratios = [timing[b][n]["images_per_s"] / timing[b][base]["images_per_s"] for n in names]
+            ax.bar([j + i * width for j in range(len(names))], ratios, width, label=f"batch {b}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(0.97, color="r", lw=0.8, ls="--", label="0.97 target")
+        ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right")
+        ax.set_ylabel(f"throughput / {base} ({mode})")
+        ax.set_title(f"{p['group']}, {p['image_size']} px, {p['device']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--batches", nargs="+", type=int, default=None, help="default 1 8 32 (and 128 on a GPU)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--repeat", type=int, default=8, help="calls per round at batch 1 (fewer at larger batches)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    p.add_argument("--train", action="store_true", help="also time one training step at the largest batch")
+    p.add_argument("--train-repeat", type=int, default=3)
+    p.add_argument("--train-rows", nargs="+", default=None, metavar="ROW",
+                   help="rows whose training step is timed (default: every row but the folded ones)")
+    p.add_argument("--variants", nargs="*", default=[], choices=("channels_last", "bf16"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--report", action="store_true", help="only rebuild the tables and plot from disk")
+    args = p.parse_args(argv)
+    if args.batches is None:
+        args.batches = [1, 8, 32, 128] if args.device == "cuda" else [1, 8, 32]
+    if any(b < 1 for b in args.batches):
+        p.error(f"--batches must be positive, got {args.batches}")
+    os.makedirs(args.out, exist_ok=True)
+    if args.report:
+        print(report(args.out, args.device))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Every row of a group is compiled at every batch size: more graphs than Dynamo's default limit, and a row
+    # that hit it would silently run eagerly.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    device = torch.device(args.device)
+    commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None
+    for group in args.groups:
+        payload = run_group(group, args, device)
+        payload.update(provenance=provenance(sys.argv if argv is None else ["bench/speed.py", *argv]), commit=commit)
+        path = os.path.join(args.out, f"{group}_{device.type}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path}", flush=True)
+    print(report(args.out, device.type))
+
+
+if __name__ == "__main__":
+    main()
