@@ -144,9 +144,10 @@ def _macs(model: nn.Module, role: str, image_size: int) -> int:
     return peers.peer_macs(model, x)[0] if role == "peer" else count_macs(model, x)[0]
 
 
-def run_group(group: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Build, compile and time one group; returns its JSON payload."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+def run_group(group: str, args: argparse.Namespace,
+              device: torch.device) -> tuple[dict[str, Any], dict[str, nn.Module], dict[int, torch.Tensor]]:
+    """Build, compile and time one group; returns its JSON payload, its models and its inputs."""
+    sync = sync_of(device)
     torch.manual_seed(0)
     rows: dict[str, dict[str, Any]] = {}
     models: dict[str, nn.Module] = {}
@@ -181,13 +182,8 @@ def run_group(group: str, args: argparse.Namespace, device: torch.device) -> dic
                     timings.setdefault(mode, {}).setdefault(str(b), {})[name] = t
     if "inductor" in args.modes:  # the peers' per-sample grouped convs are known to need a graph per batch size
         _count_graphs({n: m for n, m in models.items() if rows[n]["role"] != "peer"}, inputs, rows)
-    payload = {"group": group, "device": device.type, "image_size": args.image_size, "rows": rows,
-               "timings": timings, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    if args.variants:
-        payload["variants"] = _variants(models, inputs[max(args.batches)], args, sync)
-    if args.train:
-        payload["train"] = _train_steps(group, args, device, sync)
-    return payload
+    return {"group": group, "device": device.type, "image_size": args.image_size, "rows": rows, "timings": timings,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}, models, inputs
 
 
 def _count_graphs(models: dict[str, nn.Module], inputs: dict[int, torch.Tensor], rows: dict[str, Any]) -> None:
@@ -215,7 +211,7 @@ def _variants(models: dict[str, nn.Module], x: torch.Tensor, args: argparse.Name
         calls = {}
         for name, model in models.items():
             for variant in ("fp32", *args.variants):
-                m = model.to(memory_format=torch.channels_last) if variant == "channels_last" else model
+                m = _memory_format(model, torch.channels_last) if variant == "channels_last" else model
                 xx = x.to(memory_format=torch.channels_last) if variant == "channels_last" else x
                 c = torch.compile(m)
                 if variant == "bf16":
@@ -227,12 +223,22 @@ def _variants(models: dict[str, nn.Module], x: torch.Tensor, args: argparse.Name
                         return c(xx)
                 call()
                 calls[f"{name} | {variant}"] = call
-            model.to(memory_format=torch.contiguous_format)
+            _memory_format(model, torch.contiguous_format)
         timed = time_interleaved(calls, warmup=1, repeat=2, rounds=args.rounds, sync=sync)
     for key, t in timed.items():
         name, _, variant = key.partition(" | ")
         out.setdefault(name, {})[variant] = dict(t, images_per_s=x.shape[0] / t["median_s"])
     return out
+
+
+def _memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """``model`` with its 4-D tensors in ``memory_format``, in place. Module.to(memory_format=) refuses the peers'
+    5-D expert kernels ([K, C_out, C_in, k, k]), which stay as they are."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=memory_format)
+    return model
 
 
 def _train_steps(group: str, args: argparse.Namespace, device: torch.device,
@@ -408,6 +414,17 @@ def _plot(payloads: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def sync_of(device: torch.device) -> Callable[[], None] | None:
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+def _save(path: str, payload: dict[str, Any]) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
@@ -444,13 +461,17 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None
     for group in args.groups:
-        payload = run_group(group, args, device)
+        payload, models, inputs = run_group(group, args, device)
         payload.update(provenance=provenance(sys.argv if argv is None else ["bench/speed.py", *argv]), commit=commit)
         path = os.path.join(args.out, f"{group}_{device.type}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(path + ".tmp", path)
-        print(f"wrote {path}", flush=True)
+        _save(path, payload)  # the timings are on disk before the optional parts run
+        if args.variants:
+            payload["variants"] = _variants(models, inputs[max(args.batches)], args, sync_of(device))
+            _save(path, payload)
+        if args.train:
+            del models
+            payload["train"] = _train_steps(group, args, device, sync_of(device))
+            _save(path, payload)
     print(report(args.out, device.type))
 
 
