@@ -1,0 +1,74 @@
+"""bench/speed.py: the targets it evaluates (checked on hand-made numbers) and a tiny run end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("speed", os.path.join(REPO, "bench", "speed.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["speed"] = module
+    spec.loader.exec_module(module)
+    before = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(before)
+
+
+def _timing(ips: dict[str, float]) -> dict[str, dict[str, float]]:
+    return {name: {"images_per_s": v, "median_s": 1 / v, "iqr_rel": 0.0} for name, v in ips.items()}
+
+
+def test_targets_from_hand_made_numbers(speed):
+    rows = {"base": {"role": "baseline", "macs": 100, "graphs_dynamic": 2},
+            "replace": {"role": "replace", "macs": 100, "graphs_dynamic": 2},
+            "folded": {"role": "folded", "macs": 100, "graphs_dynamic": 3},
+            "ref": {"role": "reference", "macs": 125},
+            "ODConv 1x": {"role": "peer", "macs": 101}}
+    payload = {"rows": rows, "timings": {
+        "eager": {"1": _timing({"base": 10, "replace": 8, "folded": 9, "ref": 7, "ODConv 1x": 6}),
+                  "32": _timing({"base": 90, "replace": 80, "folded": 85, "ref": 70, "ODConv 1x": 20})},
+        "freezing": {"1": _timing({"base": 10, "replace": 9.6, "folded": 9.8, "ref": 7.4, "ODConv 1x": 6}),
+                     "32": _timing({"base": 100, "replace": 95, "folded": 96, "ref": 77, "ODConv 1x": 30})}},
+        "train": {"base": {"eager": {"median_s": 2.0}, "inductor": {"median_s": 1.6}}}}
+    got = {(t[0], t[1], t[2]): (round(t[3], 4), t[5]) for t in speed.targets(payload)}
+    # Replace mode is judged by its better form (folded here), against the baseline in the same compiled mode.
+    assert got["replace mode (folded) / base", "freezing", "1"] == (0.98, True)
+    assert got["replace mode (folded) / base", "freezing", "32"] == (0.96, False)
+    # MAC bound: the baseline's throughput x 100 / 125 = 8 at batch 1, 80 at batch 32.
+    assert got["ref / MAC bound", "freezing", "1"] == (round(7.4 / 8, 4), False)
+    assert got["ref / MAC bound", "freezing", "32"] == (round(77 / 80, 4), True)
+    # KernelDNA vs ODConv 1x: 1.5x needed at batch 1, 3x at batch 32; eager rows are judged too.
+    assert got["KernelDNA (folded) / ODConv 1x", "freezing", "1"] == (round(9.8 / 6, 4), True)
+    assert got["KernelDNA (folded) / ODConv 1x", "freezing", "32"] == (round(96 / 30, 4), True)
+    assert got["KernelDNA (folded) / ODConv 1x", "eager", "1"] == (1.5, True)
+    # Graphs with a dynamic batch are counted against the baseline's own.
+    assert got["replace: graphs beyond base's 2 (dynamic=True)", "inductor", "1/32"] == (0, True)
+    assert got["folded: graphs beyond base's 2 (dynamic=True)", "inductor", "1/32"] == (1, False)
+    assert got["base train step: eager / compiled time", "inductor", 32] == (1.25, True)
+    assert not any(t[1] == "eager" and "replace mode" in t[0] for t in speed.targets(payload))  # compiled only
+
+
+def test_tiny_run_writes_json_markdown_and_plot(speed, tmp_path):
+    out = tmp_path / "speed"
+    speed.main(["--groups", "mobilenet_v2", "--modes", "eager", "--batches", "1", "2", "--image-size", "16",
+                "--repeat", "1", "--rounds", "1", "--threads", "1", "--out", str(out)])
+    with open(out / "mobilenet_v2_cpu.json") as f:
+        payload = json.load(f)
+    assert set(payload["rows"]) == {"mobilenet_v2", "replace", "replace folded"}
+    assert payload["rows"]["replace"]["params"] < payload["rows"]["mobilenet_v2"]["params"]
+    assert set(payload["timings"]["eager"]) == {"1", "2"}
+    assert all(t["images_per_s"] > 0 for t in payload["timings"]["eager"]["2"].values())
+    assert payload["rows"]["replace"]["peak_bytes"]["eager"] > 0  # the profiler saw the activations
+    assert payload["provenance"]["command"].endswith(f"--out {out}")
+    md = (out / "speed_cpu.md").read_text()
+    assert "## mobilenet_v2: 16x16" in md and "KernelDNA (replace folded) / ODConv 1x" not in md
+    assert (out / "speed_cpu.png").stat().st_size > 0
