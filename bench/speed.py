@@ -26,7 +26,8 @@ baseline in the same compiled mode; reference topologies at >= 0.95 of their MAC
 throughput times baseline MACs / model MACs); KernelDNA >= 3x ODConv 1x at batch 32 and >= 1.5x at batch 1;
 compiled training step faster than eager; no graph beyond the baseline's with a dynamic batch.
 
-Writes bench/results/speed/<group>_<device>.json (one per group: rerunning a group replaces it) and
+Writes bench/results/speed/<group>_<device>.json (the timings), <group>_<device>_variants.json and _train.json
+(one file per part: rerunning a part replaces only it) and
 speed_<device>.{md,png} built from all groups on disk, each with the exact command, machine and versions.
 """
 from __future__ import annotations
@@ -313,10 +314,10 @@ def targets(payload: dict[str, Any]) -> list[list[Any]]:
             extra = r["graphs_dynamic"] - rows[base]["graphs_dynamic"]
             out.append([f"{name}: graphs beyond {base}'s {rows[base]['graphs_dynamic']} (dynamic=True)", "inductor",
                         batches, extra, 0, extra <= 0])
-    for name, t in payload.get("train", {}).items():
+    train = payload.get("train", {"train": {}})
+    for name, t in train["train"].items():
         ratio = t["eager"]["median_s"] / t["inductor"]["median_s"]
-        out.append([f"{name} train step: eager / compiled time", "inductor", max(map(int, payload["timings"]["eager"])),
-                    ratio, 1.0, ratio > 1.0])
+        out.append([f"{name} train step: eager / compiled time", "inductor", train["batch"], ratio, 1.0, ratio > 1.0])
     return out
 
 
@@ -324,10 +325,16 @@ def report(out_dir: str, device: str) -> str:
     """speed_<device>.md and .png from every group JSON on disk; returns the Markdown."""
     payloads = []
     for group in GROUPS:
-        path = os.path.join(out_dir, f"{group}_{device}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                payloads.append(json.load(f))
+        stem = os.path.join(out_dir, f"{group}_{device}")
+        if not os.path.exists(f"{stem}.json"):
+            continue
+        with open(f"{stem}.json") as f:
+            payload = json.load(f)
+        for part in ("variants", "train"):  # written by their own runs, with their own command
+            if os.path.exists(f"{stem}_{part}.json"):
+                with open(f"{stem}_{part}.json") as f:
+                    payload[part] = json.load(f)
+        payloads.append(payload)
     if not payloads:
         raise SystemExit(f"no results in {out_dir} for device {device!r}: run bench/speed.py first")
     md = [f"# Speed suite ({device})", ""]
@@ -366,15 +373,19 @@ def _group_markdown(p: dict[str, Any]) -> list[str]:
     md += [markdown_table(["row", *[f"compile s ({m}, b{'/'.join(batches)})" for m in compiled],
                            *[f"peak MiB b{batches[0]} ({m})" for m in measured], "graphs (dynamic)"], extra), ""]
     if "train" in p:
-        md += ["Training step (SGD, forward + backward + step), batch " f"{max(map(int, batches))}:", ""]
+        t = p["train"]
+        md += [f"Training step (SGD, forward + backward + step), batch {t['batch']}:", ""]
         md += [markdown_table(["row", "eager ms", "compiled ms", "compiled first call s"],
-                              [[n, f"{t['eager']['median_s'] * 1e3:.0f}", f"{t['inductor']['median_s'] * 1e3:.0f}",
-                                f"{t['inductor']['first_call_s']:.0f}"] for n, t in p["train"].items()]), ""]
+                              [[n, f"{r['eager']['median_s'] * 1e3:.0f}", f"{r['inductor']['median_s'] * 1e3:.0f}",
+                                f"{r['inductor']['first_call_s']:.0f}"] for n, r in t["train"].items()]),
+               "", f"Command: `{t['provenance']['command']}`", ""]
     if "variants" in p:
-        names = list(next(iter(p["variants"].values())))
-        md += [f"Inference variants (freezing, batch {max(map(int, batches))}), images/s:", ""]
-        md += [markdown_table(["row", *names], [[n, *[f"{v[k]['images_per_s']:.1f}" for k in names]]
-                                                for n, v in p["variants"].items()]), ""]
+        v = p["variants"]
+        names = list(next(iter(v["variants"].values())))
+        md += [f"Inference variants (Inductor with freezing, batch {v['batch']}), images/s:", ""]
+        md += [markdown_table(["row", *names], [[n, *[f"{r[k]['images_per_s']:.1f}" for k in names]]
+                                                for n, r in v["variants"].items()]),
+               "", f"Command: `{v['provenance']['command']}`", ""]
     md += ["Targets:", "", markdown_table(["target", "mode", "batch", "value", "needs", "met"],
                                           [[t[0], t[1], t[2], f"{t[3]:.3g}", f">= {t[4]}" if t[4] else "0",
                                             "yes" if t[5] else "**no**"] for t in targets(p)]), ""]
@@ -441,8 +452,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="*", default=[], choices=("channels_last", "bf16"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=OUT)
+    p.add_argument("--no-timing", action="store_true", help="only the --train and --variants parts")
     p.add_argument("--report", action="store_true", help="only rebuild the tables and plot from disk")
     args = p.parse_args(argv)
+    if args.no_timing and not (args.train or args.variants):
+        p.error("--no-timing leaves nothing to run: add --train or --variants")
     if args.batches is None:
         args.batches = [1, 8, 32, 128] if args.device == "cuda" else [1, 8, 32]
     if any(b < 1 for b in args.batches):
@@ -460,18 +474,25 @@ def main(argv: list[str] | None = None) -> None:
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     device = torch.device(args.device)
     commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None
+    meta = {"provenance": provenance(sys.argv if argv is None else ["bench/speed.py", *argv]), "commit": commit}
+    batch = max(args.batches)
     for group in args.groups:
-        payload, models, inputs = run_group(group, args, device)
-        payload.update(provenance=provenance(sys.argv if argv is None else ["bench/speed.py", *argv]), commit=commit)
-        path = os.path.join(args.out, f"{group}_{device.type}.json")
-        _save(path, payload)  # the timings are on disk before the optional parts run
+        # One file per part, so that rerunning one part (say, the timings with more rounds) replaces only it.
+        stem = os.path.join(args.out, f"{group}_{device.type}")
+        models = None
+        if not args.no_timing:
+            payload, models, _ = run_group(group, args, device)
+            _save(f"{stem}.json", {**payload, **meta})
         if args.variants:
-            payload["variants"] = _variants(models, inputs[max(args.batches)], args, sync_of(device))
-            _save(path, payload)
+            if models is None:
+                models = {name: build().eval().to(device) for name, build, _ in GROUPS[group]}
+            x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+            _save(f"{stem}_variants.json", {"batch": batch, "variants": _variants(models, x, args, sync_of(device)),
+                                            **meta})
+        models = None
         if args.train:
-            del models
-            payload["train"] = _train_steps(group, args, device, sync_of(device))
-            _save(path, payload)
+            _save(f"{stem}_train.json", {"batch": batch, "train": _train_steps(group, args, device, sync_of(device)),
+                                         **meta})
     print(report(args.out, device.type))
 
 
