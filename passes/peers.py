@@ -51,7 +51,8 @@ def swap_convs(gm: fx.GraphModule, config: KDNAConfig, make: Callable[[nn.Conv2d
             skipped.append(Skipped(site.name, reason))
             continue
         owner_path, _, leaf = site.name.rpartition(".")
-        setattr(gm.get_submodule(owner_path), leaf, make(gm.get_submodule(site.name)))
+        conv = gm.get_submodule(site.name)
+        setattr(gm.get_submodule(owner_path), leaf, make(conv).train(conv.training))  # a new module trains
         converted.append(site.name)
     if not converted:
         warnings.warn(f"kdna_fx found no convolution to turn into {method} in the model; it is returned unchanged "

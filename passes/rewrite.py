@@ -187,6 +187,9 @@ def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], site: ConvSite
         groups=site.groups, padding_mode=site.padding_mode, bias=bias, filter_scale=cfg.filter_scale,
         spatial_scale=cfg.spatial_scale, rank=cfg.rank, gate=gate, weight=weight if keeps_weight else None,
     ).to(device=weight.device, dtype=weight.dtype)
+    # A new module is in training mode; the child of a model in eval mode must not normalise its gate with
+    # batch statistics (nor update them) until someone calls .train().
+    adapter.train(conv.training if site.kind == "module" else gm.training)
     path = site.adapter_path
     _install(gm, path, adapter)
 

@@ -186,3 +186,22 @@ def test_check_plan_leaves_unrecognised_sites_alone_with_a_warning():
     assert child not in checked.children and any(s.name == child for s in checked.skipped)
     passes.rewrite(gm, checked)  # the rest still rewrites into a valid graph
     gm.graph.lint()
+
+
+@pytest.mark.parametrize("method", ["transform", "condconv", "odconv"])
+def test_new_modules_take_the_mode_of_the_model(method):
+    """A model transformed in eval mode infers in eval mode: its gates normalise with their running statistics
+    and never update them, without the user calling .eval() again (and train mode likewise stays train mode)."""
+    convert = {"transform": kdna_fx.transform, "condconv": kdna_fx.peers.condconv,
+               "odconv": kdna_fx.peers.odconv}[method]
+    for training in (False, True):
+        kmodel = convert(TinyResNet().train(training))
+        assert kmodel.training is training
+        assert {m.training for m in kmodel.modules()} == {training}
+    kmodel = convert(TinyResNet().eval())
+    before = {k: v.clone() for k, v in kmodel.state_dict().items()}
+    with torch.no_grad():
+        one, batch = kmodel(torch.randn(1, 3, 12, 12)), kmodel(torch.randn(4, 3, 12, 12))
+    assert one.shape[0] == 1 and batch.shape[0] == 4  # batch 1 is fine in eval, whatever the gate's norm
+    for key, value in kmodel.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed during eval-mode inference"
