@@ -24,7 +24,7 @@ test-slow: $(STAMP) data
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP) data
-	$(PY) bench/compile_bench.py
+	$(PY) bench/speed.py
 
 clean-venv:
 	rm -rf .venv
