@@ -374,7 +374,8 @@ def _group_markdown(p: dict[str, Any]) -> list[str]:
                            *[f"peak MiB b{batches[0]} ({m})" for m in measured], "graphs (dynamic)"], extra), ""]
     if "train" in p:
         t = p["train"]
-        md += [f"Training step (SGD, forward + backward + step), batch {t['batch']}:", ""]
+        md += [f"Training step (SGD, forward + backward + step), batch {t['batch']}; a reference topology trains "
+               "in its unfolded form:", ""]
         md += [markdown_table(["row", "eager ms", "compiled ms", "compiled first call s"],
                               [[n, f"{r['eager']['median_s'] * 1e3:.0f}", f"{r['inductor']['median_s'] * 1e3:.0f}",
                                 f"{r['inductor']['first_call_s']:.0f}"] for n, r in t["train"].items()]),
