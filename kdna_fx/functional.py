@@ -33,8 +33,8 @@ def modulate(parent: Tensor, filter_scale: Tensor | None = None, spatial_scale: 
     B [C_out, r] and A [r, C_in/g * kh * kw] form the optional low-rank kernel residual of a relaxed child,
     added on the kernel viewed as a [C_out, C_in/g * kh * kw] matrix.
     """
-    # The two small scales are combined first ([C_out, 1, k, k]), so the kernel is read and written once:
-    # at batch 1 an unfolded child spends more time modulating its kernel than convolving.
+    # The two small scales are combined first ([C_out, 1, k, k]), so the kernel is read and written once: at
+    # batch 1 a late-stage child (512x512x3x3 on 7x7) takes longer to modulate its kernel than to convolve.
     scale = None
     if filter_scale is not None:
         scale = rearrange(1 + filter_scale, "o -> o 1 1 1")

@@ -52,7 +52,7 @@ def swap_convs(gm: fx.GraphModule, config: KDNAConfig, make: Callable[[nn.Conv2d
             continue
         owner_path, _, leaf = site.name.rpartition(".")
         conv = gm.get_submodule(site.name)
-        setattr(gm.get_submodule(owner_path), leaf, make(conv).train(conv.training))  # a new module trains
+        setattr(gm.get_submodule(owner_path), leaf, make(conv).train(conv.training))  # new modules start in train mode
         converted.append(site.name)
     if not converted:
         warnings.warn(f"kdna_fx found no convolution to turn into {method} in the model; it is returned unchanged "
