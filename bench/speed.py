@@ -51,6 +51,9 @@ from kdna_fx.models import create_model, sharing_config
 from kdna_fx.report import count_macs
 from kdna_fx.timing import markdown_table, provenance, time_interleaved
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conversion_study import save_json  # noqa: E402  (one atomic JSON writer for the bench scripts)
+
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "speed")
 MODES = ("eager", "inductor", "freezing")
 Builder = Callable[[], nn.Module]
@@ -146,8 +149,8 @@ def _macs(model: nn.Module, role: str, image_size: int) -> int:
 
 
 def run_group(group: str, args: argparse.Namespace,
-              device: torch.device) -> tuple[dict[str, Any], dict[str, nn.Module], dict[int, torch.Tensor]]:
-    """Build, compile and time one group; returns its JSON payload, its models and its inputs."""
+              device: torch.device) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+    """Build, compile and time one group; returns its JSON payload and its models."""
     sync = sync_of(device)
     torch.manual_seed(0)
     rows: dict[str, dict[str, Any]] = {}
@@ -171,7 +174,8 @@ def run_group(group: str, args: argparse.Namespace,
                     fn = torch.compile(model, dynamic=False) if mode != "eager" else model
                     fn(inputs[b])
                     if mode != "eager":
-                        rows[name].setdefault("compile_s", {}).setdefault(mode, {})[str(b)] = time.perf_counter() - start
+                        compile_s = rows[name].setdefault("compile_s", {}).setdefault(mode, {})
+                        compile_s[str(b)] = time.perf_counter() - start
                     # On CPU the profiler does not see a compiled graph's own buffers: eager memory only there.
                     if b == min(args.batches) and (mode == "eager" or device.type == "cuda"):
                         rows[name].setdefault("peak_bytes", {})[mode] = peak_memory(lambda: fn(inputs[b]))
@@ -184,7 +188,7 @@ def run_group(group: str, args: argparse.Namespace,
     if "inductor" in args.modes:  # the peers' per-sample grouped convs are known to need a graph per batch size
         _count_graphs({n: m for n, m in models.items() if rows[n]["role"] != "peer"}, inputs, rows)
     return {"group": group, "device": device.type, "image_size": args.image_size, "rows": rows, "timings": timings,
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}, models, inputs
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}, models
 
 
 def _count_graphs(models: dict[str, nn.Module], inputs: dict[int, torch.Tensor], rows: dict[str, Any]) -> None:
@@ -431,9 +435,7 @@ def sync_of(device: torch.device) -> Callable[[], None] | None:
 
 
 def _save(path: str, payload: dict[str, Any]) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(path + ".tmp", path)
+    save_json(path, payload)
     print(f"wrote {path}", flush=True)
 
 
@@ -482,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         stem = os.path.join(args.out, f"{group}_{device.type}")
         models = None
         if not args.no_timing:
-            payload, models, _ = run_group(group, args, device)
+            payload, models = run_group(group, args, device)
             _save(f"{stem}.json", {**payload, **meta})
         if args.variants:
             if models is None:
