@@ -451,22 +451,32 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
             "in_progress": _in_progress(args, [Row.parse(n) for n in args.rows])}
 
 
-def plain_curve(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
-    return sorted((r[key], r["top1_mean"]) for r in rows if r["kind"] == "plain" and "top1_mean" in r and key in r)
+def plain_curve(rows: list[dict[str, Any]], key: str, value: str = "top1_mean") -> list[tuple[float, float]]:
+    """(cost, ``value``) of the plain rows done, by cost: the curve every other row is read against."""
+    return sorted((r[key], r[value]) for r in rows if r["kind"] == "plain" and value in r and key in r)
 
 
-def versus_curve(curve: list[tuple[float, float]], x: float) -> float | None:
-    """This row's top-1 minus the plain curve's at the same cost (linear in log cost); None outside the curve."""
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+def _bracket(curve: list[tuple[float, float]], x: float) -> tuple[int, int] | None:
+    """Indices of the two curve points whose costs enclose ``x``; None outside the curve."""
+    for i, ((x0, _), (x1, _)) in enumerate(zip(curve, curve[1:])):
         if x0 <= x <= x1 and x1 > x0:
-            return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return i, i + 1
     return None
+
+
+def curve_at(curve: list[tuple[float, float]], x: float) -> float | None:
+    """The curve's value at cost ``x``, linear in log cost between its points; None outside it."""
+    ends = _bracket(curve, x)
+    if ends is None:
+        return None
+    (x0, y0), (x1, y1) = curve[ends[0]], curve[ends[1]]
+    return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
 
 
 def _delta(r: dict[str, Any], curve: list[tuple[float, float]], key: str) -> str:
     if r["kind"] == "plain" or "top1_mean" not in r or key not in r:
         return ""
-    at = versus_curve(curve, r[key])
+    at = curve_at(curve, r[key])
     return f"{r['top1_mean'] - at:+.2f}" if at is not None else "outside"
 
 
@@ -501,6 +511,77 @@ def table(summary: dict[str, Any], args: argparse.Namespace) -> str:
                       f"{r['train_s_per_epoch']:.0f}" if "train_s_per_epoch" in r else "-"])
     return markdown_table(["row", "model", "params", "MMACs (gates/heads)", "seeds", "test top-1 %",
                            "vs plain @ params", "b1 ms", "b32 img/s", "vs plain @ b1 ms", "train s/epoch"], lines)
+
+
+def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
+    """The issue's three targets, judged for each KernelDNA row from what is on disk.
+
+    1. at equal parameters, at least +1 point over the plain curve, and the row's worst seed above the plain
+       curve's best (the curve through each plain width's max over seeds);
+    2. at equal batch-1 latency, no worse than the plain curve (mean against mean);
+    3. above every peer at equal latency. Rows and peers lie at different latencies, so both are read against
+       the one yardstick between them, the plain curve: the row's gain over it must exceed every peer's.
+    A verdict is "provisional" while the row or a plain width it is read against has fewer than ``seeds`` seeds.
+    """
+    rows = [r for r in summary["rows"] if "top1_mean" in r]
+    mean_p, best_p = plain_curve(rows, "params"), plain_curve(rows, "params", "top1_max")
+    mean_l = plain_curve(rows, "latency_b1_ms")
+    plain_seeds = sorted((r["params"], len(r["seeds"])) for r in rows if r["kind"] == "plain")  # as mean_p
+
+    def gain_at_latency(r: dict[str, Any]) -> float | None:
+        at = curve_at(mean_l, r["latency_b1_ms"]) if "latency_b1_ms" in r else None
+        return None if at is None else r["top1_mean"] - at
+
+    peer_gains = {r["row"]: gain_at_latency(r) for r in rows if r["kind"] in PEERS}
+    out = []
+    for r in rows:
+        if r["kind"] not in KERNELDNA:
+            continue
+        at, best = curve_at(mean_p, r["params"]), curve_at(best_p, r["params"])
+        ends = _bracket(mean_p, r["params"])
+        thin = ends is not None and min(plain_seeds[i][1] for i in ends) < seeds
+        entry: dict[str, Any] = {"row": r["row"], "seeds": len(r["seeds"]), "provisional": len(r["seeds"]) < seeds or thin}
+        if at is None:
+            entry["params"] = None
+        else:
+            gain, disjoint = r["top1_mean"] - at, r["top1_min"] > best
+            entry["params"] = {"gain": gain, "disjoint": disjoint, "met": gain >= 1.0 and disjoint}
+        gain_l = gain_at_latency(r)
+        entry["latency"] = None if gain_l is None else {"gain": gain_l, "met": gain_l >= 0.0}
+        known = {name: g for name, g in peer_gains.items() if g is not None}
+        if gain_l is None or not known:
+            entry["peers"] = None if gain_l is None else "no peer row read against the plain curve yet"
+        else:
+            entry["peers"] = {"gain": gain_l, "best_peer": max(known, key=known.get),
+                              "best_peer_gain": max(known.values()), "met": gain_l > max(known.values()),
+                              "missing": sorted(set(PEERS) - {Row.parse(n).kind for n in known})}
+        out.append(entry)
+    return out
+
+
+def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
+    """The targets as a Markdown table, one row per KernelDNA row."""
+    def cell(v: dict[str, Any] | str | None, text: Callable[[dict[str, Any]], str]) -> str:
+        if v is None or isinstance(v, str):
+            return f"pending ({v or 'outside the plain curve'})"
+        return f"{'**met**' if v['met'] else 'missed'} ({text(v)})"
+
+    lines = []
+    for v in verdicts:
+        peers_text = (lambda p: f"{p['gain']:+.2f} vs {p['best_peer']} {p['best_peer_gain']:+.2f}"
+                      + (f"; no {', '.join(p['missing'])} yet" if p["missing"] else ""))
+        lines.append([f"`{v['row']}`",
+                      cell(v["params"], lambda p: f"{p['gain']:+.2f}, ranges {'disjoint' if p['disjoint'] else 'overlap'}"),
+                      cell(v["latency"], lambda p: f"{p['gain']:+.2f}"),
+                      cell(v["peers"], peers_text),
+                      f"{v['seeds']}" + (" (provisional)" if v["provisional"] else "")])
+    head = (f"Targets (issue 11), judged by `targets()` from the runs on disk; \"provisional\" while the row or a plain "
+            f"width it is read against has fewer than {seeds} seeds. Gains are points of top-1 over the plain curve "
+            f"at the row's cost; \"ranges disjoint\": the row's worst seed beats the plain curve's best. Peers lie at "
+            f"other latencies, so a row beats them when its gain over the plain curve at equal latency is larger.")
+    table_md = markdown_table(["row", "+1 point @ params, seed ranges disjoint", "no worse @ b1 ms",
+                               "above every peer @ b1 ms", "seeds"], lines)
+    return head + "\n\n" + (table_md if lines else "No KernelDNA row has finished a run yet.")
 
 
 def plot(summary: dict[str, Any], path: str, title: str) -> None:
@@ -549,6 +630,7 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
 
 def report(args: argparse.Namespace) -> None:
     summary = summarise(args)
+    summary["targets"] = targets(summary, len(args.seeds))
     n_train = f"{args.train_subset:,} (seeded subset)" if args.train_subset else "all 60,000"
     status = (f"**Status: {summary['runs_done']} of {summary['runs_total']} runs done** "
               f"({len(args.rows)} rows x seeds {', '.join(map(str, args.seeds))})."
@@ -562,6 +644,7 @@ def report(args: argparse.Namespace) -> None:
                    "peers' attention heads and kernel mixtures.")
     md = "\n\n".join([f"### Fashion-MNIST frontier: ResNet-18 family, {n_train} training images, {args.epochs} epochs",
                       status, recipe_text(args, n_train), table(summary, args), timing_note,
+                      targets_text(summary["targets"], len(args.seeds)),
                       "![top-1 against parameters, MACs and batch-1 latency](frontier.png)"])
     prov = provenance(["bench/frontier_study.py", *args.argv])
     git = git_commit()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -112,3 +113,34 @@ def test_lock_keeps_a_second_process_off(study, tmp_path):
     assert study.take_lock(directory)
     study.release_lock(directory)
     assert not os.path.exists(os.path.join(directory, "lock"))
+
+
+def test_targets_are_judged_against_the_plain_curve(study):
+    def row(name, params, ms, seeds, lo, hi):
+        kind = study.Row.parse(name).kind
+        return {"row": name, "kind": kind, "params": params, "latency_b1_ms": ms, "seeds": list(range(seeds)),
+                "top1_mean": (lo + hi) / 2, "top1_min": lo, "top1_max": hi}
+
+    rows = [row("plain-w0.125", 100, 1.0, 3, 89.5, 90.5), row("plain-w0.25", 400, 2.0, 3, 91.5, 92.5),
+            row("replace-w0.25", 200, 1.5, 3, 92.0, 93.0),  # +1.5 at its 200 params; worst 92.0 > plain best 91.5
+            row("relaxed-r4-w0.25", 200, 1.5, 3, 91.2, 92.8),  # +1.0 but its worst seed is under the plain best
+            row("kdna-w0.25", 1000, 1.9, 1, 93.0, 93.0),  # beyond the plain curve in parameters
+            row("condconv-k4-w0.125", 150, 1.2, 3, 90.0, 90.0)]
+    verdicts = {v["row"]: v for v in study.targets({"rows": rows}, seeds=3)}
+    replace = verdicts["replace-w0.25"]
+    assert replace["params"]["gain"] == pytest.approx(1.5) and replace["params"]["met"]
+    assert replace["latency"]["met"] and replace["peers"]["met"] and not replace["provisional"]
+    assert replace["peers"]["best_peer"] == "condconv-k4-w0.125" and replace["peers"]["missing"] == ["dyconv", "odconv"]
+    relaxed = verdicts["relaxed-r4-w0.25"]["params"]
+    assert relaxed["gain"] == pytest.approx(1.0) and not relaxed["disjoint"] and not relaxed["met"]
+    kdna = verdicts["kdna-w0.25"]
+    assert kdna["params"] is None and kdna["provisional"] and kdna["latency"]["gain"] == pytest.approx(
+        93.0 - (90.0 + 2.0 * math.log(1.9) / math.log(2.0)))
+    assert "condconv-k4-w0.125" not in verdicts  # peers are judged through the KernelDNA rows, not on their own
+    text = study.targets_text(list(verdicts.values()), seeds=3)
+    assert "**met** (+1.50, ranges disjoint)" in text and "missed (+1.00, ranges overlap)" in text
+    assert "pending (outside the plain curve)" in text and "1 (provisional)" in text
+
+    thin = [dict(r, seeds=[0]) if r["row"] == "plain-w0.25" else r for r in rows]
+    assert study.targets({"rows": thin}, seeds=3)[0]["provisional"]  # a plain width it is read against is thin
+    assert study.targets_text([], seeds=3).endswith("No KernelDNA row has finished a run yet.")
