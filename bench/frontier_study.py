@@ -564,7 +564,8 @@ def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
     def cell(v: dict[str, Any] | str | None, text: Callable[[dict[str, Any]], str]) -> str:
         if v is None or isinstance(v, str):
             return f"pending ({v or 'outside the plain curve'})"
-        return f"{'**met**' if v['met'] else 'missed'} ({text(v)})"
+        word = ("**met** so far" if v.get("missing") else "**met**") if v["met"] else "missed"
+        return f"{word} ({text(v)})"
 
     lines = []
     for v in verdicts:

@@ -140,6 +140,7 @@ def test_targets_are_judged_against_the_plain_curve(study):
     text = study.targets_text(list(verdicts.values()), seeds=3)
     assert "**met** (+1.50, ranges disjoint)" in text and "missed (+1.00, ranges overlap)" in text
     assert "pending (outside the plain curve)" in text and "1 (provisional)" in text
+    assert "**met** so far (+1.33 vs condconv-k4-w0.125 -0.53; no dyconv, odconv yet)" in text
 
     thin = [dict(r, seeds=[0]) if r["row"] == "plain-w0.25" else r for r in rows]
     assert study.targets({"rows": thin}, seeds=3)[0]["provisional"]  # a plain width it is read against is thin
