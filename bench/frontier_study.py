@@ -511,7 +511,8 @@ def table(summary: dict[str, Any], args: argparse.Namespace) -> str:
                       _delta(r, by_latency, "latency_b1_ms"),
                       f"{r['train_s_per_epoch']:.0f}" if "train_s_per_epoch" in r else "-"])
     return markdown_table(["row", "model", "params", "MMACs (gates/heads)", "seeds", "test top-1 %",
-                           "vs plain @ params", "vs plain @ MACs", "b1 ms", "b32 img/s", "vs plain @ b1 ms", "train s/epoch"], lines)
+                           "vs plain @ params", "vs plain @ MACs", "b1 ms", "b32 img/s", "vs plain @ b1 ms",
+                           "train s/epoch"], lines)
 
 
 def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
@@ -522,26 +523,26 @@ def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
     2. at equal batch-1 latency, no worse than the plain curve (mean against mean);
     3. above every peer at equal latency. Rows and peers lie at different latencies, so both are read against
        the one yardstick between them, the plain curve: the row's gain over it must exceed every peer's.
-    A verdict is "provisional" while the row or a plain width it is read against has fewer than ``seeds`` seeds.
+    A verdict is "provisional" while the row, a plain width or a peer has fewer than ``seeds`` seeds.
     """
     rows = [r for r in summary["rows"] if "top1_mean" in r]
     mean_p, best_p = plain_curve(rows, "params"), plain_curve(rows, "params", "top1_max")
     mean_l = plain_curve(rows, "latency_b1_ms")
-    plain_seeds = sorted((r["params"], len(r["seeds"])) for r in rows if r["kind"] == "plain")  # as mean_p
+    thin_yardsticks = any(len(r["seeds"]) < seeds for r in rows if r["kind"] == "plain" or r["kind"] in PEERS)
 
     def gain_at_latency(r: dict[str, Any]) -> float | None:
         at = curve_at(mean_l, r["latency_b1_ms"]) if "latency_b1_ms" in r else None
         return None if at is None else r["top1_mean"] - at
 
-    peer_gains = {r["row"]: gain_at_latency(r) for r in rows if r["kind"] in PEERS}
+    peer_gains = {r["row"]: g for r in rows if r["kind"] in PEERS and (g := gain_at_latency(r)) is not None}
+    missing_peers = sorted(set(PEERS) - {Row.parse(name).kind for name in peer_gains})
     out = []
     for r in rows:
         if r["kind"] not in KERNELDNA:
             continue
         at, best = curve_at(mean_p, r["params"]), curve_at(best_p, r["params"])
-        ends = _bracket(mean_p, r["params"])
-        thin = ends is not None and min(plain_seeds[i][1] for i in ends) < seeds
-        entry: dict[str, Any] = {"row": r["row"], "seeds": len(r["seeds"]), "provisional": len(r["seeds"]) < seeds or thin}
+        entry: dict[str, Any] = {"row": r["row"], "seeds": len(r["seeds"]),
+                                 "provisional": len(r["seeds"]) < seeds or thin_yardsticks}
         if at is None:
             entry["params"] = None
         else:
@@ -549,13 +550,12 @@ def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
             entry["params"] = {"gain": gain, "disjoint": disjoint, "met": gain >= 1.0 and disjoint}
         gain_l = gain_at_latency(r)
         entry["latency"] = None if gain_l is None else {"gain": gain_l, "met": gain_l >= 0.0}
-        known = {name: g for name, g in peer_gains.items() if g is not None}
-        if gain_l is None or not known:
+        if gain_l is None or not peer_gains:
             entry["peers"] = None if gain_l is None else "no peer row read against the plain curve yet"
         else:
-            entry["peers"] = {"gain": gain_l, "best_peer": max(known, key=known.get),
-                              "best_peer_gain": max(known.values()), "met": gain_l > max(known.values()),
-                              "missing": sorted(set(PEERS) - {Row.parse(n).kind for n in known})}
+            best_peer = max(peer_gains, key=peer_gains.get)
+            entry["peers"] = {"gain": gain_l, "best_peer": best_peer, "best_peer_gain": peer_gains[best_peer],
+                              "met": gain_l > peer_gains[best_peer], "missing": missing_peers}
         out.append(entry)
     return out
 
@@ -570,15 +570,15 @@ def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
 
     lines = []
     for v in verdicts:
+        params_text = (lambda p: f"{p['gain']:+.2f}, ranges {'disjoint' if p['disjoint'] else 'overlap'}")
         peers_text = (lambda p: f"{p['gain']:+.2f} vs {p['best_peer']} {p['best_peer_gain']:+.2f}"
                       + (f"; no {', '.join(p['missing'])} yet" if p["missing"] else ""))
-        lines.append([f"`{v['row']}`",
-                      cell(v["params"], lambda p: f"{p['gain']:+.2f}, ranges {'disjoint' if p['disjoint'] else 'overlap'}"),
+        lines.append([f"`{v['row']}`", cell(v["params"], params_text),
                       cell(v["latency"], lambda p: f"{p['gain']:+.2f}"),
                       cell(v["peers"], peers_text),
                       f"{v['seeds']}" + (" (provisional)" if v["provisional"] else "")])
-    head = (f"Targets (issue 11), judged by `targets()` from the runs on disk; \"provisional\" while the row or a plain "
-            f"width it is read against has fewer than {seeds} seeds. Gains are points of top-1 over the plain curve "
+    head = (f"Targets (issue 11), judged by `targets()` from the runs on disk; \"provisional\" while the row, a plain "
+            f"width or a peer has fewer than {seeds} seeds. Gains are points of top-1 over the plain curve "
             f"at the row's cost; \"ranges disjoint\": the row's worst seed beats the plain curve's best. Peers lie at "
             f"other latencies, so a row beats them when its gain over the plain curve at equal latency is larger.")
     table_md = markdown_table(["row", "+1 point @ params, seed ranges disjoint", "no worse @ b1 ms",
@@ -640,7 +640,8 @@ def report(args: argparse.Namespace) -> None:
     timing_note = ("Timing (`--speed`): the deployable form (KernelDNA rows folded), eval mode, torch.compile with "
                    "static shapes, all rows interleaved in one process (kdna_fx.timing.time_interleaved), median; "
                    "1 torch thread on a shared 2-core CPU, so read ratios, not absolute numbers. "
-                   "\"vs plain @ params\" / \"@ MACs\" / \"@ b1 ms\": this row's mean top-1 minus the plain-net curve's, linearly "
+                   "\"vs plain @ params\" / \"@ MACs\" / \"@ b1 ms\": this row's mean top-1 minus the plain-net curve's, "
+                   "linearly "
                    "interpolated in log cost between the plain widths done; \"outside\" where the row's cost lies "
                    "beyond them. MMACs: one 1x28x28 image, in parentheses the part inside KernelDNA gates or the "
                    "peers' attention heads and kernel mixtures.")

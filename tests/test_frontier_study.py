@@ -144,4 +144,6 @@ def test_targets_are_judged_against_the_plain_curve(study):
 
     thin = [dict(r, seeds=[0]) if r["row"] == "plain-w0.25" else r for r in rows]
     assert study.targets({"rows": thin}, seeds=3)[0]["provisional"]  # a plain width it is read against is thin
+    assert not study.targets({"rows": rows[:4]}, seeds=3)[0]["provisional"]
+    assert study.targets({"rows": rows[:4]}, seeds=3)[0]["peers"] == "no peer row read against the plain curve yet"
     assert study.targets_text([], seeds=3).endswith("No KernelDNA row has finished a run yet.")
