@@ -456,28 +456,25 @@ def plain_curve(rows: list[dict[str, Any]], key: str, value: str = "top1_mean") 
     return sorted((r[key], r[value]) for r in rows if r["kind"] == "plain" and value in r and key in r)
 
 
-def _bracket(curve: list[tuple[float, float]], x: float) -> tuple[int, int] | None:
-    """Indices of the two curve points whose costs enclose ``x``; None outside the curve."""
-    for i, ((x0, _), (x1, _)) in enumerate(zip(curve, curve[1:])):
+def curve_at(curve: list[tuple[float, float]], x: float) -> float | None:
+    """The curve's value at cost ``x``, linear in log cost between its points; None outside it."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
         if x0 <= x <= x1 and x1 > x0:
-            return i, i + 1
+            return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
     return None
 
 
-def curve_at(curve: list[tuple[float, float]], x: float) -> float | None:
-    """The curve's value at cost ``x``, linear in log cost between its points; None outside it."""
-    ends = _bracket(curve, x)
-    if ends is None:
-        return None
-    (x0, y0), (x1, y1) = curve[ends[0]], curve[ends[1]]
-    return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+def gain_over(curve: list[tuple[float, float]], r: dict[str, Any], key: str) -> float | None:
+    """Row ``r``'s mean top-1 minus the curve's at the row's ``key`` cost; None outside the curve or untimed."""
+    at = curve_at(curve, r[key]) if key in r else None
+    return None if at is None else r["top1_mean"] - at
 
 
 def _delta(r: dict[str, Any], curve: list[tuple[float, float]], key: str) -> str:
     if r["kind"] == "plain" or "top1_mean" not in r or key not in r:
         return ""
-    at = curve_at(curve, r[key])
-    return f"{r['top1_mean'] - at:+.2f}" if at is not None else "outside"
+    gain = gain_over(curve, r, key)
+    return f"{gain:+.2f}" if gain is not None else "outside"
 
 
 def recipe_text(args: argparse.Namespace, n_train: str) -> str:
@@ -529,26 +526,22 @@ def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
     mean_p, best_p = plain_curve(rows, "params"), plain_curve(rows, "params", "top1_max")
     mean_l = plain_curve(rows, "latency_b1_ms")
     thin_yardsticks = any(len(r["seeds"]) < seeds for r in rows if r["kind"] == "plain" or r["kind"] in PEERS)
-
-    def gain_at_latency(r: dict[str, Any]) -> float | None:
-        at = curve_at(mean_l, r["latency_b1_ms"]) if "latency_b1_ms" in r else None
-        return None if at is None else r["top1_mean"] - at
-
-    peer_gains = {r["row"]: g for r in rows if r["kind"] in PEERS and (g := gain_at_latency(r)) is not None}
+    peer_gains = {r["row"]: g for r in rows
+                  if r["kind"] in PEERS and (g := gain_over(mean_l, r, "latency_b1_ms")) is not None}
     missing_peers = sorted(set(PEERS) - {Row.parse(name).kind for name in peer_gains})
     out = []
     for r in rows:
         if r["kind"] not in KERNELDNA:
             continue
-        at, best = curve_at(mean_p, r["params"]), curve_at(best_p, r["params"])
         entry: dict[str, Any] = {"row": r["row"], "seeds": len(r["seeds"]),
                                  "provisional": len(r["seeds"]) < seeds or thin_yardsticks}
-        if at is None:
+        gain = gain_over(mean_p, r, "params")
+        if gain is None:
             entry["params"] = None
         else:
-            gain, disjoint = r["top1_mean"] - at, r["top1_min"] > best
+            disjoint = r["top1_min"] > curve_at(best_p, r["params"])
             entry["params"] = {"gain": gain, "disjoint": disjoint, "met": gain >= 1.0 and disjoint}
-        gain_l = gain_at_latency(r)
+        gain_l = gain_over(mean_l, r, "latency_b1_ms")
         entry["latency"] = None if gain_l is None else {"gain": gain_l, "met": gain_l >= 0.0}
         if gain_l is None or not peer_gains:
             entry["peers"] = None if gain_l is None else "no peer row read against the plain curve yet"
@@ -568,11 +561,15 @@ def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
         word = ("**met** so far" if v.get("missing") else "**met**") if v["met"] else "missed"
         return f"{word} ({text(v)})"
 
+    def params_text(p: dict[str, Any]) -> str:
+        return f"{p['gain']:+.2f}, ranges {'disjoint' if p['disjoint'] else 'overlap'}"
+
+    def peers_text(p: dict[str, Any]) -> str:
+        missing = f"; no {', '.join(p['missing'])} yet" if p["missing"] else ""
+        return f"{p['gain']:+.2f} vs {p['best_peer']} {p['best_peer_gain']:+.2f}{missing}"
+
     lines = []
     for v in verdicts:
-        params_text = (lambda p: f"{p['gain']:+.2f}, ranges {'disjoint' if p['disjoint'] else 'overlap'}")
-        peers_text = (lambda p: f"{p['gain']:+.2f} vs {p['best_peer']} {p['best_peer_gain']:+.2f}"
-                      + (f"; no {', '.join(p['missing'])} yet" if p["missing"] else ""))
         lines.append([f"`{v['row']}`", cell(v["params"], params_text),
                       cell(v["latency"], lambda p: f"{p['gain']:+.2f}"),
                       cell(v["peers"], peers_text),
@@ -640,10 +637,9 @@ def report(args: argparse.Namespace) -> None:
     timing_note = ("Timing (`--speed`): the deployable form (KernelDNA rows folded), eval mode, torch.compile with "
                    "static shapes, all rows interleaved in one process (kdna_fx.timing.time_interleaved), median; "
                    "1 torch thread on a shared 2-core CPU, so read ratios, not absolute numbers. "
-                   "\"vs plain @ params\" / \"@ MACs\" / \"@ b1 ms\": this row's mean top-1 minus the plain-net curve's, "
-                   "linearly "
-                   "interpolated in log cost between the plain widths done; \"outside\" where the row's cost lies "
-                   "beyond them. MMACs: one 1x28x28 image, in parentheses the part inside KernelDNA gates or the "
+                   "\"vs plain @ params\" / \"@ MACs\" / \"@ b1 ms\": this row's mean top-1 minus the plain-net "
+                   "curve's, linearly interpolated in log cost between the plain widths done; \"outside\" where the "
+                   "row's cost lies beyond them. MMACs: one 1x28x28 image, in parentheses the part inside KernelDNA gates or the "
                    "peers' attention heads and kernel mixtures.")
     md = "\n\n".join([f"### Fashion-MNIST frontier: ResNet-18 family, {n_train} training images, {args.epochs} epochs",
                       status, recipe_text(args, n_train), table(summary, args), timing_note,
