@@ -207,7 +207,10 @@ def git_commit() -> dict[str, Any]:
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    # "dirty" means the code differs from the commit; the study's own outputs under bench/results (a report
+    # rewrites them before they are committed) do not count.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(status)}
 
 
 def record_path(args: argparse.Namespace, row: Row, seed: int) -> str:
