@@ -137,6 +137,13 @@ def test_targets_are_judged_against_the_plain_curve(study):
     assert kdna["params"] is None and kdna["provisional"] and kdna["latency"]["gain"] == pytest.approx(
         93.0 - (90.0 + 2.0 * math.log(1.9) / math.log(2.0)))
     assert "condconv-k4-w0.125" not in verdicts  # peers are judged through the KernelDNA rows, not on their own
+
+    slow = [row("replace-w0.375", 300, 2.5, 3, 91.0, 91.6), row("kdna-w0.375", 300, 2.5, 3, 93.0, 93.6)]
+    beyond = {v["row"]: v for v in study.targets({"rows": rows + slow}, seeds=3)}
+    assert beyond["replace-w0.375"]["latency"] == {"gain": None, "met": False, "dominated_by": "plain-w0.25"}
+    assert beyond["kdna-w0.375"]["latency"] is None  # slower and more accurate: nothing to read it against
+    assert "missed (outside the plain curve, but `plain-w0.25` is faster and more accurate)" in study.targets_text(
+        list(beyond.values()), seeds=3)
     text = study.targets_text(list(verdicts.values()), seeds=3)
     assert "**met** (+1.50, ranges disjoint)" in text and "missed (+1.00, ranges overlap)" in text
     assert "pending (outside the plain curve)" in text and "1 (provisional)" in text
