@@ -583,7 +583,8 @@ def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
 
     def peers_text(p: dict[str, Any]) -> str:
         missing = f"; no {', '.join(p['missing'])} yet" if p["missing"] else ""
-        return f"{p['gain']:+.2f} vs {p['best_peer']} {p['best_peer_gain']:+.2f}{missing}"
+        digits = 3 if f"{p['gain']:+.2f}" == f"{p['best_peer_gain']:+.2f}" else 2  # show which side a near-tie falls
+        return f"{p['gain']:+.{digits}f} vs {p['best_peer']} {p['best_peer_gain']:+.{digits}f}{missing}"
 
     lines = []
     for v in verdicts:
