@@ -739,6 +739,13 @@ def main(argv: list[str] | None = None) -> int:
         speed(args)
     elif not args.report:
         run_queue(args)
+        preset = PRESETS[args.preset]
+        if (args.rows, args.seeds) != (preset["rows"], preset["seeds"]):
+            # A report of the narrowed queue would list only its rows and judge "provisional" by its seeds, and
+            # would overwrite the study's report in a shared results folder: several narrowed queues run at once.
+            print(f"narrowed queue (--rows/--seeds): {args.out}'s report left as it was; write it with "
+                  f"`.venv/bin/python bench/frontier_study.py --preset {args.preset} --report`", flush=True)
+            return 0
     report(args)
     return 0
 

@@ -54,7 +54,9 @@ def test_queue_skip_and_report(study, tmp_path, capsys):
     capsys.readouterr()
     assert study.main(tiny(tmp_path, rows)) == 0  # everything done: nothing retrained
     assert os.path.getmtime(tmp_path / "out" / "runs" / "plain-w0.0625" / "seed0.json") == stamp
-    assert "3 of 3 runs done" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 runs, 3 done" in out and "report left as it was" in out
+    assert not (tmp_path / "out" / "frontier.md").exists()  # a narrowed queue leaves the study's report alone
 
     assert study.main(tiny(tmp_path, rows, "--speed", "--eager", "--speed-rounds", "1", "--speed-repeat", "5")) == 0
     with open(tmp_path / "out" / "frontier.json") as f:
