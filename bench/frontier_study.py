@@ -606,11 +606,12 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     style = {"plain": ("black", "o"), "replace": ("tab:blue", "s"), "kdna": ("tab:green", "D"),
              "relaxed": ("tab:cyan", "P"), "condconv": ("tab:orange", "^"), "dyconv": ("tab:red", "v"),
              "odconv": ("tab:purple", "X")}
-    panels = (("params", "parameters", 1.0), ("macs", "MACs per 28x28 image (millions)", 1e-6),
+    panels = (("params", "parameters (thousands)", 1e-3), ("macs", "MACs per 28x28 image (millions)", 1e-6),
               ("latency_b1_ms", "batch-1 latency, ms (compiled, CPU)", 1.0))
     done = [r for r in summary["rows"] if "top1_mean" in r]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
@@ -628,12 +629,15 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
                             yerr=[[r["top1_mean"] - r["top1_min"]], [r["top1_max"] - r["top1_mean"]]],
                             color=color, marker=marker, capsize=3, linestyle="none",
                             label=KINDS[kind] if i == 0 else None)
+                # plain labels below their points, the others above: rows of about equal cost stay legible
                 ax.annotate(f"{r['row']} ({len(r['seeds'])})", (r[key] * scale, r["top1_mean"]), fontsize=7,
-                            xytext=(4, 3), textcoords="offset points")
+                            xytext=(4, -10 if kind == "plain" else 3), textcoords="offset points")
         if not have:
             ax.text(0.5, 0.5, "no timings yet: run --speed" if done else "no finished runs yet",
                     ha="center", transform=ax.transAxes)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 100, not 10^2
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
         ax.set_xlabel(xlabel + " (log scale)")
         ax.set_ylabel("test top-1 % (mean; bars: min-max over seeds)")
         ax.grid(alpha=0.3, which="both")
