@@ -661,8 +661,8 @@ def report(args: argparse.Namespace) -> None:
                    "1 torch thread on a shared 2-core CPU, so read ratios, not absolute numbers. "
                    "\"vs plain @ params\" / \"@ MACs\" / \"@ b1 ms\": this row's mean top-1 minus the plain-net "
                    "curve's, linearly interpolated in log cost between the plain widths done; \"outside\" where the "
-                   "row's cost lies beyond them. MMACs: one 1x28x28 image, in parentheses the part inside KernelDNA gates or the "
-                   "peers' attention heads and kernel mixtures.")
+                   "row's cost lies beyond them. MMACs: one 1x28x28 image, in parentheses the part inside KernelDNA "
+                   "gates or the peers' attention heads and kernel mixtures.")
     md = "\n\n".join([f"### Fashion-MNIST frontier: ResNet-18 family, {n_train} training images, {args.epochs} epochs",
                       status, recipe_text(args, n_train), table(summary, args), timing_note,
                       targets_text(summary["targets"], len(args.seeds)),
@@ -748,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
             # A report of the narrowed queue would list only its rows and judge "provisional" by its seeds, and
             # would overwrite the study's report in a shared results folder: several narrowed queues run at once.
             print(f"narrowed queue (--rows/--seeds): {args.out}'s report left as it was; write it with "
-                  f"`.venv/bin/python bench/frontier_study.py --preset {args.preset} --report`", flush=True)
+                  f"--report and this command's other options (without --rows/--seeds)", flush=True)
             return 0
     report(args)
     return 0
