@@ -37,7 +37,6 @@ import math
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ import kdna_fx
 from kdna_fx import peers
 from kdna_fx.models import create_model, sharing_config
 from kdna_fx.report import count_macs
-from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_results
+from kdna_fx.timing import git_commit, markdown_table, provenance, time_interleaved, write_results
 from kdna_fx.train import TrainConfig, build_data, train
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME
 
@@ -203,14 +202,10 @@ def steps_per_epoch(n_train: int, args: argparse.Namespace) -> int:
     return min(steps, args.limit_steps or steps)
 
 
-def git_commit() -> dict[str, Any]:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
+def study_commit() -> dict[str, Any]:
     # "dirty" means the code differs from the commit; the study's own outputs under bench/results (a report
     # rewrites them before they are committed) do not count.
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(status)}
+    return git_commit(exclude=("bench/results",))
 
 
 def record_path(args: argparse.Namespace, row: Row, seed: int) -> str:
@@ -278,7 +273,7 @@ def run_one(row: Row, seed: int, args: argparse.Namespace, data: Any,
               "train_images": len(data.train), "params": n_params(model), "epochs": len(history),
               "train_seconds": sum(r["train_seconds"] for r in history), "resumed": resume,
               "config": config.to_dict(), "history": history, "run_dir": directory,
-              "git": getattr(args, "git", None) or git_commit(),  # the code that ran: the commit at start
+              "git": getattr(args, "git", None) or study_commit(),  # the code that ran: the commit at start
               "provenance": provenance()}
     save_json(record_path(args, row, seed), record)
     return record
@@ -288,7 +283,7 @@ def run_queue(args: argparse.Namespace) -> None:
     rows = [Row.parse(name) for name in args.rows]
     data = build_data("fashion-mnist", args.data, train_subset=args.train_subset or None,
                       val_subset=args.test_subset or None, seed=args.subset_seed)
-    args.git = git_commit()
+    args.git = study_commit()
     jobs = [(row, seed) for seed in args.seeds for row in rows]  # seed-major: every row gets seed 0 first
     done = sum(os.path.exists(record_path(args, r, s)) for r, s in jobs)
     print(f"frontier study: {len(jobs)} runs, {done} done; {len(data.train):,} training images, "
@@ -394,7 +389,7 @@ def speed(args: argparse.Namespace) -> None:
                      "mode": modes[name]} for name in calls_b1}
     save_json(os.path.join(args.out, "speed.json"),
               {"rows": result, "rounds": args.speed_rounds, "repeat_b1": args.speed_repeat,
-               "threads": torch.get_num_threads(), "git": git_commit(), "provenance": provenance()})
+               "threads": torch.get_num_threads(), "git": study_commit(), "provenance": provenance()})
     for name, r in result.items():
         print(f"{name:>20}: b1 {r['latency_b1_ms']:.2f} ms, b32 {r['images_per_s_b32']:.0f} img/s ({r['mode']})")
 
@@ -668,7 +663,7 @@ def report(args: argparse.Namespace) -> None:
                       targets_text(summary["targets"], len(args.seeds)),
                       "![top-1 against parameters, MACs and batch-1 latency](frontier.png)"])
     prov = provenance(["bench/frontier_study.py", *args.argv])
-    git = git_commit()
+    git = study_commit()
     md += f"\n\nGit commit: `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}"
     os.makedirs(args.out, exist_ok=True)
     write_results(os.path.join(args.out, "frontier"),

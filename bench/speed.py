@@ -49,7 +49,7 @@ import kdna_fx
 from kdna_fx import peers
 from kdna_fx.models import create_model, sharing_config
 from kdna_fx.report import count_macs
-from kdna_fx.timing import markdown_table, provenance, time_interleaved
+from kdna_fx.timing import git_commit, markdown_table, provenance, time_interleaved
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conversion_study import save_json  # noqa: E402  (one atomic JSON writer for the bench scripts)
@@ -476,8 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     torch._dynamo.config.accumulated_recompile_limit = 4096
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     device = torch.device(args.device)
-    commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None
-    meta = {"provenance": provenance(sys.argv if argv is None else ["bench/speed.py", *argv]), "commit": commit}
+    meta = {"provenance": provenance(sys.argv if argv is None else ["bench/speed.py", *argv]),
+            "commit": git_commit()["commit"]}
     batch = max(args.batches)
     for group in args.groups:
         # One file per part, so that rerunning one part (say, the timings with more rounds) replaces only it.

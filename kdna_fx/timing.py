@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -77,6 +78,28 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "einops": einops.__version__},
     }
+
+
+def git_commit(exclude: tuple[str, ...] = (), root: str | None = None) -> dict[str, Any]:
+    """The commit of a checkout (by default the one holding kdna_fx) and whether its tracked files differ from it.
+
+    Paths in ``exclude`` (relative to the checkout) do not count as changes: a study's own outputs, say.
+    Both values are None outside a git checkout.
+    """
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*cmd: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in exclude))
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def write_results(path_stem: str, payload: dict[str, Any], markdown_table: str) -> None:
