@@ -601,6 +601,7 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from adjustText import adjust_text
     from matplotlib.ticker import FuncFormatter
 
     style = {"plain": ("black", "o"), "replace": ("tab:blue", "s"), "kdna": ("tab:green", "D"),
@@ -613,6 +614,7 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
     for ax, (key, xlabel, scale) in zip(axes, panels):
         have = [r for r in done if key in r]
         curve = plain_curve(have, key)
+        labels, avoid_x, avoid_y = [], [], []
         if len(curve) > 1:
             ax.plot([x * scale for x, _ in curve], [y for _, y in curve], color="black", lw=1, alpha=0.6,
                     label="plain ResNet-18 widths")
@@ -624,9 +626,11 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
                             yerr=[[r["top1_mean"] - r["top1_min"]], [r["top1_max"] - r["top1_mean"]]],
                             color=color, marker=marker, capsize=3, linestyle="none",
                             label=KINDS[kind] if i == 0 else None)
-                # plain labels below their points, the others above: rows of about equal cost stay legible
-                ax.annotate(f"{r['row']} ({len(r['seeds'])})", (r[key] * scale, r["top1_mean"]), fontsize=7,
-                            xytext=(4, -10 if kind == "plain" else 3), textcoords="offset points")
+                # a label must not hide a seed range: its ends repel the labels too
+                avoid_x += [r[key] * scale] * 2
+                avoid_y += [r["top1_min"], r["top1_max"]]
+                labels.append(ax.text(r[key] * scale, r["top1_mean"], f"{r['row']} ({len(r['seeds'])})",
+                                      fontsize=7))
         if not have:
             ax.text(0.5, 0.5, "no timings yet: run --speed" if done else "no finished runs yet",
                     ha="center", transform=ax.transAxes)
@@ -638,6 +642,9 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left")  # the cheap, weak peers sit bottom right
+        if labels:
+            # last, once the limits are final: rows of about equal cost would otherwise print over each other
+            adjust_text(labels, x=avoid_x, y=avoid_y, ax=ax, arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
