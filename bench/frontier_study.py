@@ -622,15 +622,15 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
             color, marker = style[kind]
             mine = [r for r in have if r["kind"] == kind]
             for i, r in enumerate(mine):
-                ax.errorbar(r[key] * scale, r["top1_mean"],
+                x = r[key] * scale
+                ax.errorbar(x, r["top1_mean"],
                             yerr=[[r["top1_mean"] - r["top1_min"]], [r["top1_max"] - r["top1_mean"]]],
                             color=color, marker=marker, capsize=3, linestyle="none",
                             label=KINDS[kind] if i == 0 else None)
                 # a label must not hide a seed range: its ends repel the labels too
-                avoid_x += [r[key] * scale] * 2
+                avoid_x += [x, x]
                 avoid_y += [r["top1_min"], r["top1_max"]]
-                labels.append(ax.text(r[key] * scale, r["top1_mean"], f"{r['row']} ({len(r['seeds'])})",
-                                      fontsize=7))
+                labels.append(ax.text(x, r["top1_mean"], f"{r['row']} ({len(r['seeds'])})", fontsize=7))
         if not have:
             ax.text(0.5, 0.5, "no timings yet: run --speed" if done else "no finished runs yet",
                     ha="center", transform=ax.transAxes)
