@@ -63,9 +63,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the relaxed children and the peers, then the expensive width-0.375 rows. Seeds are the outer loop.
 # The peers run at width 0.125: at 0.25 their per-sample grouped convolutions trained 4-6x slower than the plain
 # net on the 2-core CPU (6.2-9.4 s per step of 128, 13-19 h per run), at 0.125 about as fast as plain-w0.25.
+# plain-w0.5 came last: both width-0.375 KernelDNA rows are slower at batch 1 than plain-w0.375, so without a
+# wider plain net the curve ends before their latency and the peers target cannot be read for them.
 ROWS = ["plain-w0.25", "replace-w0.25", "kdna-w0.25", "plain-w0.125", "plain-w0.1875", "relaxed-r4-w0.25",
         "condconv-k4-w0.125", "dyconv-k4-w0.125", "odconv-k1-w0.125", "plain-w0.375", "replace-w0.375",
-        "kdna-w0.375"]
+        "kdna-w0.375", "plain-w0.5"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "frontier": dict(rows=ROWS, seeds=[0, 1, 2], epochs=15, train_subset=0, warmup_epochs=1.0,
