@@ -6,7 +6,6 @@ whose outcome changes fails this test, in either direction, so the lists stay tr
 """
 from __future__ import annotations
 
-import gc
 import warnings
 
 import pytest
@@ -43,18 +42,12 @@ BUILD_KWARGS = {"googlenet": dict(aux_logits=False, init_weights=False),
                    for v in ("b_16", "b_32", "h_14", "l_16", "l_32")}}
 INPUT_SIZE = {"inception_v3": 75, "maxvit_t": 224, "vit_h_14": 56}
 # Models over 150 M parameters (regnet_y_128gf, vit_h_14, vit_l_16, vit_l_32, convnext_large) used to be marked
-# slow; they run in the default suite: this whole file peaks at 8.9 GB (16.6 GB before _free_the_model), 2.2 min
-# on one core of the 2-core machine.
+# slow; they run in the default suite: this whole file peaks at 8.9 GB (16.6 GB without the free_traced_models
+# fixture), 2.2 min on one core of the 2-core machine.
 ALL = torchvision.models.list_models(module=torchvision.models)
 
 
-@pytest.fixture(autouse=True)
-def _free_the_model():
-    # A traced model is a reference cycle (GraphModule <-> its graph), which only the cyclic collector frees, and
-    # it runs on object counts, not bytes: without this, several 600 M-parameter models piled up (23 GB in the
-    # full suite, killed for memory on the 24 GB machine).
-    yield
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("free_traced_models")
 
 
 def _params(model):
