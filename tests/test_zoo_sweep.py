@@ -14,6 +14,8 @@ import torchvision
 
 import kdna_fx
 
+pytestmark = pytest.mark.usefixtures("free_traced_models")
+
 NO_FAMILY_3X3 = "3x3 convs are depthwise or differ in shape within every stage"
 UNCHANGED = {
     "alexnet": "its three 3x3 convs all differ in shape (192->384, 384->256, 256->256)",
@@ -45,9 +47,6 @@ INPUT_SIZE = {"inception_v3": 75, "maxvit_t": 224, "vit_h_14": 56}
 # slow; they run in the default suite: this whole file peaks at 8.9 GB (16.6 GB without the free_traced_models
 # fixture), 2.2 min on one core of the 2-core machine.
 ALL = torchvision.models.list_models(module=torchvision.models)
-
-
-pytestmark = pytest.mark.usefixtures("free_traced_models")
 
 
 def _params(model):
