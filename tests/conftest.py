@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from torch import nn
+
+import kdna_fx
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -48,6 +52,38 @@ def free_traced_models():
     several 600 M-parameter models piled up (23 GB, the suite killed for memory on the 24 GB machine)."""
     yield
     gc.collect()
+
+
+class ModelSweep:
+    """What the three model sweeps (torchvision classifiers, timm families, dense prediction) ask of each model:
+    shared (finite gradients, fewer parameters) or listed as unchanged with its reason. A model whose outcome
+    changes fails in either direction, so the lists stay true."""
+
+    @staticmethod
+    def transform(model: nn.Module) -> tuple[nn.Module, bool]:
+        """kdna_fx.transform(model), and whether it left the model unchanged (NoEligibleConvWarning)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kmodel = kdna_fx.transform(model)
+        return kmodel, any(issubclass(w.category, kdna_fx.NoEligibleConvWarning) for w in caught)
+
+    @staticmethod
+    def check(name: str, model: nn.Module, kmodel: nn.Module, unchanged: bool, listed: dict[str, str]) -> None:
+        """After a backward pass through ``kmodel``: finite gradients, and the outcome ``listed`` promises."""
+        grads = [p.grad for p in kmodel.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        before, after = (sum(p.numel() for p in m.parameters()) for m in (model, kmodel))
+        if name in listed:
+            assert unchanged, f"{name} is listed as unchanged ({listed[name]}) but kdna_fx now shares it"
+            assert after == before
+        else:
+            assert not unchanged, f"{name}: kdna_fx found nothing to share; list it in UNCHANGED with a reason"
+            assert after < before
+
+
+@pytest.fixture
+def model_sweep() -> ModelSweep:
+    return ModelSweep()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ and other traceable subtrees are rewritten in place and the rest runs as it was.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import pytest
@@ -159,29 +158,15 @@ def _build(name: str) -> nn.Module:
     return model
 
 
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ALL])
-def test_dense_model_is_shared_or_documented(name):
+def test_dense_model_is_shared_or_documented(name, model_sweep):
     torch.manual_seed(0)
     model = _build(name)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        kmodel = kdna_fx.transform(model)
-    unchanged = any(issubclass(w.category, kdna_fx.NoEligibleConvWarning) for w in caught)
+    kmodel, unchanged = model_sweep.transform(model)
     loss = _runner(name)(name, kmodel)
     assert torch.isfinite(loss)
     loss.backward()
-    grads = [p.grad for p in kmodel.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    if name in UNCHANGED:
-        assert unchanged, f"{name} is listed as unchanged ({UNCHANGED[name]}) but kdna_fx now shares it"
-        assert _params(kmodel) == _params(model)
-    else:
-        assert not unchanged, f"{name}: kdna_fx found nothing to share; list it in UNCHANGED with a reason"
-        assert _params(kmodel) < _params(model)
+    model_sweep.check(name, model, kmodel, unchanged, UNCHANGED)
 
 
 def test_the_lists_name_real_models():

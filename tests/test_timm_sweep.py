@@ -9,13 +9,9 @@ they were (docs/partial-tracing.md).
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
-
-import kdna_fx
 
 timm = pytest.importorskip("timm")
 pytestmark = [pytest.mark.usefixtures("one_thread", "free_traced_models"),
@@ -85,18 +81,11 @@ SLOW = {
 INPUT_SIZE = {"efficientformer_l1": 224, "inception_v3": 96, "inception_v4": 96, "inception_resnet_v2": 96}
 
 
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ALL])
-def test_timm_model_is_shared_or_documented(name):
+def test_timm_model_is_shared_or_documented(name, model_sweep):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=8, **CREATE_KWARGS.get(name, {}))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        kmodel = kdna_fx.transform(model)
-    unchanged = any(issubclass(w.category, kdna_fx.NoEligibleConvWarning) for w in caught)
+    kmodel, unchanged = model_sweep.transform(model)
     size = INPUT_SIZE.get(name, 64)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
@@ -104,14 +93,7 @@ def test_timm_model_is_shared_or_documented(name):
     loss = nn.functional.cross_entropy(kmodel.train()(x), torch.tensor([1, 2]))
     assert torch.isfinite(loss)
     loss.backward()
-    grads = [p.grad for p in kmodel.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    if name in UNCHANGED:
-        assert unchanged, f"{name} is listed as unchanged ({UNCHANGED[name]}) but kdna_fx now shares it"
-        assert _params(kmodel) == _params(model)
-    else:
-        assert not unchanged, f"{name}: kdna_fx found nothing to share; list it in UNCHANGED with a reason"
-        assert _params(kmodel) < _params(model)
+    model_sweep.check(name, model, kmodel, unchanged, UNCHANGED)
 
 
 def test_the_lists_name_real_models():

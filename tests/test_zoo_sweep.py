@@ -6,13 +6,9 @@ whose outcome changes fails this test, in either direction, so the lists stay tr
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torchvision
-
-import kdna_fx
 
 pytestmark = pytest.mark.usefixtures("free_traced_models")
 
@@ -49,29 +45,16 @@ INPUT_SIZE = {"inception_v3": 75, "maxvit_t": 224, "vit_h_14": 56}
 ALL = torchvision.models.list_models(module=torchvision.models)
 
 
-def _params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 @pytest.mark.parametrize("name", ALL)
-def test_zoo_model_is_shared_or_documented(name):
+def test_zoo_model_is_shared_or_documented(name, model_sweep):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, **BUILD_KWARGS.get(name, {}))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        kmodel = kdna_fx.transform(model)
-    unchanged = any(issubclass(w.category, kdna_fx.NoEligibleConvWarning) for w in caught)
+    kmodel, unchanged = model_sweep.transform(model)
     size = INPUT_SIZE.get(name, 64)
     out = kmodel(torch.randn(2, 3, size, size))
     assert torch.isfinite(out).all()
     out.square().mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in kmodel.parameters() if p.grad is not None)
-    if name in UNCHANGED:
-        assert unchanged, f"{name} is listed as unchanged ({UNCHANGED[name]}) but kdna_fx now shares it"
-        assert _params(kmodel) == _params(model)
-    else:
-        assert not unchanged, f"{name}: kdna_fx found nothing to share; list it in UNCHANGED with a reason"
-        assert _params(kmodel) < _params(model)
+    model_sweep.check(name, model, kmodel, unchanged, UNCHANGED)
 
 
 def test_the_lists_name_real_models():
