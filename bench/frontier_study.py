@@ -31,6 +31,7 @@ same run. ``--report`` (also run at the end of the queue) writes ``<out>/frontie
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -427,10 +428,13 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
     runs = _load_records(args.out)
     names = list(dict.fromkeys([*args.rows, *runs]))  # the queue's order, then any other row on disk
     speed_path = os.path.join(args.out, "speed.json")
-    timed = {}
+    timed, timed_on = {}, None
     if os.path.exists(speed_path):
         with open(speed_path) as f:
-            timed = json.load(f)["rows"]
+            speed_record = json.load(f)
+        timed = speed_record["rows"]
+        timed_on = {"cpu": speed_record["provenance"]["machine"]["cpu"],
+                    "date_utc": speed_record["provenance"]["date_utc"]}
     rows = []
     for name in tqdm(names, desc="costs", unit="row", disable=not args.progress):
         row = Row.parse(name)
@@ -447,8 +451,23 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
                          train_s_per_epoch=statistics.fmean(r["train_seconds"] / r["epochs"] for r in mine))
         rows.append(entry)
     done = sum(len(v) for k, v in runs.items() if k in args.rows)
+    trained_on = collections.Counter(r["provenance"]["machine"]["cpu"] for v in runs.values() for r in v)
     return {"rows": rows, "runs_done": done, "runs_total": len(args.rows) * len(args.seeds),
-            "in_progress": _in_progress(args, [Row.parse(n) for n in args.rows])}
+            "in_progress": _in_progress(args, [Row.parse(n) for n in args.rows]),
+            "trained_on": dict(trained_on.most_common()), "timed_on": timed_on}
+
+
+def machines_text(summary: dict[str, Any]) -> str:
+    """Which CPUs trained the runs and which one timed the rows: the report's own "Machine" line is neither."""
+    trained = ", ".join(f"{cpu} ({n} run{'s' if n > 1 else ''})" for cpu, n in summary["trained_on"].items())
+    text = f"Machines: the runs trained on {trained or 'no machine yet'}"
+    if len(summary["trained_on"]) > 1:
+        text += (", so \"train s/epoch\" compares machines as well as rows (the recipe is the same; the numbers "
+                 "are not bit-identical across CPUs)")
+    timed = summary["timed_on"]
+    text += (f". The latency and throughput columns were timed on {timed['cpu']} ({timed['date_utc']} UTC)"
+             if timed else ". No row has been timed yet (`--speed`)")
+    return text + ". The \"Machine\" line below is the one that wrote this report."
 
 
 def plain_curve(rows: list[dict[str, Any]], key: str, value: str = "top1_mean") -> list[tuple[float, float]]:
@@ -668,7 +687,7 @@ def report(args: argparse.Namespace) -> None:
                    "row's cost lies beyond them. MMACs: one 1x28x28 image, in parentheses the part inside KernelDNA "
                    "gates or the peers' attention heads and kernel mixtures.")
     md = "\n\n".join([f"### Fashion-MNIST frontier: ResNet-18 family, {n_train} training images, {args.epochs} epochs",
-                      status, recipe_text(args, n_train), table(summary, args), timing_note,
+                      status, recipe_text(args, n_train), table(summary, args), timing_note, machines_text(summary),
                       targets_text(summary["targets"], len(args.seeds)),
                       "![top-1 against parameters, MACs and batch-1 latency](frontier.png)"])
     prov = provenance(["bench/frontier_study.py", *args.argv])

@@ -63,7 +63,11 @@ def test_queue_skip_and_report(study, tmp_path, capsys):
         summary = json.load(f)
     assert [r["row"] for r in summary["rows"]] == rows
     assert all(r["latency_b1_ms"] > 0 and r["macs"] > 0 and len(r["seeds"]) == 1 for r in summary["rows"])
-    assert (tmp_path / "out" / "frontier.md").read_text().count("`dyconv-k2-w0.0625`") == 1
+    md = (tmp_path / "out" / "frontier.md").read_text()
+    assert md.count("`dyconv-k2-w0.0625`") == 1
+    cpu = record(tmp_path, "plain-w0.0625")["provenance"]["machine"]["cpu"]
+    assert summary["trained_on"] == {cpu: 3} and summary["timed_on"]["cpu"] == cpu
+    assert f"the runs trained on {cpu} (3 runs). The latency and throughput columns were timed on {cpu}" in md
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
 
 
