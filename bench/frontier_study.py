@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 nohup .venv/bin/python bench/frontier_study.py > logs/frontier.log 2>&1 &   # the queue
     .venv/bin/python bench/frontier_study.py --estimate        # time a few training steps of every row
-    .venv/bin/python bench/frontier_study.py --speed           # re-time every row compiled, interleaved
+    .venv/bin/python bench/frontier_study.py --speed           # re-time every row compiled, interleaved (per CPU)
     .venv/bin/python bench/frontier_study.py --report          # tables and plots from the runs on disk
     .venv/bin/python bench/frontier_study.py --preset short    # the former accuracy_study: 10k images, 3 epochs
 
@@ -26,7 +26,8 @@ every epoch (never used to pick anything: the reported top-1 is the last epoch's
 Resumable at two levels. Each (row, seed) writes ``<out>/runs/<row>/seed<S>.json`` when it finishes and is
 skipped when that file exists. Inside a run, kdna_fx.train checkpoints every epoch into ``<run-root>/<row>/
 seed<S>/``; a stopped run resumes exactly from its last epoch. A per-run lock file keeps two processes off the
-same run. ``--report`` (also run at the end of the queue) writes ``<out>/frontier.{json,md,png}``.
+same run. ``--report`` (also run at the end of the queue) writes ``<out>/frontier.{json,md,png}``. ``--speed``
+writes ``<out>/speed/<cpu>.json``, one file per CPU: the latency targets are judged on each CPU that timed the rows.
 """
 from __future__ import annotations
 
@@ -361,6 +362,25 @@ def estimate(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ speed
 
 
+def speed_path(out: str, cpu: str) -> str:
+    """One timing file per CPU: batch-1 latency ratios differ between CPUs (the peers' most), so a re-timing on
+    another machine adds a yardstick instead of replacing the last one; the same CPU's file is overwritten."""
+    return os.path.join(out, "speed", re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-") + ".json")
+
+
+def load_timings(out: str) -> list[dict[str, Any]]:
+    """Every CPU's last ``--speed`` record, newest first."""
+    directory = os.path.join(out, "speed")
+    timings = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(directory, name)) as f:
+                record = json.load(f)
+            timings.append({"cpu": record["provenance"]["machine"]["cpu"], "date_utc": record["provenance"]["date_utc"],
+                            "file": f"speed/{name}", "rows": record["rows"]})
+    return sorted(timings, key=lambda t: t["date_utc"], reverse=True)
+
+
 def speed(args: argparse.Namespace) -> None:
     """Re-time every row in one process: batch-1 latency and batch-32 throughput of the deployable form, compiled
     (torch.compile, static shapes), rows interleaved (kdna_fx.timing.time_interleaved). Weights do not change the
@@ -390,9 +410,10 @@ def speed(args: argparse.Namespace) -> None:
     result = {name: {"latency_b1_ms": 1e3 * b1[name]["median_s"], "latency_b1_iqr_rel": b1[name]["iqr_rel"],
                      "images_per_s_b32": 32 / b32[name]["median_s"], "b32_iqr_rel": b32[name]["iqr_rel"],
                      "mode": modes[name]} for name in calls_b1}
-    save_json(os.path.join(args.out, "speed.json"),
+    prov = provenance()
+    save_json(speed_path(args.out, prov["machine"]["cpu"]),
               {"rows": result, "rounds": args.speed_rounds, "repeat_b1": args.speed_repeat,
-               "threads": torch.get_num_threads(), "git": study_commit(), "provenance": provenance()})
+               "threads": torch.get_num_threads(), "git": study_commit(), "provenance": prov})
     for name, r in result.items():
         print(f"{name:>20}: b1 {r['latency_b1_ms']:.2f} ms, b32 {r['images_per_s_b32']:.0f} img/s ({r['mode']})")
 
@@ -427,14 +448,8 @@ def _in_progress(args: argparse.Namespace, rows: list[Row]) -> list[str]:
 def summarise(args: argparse.Namespace) -> dict[str, Any]:
     runs = _load_records(args.out)
     names = list(dict.fromkeys([*args.rows, *runs]))  # the queue's order, then any other row on disk
-    speed_path = os.path.join(args.out, "speed.json")
-    timed, timed_on = {}, None
-    if os.path.exists(speed_path):
-        with open(speed_path) as f:
-            speed_record = json.load(f)
-        timed = speed_record["rows"]
-        timed_on = {"cpu": speed_record["provenance"]["machine"]["cpu"],
-                    "date_utc": speed_record["provenance"]["date_utc"]}
+    timings = load_timings(args.out)
+    timed = timings[0]["rows"] if timings else {}  # the table's and plots' own columns: the newest timing
     rows = []
     for name in tqdm(names, desc="costs", unit="row", disable=not args.progress):
         row = Row.parse(name)
@@ -454,7 +469,10 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
     trained_on = collections.Counter(r["provenance"]["machine"]["cpu"] for v in runs.values() for r in v)
     return {"rows": rows, "runs_done": done, "runs_total": len(args.rows) * len(args.seeds),
             "in_progress": _in_progress(args, [Row.parse(n) for n in args.rows]),
-            "trained_on": dict(trained_on.most_common()), "timed_on": timed_on}
+            "trained_on": dict(trained_on.most_common()),
+            "timed_on": {k: timings[0][k] for k in ("cpu", "date_utc")} if timings else None,
+            "timings": [{**t, "rows": {n: {"latency_b1_ms": v["latency_b1_ms"]} for n, v in t["rows"].items()}}
+                        for t in timings]}
 
 
 def machines_text(summary: dict[str, Any]) -> str:
@@ -467,6 +485,9 @@ def machines_text(summary: dict[str, Any]) -> str:
     timed = summary["timed_on"]
     text += (f". The latency and throughput columns were timed on {timed['cpu']} ({timed['date_utc']} UTC)"
              if timed else ". No row has been timed yet (`--speed`)")
+    older = [f"{t['cpu']} ({t['date_utc']} UTC, `{t['file']}`)" for t in summary["timings"][1:]]
+    if older:
+        text += f"; the latency targets and plots are also read on {', '.join(older)}"
     return text + ". The \"Machine\" line below is the one that wrote this report."
 
 
@@ -531,6 +552,40 @@ def table(summary: dict[str, Any], args: argparse.Namespace) -> str:
                            "train s/epoch"], lines)
 
 
+def _latency_targets(rows: list[dict[str, Any]], mean_l: list[tuple[float, float]], r: dict[str, Any],
+                     peer_gains: dict[str, float], missing_peers: list[str]) -> tuple[Any, Any]:
+    """Targets 2 and 3 for KernelDNA row ``r`` under one CPU's timing: ``rows`` carry that CPU's latencies,
+    ``mean_l`` is its plain curve and ``peer_gains`` the peers' gains over it."""
+    gain_l = gain_over(mean_l, r, "latency_b1_ms")
+    latency = None if gain_l is None else {"gain": gain_l, "met": gain_l >= 0.0}
+    if gain_l is None and "latency_b1_ms" in r:
+        # Beyond the plain curve there is nothing to interpolate, but a plain width that is both faster and
+        # more accurate already settles it: wider plain nets have only gained accuracy here.
+        dominating = [p for p in rows if p["kind"] == "plain" and "latency_b1_ms" in p
+                      and p["latency_b1_ms"] <= r["latency_b1_ms"] and p["top1_mean"] > r["top1_mean"]]
+        if dominating:
+            latency = {"gain": None, "met": False,
+                       "dominated_by": max(dominating, key=lambda p: p["top1_mean"])["row"]}
+    if gain_l is None or not peer_gains:
+        peers_verdict = None if gain_l is None else "no peer row read against the plain curve yet"
+    else:
+        best_peer = max(peer_gains, key=peer_gains.get)
+        peers_verdict = {"gain": gain_l, "best_peer": best_peer, "best_peer_gain": peer_gains[best_peer],
+                         "met": gain_l > peer_gains[best_peer], "missing": missing_peers}
+    return latency, peers_verdict
+
+
+def _with_timing(rows: list[dict[str, Any]], timing: dict[str, Any]) -> list[dict[str, Any]]:
+    """``rows`` with one CPU's batch-1 latencies in place of the newest timing's (absent where it timed none)."""
+    out = []
+    for r in rows:
+        r = {k: v for k, v in r.items() if k != "latency_b1_ms"}
+        if r["row"] in timing["rows"]:
+            r["latency_b1_ms"] = timing["rows"][r["row"]]["latency_b1_ms"]
+        out.append(r)
+    return out
+
+
 def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
     """The issue's three targets, judged for each KernelDNA row from what is on disk.
 
@@ -540,54 +595,55 @@ def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
        plain width is judged missed only where a plain width is both faster and more accurate;
     3. above every peer at equal latency. Rows and peers lie at different latencies, so both are read against
        the one yardstick between them, the plain curve: the row's gain over it must exceed every peer's.
+    Targets 2 and 3 are judged once per CPU in ``summary["timings"]`` (keyed by CPU, newest first), since
+    latency ratios are a property of the CPU as much as of the nets.
     A verdict is "provisional" while the row, a plain width or a peer has fewer than ``seeds`` seeds.
     """
     rows = [r for r in summary["rows"] if "top1_mean" in r]
     mean_p, best_p = plain_curve(rows, "params"), plain_curve(rows, "params", "top1_max")
-    mean_l = plain_curve(rows, "latency_b1_ms")
     thin_yardsticks = any(len(r["seeds"]) < seeds for r in rows if r["kind"] == "plain" or r["kind"] in PEERS)
-    peer_gains = {r["row"]: g for r in rows
-                  if r["kind"] in PEERS and (g := gain_over(mean_l, r, "latency_b1_ms")) is not None}
-    missing_peers = sorted(set(PEERS) - {Row.parse(name).kind for name in peer_gains})
+    per_cpu = []
+    for timing in summary.get("timings", []):
+        timed = _with_timing(rows, timing)
+        mean_l = plain_curve(timed, "latency_b1_ms")
+        peer_gains = {r["row"]: g for r in timed
+                      if r["kind"] in PEERS and (g := gain_over(mean_l, r, "latency_b1_ms")) is not None}
+        missing = sorted(set(PEERS) - {Row.parse(name).kind for name in peer_gains})
+        per_cpu.append((timing["cpu"], timed, mean_l, peer_gains, missing))
     out = []
     for r in rows:
         if r["kind"] not in KERNELDNA:
             continue
         entry: dict[str, Any] = {"row": r["row"], "seeds": len(r["seeds"]),
-                                 "provisional": len(r["seeds"]) < seeds or thin_yardsticks}
+                                 "provisional": len(r["seeds"]) < seeds or thin_yardsticks,
+                                 "latency": {}, "peers": {}}
         gain = gain_over(mean_p, r, "params")
         if gain is None:
             entry["params"] = None
         else:
             disjoint = r["top1_min"] > curve_at(best_p, r["params"])
             entry["params"] = {"gain": gain, "disjoint": disjoint, "met": gain >= 1.0 and disjoint}
-        gain_l = gain_over(mean_l, r, "latency_b1_ms")
-        entry["latency"] = None if gain_l is None else {"gain": gain_l, "met": gain_l >= 0.0}
-        if gain_l is None and "latency_b1_ms" in r:
-            # Beyond the plain curve there is nothing to interpolate, but a plain width that is both faster and
-            # more accurate already settles it: wider plain nets have only gained accuracy here.
-            dominating = [p for p in rows if p["kind"] == "plain" and "latency_b1_ms" in p
-                          and p["latency_b1_ms"] <= r["latency_b1_ms"] and p["top1_mean"] > r["top1_mean"]]
-            if dominating:
-                entry["latency"] = {"gain": None, "met": False,
-                                    "dominated_by": max(dominating, key=lambda p: p["top1_mean"])["row"]}
-        if gain_l is None or not peer_gains:
-            entry["peers"] = None if gain_l is None else "no peer row read against the plain curve yet"
-        else:
-            best_peer = max(peer_gains, key=peer_gains.get)
-            entry["peers"] = {"gain": gain_l, "best_peer": best_peer, "best_peer_gain": peer_gains[best_peer],
-                              "met": gain_l > peer_gains[best_peer], "missing": missing_peers}
+        for cpu, timed, mean_l, peer_gains, missing in per_cpu:
+            mine = next(t for t in timed if t["row"] == r["row"])
+            entry["latency"][cpu], entry["peers"][cpu] = _latency_targets(timed, mean_l, mine, peer_gains, missing)
         out.append(entry)
     return out
 
 
 def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
-    """The targets as a Markdown table, one row per KernelDNA row."""
+    """The targets as a Markdown table, one row per KernelDNA row; the latency targets once per timing CPU."""
     def cell(v: dict[str, Any] | str | None, text: Callable[[dict[str, Any]], str]) -> str:
         if v is None or isinstance(v, str):
             return f"pending ({v or 'outside the plain curve'})"
         word = ("**met** so far" if v.get("missing") else "**met**") if v["met"] else "missed"
         return f"{word} ({text(v)})"
+
+    def per_cpu(by_cpu: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> str:
+        if not by_cpu:
+            return "pending (not timed yet: `--speed`)"
+        if len(by_cpu) == 1:
+            return cell(next(iter(by_cpu.values())), text)
+        return "<br>".join(f"{cpu}: {cell(v, text)}" for cpu, v in by_cpu.items())
 
     def params_text(p: dict[str, Any]) -> str:
         return f"{p['gain']:+.2f}, ranges {'disjoint' if p['disjoint'] else 'overlap'}"
@@ -605,13 +661,14 @@ def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
     lines = []
     for v in verdicts:
         lines.append([f"`{v['row']}`", cell(v["params"], params_text),
-                      cell(v["latency"], latency_text),
-                      cell(v["peers"], peers_text),
+                      per_cpu(v["latency"], latency_text),
+                      per_cpu(v["peers"], peers_text),
                       f"{v['seeds']}" + (" (provisional)" if v["provisional"] else "")])
     head = (f"Targets (issue 11), judged by `targets()` from the runs on disk; \"provisional\" while the row, a plain "
             f"width or a peer has fewer than {seeds} seeds. Gains are points of top-1 over the plain curve "
             f"at the row's cost; \"ranges disjoint\": the row's worst seed beats the plain curve's best. Peers lie at "
-            f"other latencies, so a row beats them when its gain over the plain curve at equal latency is larger.")
+            f"other latencies, so a row beats them when its gain over the plain curve at equal latency is larger. "
+            f"The latency targets are judged on every CPU that timed the rows (`speed/`), newest first.")
     table_md = markdown_table(["row", "+1 point @ params, seed ranges disjoint", "no worse @ b1 ms",
                                "above every peer @ b1 ms", "seeds"], lines)
     return head + "\n\n" + (table_md if lines else "No KernelDNA row has finished a run yet.")
@@ -628,12 +685,19 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
     style = {"plain": ("black", "o"), "replace": ("tab:blue", "s"), "kdna": ("tab:green", "D"),
              "relaxed": ("tab:cyan", "P"), "condconv": ("tab:orange", "^"), "dyconv": ("tab:red", "v"),
              "odconv": ("tab:purple", "X")}
-    panels = (("params", "parameters (thousands)", 1e-3), ("macs", "MACs per 28x28 image (millions)", 1e-6),
-              ("latency_b1_ms", "batch-1 latency, ms (compiled, CPU)", 1.0))
     done = [r for r in summary["rows"] if "top1_mean" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    for ax, (key, xlabel, scale) in zip(axes, panels):
-        have = [r for r in done if key in r]
+    panels = [(done, "params", "parameters (thousands)", 1e-3), (done, "macs", "MACs per 28x28 image (millions)", 1e-6)]
+    # one latency panel per CPU that timed the rows, newest first: the ratios differ between CPUs
+    timings = summary.get("timings") or [{"cpu": "CPU", "date_utc": "not timed yet", "rows": {}}]
+    panels += [(_with_timing(done, t), "latency_b1_ms",
+                f"batch-1 latency, ms (compiled, {t['cpu']}, {t['date_utc'][:10]})", 1.0) for t in timings]
+    ncols = 3 if len(panels) <= 3 else 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols + (1 if ncols == 2 else 0), 5 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (panel_rows, key, xlabel, scale) in zip(axes.flat, panels):
+        have = [r for r in panel_rows if key in r]
         curve = plain_curve(have, key)
         labels, avoid_x, avoid_y = [], [], []
         if len(curve) > 1:

@@ -67,6 +67,7 @@ def test_queue_skip_and_report(study, tmp_path, capsys):
     assert md.count("`dyconv-k2-w0.0625`") == 1
     cpu = record(tmp_path, "plain-w0.0625")["provenance"]["machine"]["cpu"]
     assert summary["trained_on"] == {cpu: 3} and summary["timed_on"]["cpu"] == cpu
+    assert [t["file"] for t in summary["timings"]] == [os.path.relpath(study.speed_path("", cpu))]  # one per CPU
     assert f"the runs trained on {cpu} (3 runs). The latency and throughput columns were timed on {cpu}" in md
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
 
@@ -127,27 +128,33 @@ def test_targets_are_judged_against_the_plain_curve(study):
         return {"row": name, "kind": kind, "params": params, "latency_b1_ms": ms, "seeds": list(range(seeds)),
                 "top1_mean": (lo + hi) / 2, "top1_min": lo, "top1_max": hi}
 
+    def judged(rows, *other_cpus):
+        """targets() with the rows' own latencies as CPU "A" (the newest timing), then any other CPU's."""
+        timings = [{"cpu": "A", "rows": {r["row"]: {"latency_b1_ms": r["latency_b1_ms"]} for r in rows}}]
+        return {v["row"]: v for v in study.targets({"rows": rows, "timings": timings + list(other_cpus)}, seeds=3)}
+
     rows = [row("plain-w0.125", 100, 1.0, 3, 89.5, 90.5), row("plain-w0.25", 400, 2.0, 3, 91.5, 92.5),
             row("replace-w0.25", 200, 1.5, 3, 92.0, 93.0),  # +1.5 at its 200 params; worst 92.0 > plain best 91.5
             row("relaxed-r4-w0.25", 200, 1.5, 3, 91.2, 92.8),  # +1.0 but its worst seed is under the plain best
             row("kdna-w0.25", 1000, 1.9, 1, 93.0, 93.0),  # beyond the plain curve in parameters
             row("condconv-k4-w0.125", 150, 1.2, 3, 90.0, 90.0)]
-    verdicts = {v["row"]: v for v in study.targets({"rows": rows}, seeds=3)}
+    verdicts = judged(rows)
     replace = verdicts["replace-w0.25"]
     assert replace["params"]["gain"] == pytest.approx(1.5) and replace["params"]["met"]
-    assert replace["latency"]["met"] and replace["peers"]["met"] and not replace["provisional"]
-    assert replace["peers"]["best_peer"] == "condconv-k4-w0.125" and replace["peers"]["missing"] == ["dyconv", "odconv"]
+    assert replace["latency"]["A"]["met"] and replace["peers"]["A"]["met"] and not replace["provisional"]
+    assert replace["peers"]["A"]["best_peer"] == "condconv-k4-w0.125"
+    assert replace["peers"]["A"]["missing"] == ["dyconv", "odconv"]
     relaxed = verdicts["relaxed-r4-w0.25"]["params"]
     assert relaxed["gain"] == pytest.approx(1.0) and not relaxed["disjoint"] and not relaxed["met"]
     kdna = verdicts["kdna-w0.25"]
-    assert kdna["params"] is None and kdna["provisional"] and kdna["latency"]["gain"] == pytest.approx(
+    assert kdna["params"] is None and kdna["provisional"] and kdna["latency"]["A"]["gain"] == pytest.approx(
         93.0 - (90.0 + 2.0 * math.log(1.9) / math.log(2.0)))
     assert "condconv-k4-w0.125" not in verdicts  # peers are judged through the KernelDNA rows, not on their own
 
     slow = [row("replace-w0.375", 300, 2.5, 3, 91.0, 91.6), row("kdna-w0.375", 300, 2.5, 3, 93.0, 93.6)]
-    beyond = {v["row"]: v for v in study.targets({"rows": rows + slow}, seeds=3)}
-    assert beyond["replace-w0.375"]["latency"] == {"gain": None, "met": False, "dominated_by": "plain-w0.25"}
-    assert beyond["kdna-w0.375"]["latency"] is None  # slower and more accurate: nothing to read it against
+    beyond = judged(rows + slow)
+    assert beyond["replace-w0.375"]["latency"]["A"] == {"gain": None, "met": False, "dominated_by": "plain-w0.25"}
+    assert beyond["kdna-w0.375"]["latency"]["A"] is None  # slower and more accurate: nothing to read it against
     assert "missed (outside the plain curve, but `plain-w0.25` is faster and more accurate)" in study.targets_text(
         list(beyond.values()), seeds=3)
     text = study.targets_text(list(verdicts.values()), seeds=3)
@@ -155,8 +162,23 @@ def test_targets_are_judged_against_the_plain_curve(study):
     assert "pending (outside the plain curve)" in text and "1 (provisional)" in text
     assert "**met** so far (+1.33 vs condconv-k4-w0.125 -0.53; no dyconv, odconv yet)" in text
 
+    # A second CPU where DY-Conv (beyond A's plain curve at 3.0 ms) runs at 1.0 ms and replace mode slower
+    # (1.9 ms): the latency targets are judged on each CPU, and they can disagree.
+    dy = row("dyconv-k4-w0.125", 150, 3.0, 3, 91.0, 91.0)
+    b = {"cpu": "B", "rows": {**{r["row"]: {"latency_b1_ms": r["latency_b1_ms"]} for r in rows},
+                              "replace-w0.25": {"latency_b1_ms": 1.9}, dy["row"]: {"latency_b1_ms": 1.0}}}
+    both = judged(rows + [dy], b)["replace-w0.25"]
+    assert list(both["latency"]) == ["A", "B"] and both["peers"]["A"]["met"] and not both["peers"]["B"]["met"]
+    assert both["latency"]["B"]["gain"] == pytest.approx(92.5 - (90.0 + 2.0 * math.log(1.9) / math.log(2.0)))
+    both_text = study.targets_text([both], seeds=3)
+    assert "A: **met** (+1.33)<br>B: **met** (+0.65)" in both_text
+    assert ("A: **met** so far (+1.33 vs condconv-k4-w0.125 -0.53; no dyconv, odconv yet)<br>"
+            "B: missed (+0.65 vs dyconv-k4-w0.125 +1.00; no odconv yet)") in both_text
+
     thin = [dict(r, seeds=[0]) if r["row"] == "plain-w0.25" else r for r in rows]
-    assert study.targets({"rows": thin}, seeds=3)[0]["provisional"]  # a plain width it is read against is thin
-    assert not study.targets({"rows": rows[:4]}, seeds=3)[0]["provisional"]
-    assert study.targets({"rows": rows[:4]}, seeds=3)[0]["peers"] == "no peer row read against the plain curve yet"
+    assert next(iter(judged(thin).values()))["provisional"]  # a plain width it is read against is thin
+    assert not next(iter(judged(rows[:4]).values()))["provisional"]
+    assert next(iter(judged(rows[:4]).values()))["peers"]["A"] == "no peer row read against the plain curve yet"
+    untimed = study.targets({"rows": rows}, seeds=3)[0]
+    assert untimed["latency"] == {} and "pending (not timed yet: `--speed`)" in study.targets_text([untimed], seeds=3)
     assert study.targets_text([], seeds=3).endswith("No KernelDNA row has finished a run yet.")
