@@ -182,3 +182,46 @@ def test_targets_are_judged_against_the_plain_curve(study):
     untimed = study.targets({"rows": rows}, seeds=3)[0]
     assert untimed["latency"] == {} and "pending (not timed yet: `--speed`)" in study.targets_text([untimed], seeds=3)
     assert study.targets_text([], seeds=3).endswith("No KernelDNA row has finished a run yet.")
+
+
+def test_speed_compiles_every_row_or_says_it_did_not(study, tmp_path, monkeypatch):
+    """Rows of one class share a forward, and dynamo keeps only recompile_limit graphs per code object: past
+    it a row would run uncompiled and be reported as compiled. The eager backend has the same caching rules
+    and compiles in a blink."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    rows = ["plain-w0.0625", "plain-w0.125"]  # 2 graphs each (batch 1 and 32): 4 on one class's forward
+
+    def speed_modes(limit):
+        torch._dynamo.reset()
+        args = study.parse_args(tiny(tmp_path / str(limit), rows, "--speed", "--speed-rounds", "1",
+                                     "--speed-repeat", "5"))
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            study.speed(args)
+        with open(study.speed_path(args.out, study.provenance()["machine"]["cpu"])) as f:
+            return {name: r["mode"] for name, r in json.load(f)["rows"].items()}
+
+    assert speed_modes(limit=2) == {row: "compiled" for row in rows}  # each row traced: its own forward
+    starved = speed_modes(limit=1)  # room for one graph per row, and each needs two: the fallback is named
+    assert all(mode.startswith("eager (compile failed: FailOnRecompileLimitHit") for mode in starved.values())
+    torch._dynamo.reset()
+
+
+def test_timings_per_cpu_newest_first_with_discarded_entries_left_out(study, tmp_path, monkeypatch):
+    def write(cpu, date, rows):
+        path = study.speed_path(str(tmp_path), cpu)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"rows": {r: {"latency_b1_ms": ms} for r, ms in rows.items()},
+                       "provenance": {"machine": {"cpu": cpu}, "date_utc": date}}, f)
+
+    write("Old CPU(R) 9", "2026-12-01 10:00:00", {"plain-w0.25": 2.0, "plain-w0.5": 9.0})
+    write("New CPU", "2026-12-06 10:00:00", {"plain-w0.25": 1.0, "plain-w0.5": 4.0})
+    monkeypatch.setattr(study, "DISCARDED_TIMINGS", {("speed/old-cpu-r-9.json", "plain-w0.5"): "ran uncompiled"})
+    timings = study.load_timings(str(tmp_path))
+    assert [t["cpu"] for t in timings] == ["New CPU", "Old CPU(R) 9"]
+    assert timings[1]["rows"] == {"plain-w0.25": {"latency_b1_ms": 2.0}}
+    assert timings[1]["discarded"] == {"plain-w0.5": "ran uncompiled"} and timings[0]["discarded"] == {}
+    summary = {"trained_on": {}, "timed_on": timings[0], "timings": timings}
+    assert "Left out: `plain-w0.5` in `speed/old-cpu-r-9.json`, which ran uncompiled" in study.machines_text(summary)
