@@ -656,8 +656,10 @@ def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
 def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
     """The targets as a Markdown table, one row per KernelDNA row; the latency targets once per timing CPU."""
     def cell(v: dict[str, Any] | str | None, text: Callable[[dict[str, Any]], str]) -> str:
-        if v is None or isinstance(v, str):
-            return f"pending ({v or 'outside the plain curve'})"
+        if v is None:  # no plain width on one side of it: more seeds will not change that, a wider plain row would
+            return "not judged (outside the plain curve)"
+        if isinstance(v, str):
+            return f"pending ({v})"
         word = ("**met** so far" if v.get("missing") else "**met**") if v["met"] else "missed"
         return f"{word} ({text(v)})"
 

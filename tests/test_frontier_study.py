@@ -159,7 +159,7 @@ def test_targets_are_judged_against_the_plain_curve(study):
         list(beyond.values()), seeds=3)
     text = study.targets_text(list(verdicts.values()), seeds=3)
     assert "**met** (+1.50, ranges disjoint)" in text and "missed (+1.00, ranges overlap)" in text
-    assert "pending (outside the plain curve)" in text and "1 (provisional)" in text
+    assert "not judged (outside the plain curve)" in text and "1 (provisional)" in text
     assert "**met** so far (+1.33 vs condconv-k4-w0.125 -0.53; no dyconv, odconv yet)" in text
 
     # A second CPU where DY-Conv (beyond A's plain curve at 3.0 ms) runs at 1.0 ms and replace mode slower
