@@ -470,14 +470,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    # Every row of a group is compiled at every batch size: more graphs than Dynamo's default limit, and a row
-    # that hit it would silently run eagerly.
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 4096
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
     device = torch.device(args.device)
     meta = {"provenance": provenance(sys.argv if argv is None else ["bench/speed.py", *argv]),
             "commit": git_commit()["commit"]}
+    # Every row of a group is compiled at every batch size: more graphs than Dynamo's default limit, and a row
+    # that hit it would silently run eagerly. Patched, not set, so a caller (the tests) keeps its own config.
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096,
+                                    fail_on_recompile_limit_hit=True):
+        _run_groups(args, device, meta)
+    print(report(args.out, device.type))
+
+
+def _run_groups(args: argparse.Namespace, device: torch.device, meta: dict[str, Any]) -> None:
     batch = max(args.batches)
     for group in args.groups:
         # One file per part, so that rerunning one part (say, the timings with more rounds) replaces only it.
@@ -496,7 +500,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.train:
             _save(f"{stem}_train.json", {"batch": batch, "train": _train_steps(group, args, device, sync_of(device)),
                                          **meta})
-    print(report(args.out, device.type))
 
 
 if __name__ == "__main__":

@@ -72,3 +72,10 @@ def test_tiny_run_writes_json_markdown_and_plot(speed, tmp_path):
     md = (out / "speed_cpu.md").read_text()
     assert "## mobilenet_v2: 16x16" in md and "KernelDNA (replace folded) / ODConv 1x" not in md
     assert (out / "speed_cpu.png").stat().st_size > 0
+
+
+def test_a_run_leaves_the_callers_dynamo_config_alone(speed, tmp_path):
+    with torch._dynamo.config.patch(recompile_limit=5, fail_on_recompile_limit_hit=False):
+        speed.main(["--groups", "mobilenet_v2", "--modes", "eager", "--batches", "1", "--image-size", "16",
+                    "--repeat", "1", "--rounds", "1", "--threads", "1", "--out", str(tmp_path / "speed")])
+        assert torch._dynamo.config.recompile_limit == 5 and not torch._dynamo.config.fail_on_recompile_limit_hit
