@@ -490,7 +490,6 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "runs_done": done, "runs_total": len(args.rows) * len(args.seeds),
             "in_progress": _in_progress(args, [Row.parse(n) for n in args.rows]),
             "trained_on": dict(trained_on.most_common()),
-            "timed_on": {k: timings[0][k] for k in ("cpu", "date_utc")} if timings else None,
             "timings": [{**t, "rows": {n: {"latency_b1_ms": v["latency_b1_ms"]} for n, v in t["rows"].items()}}
                         for t in timings]}
 
@@ -502,13 +501,13 @@ def machines_text(summary: dict[str, Any]) -> str:
     if len(summary["trained_on"]) > 1:
         text += (", so \"train s/epoch\" compares machines as well as rows (the recipe is the same; the numbers "
                  "are not bit-identical across CPUs)")
-    timed = summary["timed_on"]
-    text += (f". The latency and throughput columns were timed on {timed['cpu']} ({timed['date_utc']} UTC)"
-             if timed else ". No row has been timed yet (`--speed`)")
-    older = [f"{t['cpu']} ({t['date_utc']} UTC, `{t['file']}`)" for t in summary["timings"][1:]]
+    timings = summary["timings"]  # newest first: the newest fills the table's columns
+    text += (f". The latency and throughput columns were timed on {timings[0]['cpu']} ({timings[0]['date_utc']} UTC)"
+             if timings else ". No row has been timed yet (`--speed`)")
+    older = [f"{t['cpu']} ({t['date_utc']} UTC, `{t['file']}`)" for t in timings[1:]]
     if older:
         text += f"; the latency targets and plots are also read on {', '.join(older)}"
-    for t in summary["timings"]:
+    for t in timings:
         for row, why in t["discarded"].items():
             text += f". Left out: `{row}` in `{t['file']}`, which {why}"
     return text + ". The \"Machine\" line below is the one that wrote this report."

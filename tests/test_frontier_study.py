@@ -66,7 +66,7 @@ def test_queue_skip_and_report(study, tmp_path, capsys):
     md = (tmp_path / "out" / "frontier.md").read_text()
     assert md.count("`dyconv-k2-w0.0625`") == 1
     cpu = record(tmp_path, "plain-w0.0625")["provenance"]["machine"]["cpu"]
-    assert summary["trained_on"] == {cpu: 3} and summary["timed_on"]["cpu"] == cpu
+    assert summary["trained_on"] == {cpu: 3} and summary["timings"][0]["cpu"] == cpu
     assert [t["file"] for t in summary["timings"]] == [os.path.relpath(study.speed_path("", cpu))]  # one per CPU
     assert f"the runs trained on {cpu} (3 runs). The latency and throughput columns were timed on {cpu}" in md
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
@@ -223,5 +223,5 @@ def test_timings_per_cpu_newest_first_with_discarded_entries_left_out(study, tmp
     assert [t["cpu"] for t in timings] == ["New CPU", "Old CPU(R) 9"]
     assert timings[1]["rows"] == {"plain-w0.25": {"latency_b1_ms": 2.0}}
     assert timings[1]["discarded"] == {"plain-w0.5": "ran uncompiled"} and timings[0]["discarded"] == {}
-    summary = {"trained_on": {}, "timed_on": timings[0], "timings": timings}
+    summary = {"trained_on": {}, "timings": timings}
     assert "Left out: `plain-w0.5` in `speed/old-cpu-r-9.json`, which ran uncompiled" in study.machines_text(summary)
