@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as KF
-from .errors import ConfigError
+from .errors import ConfigError, KDNAError
 
 GATE_NORMS: tuple[str, ...] = get_args(KF.GateNorm)
 ADAPTER_TENSORS = ("filter_scale", "spatial_scale", "lowrank_b", "lowrank_a")
@@ -27,12 +27,28 @@ def gate_width(channels: int, reduction: int, min_hidden: int = 1) -> int:
     return max(1, min_hidden, channels // reduction)
 
 
+def full_rank(out_channels: int, in_channels: int, kernel_size: tuple[int, int], groups: int = 1) -> int:
+    """The rank of a full kernel residual: the kernel seen as a [C_out, C_in/g * kh * kw] matrix."""
+    return min(out_channels, in_channels // groups * kernel_size[0] * kernel_size[1])
+
+
+def effective_rank(rank: int | str, out_channels: int, in_channels: int, kernel_size: tuple[int, int],
+                   groups: int = 1) -> int:
+    """The low-rank residual's rank for one conv: ``rank`` clamped to the conv's full rank; "full" is that rank.
+
+    Clamped rather than refused, because one global rank serves convs of many sizes: a rank above a small
+    conv's full rank adds parameters and no expressiveness."""
+    full = full_rank(out_channels, in_channels, kernel_size, groups)
+    return full if rank == "full" else min(int(rank), full)
+
+
 def adapter_cost(in_channels: int, out_channels: int, kernel_size: tuple[int, int], *, gate: bool = True,
                  reduction: int = 4, gate_norm: str = "batch", gate_min_hidden: int = 1,
-                 filter_scale: bool = True, spatial_scale: bool = True, rank: int = 0, gate_scale: float = 1.0,
-                 groups: int = 1) -> int:
+                 filter_scale: bool = True, spatial_scale: bool = True, rank: int | str = 0,
+                 gate_scale: float = 1.0, groups: int = 1) -> int:
     """Parameters a ChildAdapter adds (bias excluded: the child keeps the one it had)."""
     cost = out_channels if filter_scale else 0
+    rank = effective_rank(rank, out_channels, in_channels, kernel_size, groups)
     cost += rank * (out_channels + in_channels // groups * kernel_size[0] * kernel_size[1])
     cost += kernel_size[0] * kernel_size[1] if spatial_scale and tuple(kernel_size) != (1, 1) else 0
     if gate:
@@ -95,9 +111,15 @@ class Gate(nn.Module):
 class ChildAdapter(nn.Module):
     """Everything a KernelDNA child owns: F, S, its gate, its bias, and the conv's geometry.
 
-    It holds no kernel of its own; ``parent`` names the module whose weight it reuses. In the rewritten
-    graph these tensors are read by get_attr nodes and combined by kdna_fx.functional ops; ``forward``
-    performs the same computation for code that calls the child directly (the model zoo).
+    It holds no kernel of its own; ``parent`` names the module whose weight it reuses. Two ways to run it,
+    one computation (kdna_fx.functional.child_conv2d):
+
+    - in a rewritten graph (passes.rewrite) its tensors are read by get_attr nodes and the parent kernel is
+      a get_attr of the parent's weight; the module itself is never called;
+    - put in place of the conv by module swap (passes.swap) it is called like the conv it replaced,
+      ``child(x)``, and reads its parent's kernel through ``bind``: a reference to the parent *module*, kept
+      out of the module tree, so the kernel stays one Parameter registered once (state dict, optimisers,
+      safetensors, torch.export) and follows ``.to()``, ``load_state_dict`` and ``functional_call``.
     """
 
     def __init__(
@@ -115,7 +137,7 @@ class ChildAdapter(nn.Module):
         bias: Tensor | None = None,
         filter_scale: bool = True,
         spatial_scale: bool = True,
-        rank: int = 0,
+        rank: int | str = 0,
         gate: Gate | None = None,
         weight: Tensor | None = None,
     ):
@@ -131,18 +153,67 @@ class ChildAdapter(nn.Module):
         # Relaxed child: a rank-r kernel residual B A. B starts at zero (no change to the kernel), A random so
         # that B gets a gradient (LoRA's initialisation); init="trained" sets both from an SVD instead.
         fan = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
+        rank = effective_rank(rank, out_channels, in_channels, self.kernel_size, groups)
         self.lowrank_b = nn.Parameter(torch.zeros(out_channels, rank)) if rank else None
         self.lowrank_a = nn.Parameter(torch.randn(rank, fan) / fan ** 0.5) if rank else None
         self.gate = gate
         self.bias = _as_parameter(bias)
-        # Only in adapter-only mode (share=False), where the child is its own parent.
-        self.weight = _as_parameter(weight)
+        # Only where the child holds the shared kernel itself: adapter-only mode (share=False), where it is
+        # its own parent, and the first member of a centroid family. Otherwise there is no ``weight`` at all:
+        # reading it raises (see __getattr__).
+        if weight is not None:
+            self.weight = _as_parameter(weight)
+        # kdna_fx.fold: P(1+F)(1+S)(+BA) precomputed; F, S, B, A are then gone.
+        self.register_parameter("folded_weight", None)
+        self.__dict__["_parent_module"] = None  # not a submodule: see bind()
+
+    def bind(self, parent: nn.Module | None) -> "ChildAdapter":
+        """Read the shared kernel from ``parent.weight`` when called as ``child(x)`` (module swap). The
+        reference lives outside the module tree (no second registration of the parent); deepcopy, pickle and
+        ``.to()`` keep it pointing at the same parent as the rest of the model."""
+        self.__dict__["_parent_module"] = parent
+        return self
+
+    @property
+    def held_weight(self) -> nn.Parameter | None:
+        """The shared kernel when this child holds it (adapter-only mode, a centroid's first member), else None."""
+        return self._parameters.get("weight")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":
+                raise
+        # Code written for nn.Conv2d (BatchNorm fusion, weight surgery) would read a kernel that is not what
+        # this child computes: its gate scales each sample's input. Refuse, naming the fixes.
+        raise KDNAError(f"a KernelDNA child (ChildAdapter, reusing the kernel of {self.parent!r}) has no weight of "
+                        f"its own, and no single kernel computes it: its gate scales every sample's input. Code "
+                        f"that reads conv.weight (BatchNorm fusion such as Ultralytics' fuse(), weight surgery) "
+                        f"would drop the gate. Fuse BatchNorms before kdna_fx.transform, or skip the fusion; "
+                        f"kdna_fx.fold(model) precomputes each child's static kernel (child.folded_weight) for "
+                        f"inference.")
+
+    @property
+    def parent_kernel(self) -> Tensor:
+        """The kernel this child reuses: its own (folded, or held) or its bound parent's."""
+        if self.folded_weight is not None:
+            return self.folded_weight
+        if self.held_weight is not None:
+            return self.held_weight
+        parent = self.__dict__["_parent_module"]
+        if parent is None:
+            raise KDNAError(f"this ChildAdapter (a child of {self.parent!r}) is not bound to its parent module: "
+                            f"it runs inside a rewritten graph, which passes the kernel in (child(x, kernel))")
+        return parent.weight
 
     def conv_kwargs(self) -> dict[str, Any]:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
                     groups=self.groups, padding_mode=self.padding_mode)
 
-    def forward(self, x: Tensor, parent_weight: Tensor) -> Tensor:
+    def forward(self, x: Tensor, parent_weight: Tensor | None = None) -> Tensor:
+        if parent_weight is None:
+            parent_weight = self.parent_kernel
         return KF.child_conv2d(x, parent_weight, filter_scale=self.filter_scale, spatial_scale=self.spatial_scale,
                                lowrank_b=self.lowrank_b, lowrank_a=self.lowrank_a,
                                gate_values=self.gate(x) if self.gate is not None else None, bias=self.bias,

@@ -5,15 +5,15 @@ import copy
 import dataclasses
 import warnings
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, fx, nn
 
-from . import passes
+from . import passes, registry
 from .config import KDNAConfig
 from .adapters import adapter_parameters
-from .errors import ConfigError, KDNATypeError, NoEligibleConvWarning, StateError
+from .errors import ConfigError, KDNAError, KDNATypeError, NoEligibleConvWarning, StateError
 from .record import record_of
 
 
@@ -24,7 +24,13 @@ def _module(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[nn
     module = passes.unwrap(model)
     if not inplace:
         # Tracing shares leaf modules and tensors with the original; a copy keeps the caller's model intact.
-        module = copy.deepcopy(module)
+        try:
+            module = copy.deepcopy(module)
+        except RuntimeError as exc:
+            raise KDNAError(f"kdna_fx could not copy {type(module).__name__} before changing it (torch: "
+                            f"{str(exc).splitlines()[0]}). Pass inplace=True to transform the model itself; a "
+                            f"hook-based torch.nn.utils.weight_norm cannot be copied by torch, while "
+                            f"torch.nn.utils.parametrizations.weight_norm can.") from exc
     return module, config
 
 
@@ -34,85 +40,103 @@ def _prepare(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[n
     return module, passes.trace(module, config), config
 
 
-def _plans(module: nn.Module, traced: passes.Traced, config: KDNAConfig, data: object,
-           given: passes.Plan | None) -> dict[str, passes.Plan]:
-    """One checked plan per traced part: ``given`` split into the parts, or plan_families (with the convs'
-    output similarities measured on ``data`` when the policy needs them)."""
-    found = {path: passes.find_convs(gm, config) for path, gm in traced.parts.items()}
+def _resolve(config: KDNAConfig, module: nn.Module) -> KDNAConfig:
+    """``gate_norm="auto"`` made concrete for this model: the reference's BatchNorm when the model itself holds
+    one (it cannot train at batch 1 either), else LayerNorm, which trains at any batch size (FrozenBatchNorm2d,
+    GroupNorm and LayerNorm models: detectors and segmentation nets trained at batch 1-2)."""
+    norm = "batch" if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) else "layer"
+    return config.map_adapters(lambda a: dataclasses.replace(a, gate_norm=norm) if a.gate_norm == "auto" else a)
+
+
+def _plan(module: nn.Module, route: passes.Route, config: KDNAConfig, data: object,
+          given: passes.Plan | None) -> passes.Plan:
+    """The checked plan of the routed model: ``given`` adopted, or plan_families (with the convs' output
+    similarities measured on ``data`` when the policy needs them). Names run from the model's root."""
+    if route.gm is not None:
+        sites, skipped = passes.find_convs(route.gm, config)
+    else:
+        sites, skipped = passes.find_modules(module, config, order=route.order,
+                                             opaque=tuple(registry.NOT_TRACED) + tuple(config.leaf_modules))
     if given is not None:
         if data is not None:
             raise ConfigError("transform got both plan= and data=; data only chooses the families of a new plan "
                               "(policy='cka'), a given plan already has them")
-        wanted = passes.split_plan(given, traced.parts)
-        plans = {path: passes.adopt(wanted[path], *found[path], config) for path in traced.parts}
+        plan = passes.adopt(given, sites, skipped, config)
     elif config.policy != "cka":
         if data is not None:
             raise ConfigError("data is only used by KDNAConfig(policy='cka'), which groups convs by measured "
                               "similarity; drop data or set policy='cka'")
-        plans = {path: passes.plan_families(*found[path], config) for path in traced.parts}
+        plan = passes.plan_families(sites, skipped, config)
     else:
-        plans = _similar_plans(module, found, config, data)
-    return {path: passes.check_plan(traced.parts[path], plans[path]) for path in traced.parts}
+        plan = passes.plan_families(sites, skipped, config, _similarity(module, sites, data))
+    return passes.check_plan(route.gm, plan)
 
 
-def _similar_plans(module: nn.Module, found: dict[str, tuple[list[passes.ConvSite], list[passes.Skipped]]],
-                   config: KDNAConfig, data: object) -> dict[str, passes.Plan]:
-    """policy='cka': the convs' outputs measured once, on the whole model, by their names from its root."""
+def _similarity(module: nn.Module, sites: list[passes.ConvSite], data: object) -> Callable[[str, str], float]:
+    """policy='cka': the convs' outputs measured once, on the untransformed model, by their names."""
     if data is None:
         raise ConfigError("KDNAConfig(policy='cka') groups convs by the similarity of their outputs and needs "
                           "calibration images: pass data=images (a tensor [N, C, H, W] or a DataLoader)")
     from .cka import layer_similarity
 
-    def rooted(path: str, name: str) -> str:
-        return f"{path}.{name}" if path else name
-
-    names = [rooted(path, s.name) for path, (sites, _) in found.items() for s in sites]
-    measured = layer_similarity(module, data, layers=names, progress=False) if len(names) > 1 else None
-    index = {n: i for i, n in enumerate(measured.names)} if measured is not None else {}
-
-    def similarity_in(path: str) -> Callable[[str, str], float]:
-        def similarity(a: str, b: str) -> float:
-            return float(measured.matrix[index[rooted(path, a)], index[rooted(path, b)]])  # type: ignore[union-attr]
-        return similarity
-
-    return {path: passes.plan_families(sites, skipped, config, similarity_in(path))
-            for path, (sites, skipped) in found.items()}
+    names = [s.name for s in sites]
+    if len(names) < 2:
+        return lambda a, b: 1.0
+    measured = layer_similarity(module, data, layers=names, progress=False)
+    index = {n: i for i, n in enumerate(measured.names)}
+    return lambda a, b: float(measured.matrix[index[a], index[b]])
 
 
-def plan(model: nn.Module, config: KDNAConfig | None = None, *, data: object = None) -> passes.Plan:
+def _routed(model: object, config: KDNAConfig | None, inplace: bool, example_inputs: Any,
+            example_kwargs: dict[str, Any] | None) -> tuple[nn.Module, KDNAConfig, passes.Route]:
+    module, config = _module(model, config, inplace)
+    config = _resolve(config, module)
+    route = passes.route(module, config, passes.Example.of(example_inputs, example_kwargs))
+    # The record's config holds the path taken, so a saved model is rebuilt the same way (kdna_fx.load).
+    return module, dataclasses.replace(config, rewrite=route.how), route
+
+
+def plan(model: nn.Module, config: KDNAConfig | None = None, *, data: object = None, example_inputs: Any = None,
+         example_kwargs: dict[str, Any] | None = None) -> passes.Plan:
     """The families transform() would build, and every skipped conv with its reason. Changes nothing.
 
     Edit the result with ``Plan.without`` / ``Plan.with_family`` (or ``to_dict`` -> ``Plan.from_dict``) and
     pass it back as ``transform(model, config, plan=...)``. ``data``: calibration images for
-    ``KDNAConfig(policy="cka")`` (the convs' outputs are compared on them with linear CKA). On a model that
-    is only partly traceable (docs/partial-tracing.md) the names run from the model's root.
+    ``KDNAConfig(policy="cka")`` (the convs' outputs are compared on them with linear CKA). Names run from the
+    model's root, whichever path (graph or swap) the model takes; ``example_inputs`` as for transform.
     """
-    module, config = _module(model, config, inplace=True)
-    traced = passes.trace_parts(module, config)
-    passes.warn_opaque(module, traced.opaque, stacklevel=2)
-    return passes.merge_plans(_plans(module, traced, config, data, None), config)
+    module, config, route = _routed(model, config, True, example_inputs, example_kwargs)
+    passes.warn_route(module, route.opaque, stacklevel=2)
+    return _plan(module, route, config, data, None)
 
 
 def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passes.Plan | None = None,
-              init: str = "copy", data: object = None, inplace: bool = False) -> nn.Module:
-    """Trace ``model`` and turn same-shaped 3x3 convs of each stage into KernelDNA families.
+              init: str = "copy", data: object = None, example_inputs: Any = None,
+              example_kwargs: dict[str, Any] | None = None, inplace: bool = False) -> nn.Module:
+    """Turn same-shaped 3x3 convs of each stage of ``model`` into KernelDNA families.
 
-    Returns a GraphModule when the model traces as a whole. ``model`` is deep-copied first, so it stays
-    untouched; ``inplace=True`` skips the copy (for very large models) and the result then shares its
-    remaining parameters and leaf modules with ``model``. ``plan`` replaces the automatic planning with a
-    given plan (edited, hand-written or saved plan); ``config`` then defaults to the plan's own.
+    Returns a rewritten GraphModule when torch.fx traces the model as a whole and the trace can be trusted;
+    otherwise (untraceable Python, a forward that reads ``self.training``, a trace that differs from the
+    model on ``example_inputs``) the model itself, each child conv module replaced in place by a
+    ChildAdapter bound to its parent (module swap): the model keeps its class, attributes, methods and
+    Python forward, and its convs are still shared. One PartialTraceWarning says why. Both paths share the
+    plan, the adapters and their initialisation; ``KDNAConfig(rewrite=...)`` forces one (docs/partial-tracing.md).
 
-    A model whose own forward torch.fx cannot trace comes back as itself (its class, its Python forward)
-    with its traceable subtrees rewritten into GraphModules in place; parts that cannot be traced stay as
-    they were, named by one PartialTraceWarning (``KDNAConfig(untraceable="error")`` raises KDNATraceError
-    instead). See docs/partial-tracing.md.
+    ``example_inputs``: what the model's forward takes, as for torch.export: a tuple of positional arguments
+    (a single tensor or list is taken as the one argument), ``example_kwargs`` for keywords. With them the
+    trace is checked against the model before it is used, and swapped families follow the order in which
+    the convs run. Without them a model that traces whole is rewritten from its unchecked trace.
+
+    ``model`` is deep-copied first, so it stays untouched; ``inplace=True`` skips the copy (for very large
+    models). ``plan`` replaces the automatic planning with a given plan (edited, hand-written or saved plan);
+    ``config`` then defaults to the plan's own.
 
     ``init="copy"`` (default, the paper's from-scratch init): each child starts as an exact copy of its
     parent. ``init="trained"`` (converting a trained model): every gate starts as the exact identity
     (``gate_scale`` 2 with fc2 = 0, so a(x) = 1 and the gate still trains), and each child's low-rank
-    residual (``AdapterConfig(rank=r)``) starts as the truncated SVD of its own kernel minus its parent's.
-    Follow with ``kdna_fx.calibrate`` on unlabeled images. ``data``: calibration images for
-    ``KDNAConfig(policy="cka")``, as in ``plan``.
+    residual (``AdapterConfig(rank=r)``, ``rank="full"`` reproduces every kernel) starts as the truncated
+    SVD of its own kernel minus its parent's. Follow with ``kdna_fx.calibrate`` on unlabeled images.
+    ``data``: calibration images for ``KDNAConfig(policy="cka")``, as in ``plan``.
     """
     if init not in ("copy", "trained"):
         raise ConfigError(f"init must be 'copy' (train from scratch) or 'trained' (convert a trained model), "
@@ -125,16 +149,20 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
     if init == "trained":
         config = (config if config is not None else KDNAConfig()).map_adapters(
             lambda a: dataclasses.replace(a, gate_scale=2.0))
-    module, config = _module(model, config, inplace)
-    traced = passes.trace_parts(module, config)
-    plans = _plans(module, traced, config, data, plan)
-    kmodel = passes.assemble(module, traced, plans, config, init=init)
+    module, config, route = _routed(model, config, inplace, example_inputs, example_kwargs)
+    checked = _plan(module, route, config, data, plan)
+    if route.gm is not None:
+        kmodel = passes.rewrite(route.gm, checked, init=init)
+    else:
+        kmodel = passes.swap(module, checked, init=init)
     record = record_of(kmodel)
-    passes.warn_opaque(module, record.opaque, stacklevel=2)
-    if not record.plan.families:
-        reasons = Counter(s.reason.split(":")[0] for s in record.plan.skipped)
+    record.opaque = tuple(route.opaque)
+    if record.plan.families:
+        passes.warn_route(module, route.opaque, stacklevel=2)
+    else:
+        reasons = Counter(s.reason.split(":")[0] for s in record.plan.skipped)  # (and nothing swapped to warn of)
         summary = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "the model has no 2-D convolution"
-        how = "traced" if traced.whole else "not traced as a whole"
+        how = "traced" if route.gm is not None else "not traced"
         warnings.warn(
             f"kdna_fx found no convolutions to share in {type(module).__name__} ({summary}); the model is "
             f"returned unchanged ({how}). kdna_fx.report(model) lists each conv with its reason; "

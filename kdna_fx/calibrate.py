@@ -33,7 +33,7 @@ from torch import Tensor, fx, nn
 
 from .adapters import ChildAdapter, adapter_parameters
 from .errors import ConfigError, KDNAError, KDNATypeError
-from .record import interpreted, parts_of, record_of, rooted
+from .record import graph_of, interpreted, record_of
 from .tables import format_table
 
 MODES: tuple[str, ...] = ("bn", "layerwise", "distill")
@@ -314,24 +314,46 @@ class _Capture(fx.Interpreter):
         return super().run_node(n)
 
 
-def _child_input(kmodel: nn.Module, gm: fx.GraphModule, node: fx.Node, x: Tensor) -> Tensor:
-    """The input of ``node`` in ``gm`` when ``kmodel`` (``gm`` itself, or a composite holding it) runs on x."""
-    try:
-        with interpreted(gm, _Capture(gm, node)):
-            kmodel(x)
-    except _Stop as stop:
-        return stop.value
-    raise KDNAError(f"calibrate: the child conv node {node.name} was not reached")
+@dataclass
+class _Child:
+    """One child conv of a transformed model: a node of its graph, or a module-swapped ChildAdapter."""
+
+    name: str
+    adapter: ChildAdapter
+    weight: Tensor
+    """The parent kernel it reads."""
+    gm: fx.GraphModule | None = None
+    node: fx.Node | None = None
+
+    def input(self, kmodel: nn.Module, x: Tensor) -> Tensor:
+        """The child's input when ``kmodel`` runs on x."""
+        def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
+            raise _Stop(args[0])
+
+        try:
+            if self.gm is not None:
+                with interpreted(self.gm, _Capture(self.gm, self.node)):  # type: ignore[arg-type]
+                    kmodel(x)
+            else:
+                handle = self.adapter.register_forward_pre_hook(stop)
+                try:
+                    kmodel(x)
+                finally:
+                    handle.remove()
+        except _Stop as stopped:
+            return stopped.value
+        raise KDNAError(f"calibrate: the child conv {self.name} was not reached")
 
 
-def _child_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.meta.get("kdna", {}).get("role") == "child_conv"]
-
-
-def _children(kmodel: nn.Module) -> list[tuple[str, fx.GraphModule, fx.Node]]:
-    """(path of its graph, graph, node) of every child conv, in graph order, also inside the rewritten parts
-    of a partly traced composite (docs/partial-tracing.md)."""
-    return [(path, gm, node) for path, gm in parts_of(kmodel) for node in _child_nodes(gm)]
+def _children(kmodel: nn.Module) -> list[_Child]:
+    """Every child conv in graph order (rewritten graph) or module order (module swap)."""
+    gm = graph_of(kmodel)
+    if gm is not None:
+        nodes = [n for n in gm.graph.nodes if n.meta.get("kdna", {}).get("role") == "child_conv"]
+        return [_Child(n.meta["kdna"]["child"], gm.get_submodule(n.meta["kdna"].get("adapter") or n.meta["kdna"]["child"]),
+                       _parent_weight(gm, n), gm, n) for n in nodes]
+    return [_Child(name, m, m.parent_kernel) for name, m in getattr(kmodel, "_orig_mod", kmodel).named_modules()
+            if isinstance(m, ChildAdapter) and m.folded_weight is None]
 
 
 def _parent_weight(gm: fx.GraphModule, node: fx.Node) -> Tensor:
@@ -346,14 +368,12 @@ def _layerwise(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, l
     reference = runner.reference
     ref_modules = dict(reference.named_modules())
     done, errors = 0, {}
-    for path, gm, node in _children(kmodel):
-        local = node.meta["kdna"]["child"]
-        name = rooted(path, local)
-        adapter = gm.get_submodule(node.meta["kdna"].get("adapter") or local)
+    for child in _children(kmodel):
+        name, adapter = child.name, child.adapter
         target = ref_modules.get(name)
         if not isinstance(adapter, ChildAdapter) or not isinstance(target, nn.Conv2d):
             continue  # no conv at that path in the reference: nothing to match
-        weight = _parent_weight(gm, node).detach()
+        weight = child.weight.detach()
         # Inputs from kmodel (so each child corrects the error before it), targets from the reference.
         captured: list[Tensor] = []
         hook = target.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
@@ -364,10 +384,10 @@ def _layerwise(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, l
                 for x in data.batches():
                     captured.clear()
                     runner.ref(x)
-                    pairs.append((_child_input(kmodel, gm, node, x), captured[0].to(x.device, x.dtype)))
+                    pairs.append((child.input(kmodel, x), captured[0].to(x.device, x.dtype)))
         finally:
             hook.remove()
-        params = [p for p in adapter.parameters() if p is not adapter.bias and p is not adapter.weight]
+        params = [p for p in adapter.parameters() if p is not adapter.bias and p is not adapter.held_weight]
         if not params:
             continue
 
@@ -435,8 +455,8 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
                     params[id(p)] = p
     adapters_and_norms = set(params)
     if train == "parents":
-        for _, gm, node in _children(kmodel):
-            p = _parent_weight(gm, node)
+        for child in _children(kmodel):
+            p = child.weight
             params[id(p)] = p
     if train == "all":
         params = {id(p): p for p in kmodel.parameters()}

@@ -23,8 +23,9 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, fx, nn
 
+from .adapters import ChildAdapter
 from .errors import KDNAError
-from .record import interpreted, parts_of, rooted
+from .record import graph_of, interpreted
 from .tables import format_table
 
 Pool = Literal["flatten", "mean"]
@@ -293,13 +294,10 @@ def _close(name: str, names: Sequence[str]) -> str:
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
-def _graphs(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
-    """(path, graph) of each graph of ``model`` that holds child convs: the model itself when it was traced
-    as a whole, a partly traced composite's rewritten parts (docs/partial-tracing.md)."""
-    parts = parts_of(model)
-    if not parts and isinstance(model, fx.GraphModule):
-        parts = [("", model)]
-    return [(path, gm) for path, gm in parts if _child_convs(gm)]
+def _graph(model: nn.Module) -> fx.GraphModule | None:
+    """The rewritten graph of ``model`` when it holds child convs (their calls are graph nodes, not modules)."""
+    gm = graph_of(model)
+    return gm if gm is not None and _child_convs(gm) else None
 
 
 def _child_convs(gm: fx.GraphModule) -> list[fx.Node]:
@@ -307,10 +305,11 @@ def _child_convs(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _conv_names(model: nn.Module) -> list[str]:
-    """Every conv the model runs: nn.Conv2d modules, and in a transformed model its child convs (named from
-    the model's root, also inside the rewritten parts of a composite)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    names += [rooted(path, n.meta["kdna"]["child"]) for path, gm in _graphs(model) for n in _child_convs(gm)]
+    """Every conv the model runs: conv modules (swapped children included), and in a rewritten graph its child
+    convs, named from the model's root."""
+    gm = _graph(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) or (gm is None and isinstance(m, ChildAdapter))]
+    names += [n.meta["kdna"]["child"] for n in _child_convs(gm)] if gm is not None else []
     return names
 
 
@@ -428,14 +427,16 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
     param = next(iter(model.parameters()), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), None)
     watched = contextlib.ExitStack()
+    gm = _graph(model)
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(name, o))
-             for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+             for name, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) or (gm is None and isinstance(m, ChildAdapter))]
     modes = {m: m.training for m in model.modules()}
     estimator, names, count = MinibatchCKA(), None, 0
     try:
-        # A child conv is a function call in a graph, not a module: each graph holding some runs node by node.
-        for path, gm in _graphs(model):
-            watched.enter_context(interpreted(gm, _ConvInterpreter(gm, lambda n, o, p=path: record(rooted(p, n), o))))
+        # A child conv is a function call in a graph, not a module: such a graph runs node by node.
+        if gm is not None:
+            watched.enter_context(interpreted(gm, _ConvInterpreter(gm, record)))
         from tqdm.auto import tqdm
 
         model.eval()

@@ -36,24 +36,32 @@ class AdapterConfig:
     """Input-dependent gate a(x). False makes the child purely static (W = P(1+F)(1+S))."""
     reduction: int = 4
     """Gate width is C_in // reduction (at least ``gate_min_hidden``, at least 1)."""
-    gate_norm: GateNorm = "batch"
-    """'batch' (reference; needs batch >= 2 in training), 'layer' (any batch size) or 'none'."""
+    gate_norm: GateNorm | str = "auto"
+    """'batch' (the reference's BatchNorm; needs batch >= 2 in training), 'layer' (any batch size), 'none', or
+    'auto' (default): 'batch' when the model itself holds a BatchNorm (it cannot train at batch 1 either),
+    else 'layer', so a model built on FrozenBatchNorm2d, GroupNorm or LayerNorm (detectors, segmentation
+    nets trained at batch 1-2) gets gates that train at any batch size. transform resolves it; the
+    record's config holds the resolved choice."""
     gate_min_hidden: int = 1
     filter_scale: bool = True
     """Per-filter scale F [C_out]. Note: a BatchNorm right after the child cancels it in training."""
     spatial_scale: bool = True
     """Per-position scale S [k, k]; never created for 1x1 kernels."""
-    rank: int = 0
+    rank: int | str = 0
     """Relaxed child (beyond the paper): a rank-r kernel residual B A added to P(1+F)(1+S), B [C_out, r],
-    A [r, C_in/g*k*k]; 0 = none. The knob between sharing and fidelity; folded away for inference."""
+    A [r, C_in/g*k*k]; 0 = none. The knob between sharing and fidelity; folded away for inference.
+    ``"full"`` asks for each conv's full rank, min(C_out, C_in/g*k*k); a larger number is clamped to it per
+    conv (one global rank serves convs of many sizes)."""
     gate_scale: float = 1.0
     """a(x) = gate_scale * sigmoid(...): 1 in the reference; transform(init="trained") sets 2, so that a
     fresh gate is exactly the identity."""
 
     def __post_init__(self) -> None:
-        check_gate_norm(self.gate_norm)
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
-            raise ConfigError(f"AdapterConfig.rank must be an integer >= 0, got {self.rank!r}")
+        if self.gate_norm != "auto":
+            check_gate_norm(self.gate_norm)
+        if self.rank != "full" and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0):
+            raise ConfigError(f"AdapterConfig.rank must be an integer >= 0 or 'full' (each conv's full rank), "
+                              f"got {self.rank!r}")
         if not (isinstance(self.gate_scale, (int, float)) and self.gate_scale > 0):
             raise ConfigError(f"AdapterConfig.gate_scale must be a positive number, got {self.gate_scale!r}")
         for name in ("reduction", "gate_min_hidden"):
@@ -101,12 +109,13 @@ class KDNAConfig:
     """Share a conv only when its adapter has fewer parameters than its kernel (thin grouped convs often don't)."""
     leaf_modules: tuple[type, ...] = ()
     """Module types kept opaque by tracing (added to kdna_fx.registry.NOT_TRACED)."""
-    untraceable: str = "partial"
-    """What transform() does with a forward that torch.fx cannot trace. 'partial': a submodule that cannot be
-    traced is kept opaque (its convs are not shared); when the model's own forward cannot be traced, each
-    traceable child subtree is transformed on its own and installed in place, so the model keeps its own
-    Python forward (docs/partial-tracing.md). One PartialTraceWarning names what stayed opaque.
-    'error': raise KDNATraceError, pointing at the line of the model that broke tracing."""
+    rewrite: str = "auto"
+    """How children are put in place. 'auto': as a rewritten graph (a GraphModule) when torch.fx traces the
+    model as a whole and the trace can be trusted (the same in train and eval mode; with example inputs, equal
+    to the model on them), else by module swap: each child conv module is replaced in place by a ChildAdapter,
+    and the model keeps its own objects and Python forward (docs/partial-tracing.md). 'graph': the graph or a
+    KDNATraceError / KDNAError pointing at what stops it. 'swap': always the module swap. The record's config
+    holds the path taken, so save/load replays it."""
 
     def __post_init__(self) -> None:
         self.kernel_sizes = tuple(self.kernel_sizes)
@@ -117,9 +126,9 @@ class KDNAConfig:
         if self.policy not in ("position", "cka"):
             raise ConfigError(f"KDNAConfig.policy must be 'position' (families by graph order) or 'cka' (by "
                               f"measured output similarity, needs data), got {self.policy!r}")
-        if self.untraceable not in ("partial", "error"):
-            raise ConfigError(f"KDNAConfig.untraceable must be 'partial' (keep what cannot be traced opaque and "
-                              f"transform the rest) or 'error' (raise KDNATraceError), got {self.untraceable!r}")
+        if self.rewrite not in ("auto", "graph", "swap"):
+            raise ConfigError(f"KDNAConfig.rewrite must be 'auto' (a graph where the trace can be trusted, else "
+                              f"module swap), 'graph' (a graph or an error) or 'swap', got {self.rewrite!r}")
         if self.parent not in ("first", "centroid"):
             raise ConfigError(f"KDNAConfig.parent must be 'first' or 'centroid', got {self.parent!r}")
         if self.stage_depth < 0:
@@ -196,12 +205,12 @@ class KDNAConfig:
             "only_if_smaller": self.only_if_smaller,
             "leaf_modules": [_qualname(t) for t in self.leaf_modules],
             "policy": self.policy,
-            "untraceable": self.untraceable,
+            "rewrite": self.rewrite,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "KDNAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"untraceable"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown KDNAConfig keys {unknown}; known keys are {sorted(known)}")
@@ -210,6 +219,8 @@ class KDNAConfig:
             return None if value is None else AdapterConfig(**value)
 
         kwargs = dict(data)
+        if "untraceable" in kwargs:  # files saved before KDNAConfig.rewrite: 'error' meant graph or nothing
+            kwargs.setdefault("rewrite", "graph" if kwargs.pop("untraceable") == "error" else "auto")
         if "adapter" in data:
             kwargs["adapter"] = adapter(data["adapter"])
         kwargs["by_type"] = {_import(k): adapter(v) for k, v in data.get("by_type", {}).items()}

@@ -1,10 +1,14 @@
 """What kdna_fx.transform leaves on the model it returns, read by fold, report, save and load.
 
-A GraphModule (the whole model traced) carries its record in ``gm.meta["kdna"]``, left there by
-passes.rewrite. A *composite* (the model's own forward could not be traced; passes.partial) is the user's
-model object with rewritten GraphModule subtrees installed in place: its record sits in the attribute
-``COMPOSITE_ATTR``, speaks in names from the model's root, and lists the subtrees in ``parts``; each
-subtree keeps its own record (names inside the subtree) as any GraphModule does.
+Every transformed model carries one TransformRecord in the plain attribute ``RECORD_ATTR`` (not a parameter,
+buffer or submodule: the state dict is unaffected). Two ways a child is put in place, one record:
+
+- ``how == "graph"``: the model traced as a whole and is a GraphModule rewritten by passes.rewrite; its
+  nodes carry tags (``node.meta["kdna"]``) that fold, calibrate and CKA read.
+- ``how == "swap"``: the user's model object itself, each child conv module replaced in place by a bound
+  ChildAdapter (passes.swap); its own Python forward, classes and attributes are untouched.
+
+Either way ``plan`` names convs from the model's root.
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .errors import KDNAError
 
-COMPOSITE_ATTR = "_kdna_record"
+RECORD_ATTR = "_kdna_record"
 
 
 @dataclass
@@ -28,10 +33,13 @@ class TransformRecord:
     folded: bool = False
     init: str = "copy"
     """How the adapters started: 'copy' (children are copies of their parent) or 'trained' (converted)."""
-    parts: tuple[str, ...] = ()
-    """A composite's rewritten GraphModule subtrees, by module path; empty on a GraphModule."""
+    how: str = "graph"
+    """How the children were put in place: 'graph' (rewritten GraphModule) or 'swap' (module swap)."""
     opaque: tuple[Any, ...] = ()
-    """kdna_fx.passes.partial.Opaque: each part that runs as it was (not traced, or left alone), and why."""
+    """kdna_fx.passes.partial.Opaque: what kept the model off the graph path, or stayed an opaque leaf in it."""
+    node_tags: tuple[tuple[int, dict[str, Any]], ...] = ()
+    """(position in the graph, tag) of every tagged node: restores the tags when a pickled GraphModule is
+    rebuilt from its code (torch.fx keeps no node metadata through pickle)."""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -39,14 +47,39 @@ class TransformRecord:
         return self.plan.config.to_dict()
 
 
+def attach(model: nn.Module, record: TransformRecord) -> None:
+    """Leave ``record`` on ``model``; on a GraphModule it also survives deepcopy (torch.fx's preserved
+    attributes) and pickle (a plain attribute is restored; its node tags by ``store_tags``)."""
+    object.__setattr__(model, RECORD_ATTR, record)
+    if isinstance(model, fx.GraphModule):
+        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[RECORD_ATTR] = record
+        store_tags(model)
+
+
+def store_tags(gm: fx.GraphModule) -> None:
+    """Write the graph's node tags into its record (after every pass that changes the graph)."""
+    record = find_record(gm)
+    if record is not None:
+        record.node_tags = tuple((i, dict(n.meta["kdna"])) for i, n in enumerate(gm.graph.nodes) if "kdna" in n.meta)
+
+
+def restore_tags(graph: fx.Graph, record: TransformRecord) -> None:
+    """Put the record's node tags back on a graph rebuilt from the same code (same nodes, same order)."""
+    nodes = list(graph.nodes)
+    for i, tag in record.node_tags:
+        if i < len(nodes):
+            nodes[i].meta["kdna"] = dict(tag)
+
+
 def find_record(model: object) -> TransformRecord | None:
     """The record of a transformed model (or of the model inside a torch.compile wrapper), else None."""
     if not isinstance(model, nn.Module):
         return None
-    meta = getattr(model, "meta", None)
-    record = meta.get("kdna") if isinstance(meta, dict) else None
     # vars(): a plain attribute, never a parameter or submodule (nn.Module.__getattr__ would look there).
-    record = record or vars(model).get(COMPOSITE_ATTR)
+    record = vars(model).get(RECORD_ATTR)
+    if record is not None and isinstance(model, fx.GraphModule):
+        # A GraphModule rebuilt from pickle has the attribute but a fresh meta: keep deepcopy carrying it.
+        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).setdefault(RECORD_ATTR, record)
     if record is None and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         return find_record(model._orig_mod)
     return record
@@ -61,34 +94,17 @@ def record_of(model: nn.Module) -> TransformRecord:
     return record
 
 
-def graphs_of(model: nn.Module) -> list[fx.GraphModule]:
-    """The rewritten graphs of a transformed model: the model itself, or a composite's parts."""
-    record_of(model)  # refuses a model that was not transformed
-    return [gm for _, gm in parts_of(model)]
-
-
-def parts_of(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
-    """(path from the model's root, graph) of each rewritten graph: ``[("", model)]`` for a model traced as a
-    whole, a composite's parts otherwise, ``[]`` for a model kdna_fx did not transform. Names inside a
-    part's graph (``node.meta["kdna"]["child"]``) are prefixed with its path to name the module from the root.
-    """
+def graph_of(model: nn.Module) -> fx.GraphModule | None:
+    """The rewritten graph of a transformed model (``how == "graph"``), else None (swapped, or not transformed)."""
     model = getattr(model, "_orig_mod", model)
-    if isinstance(model, fx.GraphModule) and "kdna" in model.meta:
-        return [("", model)]
     record = find_record(model)
-    return [] if record is None else [(path, model.get_submodule(path)) for path in record.parts]  # type: ignore[misc]
-
-
-def rooted(path: str, name: str) -> str:
-    """``name`` inside the part at ``path``, as seen from the model's root."""
-    return f"{path}.{name}" if path and name else path or name
+    return model if record is not None and record.how == "graph" and isinstance(model, fx.GraphModule) else None
 
 
 @contextmanager
 def interpreted(gm: fx.GraphModule, interpreter: fx.Interpreter) -> Iterator[None]:
     """Within the block, every call of ``gm`` runs node by node through ``interpreter`` (to watch or stop at
-    a node), also when it is called from a composite's own Python forward: ``gm.forward`` is shadowed on the
-    instance, and restored on exit."""
+    a node): ``gm.forward`` is shadowed on the instance, and restored on exit."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
 
     def forward(*args: Any, **kwargs: Any) -> Any:

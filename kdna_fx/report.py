@@ -27,7 +27,10 @@ class Report:
     macs_after: int
     folded: bool
     opaque: list[dict[str, Any]] = field(default_factory=list)
-    """Parts that ran as they were (not traced, or left alone): path, type, kept, reason, source."""
+    """Why the model took the module-swap path (kept "swap"), or opaque leaves of its graph (kept "leaf"): path,
+    type, kept, reason, source."""
+    how: str = "graph"
+    """How the children were put in place: "graph" (rewritten GraphModule) or "swap" (module swap)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,11 +45,12 @@ class Report:
         note = ("MACs count convolutions and matrix products (torch.utils.flop_counter); elementwise gating and "
                 "modulation are not counted.")
         text = f"{summary}\n{note}\n\n{plan.table()}"
-        if self.opaque:
-            text += "\n\n" + format_table(
-                ["part", "type", "kept", "why", "where"],
-                [[o["path"] or "<model>", o["type"], o["kept"], o["reason"], o["source"] or "-"] for o in self.opaque],
-                title=f"{len(self.opaque)} parts kept as they were (their convolutions are not shared)")
+        for kept, title in (("swap", "children put in place by module swap, not graph rewrite, because"),
+                            ("leaf", "opaque calls in the traced graph (no conv to share inside)")):
+            rows = [[o["path"] or "<model>", o["type"], o["reason"], o["source"] or "-"] for o in self.opaque
+                    if o["kept"] == kept]
+            if rows:
+                text += "\n\n" + format_table(["part", "type", "why", "where"], rows, title=title)
         return text
 
 
@@ -117,5 +121,5 @@ def report(model: nn.Module, example_input: Tensor | list[Tensor] | None = None)
         families=plan["families"], skipped=plan["skipped"],
         params_before=record.params_before, params_after=sum(p.numel() for p in model.parameters()),
         macs_before=macs_after - gate_macs, macs_after=macs_after, folded=record.folded,
-        opaque=[asdict(o) for o in record.opaque],
+        opaque=[asdict(o) for o in record.opaque], how=record.how,
     )

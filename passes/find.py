@@ -4,11 +4,12 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from kdna_fx.adapters import adapter_cost
 from kdna_fx.config import AdapterConfig, KDNAConfig
@@ -90,28 +91,87 @@ def find_convs(gm: fx.GraphModule, config: KDNAConfig) -> tuple[list[ConvSite], 
 
 
 def _module_site(gm: fx.GraphModule, node: fx.Node, config: KDNAConfig, calls: Counter) -> ConvSite | Skipped | None:
-    module = gm.get_submodule(node.target)
+    site = conv_module_site(node.target, gm.get_submodule(node.target), config, node=node.name)
+    if isinstance(site, ConvSite) and calls[node.target] > 1:
+        return Skipped(node.target, f"module is called {calls[node.target]} times in the graph; a shared "
+                                    f"module cannot become one child")
+    return site
+
+
+def conv_module_site(name: str, module: nn.Module, config: KDNAConfig, node: str = "") -> ConvSite | Skipped | None:
+    """The site of the conv module ``module`` at path ``name`` (None: not a conv). ``node``: its graph node's
+    name, "" when the child is put in place by module swap (passes.swap)."""
     if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
-        return Skipped(node.target, f"{type(module).__name__}: only 2-D convolutions (nn.Conv2d) are shared")
+        return Skipped(name, f"{type(module).__name__}: only 2-D convolutions (nn.Conv2d) are shared")
     if not isinstance(module, nn.Conv2d):
         return None
     if type(module).forward is not nn.Conv2d.forward:
-        return Skipped(node.target, f"{type(module).__name__} overrides nn.Conv2d.forward; rewriting it would "
-                                    f"drop that logic")
+        return Skipped(name, f"{type(module).__name__} overrides nn.Conv2d.forward; rewriting it would "
+                             f"drop that logic")
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-        return Skipped(node.target, "lazy conv not yet initialised: run one forward pass before transform")
-    if calls[node.target] > 1:
-        return Skipped(node.target, f"module is called {calls[node.target]} times in the graph; a shared "
-                                    f"module cannot become one child")
-    adapter = config.adapter_for(node.target, type(module))
+        return Skipped(name, "lazy conv not yet initialised: run one forward pass before transform")
+    if parametrize.is_parametrized(module, "weight") or not isinstance(module.weight, nn.Parameter):
+        # weight_norm, spectral_norm, any torch.nn.utils.parametrize: the kernel is computed from other
+        # tensors at every call, so there is no stored kernel to share or to replace.
+        return Skipped(name, "its weight is computed at every call (weight_norm, spectral_norm or another "
+                             "parametrization), not a stored kernel to share")
+    adapter = config.adapter_for(name, type(module))
     return ConvSite(
-        name=node.target, kind="module", node=node.name, weight=f"{node.target}.weight",
+        name=name, kind="module", node=node, weight=f"{name}.weight",
         out_channels=module.out_channels, in_channels=module.in_channels, kernel_size=tuple(module.kernel_size),
         stride=tuple(module.stride),
         padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
         dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode,
-        has_bias=module.bias is not None, stage=config.stage_of(node.target),
+        has_bias=module.bias is not None, stage=config.stage_of(name),
         adapter=adapter)
+
+
+def find_modules(model: nn.Module, config: KDNAConfig, order: Iterable[str] = (),
+                 opaque: Iterable[type] = ()) -> tuple[list[ConvSite], list[Skipped]]:
+    """Every conv *module* of ``model`` (no graph: the module-swap path), split as ``find_convs`` splits a
+    graph's convs. ``order``: conv names in the order they ran (an example-input run); convs not in it follow
+    in registration order. Convs inside an instance of an ``opaque`` type are left alone, as tracing would.
+    A conv module called several times is fine here: swapped, each call runs the same child."""
+    modules = dict(model.named_modules())
+    ran = [n for n in dict.fromkeys(order) if n in modules]
+    names = ran + [n for n in modules if n not in set(ran)]
+    opaque = tuple(opaque)
+    kept = [p for p, m in modules.items() if p and opaque and isinstance(m, opaque)]
+    tied = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    sites: list[ConvSite] = []
+    skipped: list[Skipped] = []
+    for name in names:
+        found = conv_module_site(name, modules[name], config)
+        if found is None:
+            continue
+        inside = next((p for p in kept if name.startswith(p + ".")), None)
+        if inside is not None:
+            skipped.append(Skipped(name, f"inside {inside!r} ({type(modules[inside]).__name__}), which is kept "
+                                         f"opaque (kdna_fx.registry.NOT_TRACED or KDNAConfig.leaf_modules)"))
+            continue
+        if isinstance(found, Skipped):
+            skipped.append(found)
+            continue
+        reason = _ineligible(found, model, config, tied)
+        if reason:
+            skipped.append(Skipped(found.name, reason))
+        else:
+            sites.append(found)
+    return sites, skipped
+
+
+def first_in_channels(model: nn.Module) -> int | None:
+    """Input channels of the first convolution (in graph order for a GraphModule, else registration order):
+    the default example input of kdna_fx.report."""
+    if isinstance(model, fx.GraphModule):
+        for node in model.graph.nodes:
+            if node.op == "call_module" and isinstance(model.get_submodule(node.target), nn.modules.conv._ConvNd):
+                return model.get_submodule(node.target).in_channels
+            if node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
+                args = conv2d_arguments(node)
+                if isinstance(args["weight"], fx.Node) and args["weight"].op == "get_attr":
+                    return model.get_parameter(args["weight"].target).shape[1] * int(args["groups"])
+    return next((m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
 
 
 def conv2d_arguments(node: fx.Node) -> dict[str, Any]:
@@ -148,7 +208,7 @@ def _function_site(gm: fx.GraphModule, node: fx.Node, config: KDNAConfig) -> Con
         adapter=adapter)
 
 
-def _ineligible(site: ConvSite, gm: fx.GraphModule, config: KDNAConfig, tied: Counter) -> str | None:
+def _ineligible(site: ConvSite, gm: nn.Module, config: KDNAConfig, tied: Counter) -> str | None:
     kh, kw = site.kernel_size
     if kh != kw or kh not in config.kernel_sizes:
         return f"kernel {kh}x{kw} is not in kernel_sizes={config.kernel_sizes}"

@@ -10,7 +10,7 @@ from torch import fx, nn
 from kdna_fx import functional as KF
 from kdna_fx.adapters import ADAPTER_TENSORS, ChildAdapter
 from kdna_fx.errors import KDNAError, SkippedSiteWarning
-from kdna_fx.record import graphs_of, record_of
+from kdna_fx.record import graph_of, record_of, store_tags
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -19,14 +19,34 @@ def fold(model: nn.Module) -> nn.Module:
     The gate stays (it depends on the input), with its BatchNorm folded into its first linear layer
     (running statistics; a LayerNorm stays). The folded kernels are Parameters with
     requires_grad=False, so parameter counts show what inference stores. ``model`` itself is unchanged.
-    A composite (a model not traced as a whole) has each of its rewritten subtrees folded.
+    A module-swapped model has each of its children folded in place of its ChildAdapter.
     """
     record_of(model)  # refuse models that were not transformed, with the usual message
     model = copy.deepcopy(model)
-    for gm in graphs_of(model):
+    gm = graph_of(model)
+    if gm is not None:
         _fold_graph(gm)
+    else:
+        _fold_swapped(model)
     record_of(model).folded = True
     return model
+
+
+def _fold_swapped(model: nn.Module) -> None:
+    """Fold every module-swapped child in place: its ``folded_weight`` replaces kernel, F, S, B and A."""
+    children = [m for m in model.modules() if isinstance(m, ChildAdapter)]
+    lenders = {id(m.__dict__["_parent_module"]) for m in children}
+    with torch.no_grad():
+        folded = [KF.modulate(m.parent_kernel, *(getattr(m, n) for n in ADAPTER_TENSORS)).detach().clone()
+                  for m in children]  # all from the unfolded kernels, before any child changes
+    for adapter, weight in zip(children, folded):
+        adapter.folded_weight = nn.Parameter(weight, requires_grad=False)
+        for name in ADAPTER_TENSORS:
+            setattr(adapter, name, None)
+        if adapter.held_weight is not None and id(adapter) not in lenders:
+            del adapter.weight  # a self-adapted child's own kernel: nobody reads it any more
+        if adapter.gate is not None:
+            adapter.gate.fold_norm()
 
 
 def _fold_graph(gm: fx.GraphModule) -> None:
@@ -59,10 +79,13 @@ def _fold_graph(gm: fx.GraphModule) -> None:
                 graph.erase_node(old)
                 owner, _, name = old.target.rpartition(".")
                 if isinstance(gm.get_submodule(owner), ChildAdapter):  # F, S, B, A or a kernel a child held
-                    setattr(gm.get_submodule(owner), name, None)
+                    if name == "weight":
+                        delattr(gm.get_submodule(owner), name)
+                    else:
+                        setattr(gm.get_submodule(owner), name, None)
     graph.lint()
     gm.recompile()
-    record_of(gm).folded = True
+    store_tags(gm)
 
 
 def _value(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

@@ -17,9 +17,9 @@ from torch import fx, nn
 
 from kdna_fx.config import KDNAConfig
 from kdna_fx.errors import KDNAError, NoEligibleConvWarning, SkippedSiteWarning
+from kdna_fx.record import find_record
 
-from .find import Skipped, find_convs
-from .rewrite import _first_in_channels
+from .find import Skipped, find_convs, first_in_channels
 
 
 @dataclass
@@ -37,10 +37,10 @@ class PeerRecord:
 def swap_convs(gm: fx.GraphModule, config: KDNAConfig, make: Callable[[nn.Conv2d], nn.Module],
                method: str) -> fx.GraphModule:
     """Replace, in place, every conv module that find_convs selects under ``config`` by ``make(conv)``."""
-    if "kdna_peer" in gm.meta or "kdna" in gm.meta:
+    if "kdna_peer" in gm.meta or find_record(gm) is not None:
         raise KDNAError("this GraphModule was already converted by kdna_fx; convert a fresh trace of the original")
     params_before = sum(p.numel() for p in gm.parameters())
-    in_channels = _first_in_channels(gm)
+    in_channels = first_in_channels(gm)
     # The adapter-cost rule compares a KernelDNA adapter with a kernel; it means nothing for a peer.
     sites, skipped = find_convs(gm, dataclasses.replace(config, only_if_smaller=False))
     converted = []

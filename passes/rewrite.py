@@ -20,21 +20,21 @@ import dataclasses
 import warnings
 from typing import Any
 
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from kdna_fx import functional as KF
-from kdna_fx.adapters import ADAPTER_TENSORS, ChildAdapter, Gate
+from kdna_fx.adapters import ADAPTER_TENSORS
 from kdna_fx.errors import KDNAError, SkippedSiteWarning
-from kdna_fx.record import TransformRecord
+from kdna_fx.record import TransformRecord, attach, find_record
 
-from .find import ConvSite, Skipped, conv2d_arguments
+from .find import ConvSite, Skipped, conv2d_arguments, first_in_channels
 from .initialize import initialize
-from .plan import Plan
+from .plan import Family, Plan
+from .swap import install, new_child
 
 
-def check_plan(gm: fx.GraphModule, plan: Plan) -> Plan:
-    """The part of ``plan`` that ``rewrite`` can apply to ``gm`` exactly.
+def check_plan(gm: fx.GraphModule | None, plan: Plan) -> Plan:
+    """The part of ``plan`` that ``rewrite`` can apply to ``gm`` exactly (``gm`` None: that passes.swap can).
 
     A family whose members do not share the parent's kernel shape is a user error (KDNAError). A conv
     whose call this pass does not recognise is left as it is, with a SkippedSiteWarning, rather than
@@ -43,7 +43,7 @@ def check_plan(gm: fx.GraphModule, plan: Plan) -> Plan:
     if plan.config is None:
         raise KDNAError("the plan does not belong to a model yet; pass it through passes.adopt (or build it with "
                         "passes.plan_families) before checking it")
-    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes = {n.name: n for n in gm.graph.nodes} if gm is not None else None
     families, skipped = [], list(plan.skipped)
     for family in plan.families:
         parent = plan.sites[family.parent]
@@ -56,7 +56,7 @@ def check_plan(gm: fx.GraphModule, plan: Plan) -> Plan:
                                 f"({diff}, child vs parent)")
         keep = []
         for name in dict.fromkeys((family.parent, *family.children)):
-            reason = _unsupported(nodes.get(plan.sites[name].node), plan.sites[name])
+            reason = _unsupported(nodes.get(plan.sites[name].node), plan.sites[name]) if nodes is not None else None
             if reason is None:
                 keep.append(name)
                 continue
@@ -97,13 +97,13 @@ def rewrite(gm: fx.GraphModule, plan: Plan, init: str = "copy") -> fx.GraphModul
     too."""
     if init not in ("copy", "trained"):
         raise KDNAError(f"init must be 'copy' or 'trained', got {init!r}")
-    if "kdna" in gm.meta:
+    if find_record(gm) is not None:
         raise KDNAError("this GraphModule was already rewritten by kdna_fx; rewrite a fresh trace of the original")
     if plan.config is None:
         raise KDNAError("the plan does not belong to a model yet; pass it through passes.adopt (or build it with "
                         "passes.plan_families) before rewriting")
     params_before = sum(p.numel() for p in gm.parameters())
-    in_channels = _first_in_channels(gm)
+    in_channels = first_in_channels(gm)
     kernels = {m: gm.get_parameter(plan.sites[m].weight).detach().clone()
                for f in plan.families for m in f.members}
     centroid = plan.config.parent == "centroid"
@@ -122,19 +122,8 @@ def rewrite(gm: fx.GraphModule, plan: Plan, init: str = "copy") -> fx.GraphModul
             _rewrite_child(gm, nodes, plan.sites[child], parent_weight=parent_weight, parent_name=parent.name)
     gm.graph.lint()
     gm.recompile()
-    gm.meta["kdna"] = TransformRecord(plan=plan, params_before=params_before, in_channels=in_channels, init=init)
+    attach(gm, TransformRecord(plan=plan, params_before=params_before, in_channels=in_channels, init=init))
     return initialize(gm, kernels)
-
-
-def _first_in_channels(gm: fx.GraphModule) -> int | None:
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.conv._ConvNd):
-            return gm.get_submodule(node.target).in_channels
-        if node.op == "call_function" and node.target is F.conv2d:
-            args = conv2d_arguments(node)
-            if isinstance(args["weight"], fx.Node) and args["weight"].op == "get_attr":
-                return gm.get_parameter(args["weight"].target).shape[1] * int(args["groups"])
-    return None
 
 
 def _tag(node: fx.Node, role: str, child: str, adapter: str | None = None) -> fx.Node:
@@ -159,17 +148,11 @@ def _parent_weight_node(gm: fx.GraphModule, nodes: dict[str, fx.Node], order: di
         return _tag(gm.graph.get_attr(parent.weight), "parent_weight", parent.name)
 
 
-def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    owner_path, _, field = path.rpartition(".")
-    setattr(gm.get_submodule(owner_path), field, module)
-
-
 def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], site: ConvSite, *,
                    parent_weight: fx.Node | None, parent_name: str, owns_kernel: bool = False) -> None:
     """Rewrite one conv into a child. ``owns_kernel``: the child keeps the shared kernel as its own ``weight``
     (a centroid family's first member), read by the others through ``parent_weight``."""
-    graph, node, cfg = gm.graph, nodes[site.node], site.adapter
-    assert cfg is not None, "plan_families only keeps sites that have an adapter config"
+    graph, node = gm.graph, nodes[site.node]
     self_adapted = parent_weight is None
     keeps_weight = (self_adapted or owns_kernel) and site.kind == "module"
     weight = gm.get_parameter(site.weight)
@@ -180,18 +163,11 @@ def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], site: ConvSite
     else:
         conv_args = conv2d_arguments(node)
         x, bias = conv_args["input"], None
-    gate = Gate(site.in_channels, cfg.reduction, cfg.gate_norm, cfg.gate_min_hidden, cfg.gate_scale) if cfg.gate else None
-    adapter = ChildAdapter(
-        parent=parent_name, out_channels=site.out_channels, in_channels=site.in_channels,
-        kernel_size=site.kernel_size, stride=site.stride, padding=site.padding, dilation=site.dilation,
-        groups=site.groups, padding_mode=site.padding_mode, bias=bias, filter_scale=cfg.filter_scale,
-        spatial_scale=cfg.spatial_scale, rank=cfg.rank, gate=gate, weight=weight if keeps_weight else None,
-    ).to(device=weight.device, dtype=weight.dtype)
-    # A new module is in training mode; the child of a model in eval mode must not normalise its gate with
-    # batch statistics (nor update them) until someone calls .train().
-    adapter.train(conv.training if site.kind == "module" else gm.training)
+    adapter = new_child(site, parent=parent_name, bias=bias, weight=weight, keeps_weight=keeps_weight,
+                        training=conv.training if site.kind == "module" else gm.training)
+    gate = adapter.gate
     path = site.adapter_path
-    _install(gm, path, adapter)
+    install(gm, path, adapter)
 
     with graph.inserting_before(node):
         if self_adapted:

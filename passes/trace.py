@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 import os
 import traceback
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
@@ -12,11 +12,13 @@ from torch import fx, nn
 import kdna_fx
 from kdna_fx.config import KDNAConfig
 from kdna_fx.errors import KDNATraceError
+from kdna_fx.record import RECORD_ATTR, restore_tags
 from kdna_fx.registry import NOT_TRACED
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type, ...], leaves: Iterable[nn.Module] = ()):
+    # Defaults: torch.fx rebuilds a pickled GraphModule by tracing its code with ``_Tracer()``.
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaves: Iterable[nn.Module] = ()):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaves = {id(m) for m in leaves}  # instances, not types: another instance of the class still traces
@@ -24,6 +26,13 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (id(m) in self.leaves or isinstance(m, self.leaf_types)
                 or super().is_leaf_module(m, module_qualified_name))
+
+    def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        graph = super().trace(root, concrete_args)
+        record = vars(root).get(RECORD_ATTR) if isinstance(root, nn.Module) else None
+        if record is not None:  # a pickled, transformed GraphModule being rebuilt from its code
+            restore_tags(graph, record)
+        return graph
 
 
 def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterable[nn.Module] = ()) -> fx.GraphModule:

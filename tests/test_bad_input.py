@@ -104,17 +104,19 @@ def test_untraceable_model_names_the_module_and_operation():
             return self.body(x)
 
     with pytest.raises(kdna_fx.KDNATraceError) as info:
-        kdna_fx.transform(Net(), KDNAConfig(untraceable="error"))
+        kdna_fx.transform(Net(), KDNAConfig(rewrite="graph"))
     err = info.value
     assert err.module_name == "body.2" and err.module_type == "DataDependent"
     assert "control flow" in err.operation
     assert "leaf_modules=(DataDependent,)" in str(err) and "if x.sum() > 0" in str(err)
     assert "test_bad_input.py" in err.source  # the user's line, not kdna_fx's nor torch's
     assert not isinstance(err, torch.fx.proxy.TraceError)
-    # by default (untraceable="partial") that instance is kept opaque for you, with a warning
+    # by default (rewrite="auto") the model takes the module swap, with a warning naming that instance, and
+    # the conv inside it is shared too
     with pytest.warns(kdna_fx.PartialTraceWarning, match="'body.2' \\(DataDependent\\)"):
         kmodel = kdna_fx.transform(Net())
-    assert [f.children for f in kdna_fx.plan_of(kmodel).families] == [("body.1",)]
+    assert [f.children for f in kdna_fx.plan_of(kmodel).families] == [("body.1", "body.2.conv")]
+    assert type(kmodel) is Net and type(kmodel.body[2]) is DataDependent
     # and the documented fix works: the opaque module runs as before, the rest is still shared
     kmodel = kdna_fx.transform(Net(), KDNAConfig(leaf_modules=(DataDependent,)))
     assert [f.children for f in kdna_fx.plan_of(kmodel).families] == [("body.1",)]

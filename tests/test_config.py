@@ -96,7 +96,8 @@ def test_adapter_cost_is_the_adapter_parameter_count(cfg, shape):
     from kdna_fx.adapters import ChildAdapter, Gate, adapter_cost
 
     cin, cout, k = shape
-    gate = Gate(cin, cfg.reduction, cfg.gate_norm, cfg.gate_min_hidden) if cfg.gate else None
+    norm = "batch" if cfg.gate_norm == "auto" else cfg.gate_norm  # "auto" is 'batch' or 'layer': both 2 x hidden
+    gate = Gate(cin, cfg.reduction, norm, cfg.gate_min_hidden) if cfg.gate else None
     adapter = ChildAdapter(parent="p", out_channels=cout, in_channels=cin, kernel_size=(k, k), gate=gate,
                            filter_scale=cfg.filter_scale, spatial_scale=cfg.spatial_scale)
     assert adapter_cost(cin, cout, (k, k), **dataclasses.asdict(cfg)) == sum(p.numel() for p in adapter.parameters())

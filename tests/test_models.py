@@ -73,7 +73,7 @@ def test_children_start_as_parent_copies(name: str) -> None:
     assert kids, "a KernelDNA model must hold children"
     for child in kids:
         parent = model.get_submodule(child.parent)
-        assert isinstance(parent, nn.Conv2d) and child.weight is None
+        assert isinstance(parent, nn.Conv2d) and child.held_weight is None
         assert torch.equal(child.filter_scale, torch.zeros_like(child.filter_scale))
         if child.spatial_scale is not None:
             assert torch.equal(child.spatial_scale, torch.zeros_like(child.spatial_scale))

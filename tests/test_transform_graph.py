@@ -21,7 +21,7 @@ def test_resnet18_graph_structure():
         for child in family.children:
             adapter = kmodel.get_submodule(child)
             assert isinstance(adapter, kdna_fx.ChildAdapter) and adapter.parent == family.parent
-            assert adapter.weight is None and f"{child}.weight" not in dict(kmodel.named_parameters())
+            assert adapter.held_weight is None and f"{child}.weight" not in dict(kmodel.named_parameters())
     convs = [n for n in kmodel.graph.nodes if n.target is KF.child_conv2d]
     assert len(convs) == len(plan.children)
     # geometry kept: the stride-1 children keep stride 1 and padding 1

@@ -1,0 +1,78 @@
+"""Pass 4 (module form): put each child in place by swapping its conv module for a bound ChildAdapter.
+
+The graph rewrite (passes.rewrite) needs a trace of the whole model that computes what the model computes.
+Where there is none (Python control flow on tensors, a forward that reads ``self.training``, a trace that
+differs from eager), the children are still shared: a KernelDNA child needs only its parent's kernel, its
+own adapters and its own input, all local to the conv module. So each child ``nn.Conv2d`` is replaced, at
+the same path, by a ChildAdapter bound to its parent module; ``child(x)`` computes
+``kdna_fx.functional.child_conv2d`` exactly as the rewritten graph does. Everything else (the user's module
+objects, their classes, attributes, methods, containers and Python forwards) stays as it was.
+
+Same plan, same adapters (``new_child``), same initialisation (passes.initialize), same record; only how a
+child is put in place differs. The state dict of a swapped model equals that of a rewritten one.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from kdna_fx.adapters import ChildAdapter, Gate
+from kdna_fx.record import TransformRecord, attach
+
+from .find import ConvSite, first_in_channels
+from .initialize import initialize
+from .plan import Plan
+
+
+def new_child(site: ConvSite, *, parent: str, bias: nn.Parameter | None, weight: nn.Parameter,
+              keeps_weight: bool, training: bool) -> ChildAdapter:
+    """The ChildAdapter of ``site`` (both passes build children here): its gate, F, S, low-rank residual and
+    bias; ``keeps_weight``: it holds the shared kernel itself (adapter-only mode, a centroid's first member)."""
+    cfg = site.adapter
+    assert cfg is not None, "plan_families only keeps sites that have an adapter config"
+    # transform resolves gate_norm="auto" per model; passes composed by hand get the reference's BatchNorm.
+    norm = "batch" if cfg.gate_norm == "auto" else cfg.gate_norm
+    gate = Gate(site.in_channels, cfg.reduction, norm, cfg.gate_min_hidden, cfg.gate_scale) if cfg.gate else None
+    adapter = ChildAdapter(
+        parent=parent, out_channels=site.out_channels, in_channels=site.in_channels,
+        kernel_size=site.kernel_size, stride=site.stride, padding=site.padding, dilation=site.dilation,
+        groups=site.groups, padding_mode=site.padding_mode, bias=bias, filter_scale=cfg.filter_scale,
+        spatial_scale=cfg.spatial_scale, rank=cfg.rank, gate=gate, weight=weight if keeps_weight else None,
+    ).to(device=weight.device, dtype=weight.dtype)
+    # A new module is in training mode; the child of a model in eval mode must not normalise its gate with
+    # batch statistics (nor update them) until someone calls .train().
+    adapter.train(training)
+    return adapter
+
+
+def install(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` of ``model`` (setattr on its owner: a container keeps its type and order)."""
+    owner_path, _, field = path.rpartition(".")
+    setattr(model.get_submodule(owner_path), field, module)
+
+
+def swap(model: nn.Module, plan: Plan, init: str = "copy") -> nn.Module:
+    """Apply ``plan`` (module sites, names from ``model``'s root) to ``model`` in place by module swap and
+    return it carrying its TransformRecord (``how="swap"``). ``init`` as for passes.rewrite."""
+    params_before = sum(p.numel() for p in model.parameters())
+    in_channels = first_in_channels(model)
+    kernels = {m: model.get_parameter(plan.sites[m].weight).detach().clone() for f in plan.families for m in f.members}
+    centroid = plan.config.parent == "centroid"
+    for family in plan.families:
+        site = plan.sites[family.parent]
+        conv = model.get_submodule(site.name)
+        if family.self_adapted or centroid:  # the first member holds the kernel and is a child too
+            holder = new_child(site, parent=site.name, bias=conv.bias, weight=conv.weight, keeps_weight=True,
+                               training=conv.training)
+            install(model, site.name, holder)
+            conv = holder
+        for child in family.children:
+            if child == family.parent:
+                continue
+            child_site = plan.sites[child]
+            old = model.get_submodule(child)
+            adapter = new_child(child_site, parent=site.name, bias=old.bias, weight=old.weight, keeps_weight=False,
+                                training=old.training)
+            install(model, child, adapter.bind(conv))
+    attach(model, TransformRecord(plan=plan, params_before=params_before, in_channels=in_channels, init=init,
+                                  how="swap"))
+    return initialize(model, kernels)
