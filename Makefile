@@ -7,6 +7,7 @@ STAMP := .venv/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q --no-deps 'ultralytics>=8.4,<8.5'  # its requirements are in the test extra (pyproject)
 	touch $(STAMP)
 
 # Fashion-MNIST, the embedded default data set (IDX files under /usr/share/datasets/fashion-mnist).

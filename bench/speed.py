@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -63,9 +64,10 @@ def _tv(name: str) -> Builder:
     return lambda: torchvision.models.get_model(name, weights=None)
 
 
-def _replace(name: str, fold: bool) -> Builder:
+def _replace(name: str, fold: bool, rewrite: str = "auto") -> Builder:
     def build() -> nn.Module:
-        kmodel = kdna_fx.transform(torchvision.models.get_model(name, weights=None), sharing_config(name))
+        config = dataclasses.replace(sharing_config(name), rewrite=rewrite)
+        kmodel = kdna_fx.transform(torchvision.models.get_model(name, weights=None), config)
         return kdna_fx.fold(kmodel.eval()) if fold else kmodel
     return build
 
@@ -79,7 +81,8 @@ def _peer(convert: Callable[..., nn.Module], **kwargs: Any) -> Builder:
 
 
 # Each row: (name, builder, role). Roles: baseline (the group's reference), replace / folded (KernelDNA in
-# replace mode), reference (a KernelDNA reference topology), peer.
+# replace mode), swap / swap folded (the same, children put in place by module swap), reference (a KernelDNA
+# reference topology), peer.
 GROUPS: dict[str, list[tuple[str, Builder, str]]] = {
     "resnet18": [
         ("resnet18", _tv("resnet18"), "baseline"),
@@ -95,6 +98,16 @@ GROUPS: dict[str, list[tuple[str, Builder, str]]] = {
         ("replace", _replace("resnet50", fold=False), "replace"),
         ("replace folded", _replace("resnet50", fold=True), "folded"),
         ("kdna_resnet50 folded", _reference("kdna_resnet50"), "reference"),
+    ],
+    # The module-swap path (passes/swap.py) on a model that traces whole, against its graph rewrite: the
+    # same children put in place as modules instead of graph nodes (role "swap" is compared with "replace",
+    # "swap folded" with "folded").
+    "swap": [
+        ("resnet18", _tv("resnet18"), "baseline"),
+        ("replace", _replace("resnet18", fold=False), "replace"),
+        ("replace, module swap", _replace("resnet18", fold=False, rewrite="swap"), "swap"),
+        ("replace folded", _replace("resnet18", fold=True), "folded"),
+        ("replace folded, module swap", _replace("resnet18", fold=True, rewrite="swap"), "swap folded"),
     ],
     "mobilenet_v2": [
         ("mobilenet_v2", _tv("mobilenet_v2"), "baseline"),
@@ -255,7 +268,7 @@ def _train_steps(group: str, args: argparse.Namespace, device: torch.device,
     out: dict[str, Any] = {}
     torch._dynamo.reset()
     for name, build, role in GROUPS[group]:
-        if role == "folded" or (args.train_rows and name not in args.train_rows):
+        if role in ("folded", "swap folded") or (args.train_rows and name not in args.train_rows):
             continue  # a folded model is for inference only
         if role == "reference":
             build = (lambda n=name.split()[0]: create_model(n))  # the unfolded reference trains
@@ -308,6 +321,11 @@ def targets(payload: dict[str, Any]) -> list[list[Any]]:
                     bound = base_ips * rows[base]["macs"] / r["macs"]
                     ratio = timing[name]["images_per_s"] / bound
                     out.append([f"{name} / MAC bound", mode, b, ratio, 0.95, ratio >= 0.95])
+                if r["role"] in ("swap", "swap folded") and compiled:
+                    graph = next(n for n, g in rows.items() if g["role"] == r["role"].replace("swap folded", "folded")
+                                 .replace("swap", "replace"))
+                    ratio = timing[name]["images_per_s"] / timing[graph]["images_per_s"]
+                    out.append([f"{name} / {graph}", mode, b, ratio, 0.97, ratio >= 0.97])
                 if name == "ODConv 1x":
                     need = 3.0 if int(b) >= 32 else 1.5
                     ratio = ips / timing[name]["images_per_s"]

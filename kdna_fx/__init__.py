@@ -10,7 +10,7 @@ from .adapters import ChildAdapter, Gate
 from .api import as_function, fold, load_original, plan, plan_of, transform
 from .calibrate import CalibrationError, CalibrationReport, calibrate
 from .config import AdapterConfig, KDNAConfig
-from .errors import (ConfigError, GateBatchSizeError, KDNAError, KDNATraceError, NoEligibleConvWarning,
+from .errors import (ChildWeightError, ConfigError, GateBatchSizeError, KDNAError, KDNATraceError, NoEligibleConvWarning,
                      PartialTraceWarning, SkippedSiteWarning, StateError, UnwrappedModelWarning)
 from .registry import register_not_traced
 from .report import Report, report
@@ -22,7 +22,7 @@ from . import peers  # noqa: E402  (CondConv, DY-Conv, ODConv as transforms, for
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ConfigError", "Gate",
+    "AdapterConfig", "CalibrationError", "ChildWeightError", "CalibrationReport", "ChildAdapter", "ConfigError", "Gate",
     "GateBatchSizeError", "KDNAConfig", "KDNAError", "KDNATraceError", "NoEligibleConvWarning", "PartialTraceWarning",
     "models", "peers", "Report", "SkippedSiteWarning", "StateError", "UnwrappedModelWarning", "as_function",
     "calibrate", "fold", "functional", "load", "load_original", "passes", "plan", "plan_of", "register_not_traced",

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as KF
-from .errors import ConfigError, KDNAError
+from .errors import ChildWeightError, ConfigError, KDNAError
 
 GATE_NORMS: tuple[str, ...] = get_args(KF.GateNorm)
 ADAPTER_TENSORS = ("filter_scale", "spatial_scale", "lowrank_b", "lowrank_a")
@@ -187,12 +187,12 @@ class ChildAdapter(nn.Module):
                 raise
         # Code written for nn.Conv2d (BatchNorm fusion, weight surgery) would read a kernel that is not what
         # this child computes: its gate scales each sample's input. Refuse, naming the fixes.
-        raise KDNAError(f"a KernelDNA child (ChildAdapter, reusing the kernel of {self.parent!r}) has no weight of "
-                        f"its own, and no single kernel computes it: its gate scales every sample's input. Code "
-                        f"that reads conv.weight (BatchNorm fusion such as Ultralytics' fuse(), weight surgery) "
-                        f"would drop the gate. Fuse BatchNorms before kdna_fx.transform, or skip the fusion; "
-                        f"kdna_fx.fold(model) precomputes each child's static kernel (child.folded_weight) for "
-                        f"inference.")
+        raise ChildWeightError(f"a KernelDNA child (ChildAdapter, reusing the kernel of {self.parent!r}) has no weight of "
+                               f"its own, and no single kernel computes it: its gate scales every sample's input. Code "
+                               f"that reads conv.weight (BatchNorm fusion such as Ultralytics' fuse(), weight surgery) "
+                               f"would drop the gate. Fuse BatchNorms before kdna_fx.transform, or skip the fusion; "
+                               f"kdna_fx.fold(model) precomputes each child's static kernel (child.folded_weight) for "
+                               f"inference.")
 
     @property
     def parent_kernel(self) -> Tensor:

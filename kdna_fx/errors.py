@@ -30,6 +30,11 @@ class ConfigError(KDNAError, ValueError):
     """An option value kdna_fx cannot use: in a KDNAConfig or its dict form, a model option, a training option."""
 
 
+class ChildWeightError(KDNAError, AttributeError):
+    """Code read ``.weight`` of a KernelDNA child, which has no kernel of its own (its gate scales each sample's
+    input, so no single kernel computes it). An AttributeError too, so ``hasattr(child, "weight")`` is False."""
+
+
 class StateError(KDNAError, ValueError):
     """A saved kdna_fx model does not match the model it is loaded into."""
 

@@ -69,7 +69,7 @@ def find_convs(gm: fx.GraphModule, config: KDNAConfig) -> tuple[list[ConvSite], 
     sites: list[ConvSite] = []
     skipped: list[Skipped] = []
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    tied = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
+    tied = owners(gm)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             found = _module_site(gm, node, config, calls)
@@ -137,7 +137,7 @@ def find_modules(model: nn.Module, config: KDNAConfig, order: Iterable[str] = ()
     names = ran + [n for n in modules if n not in set(ran)]
     opaque = tuple(opaque)
     kept = [p for p, m in modules.items() if p and opaque and isinstance(m, opaque)]
-    tied = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = owners(model)
     sites: list[ConvSite] = []
     skipped: list[Skipped] = []
     for name in names:
@@ -206,6 +206,16 @@ def _function_site(gm: fx.GraphModule, node: fx.Node, config: KDNAConfig) -> Con
         stride=_pair(args["stride"]), padding=padding, dilation=_pair(args["dilation"]), groups=groups,
         padding_mode="zeros", has_bias=args["bias"] is not None, stage=config.stage_of(weight.target),
         adapter=adapter)
+
+
+def owners(model: nn.Module) -> Counter:
+    """How many distinct modules hold each parameter (by id). One module registered under several paths (an
+    alias, as in MONAI's DynUNet) is one owner; a weight held by two modules is tied."""
+    held = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            held.setdefault(id(p), set()).add(id(module))
+    return Counter({key: len(mods) for key, mods in held.items()})
 
 
 def _ineligible(site: ConvSite, gm: nn.Module, config: KDNAConfig, tied: Counter) -> str | None:

@@ -45,9 +45,16 @@ def new_child(site: ConvSite, *, parent: str, bias: nn.Parameter | None, weight:
 
 
 def install(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at ``path`` of ``model`` (setattr on its owner: a container keeps its type and order)."""
-    owner_path, _, field = path.rpartition(".")
-    setattr(model.get_submodule(owner_path), field, module)
+    """Put ``module`` at ``path`` of ``model`` (setattr on its owner: a container keeps its type and order), and
+    at every other path where the module it replaces is registered too (an alias, as in MONAI's DynUNet)."""
+    try:
+        old = model.get_submodule(path)
+    except AttributeError:  # a new path (the adapter of an F.conv2d site, beside its weight)
+        old = None
+    paths = [p for p, m in model.named_modules(remove_duplicate=False) if old is not None and m is old]
+    for alias in dict.fromkeys([path, *paths]):
+        owner_path, _, field = alias.rpartition(".")
+        setattr(model.get_submodule(owner_path), field, module)
 
 
 def swap(model: nn.Module, plan: Plan, init: str = "copy") -> nn.Module:

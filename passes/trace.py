@@ -105,6 +105,22 @@ def _trace_error(tracer: _Tracer, model: nn.Module, exc: Exception) -> KDNATrace
 
 
 def _copy_untraced_state(model: nn.Module, gm: fx.GraphModule) -> None:
+    # A module registered under several paths (MONAI's DynUNet) stays one object under all of them: copied
+    # tensor by tensor, its weights would look tied to another module.
+    mine = {id(m): m for _, m in gm.named_modules()}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if not path or id(module) not in mine:
+            continue
+        try:
+            gm.get_submodule(path)
+        except AttributeError:
+            *above, leaf = path.split(".")
+            owner: nn.Module = gm
+            for part in above:
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            owner.add_module(leaf, module)
     present = set(gm.state_dict(keep_vars=True))
     for name, value in model.state_dict(keep_vars=True).items():
         if name in present:

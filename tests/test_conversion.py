@@ -73,7 +73,7 @@ def test_centroid_families_make_every_member_a_child_and_count_the_kernel_once()
         shared = kmodel.get_parameter(plan.parent_weight(family))
         expected = torch.stack([model.get_submodule(m).weight for m in family.members]).mean(0)
         torch.testing.assert_close(shared, expected)
-        assert sum(m.weight is not None for m in members) == 1
+        assert sum(m.held_weight is not None for m in members) == 1
     first = kdna_fx.transform(model)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     adapter_of_parents = sum(sum(p.numel() for p in kmodel.get_submodule(f.parent).parameters()) -

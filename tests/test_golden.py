@@ -29,7 +29,7 @@ CASES = {
 def test_plan_matches_golden_snapshot(case, request):
     builder, config = CASES[case]
     plan = kdna_fx.plan(torchvision.models.get_model(builder, weights=None), config)
-    current = json.dumps({"model": builder, "config": config.to_dict(), **plan.to_dict()}, indent=1) + "\n"
+    current = json.dumps({"model": builder, "config": plan.config.to_dict(), **plan.to_dict()}, indent=1) + "\n"
     path = GOLDEN / f"{case}.json"
     if request.config.getoption("--update-golden"):
         path.write_text(current)

@@ -295,24 +295,28 @@ def test_families_are_planned_over_the_whole_model():
     assert [len(f.children) for f in guarded.families] == [3]
 
 
-def test_tied_convs_are_left_alone_and_stay_tied():
+def test_tied_weights_are_left_alone_and_a_module_under_two_paths_stays_one():
     class Tied(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             shared = nn.Conv2d(4, 4, 3, padding=1)
             self.a = nn.Sequential(shared, nn.Conv2d(4, 4, 3, padding=1))
-            self.b = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), shared)  # the same conv in both
+            self.b = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), shared)  # one module under two paths
+            self.c = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+            self.c[1].weight = self.c[0].weight  # two modules, one weight: tied
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.b(self.a(x))
+            y = self.c(self.b(self.a(x)))
             return y if y.sum() > 0 else -y
 
-    kmodel = kdna_fx.transform(Tied(), KDNAConfig(stage_depth=0))
+    model = Tied()
+    kmodel = kdna_fx.transform(model, KDNAConfig(stage_depth=0, only_if_smaller=False), init="trained")
     plan = kdna_fx.plan_of(kmodel)
-    assert kmodel.a[0] is kmodel.b[1] and isinstance(kmodel.a[0], nn.Conv2d)  # the tie is intact
-    assert any(s.name == "a.0" and "tied" in s.reason for s in plan.skipped)
-    assert [(f.parent, f.children) for f in plan.families] == [("a.1", ("b.0",))]
-    kmodel.eval()(torch.randn(1, 4, 6, 6))
+    assert kmodel.a[0] is kmodel.b[1] and kmodel.c[1].weight is kmodel.c[0].weight  # both intact
+    assert {s.name for s in plan.skipped if "tied" in s.reason} == {"c.0", "c.1"}
+    assert [(f.parent, f.children) for f in plan.families] == [("a.0", ("a.1", "b.0"))]
+    x = torch.randn(1, 4, 6, 6)
+    torch.testing.assert_close(kmodel.eval()(x), _expected_with_parent_kernels(model, kmodel).eval()(x))
 
 
 # ---- (e) a torchvision detection model -------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""Models from the libraries vision people build on (tests/thirdparty_models.py), each built without weights and
+offline, through kdna_fx with example inputs, as a new user would take them: every outcome is shared (every check
+passes) or unchanged with a warning that says why; never a crash at the first forward, never a different
+function. The expected outcome and path of each model is listed here, so a change in either direction fails.
+
+For each model: transform with example inputs; an eval forward; a training step; fold equal to unfolded; save,
+then load into a fresh instance, equal; and the function-preserving check of the issue: every conv shared at full
+rank with init="trained" gives the original's outputs. docs/partial-tracing.md#coverage is this table in words.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import kdna_fx
+from kdna_fx import AdapterConfig, KDNAConfig
+from kdna_fx.record import record_of
+
+_spec = importlib.util.spec_from_file_location("thirdparty_models",
+                                               os.path.join(os.path.dirname(__file__), "thirdparty_models.py"))
+catalogue = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(catalogue)
+
+pytestmark = [pytest.mark.usefixtures("free_traced_models")]
+
+# model -> the path its children take: "graph" (rewritten GraphModule), "swap" (module swap), or "unchanged"
+# (nothing to share, with the reason NoEligibleConvWarning gives).
+EXPECTED = {
+    "smp-unet-resnet18": "graph",
+    "smp-fpn-resnet18": "swap",  # its forward checks the input shape in Python (torch.fx cannot follow)
+    "smp-deeplabv3plus-resnet18": "swap",
+    "smp-unetplusplus-resnet18": "swap",
+    "smp-unet-mobilenet_v2": "unchanged",  # 3x3 convs depthwise, the rest 1x1
+    "smp-fpn-efficientnet-b0": "swap",
+    "monai-basicunet": "swap",  # its trace silently drops the skip connections (checked on the example inputs)
+    "monai-unet": "graph",
+    "monai-dynunet": "unchanged",  # every 3x3 conv differs in shape from the others of its stage
+    "monai-segresnet": "graph",
+    "ultralytics-yolov8n": "swap",  # _predict_once loops over self.model in Python
+    "ultralytics-yolo11n": "swap",
+    "ultralytics-yolov8n-cls": "swap",
+    "hf-resnet": "swap",  # transformers' forwards branch on config flags and return ModelOutput objects
+    "hf-resnet-cls": "swap",
+    "hf-convnext-cls": "unchanged",  # depthwise 7x7 and patchify convs only
+    "hf-regnet-cls": "swap",
+    "hf-mobilenetv2-cls": "unchanged",  # 3x3 convs depthwise, the rest 1x1
+    "effnet-pytorch-b0": "unchanged",  # depthwise and 1x1 convs only
+    "tv-quant-resnet18": "graph",
+    "tv-quant-mobilenet_v2": "unchanged",
+    "tv-fasterrcnn-mobilenet_v3_large_320_fpn": "swap",
+    "tv-fasterrcnn-resnet18-fpn": "swap",
+    "timm-resnet18": "graph",
+}
+
+PRESERVING = KDNAConfig(only_if_smaller=False, adapter=AdapterConfig(rank="full"))
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor of a model output (tensors, tuples, lists, dicts, ModelOutput objects)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if hasattr(out, "keys") and hasattr(out, "__getitem__"):
+        return [t for k in out.keys() for t in _tensors(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
+def _eval(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return _tensors(model.eval()(*inputs))
+
+
+def _close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-4) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and float((x - y).abs().max()) <= rtol * max(1.0, float(
+        y.abs().max())) for x, y in zip(a, b))
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return catalogue.BUILDERS[name]()
+
+
+def _train_step(name: str, kmodel: nn.Module, inputs: tuple) -> None:
+    kmodel.train()
+    if name.startswith("tv-fasterrcnn"):  # torchvision's detectors take targets in training and return losses
+        targets = [{"boxes": torch.tensor([[4.0, 6.0, 60.0, 70.0]]), "labels": torch.tensor([1])} for _ in inputs[0]]
+        loss = sum(kmodel(*inputs, targets).values())
+    else:
+        loss = sum(t.float().pow(2).mean() for t in _tensors(kmodel(*inputs)))
+    loss.backward()
+    grads = [p.grad for p in kmodel.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_library_model_is_shared_or_unchanged_and_never_wrong(name, tmp_path):
+    pytest.importorskip(catalogue.MODULE[name])
+    model = _build(name).eval()
+    inputs = catalogue.EXAMPLE_INPUTS[name]()
+    expected_out = _eval(model, inputs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kmodel = kdna_fx.transform(model, example_inputs=inputs)
+    unchanged = any(issubclass(w.category, kdna_fx.NoEligibleConvWarning) for w in caught)
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (model, kmodel))
+    if EXPECTED[name] == "unchanged":
+        assert unchanged and after == before, f"{name} is listed as unchanged but kdna_fx now shares it"
+        assert _close(_eval(kmodel, inputs), expected_out, rtol=0)
+        return
+    assert not unchanged and after < before, f"{name}: kdna_fx found nothing to share"
+    assert record_of(kmodel).how == EXPECTED[name]
+    assert type(kmodel) is type(model) or record_of(kmodel).how == "graph"
+
+    out = _eval(kmodel, inputs)
+    assert out and all(torch.isfinite(t).all() for t in out)
+    _train_step(name, kmodel, catalogue.EXAMPLE_INPUTS[name]())
+    assert _close(_eval(kdna_fx.fold(kmodel), inputs), _eval(kmodel, inputs))
+
+    kdna_fx.save(kmodel, tmp_path / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = kdna_fx.load(tmp_path / "model.safetensors", _build(name))
+    assert _close(_eval(loaded, inputs), _eval(kmodel, inputs), rtol=0)
+
+    # The function-preserving check: every conv shared, each child reproducing its own kernel.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        preserved = kdna_fx.transform(model, PRESERVING, init="trained", example_inputs=inputs)
+    assert kdna_fx.plan_of(preserved).families
+    assert _close(_eval(preserved, inputs), expected_out, rtol=1e-3)
+
+
+def test_ultralytics_fuse_gives_a_clear_error_naming_the_fix():
+    """Ultralytics' predict path fuses each Conv's BatchNorm into conv.weight; a gated child has no such kernel."""
+    pytest.importorskip("ultralytics")
+    name = "ultralytics-yolov8n"
+    model = _build(name).eval()
+    inputs = catalogue.EXAMPLE_INPUTS[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kmodel = kdna_fx.transform(model, example_inputs=inputs)
+    families = kdna_fx.plan_of(kmodel).families
+    # the C2f bottleneck convs, which ultralytics runs through `list(self.cv1(x).chunk(2, 1))`, are shared
+    assert any(".m.0.cv" in c for f in families for c in f.children)
+    with pytest.raises(kdna_fx.KDNAError, match="Fuse BatchNorms before kdna_fx.transform"):
+        kmodel.fuse()
+    # the fix it names: fuse first, then transform
+    fused = _build(name).eval().fuse()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kfused = kdna_fx.transform(fused, PRESERVING, init="trained", example_inputs=inputs)
+    assert _close(_eval(kfused, inputs), _eval(fused, inputs), rtol=1e-3)
