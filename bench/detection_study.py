@@ -12,8 +12,9 @@ BatchNorm trained from scratch rather than torchvision's FrozenBatchNorm, which 
 a ``--fpn``-channel FPN, anchors of 16-256 px, a two-layer MLP box head of 256 units, and fewer proposals and
 sampled RoIs than torchvision's defaults (sized for 128 px scenes with at most 4 objects, and for a CPU).
 
-Rows: ``plain``; ``kdna`` = ``kdna_fx.transform(plain)`` with the default config (the detector's own forward does
-not trace, so partial tracing rewrites the backbone's body and FPN and leaves the RPN and RoI heads as they were);
+Rows: ``plain``; ``kdna`` = ``kdna_fx.transform(plain, KDNAConfig(stage_depth=3))`` (the detector's own forward
+does not trace, so its convs are shared by module swap: families inside each ResNet stage of the body and across
+the FPN's output convs; the RPN and RoI heads hold no family);
 ``plain-narrow``, the plain detector at the ResNet-18 width that gives it the kdna row's parameter count (does
 sharing beat simply building a smaller network?). Every row gets the same recipe: ``--steps`` AdamW steps of
 ``--batch`` scenes (kdna_fx.train's param_groups, build_optimizer and WarmupCosine), the same seeded scene order,
@@ -89,7 +90,9 @@ def build(row: str, args: argparse.Namespace, seed: int) -> nn.Module:
         box_head=TwoMLPHead(args.fpn * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, len(SCENE_CLASSES)))
     if row == "kdna":
         with _quiet_warnings():
-            return kdna_fx.transform(model, inplace=True)
+            # stage_depth=3: stages inside the backbone (backbone.body.layer1, backbone.fpn.layer_blocks), the
+            # families the study ran with (then counted from the rewritten backbone by partial tracing).
+            return kdna_fx.transform(model, kdna_fx.KDNAConfig(stage_depth=3), inplace=True)
     return model
 
 

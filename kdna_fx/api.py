@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from . import passes, registry
 from .config import KDNAConfig
@@ -32,12 +32,6 @@ def _module(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[nn
                             f"hook-based torch.nn.utils.weight_norm cannot be copied by torch, while "
                             f"torch.nn.utils.parametrizations.weight_norm can.") from exc
     return module, config
-
-
-def _prepare(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[nn.Module, fx.GraphModule, KDNAConfig]:
-    """The model traced as a whole (kdna_fx.peers swaps convs in one graph; it does no partial tracing)."""
-    module, config = _module(model, config, inplace)
-    return module, passes.trace(module, config), config
 
 
 def _resolve(config: KDNAConfig, module: nn.Module) -> KDNAConfig:

@@ -116,15 +116,15 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     steps: dict[str, dict[str, Any]] = {}
     val = DataLoader(data.val, batch_size=256)
     steps["original"] = {**_score(original, original, val), "seconds": 0.0}
+    calib = _images(data.train, args.calib_images, args.seed)
     start = time.perf_counter()
-    with torch.no_grad():
-        kmodel = kdna_fx.transform(original, config, init="trained")
+    with torch.no_grad():  # the calibration images also check the trace (docs/partial-tracing.md)
+        kmodel = kdna_fx.transform(original, config, init="trained", example_inputs=(calib[:8],))
     if not kdna_fx.plan_of(kmodel).families:
         raise KDNAError(f"{spec['name']} has no conv kdna_fx can share under this config: nothing to convert "
                         f"(kdna_fx.plan(model, config) lists each conv with its reason)")
     steps["converted"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
     start = time.perf_counter()
-    calib = _images(data.train, args.calib_images, args.seed)
     report = kdna_fx.calibrate(kmodel, calib, reference=original, steps=args.steps, train=args.train,
                                features=args.features, seed=args.seed, progress=args.progress)
     steps["calibrated"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}

@@ -12,20 +12,20 @@ docs/peers.md for the equations, the initialisations and what the reports count.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from . import passes
 from . import peer_functional as PF
 from .adapters import gate_width
-from .api import _prepare
 from .config import KDNAConfig
-from .errors import ConfigError, KDNAError
+from .errors import ConfigError, KDNAError, KDNATypeError
 from .report import cost_table, flop_counts
 
 Init = Literal["copy", "scratch"]
@@ -176,19 +176,26 @@ def _positive(name: str, value: object) -> float:
 
 
 def _convert(model: nn.Module, config: KDNAConfig | None, init: str, method: str,
-             make: Callable[[nn.Conv2d], nn.Module]) -> fx.GraphModule:
+             make: Callable[[nn.Conv2d], nn.Module]) -> nn.Module:
     if init not in ("copy", "scratch"):
         raise ConfigError(f"init must be 'copy' (experts start from the model's kernels) or 'scratch' (each expert "
                           f"freshly drawn, as the papers train), got {init!r}")
-    module, gm, config = _prepare(model, config, inplace=False)  # unwraps compiled / data-parallel models first
-    if "kdna_peer" in getattr(module, "meta", {}):
-        raise KDNAError(f"this model was already converted by kdna_fx.peers "
-                        f"({module.meta['kdna_peer'].method}); convert the original model instead")
-    return passes.swap_convs(gm, config, make, method)
+    config = config if config is not None else KDNAConfig()
+    if not isinstance(config, KDNAConfig):
+        raise KDNATypeError(f"config must be a kdna_fx.KDNAConfig, got {type(config).__name__}")
+    module = passes.unwrap(model)  # unwraps compiled / data-parallel models first
+    done = passes.peer_record(module)
+    if done is not None:
+        raise KDNAError(f"this model was already converted by kdna_fx.peers ({done.method}); convert the original "
+                        f"model instead")
+    module = copy.deepcopy(module)
+    # The same decision as transform: a trusted graph, else the model itself (its conv modules swapped in place).
+    route = passes.route(module, config)
+    return passes.swap_convs(route.gm if route.gm is not None else module, config, make, method)
 
 
 def condconv(model: nn.Module, experts: int = 4, config: KDNAConfig | None = None, *,
-             init: Init = "copy") -> fx.GraphModule:
+             init: Init = "copy") -> nn.Module:
     """A copy of ``model`` whose eligible convs (as for kdna_fx.transform under ``config``) are CondConv layers
     with ``experts`` expert kernels each."""
     _count("experts", experts)
@@ -196,7 +203,7 @@ def condconv(model: nn.Module, experts: int = 4, config: KDNAConfig | None = Non
 
 
 def dyconv(model: nn.Module, kernels: int = 4, config: KDNAConfig | None = None, *, temperature: float = 30.0,
-           reduction: int = 4, init: Init = "copy") -> fx.GraphModule:
+           reduction: int = 4, init: Init = "copy") -> nn.Module:
     """A copy of ``model`` whose eligible convs are DY-Conv layers with ``kernels`` kernels each, attention
     width C_in // ``reduction`` and softmax ``temperature`` (anneal it with ``set_temperature``)."""
     _count("kernels", kernels)
@@ -207,7 +214,7 @@ def dyconv(model: nn.Module, kernels: int = 4, config: KDNAConfig | None = None,
 
 
 def odconv(model: nn.Module, kernel_num: int = 1, config: KDNAConfig | None = None, *, reduction: float = 0.0625,
-           temperature: float = 1.0, init: Init = "copy") -> fx.GraphModule:
+           temperature: float = 1.0, init: Init = "copy") -> nn.Module:
     """A copy of ``model`` whose eligible convs are ODConv layers ("ODConv {kernel_num}x"), attention width
     max(C_in * ``reduction``, 16)."""
     _count("kernel_num", kernel_num)
@@ -271,7 +278,7 @@ def peer_macs(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
 def describe(model: nn.Module, example_input: Tensor | None = None) -> PeerReport:
     """Parameters and MACs of a model converted by condconv/dyconv/odconv, before and after (print it for a
     table). ``example_input`` defaults to one 224x224 image."""
-    record = getattr(model, "meta", {}).get("kdna_peer")
+    record = passes.peer_record(model)
     if record is None:
         raise KDNAError(f"{type(model).__name__} was not converted by kdna_fx.peers; call kdna_fx.peers.condconv, "
                         f"dyconv or odconv first")

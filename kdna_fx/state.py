@@ -42,8 +42,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
 def load(path: str | os.PathLike[str], model: nn.Module, *, fold: bool = False) -> nn.Module:
     """The model saved at ``path``, rebuilt on ``model``: a fresh, untransformed instance of the saved
     architecture (transformed here with the saved config and plan), or a transformed one whose plan is the
-    saved plan, such as ``kdna_fx.models.create_model(name)``. A partly traced model (a composite) reloads
-    the same way: tracing it again finds the same parts, and the saved plan names convs from its root.
+    saved plan, such as ``kdna_fx.models.create_model(name)``. A model that took the module swap reloads
+    the same way: the saved config names the path (``rewrite="swap"``) and the plan names convs from its root.
 
     ``fold=True`` returns the deploy form instead: the loaded model in eval mode, folded (``kdna_fx.fold``),
     so the small shared-form file serves inference directly (docs/deployment.md)."""

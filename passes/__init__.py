@@ -16,7 +16,7 @@ from .find import ConvSite, Skipped, find_convs, find_modules
 from .fold import fold
 from .functionalize import FunctionalModel, as_function
 from .initialize import initialize
-from .peers import PeerRecord, swap_convs
+from .peers import PeerRecord, peer_record, swap_convs
 from .plan import Family, Plan, adopt, plan_families
 from .rewrite import check_plan, rewrite
 from .route import Example, Opaque, Route, route, warn_route
@@ -25,5 +25,5 @@ from .trace import trace
 from .unwrap import unwrap
 
 __all__ = ["ConvSite", "Example", "Family", "FunctionalModel", "Opaque", "PeerRecord", "Plan", "Route", "Skipped",
-           "adopt", "as_function", "check_plan", "find_convs", "find_modules", "fold", "initialize", "plan_families",
+           "adopt", "as_function", "check_plan", "find_convs", "find_modules", "fold", "initialize", "peer_record", "plan_families",
            "rewrite", "route", "swap", "swap_convs", "trace", "unwrap", "warn_route"]

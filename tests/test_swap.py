@@ -7,7 +7,6 @@ place by a bound ChildAdapter. Every test here runs in float32 and float64 where
 from __future__ import annotations
 
 import copy
-import io
 import pickle
 import warnings
 
@@ -280,6 +279,20 @@ def test_a_swapped_model_adds_no_graph_break():
         assert float((compiled(x) - kmodel(x)).abs().max()) < 1e-5
 
 
+def test_a_swapped_model_has_the_graph_breaks_of_the_original_and_no_more():
+    model = UsesItsParts().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kdna_fx.PartialTraceWarning)
+        kmodel = kdna_fx.transform(model).eval()
+    x = torch.randn(2, 3, 8, 8)
+    counts = []
+    for m in (model, kmodel):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(m)(x)
+        counts.append((explained.graph_count, explained.graph_break_count))
+    assert counts[0] == counts[1] and counts[0][1] >= 1  # the original's data-dependent `if` breaks both
+
+
 def test_a_swapped_model_exports():
     kmodel = kdna_fx.transform(torchvision.models.resnet18(num_classes=3), KDNAConfig(rewrite="swap")).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -289,6 +302,17 @@ def test_a_swapped_model_exports():
     # the shared kernel is one parameter of the exported program
     names = [n for n in exported.state_dict if n.endswith("layer1.0.conv1.weight")]
     assert names == ["layer1.0.conv1.weight"]
+
+
+def test_the_peers_convert_a_model_torch_fx_cannot_trace():
+    model = UsesItsParts()
+    converted = kdna_fx.peers.odconv(model, kernel_num=1)
+    assert type(converted) is UsesItsParts and isinstance(converted.body.blocks[1][0], kdna_fx.peers.ODConv2d)
+    x = torch.randn(2, 3, 8, 8)
+    assert converted.eval()(x).shape == (2, 5)
+    assert kdna_fx.peers.describe(converted, x[:1]).params_after > kdna_fx.peers.describe(converted, x[:1]).params_before
+    with pytest.raises(kdna_fx.KDNAError, match="already converted"):
+        kdna_fx.peers.condconv(converted)
 
 
 # ---- code written for nn.Conv2d --------------------------------------------------------------------------
