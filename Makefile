@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed-stamp
 
-.PHONY: demo test test-slow bench data clean-venv
+.PHONY: demo test test-fast test-slow bench data clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -20,6 +20,11 @@ demo: $(STAMP) data
 
 test: $(STAMP) data
 	$(PY) -m pytest -q
+
+# The edit loop: everything but the four model sweeps (torchvision, dense prediction, timm, other libraries).
+test-fast: $(STAMP) data
+	$(PY) -m pytest -q -x --ignore=tests/test_zoo_sweep.py --ignore=tests/test_dense_sweep.py \
+	  --ignore=tests/test_timm_sweep.py --ignore=tests/test_thirdparty_sweep.py
 
 test-slow: $(STAMP) data
 	$(PY) -m pytest -q -m slow

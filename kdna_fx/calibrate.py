@@ -33,6 +33,7 @@ from torch import Tensor, fx, nn
 
 from .adapters import ChildAdapter, adapter_parameters
 from .errors import ConfigError, KDNAError, KDNATypeError
+from .passes.route import KeptModes
 from .record import graph_of, interpreted, record_of
 from .tables import format_table
 
@@ -174,20 +175,6 @@ class _Data:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-class _Modes:
-    """Saves every module's training flag; restores them on exit."""
-
-    def __init__(self, *models: nn.Module):
-        self.flags = [(m, m.training) for model in models for m in model.modules()]
-
-    def __enter__(self) -> "_Modes":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, flag in self.flags:
-            m.training = flag
-
-
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
@@ -221,7 +208,7 @@ class _Runner:
     @torch.no_grad()
     def evaluate(self) -> tuple[float | None, float]:
         """(top-1 agreement or None, relative RMS output error) of kmodel in eval mode over the data."""
-        with _Modes(self.kmodel):
+        with KeptModes(self.kmodel):
             self.kmodel.eval()
             same = total = 0
             diff = norm = 0.0
@@ -243,7 +230,7 @@ class _Runner:
         except (RuntimeError, ValueError) as e:
             raise CalibrationError(f"calibrate: the reference cannot run on the data (batch of shape "
                                    f"{tuple(x.shape)}): {e}") from e
-        with _Modes(self.kmodel), torch.no_grad():
+        with KeptModes(self.kmodel), torch.no_grad():
             self.kmodel.eval()
             try:
                 k = _output(self.kmodel(x), "kmodel")
@@ -274,7 +261,7 @@ def _reestimate_bn(kmodel: nn.Module, data: _Data, bar: Any = None) -> int:
         return 0
     momenta = [bn.momentum for bn in bns]
     steps = 0
-    with _Modes(kmodel):
+    with KeptModes(kmodel):
         kmodel.eval()
         for bn in bns:
             bn.reset_running_stats()
@@ -379,7 +366,7 @@ def _layerwise(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, l
         hook = target.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
         pairs = []
         try:
-            with _Modes(kmodel), torch.no_grad():
+            with KeptModes(kmodel), torch.no_grad():
                 kmodel.eval()
                 for x in data.batches():
                     captured.clear()
@@ -397,7 +384,7 @@ def _layerwise(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, l
                 n = sum(float(t.double().pow(2).sum()) for _, t in pairs)
             return (d / max(n, 1e-300)) ** 0.5
 
-        with _Modes(kmodel):
+        with KeptModes(kmodel):
             kmodel.eval()  # gate norms use their running statistics: a fixed affine while fitting
             before = error()
             opt = torch.optim.Adam(params, lr=lr)
@@ -473,7 +460,7 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
     done = 0
     taps = _Taps(kmodel, runner.reference) if features > 0 else None
     try:
-        with _Modes(kmodel):
+        with KeptModes(kmodel):
             kmodel.eval()
             if norms == "train":
                 for bn in _batchnorms(kmodel):
@@ -578,7 +565,7 @@ def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequ
     feed = _Data(data, batch_size, device, dtype)
     from tqdm.auto import tqdm
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _Modes(reference):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), KeptModes(reference):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         runner = _Runner(inner, reference, feed)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import Gate
+from .passes.route import KeptModes
 from .tables import format_table
 from .record import record_of
 
@@ -76,14 +77,10 @@ def _si(n: float) -> str:
 
 def flop_counts(model: nn.Module, example_input: Tensor | list[Tensor]) -> tuple[int, dict[str, dict[Any, int]]]:
     """(total FLOPs, FLOPs per op of every module, keyed by module path from the root) of one eval-mode,
-    no-grad forward pass; the model's training flag is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_input)
-    finally:
-        model.train(was_training)
+    no-grad forward pass; every module's training flag is restored (frozen BatchNorms stay in eval)."""
+    with KeptModes(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()
+        model(example_input)
     # The counter names modules by path from the root, prefixed with the root's class name.
     return counter.get_total_flops(), {name.partition(".")[2]: ops for name, ops in counter.get_flop_counts().items()}
 

@@ -133,5 +133,17 @@ def untie_parents(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list[st
     return gm, copies
 
 
-__all__ = ["BasicBlock", "ConvSpec", "ConvStack", "FunctionalConvNet", "TinyResNet", "randomize_adapters",
-           "untie_parents"]
+def output_tensors(out: object) -> list[torch.Tensor]:
+    """Every floating-point tensor of a model's output, in order: tensors, tuples, lists, dicts and dict-like
+    outputs (Hugging Face's ModelOutput); for comparing models whose outputs are structures."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if hasattr(out, "keys") and hasattr(out, "__getitem__"):
+        return [t for k in out.keys() for t in output_tensors(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in output_tensors(item)]
+    return []
+
+
+__all__ = ["BasicBlock", "ConvSpec", "ConvStack", "FunctionalConvNet", "TinyResNet", "output_tensors",
+           "randomize_adapters", "untie_parents"]

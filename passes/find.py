@@ -66,27 +66,27 @@ def _pair(v: Any) -> Any:
 
 def find_convs(gm: fx.GraphModule, config: KDNAConfig) -> tuple[list[ConvSite], list[Skipped]]:
     """Every 2-D conv node in graph order, split into eligible sites and skipped ones (with a reason)."""
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    found = [_module_site(gm, node, config, calls) if node.op == "call_module" else _function_site(gm, node, config)
+             for node in gm.graph.nodes
+             if node.op == "call_module" or (node.op == "call_function" and node.target in _FUNCTIONAL_CONVS)]
+    return _split(found, gm, config)
+
+
+def _split(found: list[ConvSite | Skipped | None], model: nn.Module,
+           config: KDNAConfig) -> tuple[list[ConvSite], list[Skipped]]:
+    """The found convs (None: not a conv) as eligible sites and skipped ones, in order."""
+    tied = owners(model)
     sites: list[ConvSite] = []
     skipped: list[Skipped] = []
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    tied = owners(gm)
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            found = _module_site(gm, node, config, calls)
-        elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
-            found = _function_site(gm, node, config)
-        else:
+    for site in found:
+        if site is None:
             continue
-        if found is None:
-            continue
-        if isinstance(found, Skipped):
-            skipped.append(found)
-            continue
-        reason = _ineligible(found, gm, config, tied)
+        reason = site.reason if isinstance(site, Skipped) else _ineligible(site, model, config, tied)
         if reason:
-            skipped.append(Skipped(found.name, reason))
+            skipped.append(Skipped(site.name, reason))
         else:
-            sites.append(found)
+            sites.append(site)
     return sites, skipped
 
 
@@ -137,27 +137,15 @@ def find_modules(model: nn.Module, config: KDNAConfig, order: Iterable[str] = ()
     names = ran + [n for n in modules if n not in set(ran)]
     opaque = tuple(opaque)
     kept = [p for p, m in modules.items() if p and opaque and isinstance(m, opaque)]
-    tied = owners(model)
-    sites: list[ConvSite] = []
-    skipped: list[Skipped] = []
+    found: list[ConvSite | Skipped | None] = []
     for name in names:
-        found = conv_module_site(name, modules[name], config)
-        if found is None:
-            continue
+        site = conv_module_site(name, modules[name], config)
         inside = next((p for p in kept if name.startswith(p + ".")), None)
-        if inside is not None:
-            skipped.append(Skipped(name, f"inside {inside!r} ({type(modules[inside]).__name__}), which is kept "
-                                         f"opaque (kdna_fx.registry.NOT_TRACED or KDNAConfig.leaf_modules)"))
-            continue
-        if isinstance(found, Skipped):
-            skipped.append(found)
-            continue
-        reason = _ineligible(found, model, config, tied)
-        if reason:
-            skipped.append(Skipped(found.name, reason))
-        else:
-            sites.append(found)
-    return sites, skipped
+        if site is not None and inside is not None:
+            site = Skipped(name, f"inside {inside!r} ({type(modules[inside]).__name__}), which is kept opaque "
+                                 f"(kdna_fx.registry.NOT_TRACED or KDNAConfig.leaf_modules)")
+        found.append(site)
+    return _split(found, model, config)
 
 
 def first_in_channels(model: nn.Module) -> int | None:

@@ -136,14 +136,14 @@ def _checked_graph(model: nn.Module, config: KDNAConfig, gm: fx.GraphModule, exa
 
 
 # ---- the checks ---------------------------------------------------------------------------------------------
-class _Modes:
-    """Within the block every module of ``modules`` keeps its own train/eval flag as it was before (a plain
+class KeptModes:
+    """On exit every module of ``modules`` gets back its own train/eval flag as it was on entry (a plain
     ``model.train(was)`` would reset every submodule, frozen BatchNorms included)."""
 
     def __init__(self, *modules: nn.Module):
         self.saved = [(m, m.training) for root in modules for m in root.modules()]
 
-    def __enter__(self) -> "_Modes":
+    def __enter__(self) -> "KeptModes":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -153,7 +153,7 @@ class _Modes:
 
 def _mode_dependent(model: nn.Module, config: KDNAConfig, gm: fx.GraphModule, leaves: list[nn.Module]) -> str | None:
     """Why a graph would freeze the training mode (the model's trace differs between modes), else None."""
-    with _Modes(model):
+    with KeptModes(model):
         model.train(not model.training)
         other = trace(model, config, opaque=leaves)
     if other.code == gm.code:
@@ -163,7 +163,7 @@ def _mode_dependent(model: nn.Module, config: KDNAConfig, gm: fx.GraphModule, le
 
 
 def _run(module: nn.Module, example: Example) -> Any:
-    with _Modes(module), torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with KeptModes(module), torch.no_grad(), torch.random.fork_rng(devices=[]):
         module.eval()
         torch.manual_seed(0)
         return module(*example.args, **example.kwargs)
@@ -190,7 +190,7 @@ def _differs(model: nn.Module, gm: fx.GraphModule, example: Example) -> str | No
     """How the trace's outputs differ from the model's own on ``example`` (eval mode, same RNG), else None."""
     expected = _run(model, example)
     try:
-        with _Modes(gm):
+        with KeptModes(gm):
             got = _run(gm, example)
     except Exception as exc:  # noqa: BLE001 - any failure of the trace means it cannot be trusted
         return f"its trace fails on the example inputs where the model runs ({type(exc).__name__}: {str(exc)[:200]})"

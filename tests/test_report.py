@@ -50,3 +50,12 @@ def test_default_example_input_follows_the_first_conv():
 
     report = kdna_fx.report(kdna_fx.transform(TinyResNet(in_chans=1)))
     assert report.input_shape == (1, 1, 224, 224)
+
+
+def test_report_gives_every_module_back_its_own_mode():
+    """A model with frozen BatchNorms (in eval inside a model in training) keeps them frozen after report()."""
+    kmodel = kdna_fx.transform(torchvision.models.resnet18(num_classes=3)).train()
+    frozen = kmodel.get_submodule("bn1")
+    frozen.eval()
+    kdna_fx.report(kmodel, torch.randn(1, 3, 32, 32))
+    assert kmodel.training and kmodel.get_submodule("layer1.0.bn1").training and not frozen.training

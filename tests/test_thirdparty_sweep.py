@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from typing import Any
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
 from kdna_fx.record import record_of
+from kdna_fx.testing import output_tensors
 
 _spec = importlib.util.spec_from_file_location("thirdparty_models",
                                                os.path.join(os.path.dirname(__file__), "thirdparty_models.py"))
@@ -61,20 +61,9 @@ EXPECTED = {
 PRESERVING = KDNAConfig(only_if_smaller=False, adapter=AdapterConfig(rank="full"))
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
-    """Every floating-point tensor of a model output (tensors, tuples, lists, dicts, ModelOutput objects)."""
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if hasattr(out, "keys") and hasattr(out, "__getitem__"):
-        return [t for k in out.keys() for t in _tensors(out[k])]
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _tensors(item)]
-    return []
-
-
 def _eval(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     with torch.no_grad():
-        return _tensors(model.eval()(*inputs))
+        return output_tensors(model.eval()(*inputs))
 
 
 def _close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-4) -> bool:
@@ -93,7 +82,7 @@ def _train_step(name: str, kmodel: nn.Module, inputs: tuple) -> None:
         targets = [{"boxes": torch.tensor([[4.0, 6.0, 60.0, 70.0]]), "labels": torch.tensor([1])} for _ in inputs[0]]
         loss = sum(kmodel(*inputs, targets).values())
     else:
-        loss = sum(t.float().pow(2).mean() for t in _tensors(kmodel(*inputs)))
+        loss = sum(t.float().pow(2).mean() for t in output_tensors(kmodel(*inputs)))
     loss.backward()
     grads = [p.grad for p in kmodel.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
