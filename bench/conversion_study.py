@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Subset
 
 import kdna_fx
 from kdna_fx.models import sharing_config
-from kdna_fx.report import count_macs
+from kdna_fx.reporting import count_macs
 from kdna_fx.timing import markdown_table, provenance, time_call, write_results
 from kdna_fx.train import TrainConfig, build_data, train
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, read_checkpoint

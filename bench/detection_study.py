@@ -21,7 +21,7 @@ sharing beat simply building a smaller network?). Every row gets the same recipe
 one torch thread.
 
 Scored with pycocotools: box mAP@[.5:.95] and mAP@.5 on the val scenes. Per row also parameters, MACs (one val
-scene, kdna_fx.report.count_macs) and eval latency at batch 1 (kdna_fx.timing.time_interleaved: the rows of a
+scene, kdna_fx.reporting.count_macs) and eval latency at batch 1 (kdna_fx.timing.time_interleaved: the rows of a
 seed and the kdna row folded with kdna_fx.fold, interleaved in one process). Each (row, seed) writes
 ``<out>/runs/<row>/seed<N>.json`` when done and is skipped when present; its weights go to ``--ckpt-dir``
 (scratch) for the latency. ``<out>/detection_study.{json,md}`` and ``<out>/predictions.png`` are written at the
@@ -49,7 +49,7 @@ from conversion_study import save_json  # noqa: E402  (the studies' one atomic J
 
 import kdna_fx  # noqa: E402
 from kdna_fx.models import create_model  # noqa: E402
-from kdna_fx.report import count_macs  # noqa: E402
+from kdna_fx.reporting import count_macs  # noqa: E402
 from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_results  # noqa: E402
 from kdna_fx.train import WarmupCosine, build_optimizer, param_groups  # noqa: E402
 from kdna_fx.train.recipe import seed_everything  # noqa: E402

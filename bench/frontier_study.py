@@ -51,7 +51,7 @@ from tqdm import tqdm
 import kdna_fx
 from kdna_fx import peers
 from kdna_fx.models import create_model, sharing_config
-from kdna_fx.report import count_macs
+from kdna_fx.reporting import count_macs
 from kdna_fx.timing import git_commit, markdown_table, provenance, time_interleaved, write_results
 from kdna_fx.train import TrainConfig, build_data, train
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME

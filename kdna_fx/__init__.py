@@ -8,12 +8,13 @@
 from . import functional, passes, registry
 from .adapters import ChildAdapter, Gate
 from .api import as_function, fold, load_original, plan, plan_of, transform
-from .calibrate import CalibrationError, CalibrationReport, calibrate
+from .calibration import CalibrationError, CalibrationReport, calibrate
 from .config import AdapterConfig, KDNAConfig
-from .errors import (ChildWeightError, ConfigError, GateBatchSizeError, KDNAError, KDNATraceError, NoEligibleConvWarning,
-                     PartialTraceWarning, SkippedSiteWarning, StateError, UnwrappedModelWarning)
+from .errors import (ChildWeightError, ConfigError, GateBatchSizeError, KDNAError, KDNATraceError, KDNATypeError,
+                     NoEligibleConvWarning, PartialTraceWarning, SkippedSiteWarning, StateError, UnwrappedModelWarning)
+from .passes import Family, Plan
 from .registry import register_not_traced
-from .report import Report, report
+from .reporting import Report, report
 from .state import load, save
 
 from . import models  # noqa: E402  (the zoo builds on everything above)
@@ -22,9 +23,9 @@ from . import peers  # noqa: E402  (CondConv, DY-Conv, ODConv as transforms, for
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "CalibrationError", "ChildWeightError", "CalibrationReport", "ChildAdapter", "ConfigError", "Gate",
-    "GateBatchSizeError", "KDNAConfig", "KDNAError", "KDNATraceError", "NoEligibleConvWarning", "PartialTraceWarning",
-    "models", "peers", "Report", "SkippedSiteWarning", "StateError", "UnwrappedModelWarning", "as_function",
-    "calibrate", "fold", "functional", "load", "load_original", "passes", "plan", "plan_of", "register_not_traced",
-    "report", "save", "transform",
+    "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ChildWeightError", "ConfigError",
+    "Family", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError", "KDNATraceError", "KDNATypeError",
+    "NoEligibleConvWarning", "PartialTraceWarning", "Plan", "Report", "SkippedSiteWarning", "StateError",
+    "UnwrappedModelWarning", "as_function", "calibrate", "fold", "functional", "load", "load_original", "models",
+    "passes", "peers", "plan", "plan_of", "register_not_traced", "report", "save", "transform",
 ]

@@ -26,7 +26,7 @@ from . import peer_functional as PF
 from .adapters import gate_width
 from .config import KDNAConfig
 from .errors import ConfigError, KDNAError, KDNATypeError
-from .report import cost_table, flop_counts
+from .reporting import cost_table, flop_counts
 
 Init = Literal["copy", "scratch"]
 _NOISE = 0.01

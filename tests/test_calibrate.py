@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kdna_fx
-from kdna_fx.calibrate import CalibrationError, CalibrationReport, calibrate
+from kdna_fx.calibration import CalibrationError, CalibrationReport, calibrate
 from kdna_fx.errors import ConfigError, KDNAError
 from kdna_fx.testing import TinyResNet
 
@@ -228,7 +228,7 @@ def test_train_chooses_what_distillation_changes(task, train, parents_move, othe
 
 def test_features_match_the_norm_outputs_found_in_both_models(task):
     """features > 0 adds a per-layer loss on the norms at the same path; a student without them still runs."""
-    from kdna_fx.calibrate import _Taps
+    from kdna_fx.calibration import _Taps
 
     model, calib_x, test_x, _ = task
     kmodel = fresh_kmodel(model)

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 import kdna_fx
-from kdna_fx.calibrate import calibrate
+from kdna_fx.calibration import calibrate
 from kdna_fx.cka import layer_similarity
 from kdna_fx.testing import TinyResNet
 

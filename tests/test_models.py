@@ -13,7 +13,7 @@ import kdna_fx.models as zoo
 from kdna_fx import functional as KF
 from kdna_fx.adapters import ChildAdapter, adapter_parameters
 from kdna_fx.errors import GateBatchSizeError
-from kdna_fx.report import count_macs
+from kdna_fx.reporting import count_macs
 
 # name: (parameters, MACs) at 1000 classes, 3x224x224, from docs/shared KERNELDNA.md.
 REFERENCE = {

@@ -18,7 +18,7 @@ import kdna_fx
 from kdna_fx import KDNAConfig, PartialTraceWarning
 route_pass = importlib.import_module("kdna_fx.passes.route")
 from kdna_fx.record import record_of
-from kdna_fx.report import count_macs
+from kdna_fx.reporting import count_macs
 from kdna_fx.testing import TinyResNet, randomize_adapters
 
 # The warning is checked where it is the subject (pytest.warns records it regardless of this filter).

@@ -10,7 +10,7 @@ import kdna_fx
 from kdna_fx import peer_functional as PF
 from kdna_fx.functional import explicit_padding
 from kdna_fx.peers import CondConv2d, DynamicConv2d, ODConv2d, PeerConv2d
-from kdna_fx.report import count_macs
+from kdna_fx.reporting import count_macs
 from kdna_fx.testing import TinyResNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")

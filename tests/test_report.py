@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import kdna_fx
-from kdna_fx.report import count_macs
+from kdna_fx.reporting import count_macs
 
 
 def test_resnet18_report_numbers():

@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from ..tables import format_table
-from ..report import count_macs
+from ..reporting import count_macs
 from . import create_model, list_models, model_options
 
 
