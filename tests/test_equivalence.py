@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -155,3 +156,31 @@ def test_transform_does_not_modify_the_callers_model(dtype):
             p.add_(1.0)
     for (n, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+@given(stacks(), st.sampled_from(["first", "centroid"]), st.booleans(), st.integers(0, 2))
+def test_module_swap_computes_what_the_graph_rewrite_computes(dtype, tol, case, parent, share, rank):
+    """The two ways of putting a child in place (passes/rewrite.py, passes/swap.py) are one function: same state
+    dict, same outputs in train and eval mode, same gradients, same folded form, over random conv geometries."""
+    model, x = _stack_and_input(case)
+    assume(share or parent == "first")
+    config = KDNAConfig(parent=parent, share=share, adapter=AdapterConfig(rank=rank, gate_norm="layer"),
+                        **EVERY_GEOMETRY)
+    graph = kdna_fx.transform(model, config)
+    swapped = kdna_fx.transform(model, dataclasses.replace(config, rewrite="swap"))
+    assert kdna_fx.plan_of(graph).families == kdna_fx.plan_of(swapped).families
+    assert graph.state_dict().keys() == swapped.state_dict().keys()
+    randomize_adapters(graph)
+    swapped.load_state_dict(graph.state_dict())
+    for mode in (True, False):
+        graph.train(mode), swapped.train(mode)
+        torch.testing.assert_close(swapped(x), graph(x), **tol)
+    graph.train(), swapped.train()
+    graph(x).square().sum().backward()
+    swapped(x).square().sum().backward()
+    grads = dict(swapped.named_parameters())
+    for name, p in graph.named_parameters():
+        assert (p.grad is None) == (grads[name].grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name].grad, p.grad, **tol)
+    torch.testing.assert_close(kdna_fx.fold(swapped.eval())(x), kdna_fx.fold(graph.eval())(x), **tol)
