@@ -10,8 +10,9 @@ from .adapters import ChildAdapter, Gate
 from .api import as_function, fold, load_original, plan, plan_of, transform
 from .calibration import CalibrationError, CalibrationReport, calibrate
 from .config import AdapterConfig, KDNAConfig
-from .errors import (ChildWeightError, ConfigError, GateBatchSizeError, KDNAError, KDNATraceError, KDNATypeError,
-                     NoEligibleConvWarning, PartialTraceWarning, SkippedSiteWarning, StateError, UnwrappedModelWarning)
+from .errors import (ChildWeightError, CompiledGradientWarning, ConfigError, GateBatchSizeError, KDNAError,
+                     KDNATraceError, KDNATypeError, NoEligibleConvWarning, PartialTraceWarning, SkippedSiteWarning,
+                     StateError, UnwrappedModelWarning)
 from .passes import Family, Plan
 from .registry import register_not_traced
 from .reporting import Report, report
@@ -23,7 +24,8 @@ from . import peers  # noqa: E402  (CondConv, DY-Conv, ODConv as transforms, for
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ChildWeightError", "ConfigError",
+    "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ChildWeightError", "CompiledGradientWarning",
+    "ConfigError",
     "Family", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError", "KDNATraceError", "KDNATypeError",
     "NoEligibleConvWarning", "PartialTraceWarning", "Plan", "Report", "SkippedSiteWarning", "StateError",
     "UnwrappedModelWarning", "as_function", "calibrate", "fold", "functional", "load", "load_original", "models",

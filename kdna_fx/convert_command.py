@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
                    help="weight of the per-layer loss on norm outputs (kdna_fx.calibrate's features; 0: logits only)")
     p.add_argument("--val-images", type=int, default=2000, help="validation images for the report (0: all)")
     p.add_argument("--finetune-epochs", type=float, default=0, help="labelled fine-tune after calibration")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the fine-tune, after a check of its gradients against eager (docs/training.md)")
     p.add_argument("--data", dest="data_path", default=None, help="data location (default: the run's, or "
                                                                    "the Fashion-MNIST package)")
     p.add_argument("--seed", type=int, default=0)
@@ -134,7 +136,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         epochs = max(1, round(args.finetune_epochs))
         train(kmodel, data.train, None, TrainConfig(epochs=epochs, batch_size=128, lr=0.01, warmup_epochs=0,
-                                                    seed=args.seed, amp="none", progress=args.progress),
+                                                    seed=args.seed, amp="none", progress=args.progress,
+                                                    compile=args.compile),
               tempfile.mkdtemp(prefix="kdna_convert_"))
         steps["fine-tuned"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
     params = {"original": sum(p.numel() for p in original.parameters()),

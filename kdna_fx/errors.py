@@ -54,6 +54,11 @@ class SkippedSiteWarning(UserWarning):
     """A pass left a convolution as it was rather than risk a wrong graph."""
 
 
+class CompiledGradientWarning(UserWarning):
+    """A compiled training step gave other gradients than eager (kdna_fx.testing.check_compiled_gradients); the
+    training fell back to another backend, or to eager, as the warning says."""
+
+
 class UnwrappedModelWarning(UserWarning):
     """transform() was given a compiled or (Distributed)DataParallel model and used the module inside."""
 

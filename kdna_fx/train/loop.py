@@ -15,10 +15,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from kdna_fx.errors import ConfigError, KDNAError, KDNATypeError
+from kdna_fx.errors import CompiledGradientWarning, ConfigError, KDNAError, KDNATypeError
 from kdna_fx.timing import provenance
-
-from kdna_fx.adapters import adapter_parameters
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_model_weights, model_signature, read_checkpoint, \
@@ -213,12 +211,10 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config
         _write_metrics(run_dir, config, [])
 
     net = D.wrap_ddp(model, ctx)
-    if config.compile and ctx.device.type == "cpu" and any(True for _ in adapter_parameters(model)):
-        warnings.warn("--compile on CPU: Inductor's backward of transformed models gave wrong gradients for "
-                      "some weights in some processes (docs/known-issues.md); train eagerly on CPU and compile "
-                      "for inference.", stacklevel=2)
     if config.compile:
-        net = torch.compile(net)
+        backend = compile_backend(model, _example_batch(train_set, ctx.device, config.channels_last))
+        if backend is not None:
+            net = torch.compile(net, backend=backend)
     val_loader = make_eval_loader(val_set, config.batch_size, config.workers, ctx) if val_set is not None else None
 
     for epoch in range(start_epoch, config.epochs):
@@ -247,6 +243,40 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config
             on_epoch_end(epoch + 1, record)
     return {"history": history, "checkpoint": ckpt_path, "final": history[-1] if history else {},
             "params": sum(p.numel() for p in model.parameters())}
+
+
+def compile_backend(model: nn.Module, example: torch.Tensor,
+                    backends: tuple[str | Callable, ...] = ("inductor", "aot_eager")) -> str | Callable | None:
+    """The first of ``backends`` whose compiled training step gives ``model`` the gradients eager gives
+    (kdna_fx.testing.check_compiled_gradients on ``example``, in training mode), or None (train eagerly).
+    Inductor on CPU has given wrong gradients for transformed models in some processes on one machine
+    (docs/known-issues.md): a user is told in one line, never trained on them silently."""
+    from ..passes.route import KeptModes
+    from ..testing import check_compiled_gradients
+
+    failed = []
+    with KeptModes(model):
+        model.train()
+        for backend in backends:
+            result = check_compiled_gradients(model, (example,), backend=backend)
+            if result.ok:
+                break
+            failed.append(result)
+        else:
+            backend = None
+    if failed:
+        instead = (f"training compiled with backend={getattr(backend, '__name__', backend)!r} instead" if backend
+                   else "training eagerly instead")
+        warnings.warn(f"--compile: {failed[0]}; {instead} (docs/known-issues.md).", CompiledGradientWarning,
+                      stacklevel=3)
+    return backend
+
+
+def _example_batch(train_set: Dataset, device: torch.device, channels_last: bool, size: int = 4) -> torch.Tensor:
+    """A few training images for the compiled-gradient check, drawn without touching any RNG state."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x = torch.stack([train_set[i][0] for i in range(min(size, len(train_set)))]).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def _train_epoch(net: nn.Module, loader: DataLoader, steps: int, epoch: int, optimizer: torch.optim.Optimizer,
