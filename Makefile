@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed-stamp
 
-.PHONY: demo test test-fast test-slow bench data clean-venv
+.PHONY: demo test test-fast test-slow bench gpu-check data clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -31,6 +31,15 @@ test-slow: $(STAMP) data
 
 bench: $(STAMP) data
 	$(PY) bench/speed.py
+
+# On a lent GPU machine (bench/gpu_check.py): its own python3 holds torch and nothing can be fetched there, so
+# kdna_fx alone is installed, without dependencies, into a temporary folder. Writes bench/results/gpu/.
+# Rehearse it here with: make gpu-check GPU_PY=.venv/bin/python GPU_CHECK_ARGS=--dry-run
+GPU_PY ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	rm -rf /tmp/kdna_fx_site && $(GPU_PY) -m pip install -q --no-deps --no-build-isolation --target /tmp/kdna_fx_site .
+	PYTHONPATH=/tmp/kdna_fx_site PYTHONUNBUFFERED=1 $(GPU_PY) -P bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf .venv

@@ -56,7 +56,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conversion_study import save_json  # noqa: E402  (one atomic JSON writer for the bench scripts)
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "speed")
-MODES = ("eager", "inductor", "freezing")
+MODES = ("eager", "inductor", "freezing", "cudagraphs")
+"""cudagraphs: Inductor with CUDA graphs (``mode="reduce-overhead"``); on a CPU it is plain Inductor."""
 Builder = Callable[[], nn.Module]
 
 
@@ -184,7 +185,8 @@ def run_group(group: str, args: argparse.Namespace,
                     # Static shapes, one graph per batch size: what a server with a fixed batch runs, and
                     # Inductor's fastest CPU code (a dynamic batch costs every row, the baseline included).
                     start = time.perf_counter()
-                    fn = torch.compile(model, dynamic=False) if mode != "eager" else model
+                    fn = model if mode == "eager" else _compile(model, args.backend, dynamic=False,
+                                                                 cudagraphs=mode == "cudagraphs")
                     fn(inputs[b])
                     if mode != "eager":
                         compile_s = rows[name].setdefault("compile_s", {}).setdefault(mode, {})
@@ -202,6 +204,13 @@ def run_group(group: str, args: argparse.Namespace,
         _count_graphs({n: m for n, m in models.items() if rows[n]["role"] != "peer"}, inputs, rows)
     return {"group": group, "device": device.type, "image_size": args.image_size, "rows": rows, "timings": timings,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}, models
+
+
+def _compile(model: nn.Module, backend: str, dynamic: bool | None = None, cudagraphs: bool = False) -> Any:
+    """torch.compile with ``backend`` (Inductor, or a cheaper one for dry runs); CUDA graphs are Inductor's."""
+    if backend != "inductor":
+        return torch.compile(model, backend=backend, dynamic=dynamic)
+    return torch.compile(model, dynamic=dynamic, mode="reduce-overhead" if cudagraphs else None)
 
 
 def _count_graphs(models: dict[str, nn.Module], inputs: dict[int, torch.Tensor], rows: dict[str, Any]) -> None:
@@ -231,7 +240,7 @@ def _variants(models: dict[str, nn.Module], x: torch.Tensor, args: argparse.Name
             for variant in ("fp32", *args.variants):
                 m = _memory_format(model, torch.channels_last) if variant == "channels_last" else model
                 xx = x.to(memory_format=torch.channels_last) if variant == "channels_last" else x
-                c = torch.compile(m)
+                c = _compile(m, args.backend)
                 if variant == "bf16":
                     def call(c=c, xx=xx):
                         with torch.autocast(x.device.type, dtype=torch.bfloat16):
@@ -261,8 +270,11 @@ def _memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.M
 
 def _train_steps(group: str, args: argparse.Namespace, device: torch.device,
                  sync: Callable[[], None] | None) -> dict[str, Any]:
-    """One SGD step (forward, backward, step) at the largest batch, eager and compiled, per trainable row."""
-    b = max(args.batches)
+    """One SGD step (forward, backward, step) at ``--train-batch`` (default: the largest batch), eager and
+    compiled, per trainable row; under bf16 autocast with ``--train-amp bf16``."""
+    b = args.train_batch or max(args.batches)
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.train_amp == "bf16"
+           else contextlib.nullcontext())
     x = torch.randn(b, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, 1000, (b,), device=device)
     out: dict[str, Any] = {}
@@ -274,12 +286,14 @@ def _train_steps(group: str, args: argparse.Namespace, device: torch.device,
             build = (lambda n=name.split()[0]: create_model(n))  # the unfolded reference trains
         model = build().to(device).train()
         for mode in ("eager", "inductor"):
-            step_model = torch.compile(model) if mode == "inductor" else model
+            step_model = _compile(model, args.backend) if mode == "inductor" else model
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
             def step(m=step_model, opt=opt):
                 opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(m(x), y).backward()
+                with amp:
+                    loss = nn.functional.cross_entropy(m(x), y)
+                loss.backward()
                 opt.step()
             start = time.perf_counter()
             with torch.enable_grad():
@@ -460,7 +474,7 @@ def _save(path: str, payload: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(MODES[:3]), choices=MODES)
     p.add_argument("--batches", nargs="+", type=int, default=None, help="default 1 8 32 (and 128 on a GPU)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--repeat", type=int, default=8, help="calls per round at batch 1 (fewer at larger batches)")
@@ -468,6 +482,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--train", action="store_true", help="also time one training step at the largest batch")
     p.add_argument("--train-repeat", type=int, default=3)
+    p.add_argument("--backend", default="inductor",
+                   help="torch.compile backend of the compiled rows (aot_eager: the quick dry run of bench/gpu_check.py)")
+    p.add_argument("--train-batch", type=int, default=None, help="batch of the --train step (default: the largest)")
+    p.add_argument("--train-amp", choices=("none", "bf16"), default="none", help="autocast of the --train step")
     p.add_argument("--train-rows", nargs="+", default=None, metavar="ROW",
                    help="rows whose training step is timed (default: every row but the folded ones)")
     p.add_argument("--variants", nargs="*", default=[], choices=("channels_last", "bf16"))
@@ -516,8 +534,8 @@ def _run_groups(args: argparse.Namespace, device: torch.device, meta: dict[str, 
                                             **meta})
         models = None
         if args.train:
-            _save(f"{stem}_train.json", {"batch": batch, "train": _train_steps(group, args, device, sync_of(device)),
-                                         **meta})
+            _save(f"{stem}_train.json", {"batch": args.train_batch or batch, "amp": args.train_amp,
+                                         "train": _train_steps(group, args, device, sync_of(device)), **meta})
 
 
 if __name__ == "__main__":
