@@ -36,7 +36,7 @@ class TransformRecord:
     how: str = "graph"
     """How the children were put in place: 'graph' (rewritten GraphModule) or 'swap' (module swap)."""
     opaque: tuple[Any, ...] = ()
-    """kdna_fx.passes.partial.Opaque: what kept the model off the graph path, or stayed an opaque leaf in it."""
+    """kdna_fx.passes.route.Opaque: what kept the model off the graph path, or stayed an opaque leaf in it."""
     node_tags: tuple[tuple[int, dict[str, Any]], ...] = ()
     """(position in the graph, tag) of every tagged node: restores the tags when a pickled GraphModule is
     rebuilt from its code (torch.fx keeps no node metadata through pickle)."""

@@ -39,7 +39,7 @@ def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterabl
     """Trace ``model`` with torch.fx; never raises a raw torch.fx error.
 
     Modules in kdna_fx.registry.NOT_TRACED and ``config.leaf_modules`` stay opaque, and so do the module
-    instances in ``opaque`` (passes.partial puts the ones that failed to trace there). Parameters and
+    instances in ``opaque`` (passes.route puts the ones that failed to trace there). Parameters and
     buffers the graph does not read (a BatchNorm's num_batches_tracked, an unused head) are copied on
     purpose, so the state dict keeps every entry of the original, and so are the modules' plain attributes
     (``hidden_state_size``, ``out_channels``): code outside the graph may read them.
@@ -140,10 +140,9 @@ def _copy_untraced_state(model: nn.Module, gm: fx.GraphModule) -> None:
 def _copy_plain_attributes(model: nn.Module, gm: fx.GraphModule) -> None:
     """Copy the plain (non-module, non-tensor) attributes of ``model`` and of its traced-through submodules.
 
-    A GraphModule keeps only what its graph reads. Installed in place of a child by passes.partial, it is
-    still used by its parent's own Python forward, which may read such an attribute (RAFT reads
-    ``self.update_block.hidden_state_size``). What the GraphModule already has (its graph, its code, a
-    leaf module itself) is never overwritten.
+    A GraphModule keeps only what its graph reads, while code outside the graph (a training script, a
+    library's helper) may read such an attribute (``model.num_classes``, ``self.update_block.hidden_state_size``).
+    What the GraphModule already has (its graph, its code, a leaf module itself) is never overwritten.
     """
     for name, module in model.named_modules():
         try:
