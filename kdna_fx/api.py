@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import passes, registry
+from . import passes
 from .config import KDNAConfig
 from .adapters import adapter_parameters
 from .errors import ConfigError, KDNAError, KDNATypeError, NoEligibleConvWarning, StateError
@@ -49,8 +49,7 @@ def _plan(module: nn.Module, route: passes.Route, config: KDNAConfig, data: obje
     if route.gm is not None:
         sites, skipped = passes.find_convs(route.gm, config)
     else:
-        sites, skipped = passes.find_modules(module, config, order=route.order,
-                                             opaque=tuple(registry.NOT_TRACED) + tuple(config.leaf_modules))
+        sites, skipped = passes.find_modules(module, config, order=route.order)
     if given is not None:
         if data is not None:
             raise ConfigError("transform got both plan= and data=; data only chooses the families of a new plan "

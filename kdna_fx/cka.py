@@ -25,6 +25,7 @@ from torch import Tensor, fx, nn
 
 from .adapters import ChildAdapter
 from .errors import KDNAError
+from .passes.route import KeptModes
 from .record import graph_of, interpreted
 from .tables import format_table
 
@@ -304,11 +305,18 @@ def _child_convs(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.meta.get("kdna", {}).get("role") == "child_conv"]
 
 
+def _conv_modules(model: nn.Module, gm: fx.GraphModule | None) -> list[tuple[str, nn.Module]]:
+    """The convs that run as modules: nn.Conv2d, and swapped children (in a rewritten graph ``gm`` a child is a
+    node, its ChildAdapter never called)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) or (gm is None and isinstance(m, ChildAdapter))]
+
+
 def _conv_names(model: nn.Module) -> list[str]:
     """Every conv the model runs: conv modules (swapped children included), and in a rewritten graph its child
     convs, named from the model's root."""
     gm = _graph(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) or (gm is None and isinstance(m, ChildAdapter))]
+    names = [n for n, _ in _conv_modules(model, gm)]
     names += [n.meta["kdna"]["child"] for n in _child_convs(gm)] if gm is not None else []
     return names
 
@@ -429,9 +437,8 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
     watched = contextlib.ExitStack()
     gm = _graph(model)
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(name, o))
-             for name, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) or (gm is None and isinstance(m, ChildAdapter))]
-    modes = {m: m.training for m in model.modules()}
+             for name, m in _conv_modules(model, gm)]
+    watched.enter_context(KeptModes(model))
     estimator, names, count = MinibatchCKA(), None, 0
     try:
         # A child conv is a function call in a graph, not a module: such a graph runs node by node.
@@ -464,8 +471,6 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
         watched.close()
         for h in hooks:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     if names is None:
         raise CKAError("data gave no images; pass a tensor [N, C, H, W] or a non-empty DataLoader")
     if wanted is not None:

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from kdna_fx.adapters import adapter_cost
 from kdna_fx.config import AdapterConfig, KDNAConfig
+from kdna_fx.registry import NOT_TRACED
 
 _FUNCTIONAL_CONVS = (F.conv2d, torch.conv2d)
 _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -126,17 +127,18 @@ def conv_module_site(name: str, module: nn.Module, config: KDNAConfig, node: str
         adapter=adapter)
 
 
-def find_modules(model: nn.Module, config: KDNAConfig, order: Iterable[str] = (),
-                 opaque: Iterable[type] = ()) -> tuple[list[ConvSite], list[Skipped]]:
+def find_modules(model: nn.Module, config: KDNAConfig,
+                 order: Iterable[str] = ()) -> tuple[list[ConvSite], list[Skipped]]:
     """Every conv *module* of ``model`` (no graph: the module-swap path), split as ``find_convs`` splits a
     graph's convs. ``order``: conv names in the order they ran (an example-input run); convs not in it follow
-    in registration order. Convs inside an instance of an ``opaque`` type are left alone, as tracing would.
+    in registration order. Convs inside an instance of a type tracing keeps opaque (kdna_fx.registry.NOT_TRACED,
+    ``config.leaf_modules``) are left alone, as tracing would leave them.
     A conv module called several times is fine here: swapped, each call runs the same child."""
     modules = dict(model.named_modules())
     ran = [n for n in dict.fromkeys(order) if n in modules]
     names = ran + [n for n in modules if n not in set(ran)]
-    opaque = tuple(opaque)
-    kept = [p for p, m in modules.items() if p and opaque and isinstance(m, opaque)]
+    opaque = tuple(NOT_TRACED) + tuple(config.leaf_modules)
+    kept = [p for p, m in modules.items() if p and isinstance(m, opaque)]
     found: list[ConvSite | Skipped | None] = []
     for name in names:
         site = conv_module_site(name, modules[name], config)

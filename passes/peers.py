@@ -19,8 +19,6 @@ from kdna_fx.config import KDNAConfig
 from kdna_fx.errors import KDNAError, NoEligibleConvWarning, SkippedSiteWarning
 from kdna_fx.record import find_record
 
-from kdna_fx.registry import NOT_TRACED
-
 from .find import Skipped, find_convs, find_modules, first_in_channels
 
 
@@ -59,7 +57,7 @@ def swap_convs(gm: nn.Module, config: KDNAConfig, make: Callable[[nn.Conv2d], nn
     if isinstance(gm, fx.GraphModule):
         sites, skipped = find_convs(gm, config)
     else:
-        sites, skipped = find_modules(gm, config, opaque=tuple(NOT_TRACED) + tuple(config.leaf_modules))
+        sites, skipped = find_modules(gm, config)
     converted = []
     for site in sites:
         if site.kind != "module":

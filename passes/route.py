@@ -22,10 +22,12 @@ from torch import Tensor, fx, nn
 
 from kdna_fx.config import KDNAConfig
 from kdna_fx.errors import KDNAError, KDNATraceError, PartialTraceWarning
-from kdna_fx.registry import NOT_TRACED
 
 from .find import find_modules
 from .trace import trace
+
+ASKED = "KDNAConfig(rewrite='swap') asks for the module swap"
+"""The reason recorded when the swap was asked for: recorded, but not warned about."""
 
 KEPT = {
     "leaf": "an opaque call inside the traced graph; it holds no conv to share",
@@ -82,14 +84,17 @@ class Route:
 
 def route(model: nn.Module, config: KDNAConfig, example: Example | None = None) -> Route:
     """Trace ``model`` and decide graph rewrite or module swap (see the module docstring)."""
-    order = _run_order(model, example) if example is not None else []
+    order, expected = _run_order(model, example) if example is not None else ([], None)
     name = type(model).__name__
     if config.rewrite == "swap":
-        return Route("swap", None, [Opaque("", name, "swap", "KDNAConfig(rewrite='swap') asks for the module swap")],
-                     order, example is not None)
+        return Route("swap", None, [Opaque("", name, "swap", ASKED)], order, example is not None)
     if config.rewrite == "graph":
-        return Route("graph", _checked_graph(model, config, trace(model, config), example), [], order,
-                     example is not None)
+        gm = trace(model, config)
+        why = _untrusted(model, config, gm, [], example, expected)
+        if why is not None:
+            raise KDNAError(f"KDNAConfig(rewrite='graph') cannot rewrite {name} as a graph: {why}. Use "
+                            f"rewrite='auto' (the default) or 'swap': the module swap shares the same convs.")
+        return Route("graph", gm, [], order, example is not None)
     leaves: dict[str, KDNATraceError] = {}
     while True:
         try:
@@ -101,15 +106,13 @@ def route(model: nn.Module, config: KDNAConfig, example: Example | None = None) 
                 continue
             return Route("swap", None, [_opaque("", name, err)], order, example is not None)
     opaque = [_opaque(n, err.module_type, err, kept="leaf") for n, err in leaves.items()]
-    shareable = [s.name for s in find_modules(model, config, opaque=tuple(NOT_TRACED) + tuple(config.leaf_modules))[0]]
+    shareable = [s.name for s in find_modules(model, config)[0]] if opaque else []
     holding = [o for o in opaque if any(n.startswith(o.path + ".") for n in shareable)]
     if holding:
         return Route("swap", None, [dataclasses.replace(o, kept="swap", reason=f"it could not be traced ({o.reason}); "
                                                         f"a graph would keep it opaque, its convs unshared")
                                     for o in holding], order, example is not None)
-    why = _mode_dependent(model, config, gm, [model.get_submodule(n) for n in leaves])
-    if why is None and example is not None:
-        why = _differs(model, gm, example)
+    why = _untrusted(model, config, gm, [model.get_submodule(n) for n in leaves], example, expected)
     if why is not None:
         return Route("swap", None, [Opaque("", name, "swap", why)], order, example is not None)
     return Route("graph", gm, opaque, order, example is not None)
@@ -122,17 +125,6 @@ def _opaque(path: str, type_name: str, err: KDNATraceError, kept: str = "swap") 
     if kept == "swap":
         reason = f"torch.fx cannot trace its forward ({reason})"
     return Opaque(path, type_name, kept, reason, err.source)
-
-
-def _checked_graph(model: nn.Module, config: KDNAConfig, gm: fx.GraphModule, example: Example | None) -> fx.GraphModule:
-    """rewrite='graph': the trace, or a KDNAError that says why it cannot serve."""
-    why = _mode_dependent(model, config, gm, [])
-    if why is None and example is not None:
-        why = _differs(model, gm, example)
-    if why is not None:
-        raise KDNAError(f"KDNAConfig(rewrite='graph') cannot rewrite {type(model).__name__} as a graph: {why}. "
-                        f"Use rewrite='auto' (the default) or 'swap': the module swap shares the same convs.")
-    return gm
 
 
 # ---- the checks ---------------------------------------------------------------------------------------------
@@ -149,6 +141,16 @@ class KeptModes:
     def __exit__(self, *exc: object) -> None:
         for m, training in self.saved:
             m.training = training
+
+
+def _untrusted(model: nn.Module, config: KDNAConfig, gm: fx.GraphModule, leaves: list[nn.Module],
+               example: Example | None, expected: Any) -> str | None:
+    """Why the trace ``gm`` cannot stand for the model (it depends on the training mode, or differs from the
+    model's own ``expected`` outputs on ``example``), else None."""
+    why = _mode_dependent(model, config, gm, leaves)
+    if why is None and example is not None:
+        why = _differs(gm, example, expected)
+    return why
 
 
 def _mode_dependent(model: nn.Module, config: KDNAConfig, gm: fx.GraphModule, leaves: list[nn.Module]) -> str | None:
@@ -169,13 +171,14 @@ def _run(module: nn.Module, example: Example) -> Any:
         return module(*example.args, **example.kwargs)
 
 
-def _run_order(model: nn.Module, example: Example) -> list[str]:
-    """Conv module names in the order they first ran in one eval-mode forward of the example inputs."""
+def _run_order(model: nn.Module, example: Example) -> tuple[list[str], Any]:
+    """Conv module names in the order they first ran in one eval-mode forward of the example inputs, and that
+    forward's output (what a trace must reproduce)."""
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda m, i, name=name: order.append(name))
              for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
     try:
-        _run(model, example)
+        output = _run(model, example)
     except Exception as exc:  # noqa: BLE001 - the user's inputs do not fit the user's model: say so, once
         raise KDNAError(f"the example inputs do not run through {type(model).__name__} itself (before any "
                         f"change): {type(exc).__name__}: {exc}. Pass example_inputs the model's forward takes: "
@@ -183,12 +186,12 @@ def _run_order(model: nn.Module, example: Example) -> list[str]:
     finally:
         for h in hooks:
             h.remove()
-    return list(dict.fromkeys(order))
+    return list(dict.fromkeys(order)), output
 
 
-def _differs(model: nn.Module, gm: fx.GraphModule, example: Example) -> str | None:
-    """How the trace's outputs differ from the model's own on ``example`` (eval mode, same RNG), else None."""
-    expected = _run(model, example)
+def _differs(gm: fx.GraphModule, example: Example, expected: Any) -> str | None:
+    """How the trace's outputs on ``example`` (eval mode, same RNG) differ from the model's own ``expected``,
+    else None."""
     try:
         with KeptModes(gm):
             got = _run(gm, example)
@@ -233,7 +236,7 @@ def _compare(expected: Any, got: Any, where: str) -> str | None:
 def warn_route(model: nn.Module, opaque: Iterable[Opaque], stacklevel: int) -> None:
     """One PartialTraceWarning when the model took the module-swap path, naming why."""
     swapped = [o for o in opaque if o.kept == "swap"]
-    if not swapped or swapped[0].reason.startswith("KDNAConfig(rewrite='swap')"):
+    if not swapped or swapped[0].reason == ASKED:
         return
     shown = "; ".join(o.describe() for o in swapped[:3])
     more = f"; and {len(swapped) - 3} more" if len(swapped) > 3 else ""
