@@ -141,7 +141,7 @@ class GradientCheck:
     backend: str
     ok: bool
     worst: str
-    """The parameter whose compiled gradient is furthest from float64, relative to its own scale."""
+    """The parameter whose compiled gradient is furthest past its bound (see check_compiled_gradients)."""
     error: float
     """That parameter's largest absolute error, compiled float32 against eager float64."""
     eager_error: float
