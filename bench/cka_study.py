@@ -89,7 +89,7 @@ def stand_in(args: argparse.Namespace, original: torch.nn.Module, spec: dict[str
     pairs = []
     for family in plan.families:
         for a, b in itertools.permutations(family.members, 2):
-            one = kdna_fx.passes.Plan((kdna_fx.passes.Family(a, (b,)),))
+            one = kdna_fx.Plan((kdna_fx.Family(a, (b,)),))
             with torch.no_grad():
                 kmodel = kdna_fx.transform(original, config, plan=one, init="trained")
             report = kdna_fx.calibrate(kmodel, calib, reference=original, modes=("bn", "layerwise"),

@@ -125,7 +125,7 @@ def kdna_config(spec: dict[str, Any], row: str) -> tuple[kdna_fx.KDNAConfig, str
     return config, ("copy" if m.group(1) else "trained"), options, int(shuffle.group(1)) if shuffle else None
 
 
-def random_plan(plan: kdna_fx.passes.Plan, seed: int) -> kdna_fx.passes.Plan:
+def random_plan(plan: kdna_fx.Plan, seed: int) -> kdna_fx.Plan:
     """The eligible convs of each shape group shuffled into families of the sizes ``plan`` has."""
     generator = torch.Generator().manual_seed(seed)
     sizes: dict[Any, list[int]] = {}
@@ -137,8 +137,8 @@ def random_plan(plan: kdna_fx.passes.Plan, seed: int) -> kdna_fx.passes.Plan:
         pool = [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
         for size in wanted:
             run, pool = pool[:size], pool[size:]
-            families.append(kdna_fx.passes.Family(run[0], tuple(run[1:])))
-    return kdna_fx.passes.Plan(tuple(families))
+            families.append(kdna_fx.Family(run[0], tuple(run[1:])))
+    return kdna_fx.Plan(tuple(families))
 
 
 def kdna_convert(model: nn.Module, spec: dict[str, Any], row: str,

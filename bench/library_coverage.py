@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
-from kdna_fx.record import record_of
+from kdna_fx.datamodel import record_of
 from kdna_fx.testing import output_tensors
 from kdna_fx.timing import git_commit, markdown_table, provenance
 

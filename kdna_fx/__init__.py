@@ -4,30 +4,37 @@
     print(kdna_fx.report(kmodel))          # families, skipped convs, params and MACs before/after
     fast = torch.compile(kmodel)           # Inductor, fullgraph
     deploy = kdna_fx.fold(kmodel.eval())   # static modulation folded for inference
+
+The names below are the whole public face (docs/api.md). The rooms behind it: ``kdna_fx.functional`` (the
+adapter math), ``kdna_fx.passes`` (the graph passes), ``kdna_fx.datamodel`` (the types they exchange),
+``kdna_fx.models`` (the zoo), ``kdna_fx.peers`` (the dynamic-convolution peers), ``kdna_fx.cka``,
+``kdna_fx.train``, ``kdna_fx.data`` and ``kdna_fx.testing``.
 """
-from . import functional, passes, registry
-from .adapters import ChildAdapter, Gate
 from .api import as_function, fold, load_original, plan, plan_of, transform
-from .calibration import CalibrationError, CalibrationReport, calibrate
+from .calibration import calibrate
 from .config import AdapterConfig, KDNAConfig
-from .errors import (ChildWeightError, CompiledGradientWarning, ConfigError, GateBatchSizeError, KDNAError,
-                     KDNATraceError, KDNATypeError, NoEligibleConvWarning, PartialTraceWarning, SkippedSiteWarning,
-                     StateError, UnwrappedModelWarning)
-from .passes import Family, Plan
+from .datamodel import Family, Plan
+from .errors import (CalibrationError, CheckpointError, ChildWeightError, CompiledGradientWarning, ConfigError,
+                     DataError, GateBatchSizeError, KDNAError, KDNATraceError, KDNATypeError, NoEligibleConvWarning,
+                     NonFiniteLossError, PartialTraceWarning, SkippedSiteWarning, StateError, UnwrappedModelWarning,
+                     WrappedModelError)
 from .registry import register_not_traced
-from .reporting import Report, report
+from .reporting import report
 from .state import load, save
 
-from . import models  # noqa: E402  (the zoo builds on everything above)
-from . import peers  # noqa: E402  (CondConv, DY-Conv, ODConv as transforms, for comparison)
+from . import models  # noqa: E402,F401  (the zoo: kdna_fx.models.create_model)
+from . import peers  # noqa: E402,F401  (CondConv, DY-Conv, ODConv as conversions, for comparison)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ChildWeightError", "CompiledGradientWarning",
-    "ConfigError",
-    "Family", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError", "KDNATraceError", "KDNATypeError",
-    "NoEligibleConvWarning", "PartialTraceWarning", "Plan", "Report", "SkippedSiteWarning", "StateError",
-    "UnwrappedModelWarning", "as_function", "calibrate", "fold", "functional", "load", "load_original", "models",
-    "passes", "peers", "plan", "plan_of", "register_not_traced", "report", "save", "transform",
+    # phases
+    "plan", "transform", "fold", "as_function", "calibrate", "report", "save", "load", "load_original", "plan_of",
+    # configuration and data
+    "KDNAConfig", "AdapterConfig", "Plan", "Family", "register_not_traced",
+    # errors and warnings
+    "KDNAError", "ConfigError", "KDNATypeError", "KDNATraceError", "StateError", "GateBatchSizeError",
+    "ChildWeightError", "CalibrationError", "CheckpointError", "DataError", "NonFiniteLossError", "WrappedModelError",
+    "NoEligibleConvWarning", "PartialTraceWarning", "SkippedSiteWarning", "UnwrappedModelWarning",
+    "CompiledGradientWarning",
 ]

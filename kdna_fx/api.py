@@ -1,7 +1,6 @@
 """The public phases: plan (inspect, edit) -> transform (rewrite) -> fold (deploy)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from collections import Counter
@@ -11,45 +10,17 @@ import torch
 from torch import Tensor, nn
 
 from . import passes
-from .config import KDNAConfig
+from ._pipeline import Prepared, prepare
 from .adapters import adapter_parameters
-from .errors import ConfigError, KDNAError, KDNATypeError, NoEligibleConvWarning, StateError
-from .record import record_of
+from .config import KDNAConfig
+from .datamodel import ConvSite, Plan, record_of
+from .errors import ConfigError, KDNATypeError, NoEligibleConvWarning, StateError
 
 
-def _module(model: object, config: KDNAConfig | None, inplace: bool) -> tuple[nn.Module, KDNAConfig]:
-    config = config if config is not None else KDNAConfig()
-    if not isinstance(config, KDNAConfig):
-        raise KDNATypeError(f"config must be a kdna_fx.KDNAConfig, got {type(config).__name__}")
-    module = passes.unwrap(model)
-    if not inplace:
-        # Tracing shares leaf modules and tensors with the original; a copy keeps the caller's model intact.
-        try:
-            module = copy.deepcopy(module)
-        except RuntimeError as exc:
-            raise KDNAError(f"kdna_fx could not copy {type(module).__name__} before changing it (torch: "
-                            f"{str(exc).splitlines()[0]}). Pass inplace=True to transform the model itself; a "
-                            f"hook-based torch.nn.utils.weight_norm cannot be copied by torch, while "
-                            f"torch.nn.utils.parametrizations.weight_norm can.") from exc
-    return module, config
-
-
-def _resolve(config: KDNAConfig, module: nn.Module) -> KDNAConfig:
-    """``gate_norm="auto"`` made concrete for this model: the reference's BatchNorm when the model itself holds
-    one (it cannot train at batch 1 either), else LayerNorm, which trains at any batch size (FrozenBatchNorm2d,
-    GroupNorm and LayerNorm models: detectors and segmentation nets trained at batch 1-2)."""
-    norm = "batch" if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) else "layer"
-    return config.map_adapters(lambda a: dataclasses.replace(a, gate_norm=norm) if a.gate_norm == "auto" else a)
-
-
-def _plan(module: nn.Module, route: passes.Route, config: KDNAConfig, data: object,
-          given: passes.Plan | None) -> passes.Plan:
-    """The checked plan of the routed model: ``given`` adopted, or plan_families (with the convs' output
+def _plan(prepared: Prepared, data: object, given: Plan | None) -> Plan:
+    """The checked plan of the prepared model: ``given`` adopted, or plan_families (with the convs' output
     similarities measured on ``data`` when the policy needs them). Names run from the model's root."""
-    if route.gm is not None:
-        sites, skipped = passes.find_convs(route.gm, config)
-    else:
-        sites, skipped = passes.find_modules(module, config, order=route.order)
+    sites, skipped, config = prepared.sites, prepared.skipped, prepared.config
     if given is not None:
         if data is not None:
             raise ConfigError("transform got both plan= and data=; data only chooses the families of a new plan "
@@ -61,11 +32,11 @@ def _plan(module: nn.Module, route: passes.Route, config: KDNAConfig, data: obje
                               "similarity; drop data or set policy='cka'")
         plan = passes.plan_families(sites, skipped, config)
     else:
-        plan = passes.plan_families(sites, skipped, config, _similarity(module, sites, data))
-    return passes.check_plan(route.gm, plan)
+        plan = passes.plan_families(sites, skipped, config, _similarity(prepared.module, sites, data))
+    return passes.check_plan(prepared.route.gm, plan)
 
 
-def _similarity(module: nn.Module, sites: list[passes.ConvSite], data: object) -> Callable[[str, str], float]:
+def _similarity(module: nn.Module, sites: list[ConvSite], data: object) -> Callable[[str, str], float]:
     """policy='cka': the convs' outputs measured once, on the untransformed model, by their names."""
     if data is None:
         raise ConfigError("KDNAConfig(policy='cka') groups convs by the similarity of their outputs and needs "
@@ -80,17 +51,8 @@ def _similarity(module: nn.Module, sites: list[passes.ConvSite], data: object) -
     return lambda a, b: float(measured.matrix[index[a], index[b]])
 
 
-def _routed(model: object, config: KDNAConfig | None, inplace: bool, example_inputs: Any,
-            example_kwargs: dict[str, Any] | None) -> tuple[nn.Module, KDNAConfig, passes.Route]:
-    module, config = _module(model, config, inplace)
-    config = _resolve(config, module)
-    route = passes.route(module, config, passes.Example.of(example_inputs, example_kwargs))
-    # The record's config holds the path taken, so a saved model is rebuilt the same way (kdna_fx.load).
-    return module, dataclasses.replace(config, rewrite=route.how), route
-
-
 def plan(model: nn.Module, config: KDNAConfig | None = None, *, data: object = None, example_inputs: Any = None,
-         example_kwargs: dict[str, Any] | None = None) -> passes.Plan:
+         example_kwargs: dict[str, Any] | None = None) -> Plan:
     """The families transform() would build, and every skipped conv with its reason. Changes nothing.
 
     Edit the result with ``Plan.without`` / ``Plan.with_family`` (or ``to_dict`` -> ``Plan.from_dict``) and
@@ -98,12 +60,12 @@ def plan(model: nn.Module, config: KDNAConfig | None = None, *, data: object = N
     ``KDNAConfig(policy="cka")`` (the convs' outputs are compared on them with linear CKA). Names run from the
     model's root, whichever path (graph or swap) the model takes; ``example_inputs`` as for transform.
     """
-    module, config, route = _routed(model, config, True, example_inputs, example_kwargs)
-    passes.warn_route(module, route.opaque, stacklevel=2)
-    return _plan(module, route, config, data, None)
+    prepared = prepare(model, config, inplace=True, example_inputs=example_inputs, example_kwargs=example_kwargs)
+    passes.warn_route(prepared.module, prepared.route.opaque, stacklevel=2)
+    return _plan(prepared, data, None)
 
 
-def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passes.Plan | None = None,
+def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: Plan | None = None,
               init: str = "copy", data: object = None, example_inputs: Any = None,
               example_kwargs: dict[str, Any] | None = None, inplace: bool = False) -> nn.Module:
     """Turn same-shaped 3x3 convs of each stage of ``model`` into KernelDNA families.
@@ -134,16 +96,17 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: passe
     if init not in ("copy", "trained"):
         raise ConfigError(f"init must be 'copy' (train from scratch) or 'trained' (convert a trained model), "
                           f"got {init!r}")
-    if plan is not None and not isinstance(plan, passes.Plan):
-        raise KDNATypeError(f"plan must be a kdna_fx.passes.Plan (kdna_fx.plan(...) or Plan.from_dict(...)), "
+    if plan is not None and not isinstance(plan, Plan):
+        raise KDNATypeError(f"plan must be a kdna_fx.Plan (kdna_fx.plan(...) or Plan.from_dict(...)), "
                             f"got {type(plan).__name__}")
     if config is None and plan is not None:
         config = plan.config
     if init == "trained":
         config = (config if config is not None else KDNAConfig()).map_adapters(
             lambda a: dataclasses.replace(a, gate_scale=2.0))
-    module, config, route = _routed(model, config, inplace, example_inputs, example_kwargs)
-    checked = _plan(module, route, config, data, plan)
+    prepared = prepare(model, config, inplace=inplace, example_inputs=example_inputs, example_kwargs=example_kwargs)
+    module, route = prepared.module, prepared.route
+    checked = _plan(prepared, data, plan)
     if route.gm is not None:
         kmodel = passes.rewrite(route.gm, checked, init=init)
     else:
@@ -192,7 +155,7 @@ def load_original(kmodel: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module
     return passes.initialize(kmodel, {m: state_dict[w] for m, w in kernels.items()})
 
 
-def plan_of(kmodel: nn.Module) -> passes.Plan:
+def plan_of(kmodel: nn.Module) -> Plan:
     """The plan transform() applied to ``kmodel`` (families and skipped convs, with its config)."""
     return record_of(kmodel).plan
 

@@ -32,18 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .adapters import ChildAdapter, adapter_parameters
-from .errors import ConfigError, KDNAError, KDNATypeError
-from .passes.route import KeptModes
-from .record import graph_of, interpreted, record_of
+from .errors import CalibrationError, ConfigError, KDNAError, KDNATypeError
+from .utils import KeptModes
+from .datamodel import child_nodes, graph_of, interpreted, record_of, tag_of
 from .tables import format_table
 
 MODES: tuple[str, ...] = ("bn", "layerwise", "distill")
 TRAIN: tuple[str, ...] = ("adapters", "parents", "all")
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-class CalibrationError(KDNAError, ValueError):
-    """calibrate() cannot use its data, its reference or its model as given."""
 
 
 @dataclass
@@ -336,9 +332,8 @@ def _children(kmodel: nn.Module) -> list[_Child]:
     """Every child conv in graph order (rewritten graph) or module order (module swap)."""
     gm = graph_of(kmodel)
     if gm is not None:
-        nodes = [n for n in gm.graph.nodes if n.meta.get("kdna", {}).get("role") == "child_conv"]
-        return [_Child(n.meta["kdna"]["child"], gm.get_submodule(n.meta["kdna"].get("adapter") or n.meta["kdna"]["child"]),
-                       _parent_weight(gm, n), gm, n) for n in nodes]
+        return [_Child(tag_of(n).child, gm.get_submodule(tag_of(n).adapter), _parent_weight(gm, n), gm, n)
+                for n in child_nodes(gm)]
     return [_Child(name, m, m.parent_kernel) for name, m in getattr(kmodel, "_orig_mod", kmodel).named_modules()
             if isinstance(m, ChildAdapter) and m.folded_weight is None]
 

@@ -25,8 +25,8 @@ from torch import Tensor, fx, nn
 
 from .adapters import ChildAdapter
 from .errors import KDNAError
-from .passes.route import KeptModes
-from .record import graph_of, interpreted
+from .utils import KeptModes, device_dtype
+from .datamodel import child_nodes, graph_of, interpreted, tag_of
 from .tables import format_table
 
 Pool = Literal["flatten", "mean"]
@@ -298,11 +298,7 @@ def _close(name: str, names: Sequence[str]) -> str:
 def _graph(model: nn.Module) -> fx.GraphModule | None:
     """The rewritten graph of ``model`` when it holds child convs (their calls are graph nodes, not modules)."""
     gm = graph_of(model)
-    return gm if gm is not None and _child_convs(gm) else None
-
-
-def _child_convs(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.meta.get("kdna", {}).get("role") == "child_conv"]
+    return gm if gm is not None and child_nodes(gm) else None
 
 
 def _conv_modules(model: nn.Module, gm: fx.GraphModule | None) -> list[tuple[str, nn.Module]]:
@@ -317,7 +313,7 @@ def _conv_names(model: nn.Module) -> list[str]:
     convs, named from the model's root."""
     gm = _graph(model)
     names = [n for n, _ in _conv_modules(model, gm)]
-    names += [n.meta["kdna"]["child"] for n in _child_convs(gm)] if gm is not None else []
+    names += [tag_of(n).child for n in child_nodes(gm)] if gm is not None else []
     return names
 
 
@@ -333,9 +329,9 @@ class _ConvInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        meta = n.meta.get("kdna", {})
-        if meta.get("role") == "child_conv":
-            self.record(meta["child"], out)
+        tag = tag_of(n)
+        if tag is not None and tag.role == "child_conv":
+            self.record(tag.child, out)
         return out
 
 
@@ -432,8 +428,7 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
         features = output.mean((2, 3)) if pool == "mean" else output
         grams[key] = gram(features)
 
-    param = next(iter(model.parameters()), None)
-    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), None)
+    device, dtype = device_dtype(model)
     watched = contextlib.ExitStack()
     gm = _graph(model)
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(name, o))

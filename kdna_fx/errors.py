@@ -65,3 +65,26 @@ class UnwrappedModelWarning(UserWarning):
 
 class KDNATypeError(KDNAError, TypeError):
     """An argument of the wrong type was passed to a kdna_fx function."""
+
+
+class CalibrationError(KDNAError, ValueError):
+    """calibrate() cannot use its data, its reference or its model as given."""
+
+
+class CheckpointError(KDNAError, ValueError):
+    """A checkpoint is missing, unreadable or does not belong to the model/run it is loaded into."""
+
+
+class DataError(KDNAError, ValueError):
+    """A data set is missing or does not have the expected layout; the message says how to fix it."""
+
+
+class NonFiniteLossError(KDNAError, RuntimeError):
+    """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
+
+    exit_code = 3
+    """What `kdna train` exits with (2 for every other KDNAError), so scripts can tell divergence apart."""
+
+
+class WrappedModelError(KDNATypeError):
+    """train() was given a DDP-wrapped or compiled model; it wraps and compiles the plain model itself."""

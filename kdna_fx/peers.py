@@ -12,7 +12,7 @@ docs/peers.md for the equations, the initialisations and what the reports count.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
@@ -23,10 +23,13 @@ from torch import Tensor, nn
 
 from . import passes
 from . import peer_functional as PF
+from ._pipeline import prepare
 from .adapters import gate_width
 from .config import KDNAConfig
+from .datamodel import peer_record
 from .errors import ConfigError, KDNAError, KDNATypeError
 from .reporting import cost_table, flop_counts
+from .utils import to_model
 
 Init = Literal["copy", "scratch"]
 _NOISE = 0.01
@@ -180,18 +183,13 @@ def _convert(model: nn.Module, config: KDNAConfig | None, init: str, method: str
     if init not in ("copy", "scratch"):
         raise ConfigError(f"init must be 'copy' (experts start from the model's kernels) or 'scratch' (each expert "
                           f"freshly drawn, as the papers train), got {init!r}")
-    config = config if config is not None else KDNAConfig()
-    if not isinstance(config, KDNAConfig):
+    if config is not None and not isinstance(config, KDNAConfig):
         raise KDNATypeError(f"config must be a kdna_fx.KDNAConfig, got {type(config).__name__}")
-    module = passes.unwrap(model)  # unwraps compiled / data-parallel models first
-    done = passes.peer_record(module)
-    if done is not None:
-        raise KDNAError(f"this model was already converted by kdna_fx.peers ({done.method}); convert the original "
-                        f"model instead")
-    module = copy.deepcopy(module)
-    # The same decision as transform: a trusted graph, else the model itself (its conv modules swapped in place).
-    route = passes.route(module, config)
-    return passes.swap_convs(route.gm if route.gm is not None else module, config, make, method)
+    # The adapter-cost rule compares a KernelDNA adapter with a kernel; it means nothing for a peer.
+    config = dataclasses.replace(config or KDNAConfig(), only_if_smaller=False)
+    # The transform's own pipeline: the same convs, on a trusted graph or by module swap.
+    prepared = prepare(model, config, gates=False)
+    return passes.swap_convs(prepared.target, prepared.sites, prepared.skipped, make, method)
 
 
 def condconv(model: nn.Module, experts: int = 4, config: KDNAConfig | None = None, *,
@@ -278,15 +276,13 @@ def peer_macs(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
 def describe(model: nn.Module, example_input: Tensor | None = None) -> PeerReport:
     """Parameters and MACs of a model converted by condconv/dyconv/odconv, before and after (print it for a
     table). ``example_input`` defaults to one 224x224 image."""
-    record = passes.peer_record(model)
+    record = peer_record(model)
     if record is None:
         raise KDNAError(f"{type(model).__name__} was not converted by kdna_fx.peers; call kdna_fx.peers.condconv, "
                         f"dyconv or odconv first")
     if example_input is None:
         example_input = torch.randn(1, record.in_channels or 3, 224, 224)
-    first = next(iter(model.parameters()), None)
-    if first is not None:
-        example_input = example_input.to(device=first.device, dtype=first.dtype)
+    example_input = to_model(example_input, model)
     total, added = peer_macs(model, example_input)
     return PeerReport(method=record.method, input_shape=tuple(example_input.shape), converted=list(record.converted),
                       skipped=[{"name": s.name, "reason": s.reason} for s in record.skipped],

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import Gate
-from .passes.route import KeptModes
+from .utils import KeptModes, to_model
 from .tables import format_table
-from .record import record_of
+from .datamodel import Plan, record_of
 
 
 @dataclass
@@ -37,8 +37,6 @@ class Report:
         return asdict(self)
 
     def __str__(self) -> str:
-        from kdna_fx.passes import Plan
-
         plan = Plan.from_dict({"families": self.families, "skipped": self.skipped})
         shape = "x".join(map(str, self.input_shape))
         summary = cost_table(self.params_before, self.params_after, self.macs_before, self.macs_after, shape,
@@ -104,12 +102,7 @@ def report(model: nn.Module, example_input: Tensor | list[Tensor] | None = None)
     model = getattr(model, "_orig_mod", model)
     if example_input is None:
         example_input = torch.randn(1, record.in_channels or 3, 224, 224)
-    first = next(iter(model.parameters()), None)
-    if first is not None:
-        def move(t: Tensor) -> Tensor:
-            return t.to(device=first.device, dtype=first.dtype)
-
-        example_input = move(example_input) if isinstance(example_input, Tensor) else [move(t) for t in example_input]
+    example_input = to_model(example_input, model)
     shape = tuple((example_input if isinstance(example_input, Tensor) else example_input[0]).shape)
     macs_after, gate_macs = count_macs(model, example_input)
     plan = record.plan.to_dict()

@@ -18,8 +18,8 @@ from torch import nn
 
 from .config import KDNAConfig
 from .errors import StateError
-from .passes import Plan
-from .record import find_record, record_of
+
+from .datamodel import Plan, find_record, record_of
 
 FORMAT = "kdna_fx/1"
 

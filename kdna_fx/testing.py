@@ -10,7 +10,7 @@ from torch import Tensor, fx, nn
 
 from .adapters import Gate, adapter_parameters
 from .errors import KDNAError
-from .record import record_of
+from .datamodel import child_nodes, record_of, tag_of
 
 
 class BasicBlock(nn.Module):
@@ -116,15 +116,13 @@ def untie_parents(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list[st
     gm = copy.deepcopy(gm)
     plan = record_of(gm).plan
     copies: dict[str, list[str]] = {}
-    for node in list(gm.graph.nodes):
-        meta = node.meta.get("kdna", {})
-        if meta.get("role") != "child_conv":
-            continue
-        family = plan.family_of(meta["child"])
+    for node in child_nodes(gm):
+        child = tag_of(node).child
+        family = plan.family_of(child)
         if family is None or family.self_adapted:
             continue
         parent_name = plan.parent_weight(family)
-        untied = f"untied_{meta['child'].replace('.', '_')}"
+        untied = f"untied_{child.replace('.', '_')}"
         gm.register_parameter(untied, nn.Parameter(gm.get_parameter(parent_name).detach().clone()))
         with gm.graph.inserting_before(node):
             node.replace_input_with(node.args[1], gm.graph.get_attr(untied))

@@ -9,21 +9,23 @@ modules in place where the graph cannot be trusted. Both leave the record that `
 ``kdna_fx.report`` and ``kdna_fx.save`` read, so a pipeline built from the passes directly works with all
 of them.
 
-``swap_convs`` (passes/peers.py) is the dynamic-convolution peers' pass: after ``trace`` and with
-``find_convs``' eligibility, it swaps conv modules for kdna_fx.peers layers.
+``swap_convs`` (passes/peers.py) is the dynamic-convolution peers' pass: on the same routed model and found
+sites, it swaps conv modules for kdna_fx.peers layers. What differs between kinds of conv (an nn.Conv2d, an
+F.conv2d call) lives in one handler per kind (passes/sites.py). The types the passes exchange (ConvSite,
+Plan, TransformRecord, ...) live in kdna_fx.datamodel.
 """
-from .find import ConvSite, Skipped, find_convs, find_modules
+from .find import find_convs, find_modules
 from .fold import fold
 from .functionalize import FunctionalModel, as_function
 from .initialize import initialize
-from .peers import PeerRecord, peer_record, swap_convs
-from .plan import Family, Plan, adopt, plan_families
+from .peers import swap_convs
+from .plan import adopt, plan_families
 from .rewrite import check_plan, rewrite
-from .route import Example, Opaque, Route, route, warn_route
+from .route import Example, Route, route, warn_route
 from .swap import swap
 from .trace import trace
 from .unwrap import unwrap
 
-__all__ = ["ConvSite", "Example", "Family", "FunctionalModel", "Opaque", "PeerRecord", "Plan", "Route", "Skipped",
-           "adopt", "as_function", "check_plan", "find_convs", "find_modules", "fold", "initialize", "peer_record", "plan_families",
-           "rewrite", "route", "swap", "swap_convs", "trace", "unwrap", "warn_route"]
+__all__ = ["Example", "FunctionalModel", "Route", "adopt", "as_function", "check_plan", "find_convs", "find_modules",
+           "fold", "initialize", "plan_families", "rewrite", "route", "swap", "swap_convs", "trace", "unwrap",
+           "warn_route"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import torch
@@ -10,7 +11,7 @@ from torch import fx, nn
 from kdna_fx import functional as KF
 from kdna_fx.adapters import ADAPTER_TENSORS, ChildAdapter
 from kdna_fx.errors import KDNAError, SkippedSiteWarning
-from kdna_fx.record import graph_of, record_of, store_tags
+from kdna_fx.datamodel import TAG_KEY, child_nodes, graph_of, record_of, store_tags, tag_of
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -52,14 +53,13 @@ def _fold_swapped(model: nn.Module) -> None:
 def _fold_graph(gm: fx.GraphModule) -> None:
     """Fold ``gm``'s child convs in place (see fold)."""
     graph = gm.graph
-    for node in list(graph.nodes):
-        if not (node.op == "call_function" and node.target is KF.child_conv2d):
-            continue
-        if node.meta.get("kdna", {}).get("role") != "child_conv":
+    tagged = child_nodes(gm)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is KF.child_conv2d and node not in tagged:
             warnings.warn(f"fold left {node.name!r} unfolded: it was not inserted by kdna_fx.transform",
                           SkippedSiteWarning, stacklevel=3)
-            continue
-        path = node.meta["kdna"]["adapter"]
+    for node in tagged:
+        path = tag_of(node).adapter
         adapter = gm.get_submodule(path)
         weight_node = node.args[1]
         scale_nodes = [node.kwargs.get(n) for n in ADAPTER_TENSORS]
@@ -71,7 +71,7 @@ def _fold_graph(gm: fx.GraphModule) -> None:
             adapter.gate.fold_norm()
         with graph.inserting_before(node):
             new = graph.get_attr(f"{path}.folded_weight")
-            new.meta["kdna"] = dict(node.meta["kdna"], role="folded_weight")
+            new.meta[TAG_KEY] = dataclasses.replace(tag_of(node), role="folded_weight")
         node.args = (node.args[0], new)
         node.kwargs = {**node.kwargs, **dict.fromkeys(ADAPTER_TENSORS)}
         for old in (weight_node, *scale_nodes):

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, fx
 from torch.func import functional_call
 
-from kdna_fx.record import record_of
+from kdna_fx.datamodel import record_of
 
 
 @dataclass

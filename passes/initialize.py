@@ -16,7 +16,7 @@ from torch import Tensor, fx
 
 from kdna_fx import functional as KF
 from kdna_fx.adapters import ChildAdapter
-from kdna_fx.record import record_of
+from kdna_fx.datamodel import record_of
 
 
 @torch.no_grad()

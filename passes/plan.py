@@ -1,6 +1,6 @@
 """Pass 3: group eligible convolutions into families (one parent kernel, its children).
 
-A Plan is the one description of what the rewrite does. It comes from ``plan_families`` (automatic), from
+A Plan (kdna_fx.datamodel) is the one description of what the rewrite does. It comes from ``plan_families`` (automatic), from
 ``Plan.from_dict`` (a saved or hand-written plan, as the model zoo's reference topologies are), or from
 editing one (``without``, ``with_family``); ``adopt`` checks a given plan against a model's convs.
 """
@@ -8,163 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 from kdna_fx.config import KDNAConfig
+from kdna_fx.datamodel import ConvSite, Family, Plan, Skipped
 from kdna_fx.errors import KDNAError
-from kdna_fx.tables import format_table
-
-from .find import ConvSite, Skipped
-
-
-@dataclass(frozen=True)
-class Family:
-    """Convs that share one kernel: ``parent`` keeps it, each child reuses it through an adapter.
-
-    In adapter-only mode (``share=False``) a family is one conv that is its own parent and child.
-    ``stage``, ``shape`` and ``groups`` describe the parent's conv; a hand-written family may leave them out,
-    ``adopt`` fills them in from the model.
-    """
-
-    parent: str
-    children: tuple[str, ...]
-    stage: str = ""
-    shape: tuple[int, int, int, int] | None = None  # parent kernel: (C_out, C_in / groups, kh, kw)
-    groups: int = 1
-    similarity: tuple[float, ...] | None = None
-    """policy='cka': each child's measured CKA to the parent (in ``children`` order)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.children, str):
-            raise KDNAError(f"Family.children must be a sequence of conv names, got the string {self.children!r}")
-        object.__setattr__(self, "children", tuple(self.children))
-        if self.similarity is not None:
-            object.__setattr__(self, "similarity", tuple(float(v) for v in self.similarity))
-            if len(self.similarity) != len(self.children):
-                raise KDNAError(f"the family of {self.parent!r} has {len(self.children)} children but "
-                                f"{len(self.similarity)} similarities; give one per child or none")
-        if self.shape is not None:
-            object.__setattr__(self, "shape", tuple(self.shape))
-        if not self.children:
-            raise KDNAError(f"the family of {self.parent!r} has no children; a family needs at least one")
-
-    @property
-    def self_adapted(self) -> bool:
-        return self.children == (self.parent,)
-
-    @property
-    def members(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((self.parent, *self.children)))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the rewrite will do: the families, and every conv left alone with the reason why.
-
-    ``sites`` (the model's eligible convs by name) and ``config`` (the KDNAConfig that found them) are set
-    once the plan belongs to a model: by ``plan_families`` or ``adopt``. Plans are immutable; edit one with
-    ``without`` / ``with_family`` or through its dict form (``to_dict`` -> edit -> ``from_dict``).
-    """
-
-    families: tuple[Family, ...]
-    skipped: tuple[Skipped, ...] = ()
-    sites: dict[str, ConvSite] = field(default_factory=dict, compare=False, repr=False)
-    config: KDNAConfig | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def children(self) -> list[str]:
-        return [c for f in self.families for c in f.children]
-
-    def parent_weight(self, family: Family) -> str:
-        return self.sites[family.parent].weight
-
-    def family_of(self, name: str) -> Family | None:
-        """The family ``name`` is a member of (parent or child), or None."""
-        return next((f for f in self.families if name in f.members), None)
-
-    # ---- editing ---------------------------------------------------------------------------------------
-    def without(self, *names: str, reason: str = "removed from the plan (Plan.without)") -> "Plan":
-        """This plan with ``names`` left alone: a child leaves its family; a parent takes its family with it
-        (its children are left alone too). A family left without children is dropped."""
-        unknown = [n for n in names if self.family_of(n) is None]
-        if unknown:
-            raise KDNAError(f"Plan.without: {unknown} are in no family of this plan; members are "
-                            f"{sorted(m for f in self.families for m in f.members)[:8]}...")
-        drop, families, skipped = set(names), [], list(self.skipped)
-        for family in self.families:
-            if family.parent in drop:
-                skipped += [Skipped(m, reason if m in drop else f"its parent {family.parent!r} was {reason}")
-                            for m in family.members]
-                continue
-            kept = [i for i, c in enumerate(family.children) if c not in drop]
-            children = tuple(family.children[i] for i in kept)
-            skipped += [Skipped(c, reason) for c in family.children if c in drop]
-            if children:
-                similarity = None if family.similarity is None else tuple(family.similarity[i] for i in kept)
-                families.append(dataclasses.replace(family, children=children, similarity=similarity))
-            else:
-                skipped.append(Skipped(family.parent, "its family has no child left"))
-        return dataclasses.replace(self, families=tuple(families), skipped=tuple(skipped))
-
-    def with_family(self, parent: str, children: Iterable[str]) -> "Plan":
-        """This plan plus a family: ``children`` reuse ``parent``'s kernel. The named convs leave the families
-        they were in (a former parent's other children are left alone)."""
-        family = Family(parent, tuple(children))
-        named = set(family.members)
-        current = [n for n in named if self.family_of(n) is not None]
-        plan = self.without(*current, reason="moved to another family (Plan.with_family)") if current else self
-        skipped = tuple(s for s in plan.skipped if s.name not in named)
-        if parent in self.sites:
-            site = self.sites[parent]
-            family = dataclasses.replace(family, stage=site.stage, shape=_shape(site), groups=site.groups)
-        return dataclasses.replace(plan, families=(*plan.families, family), skipped=skipped)
-
-    # ---- plain-dict form ---------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "families": [{"stage": f.stage, "parent": f.parent, "children": list(f.children),
-                          "shape": list(f.shape) if f.shape is not None else None, "groups": f.groups,
-                          **({"similarity": list(f.similarity)} if f.similarity is not None else {})}
-                         for f in self.families],
-            "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
-        """A plan from ``to_dict``'s form; a family needs only ``parent`` and ``children``."""
-        unknown = sorted(set(data) - {"families", "skipped"})
-        if unknown or "families" not in data:
-            raise KDNAError(f"a plan dict has the keys 'families' (required) and 'skipped'; got {sorted(data)}")
-        families = []
-        for i, entry in enumerate(data["families"]):
-            extra = sorted(set(entry) - {"parent", "children", "stage", "shape", "groups", "similarity"})
-            if extra or "parent" not in entry or "children" not in entry:
-                raise KDNAError(f"plan family #{i} {dict(entry)!r}: needs 'parent' and 'children' (optional: "
-                                f"'stage', 'shape', 'groups', 'similarity'){f'; unknown keys {extra}' if extra else ''}")
-            families.append(Family(**entry))
-        skipped = tuple(Skipped(s["name"], s["reason"]) for s in data.get("skipped", ()))
-        return cls(tuple(families), skipped)
-
-    # ---- display -------------------------------------------------------------------------------------------
-    def table(self) -> str:
-        """The plan as readable text tables."""
-        measured = any(f.similarity is not None for f in self.families)
-        rows = [[f.stage or "-", f.parent, "(self)" if f.self_adapted else ", ".join(f.children),
-                 "x".join(map(str, f.shape or ("?",))), str(f.groups)]
-                + ([", ".join(f"{v:.2f}" for v in f.similarity or ()) or "-"] if measured else [])
-                for f in self.families]
-        text = format_table(["stage", "parent", "children", "kernel", "groups"]
-                            + (["CKA child-parent"] if measured else []), rows,
-                            title=f"{len(self.families)} families, {len(self.children)} children")
-        if self.skipped:
-            text += "\n\n" + format_table(["conv", "why it is left alone"],
-                                          [[s.name, s.reason] for s in self.skipped],
-                                          title=f"{len(self.skipped)} convolutions skipped")
-        return text
-
-    def __str__(self) -> str:
-        return self.table()
 
 
 Similarity = Callable[[str, str], float]
@@ -284,11 +132,7 @@ def _representative_family(run: list[ConvSite], similarity: Similarity) -> Famil
 
 
 def _family(parent: ConvSite, children: Iterable[ConvSite]) -> Family:
-    return Family(parent.name, tuple(c.name for c in children), parent.stage, _shape(parent), parent.groups)
-
-
-def _shape(site: ConvSite) -> tuple[int, int, int, int]:
-    return (site.out_channels, site.in_channels // site.groups, *site.kernel_size)
+    return Family(parent.name, tuple(c.name for c in children), parent.stage, parent.kernel_shape, parent.groups)
 
 
 def _describe(site: ConvSite) -> str:

@@ -11,8 +11,9 @@ For a child C of parent P the graph becomes (module form)::
 kdna_fx.functional.child_conv2d is the one place where a child is computed: it gates only the child's
 input edge, modulates the kernel and runs one batch-shared convolution. The child's conv module is
 replaced by a ChildAdapter holding F, S, the gate and its bias; its own kernel is gone. Parents, norms and
-everything else are untouched. The pass leaves a TransformRecord (kdna_fx.record) on the module, so
-fold, as_function, report and save work on its result directly.
+everything else are untouched. What differs between an nn.Conv2d and an F.conv2d call is each conv-site
+handler's (passes/sites.py). The pass leaves a TransformRecord (kdna_fx.datamodel) on the module, so fold,
+as_function, report and save work on its result directly.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ from torch import fx
 from kdna_fx import functional as KF
 from kdna_fx.adapters import ADAPTER_TENSORS
 from kdna_fx.errors import KDNAError, SkippedSiteWarning
-from kdna_fx.record import TransformRecord, attach, find_record
+from kdna_fx.datamodel import ConvSite, Family, Plan, Skipped, TransformRecord, attach, refuse_converted, tag
 
-from .find import ConvSite, Skipped, conv2d_arguments, first_in_channels
+from .find import first_in_channels
 from .initialize import initialize
-from .plan import Family, Plan
+from .sites import handler_of
 from .swap import install, new_child
 
 
@@ -79,11 +80,7 @@ def _geometry(site: ConvSite) -> dict[str, Any]:
 def _unsupported(node: fx.Node | None, site: ConvSite) -> str | None:
     if node is None:
         return f"graph node {site.node!r} is gone (was the plan built for another model?)"
-    if site.kind == "module" and len(node.args) + len(node.kwargs) != 1:
-        return "the conv module is called with more than one argument"
-    if site.kind == "function" and not isinstance(conv2d_arguments(node)["input"], fx.Node):
-        return "the F.conv2d input is a constant, not a graph value"
-    return None
+    return handler_of(site).unsupported(node)
 
 
 def rewrite(gm: fx.GraphModule, plan: Plan, init: str = "copy") -> fx.GraphModule:
@@ -97,8 +94,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan, init: str = "copy") -> fx.GraphModul
     too."""
     if init not in ("copy", "trained"):
         raise KDNAError(f"init must be 'copy' or 'trained', got {init!r}")
-    if find_record(gm) is not None:
-        raise KDNAError("this GraphModule was already rewritten by kdna_fx; rewrite a fresh trace of the original")
+    refuse_converted(gm)
     if plan.config is None:
         raise KDNAError("the plan does not belong to a model yet; pass it through passes.adopt (or build it with "
                         "passes.plan_families) before rewriting")
@@ -113,80 +109,64 @@ def rewrite(gm: fx.GraphModule, plan: Plan, init: str = "copy") -> fx.GraphModul
     for family in plan.families:
         parent = plan.sites[family.parent]
         if family.self_adapted:
-            _rewrite_child(gm, nodes, parent, parent_weight=None, parent_name=parent.name)
+            _rewrite_child(gm, nodes, order, parent, parent=parent, keeps_kernel=True)
             continue
-        parent_weight = _parent_weight_node(gm, nodes, order, plan, family)
         if centroid:  # the first member holds the family's new kernel and is a child too
-            _rewrite_child(gm, nodes, parent, parent_weight=parent_weight, parent_name=parent.name, owns_kernel=True)
+            parent_weight = _rewrite_child(gm, nodes, order, parent, parent=parent, keeps_kernel=True,
+                                           family=family, plan=plan)
+        else:
+            parent_weight = _parent_weight(gm, nodes, order, plan, family)
         for child in family.children:
-            _rewrite_child(gm, nodes, plan.sites[child], parent_weight=parent_weight, parent_name=parent.name)
+            _rewrite_child(gm, nodes, order, plan.sites[child], parent=parent, parent_weight=parent_weight)
     gm.graph.lint()
     gm.recompile()
     attach(gm, TransformRecord(plan=plan, params_before=params_before, in_channels=in_channels, init=init))
     return initialize(gm, kernels)
 
 
-def _tag(node: fx.Node, role: str, child: str, adapter: str | None = None) -> fx.Node:
-    # Later passes (fold, report) find what this pass inserted through this tag, not by pattern matching.
-    node.meta["kdna"] = {"role": role, "child": child, "adapter": adapter}
-    if node.op == "call_function":
-        node.meta["is_wrapped"] = True  # generated code re-registers it with torch.fx.wrap: re-tracing keeps it a leaf
-    return node
+def _first_member(nodes: dict[str, fx.Node], order: dict[fx.Node, int], plan: Plan, family: Family) -> fx.Node:
+    # The parent reference must precede every user, and a hand-edited plan may put a child before its parent.
+    return min((nodes[plan.sites[m].node] for m in family.members), key=order.__getitem__)
 
 
-def _parent_weight_node(gm: fx.GraphModule, nodes: dict[str, fx.Node], order: dict[fx.Node, int], plan: Plan,
-                        family: Family) -> fx.Node:
+def _parent_weight(gm: fx.GraphModule, nodes: dict[str, fx.Node], order: dict[fx.Node, int], plan: Plan,
+                   family: Family) -> fx.Node:
     parent = plan.sites[family.parent]
-    # The reference must precede every user, and a hand-edited plan may put a child before its parent.
-    first = min((nodes[plan.sites[m].node] for m in (family.parent, *family.children)), key=order.__getitem__)
-    if parent.kind == "function":
-        weight = conv2d_arguments(nodes[parent.node])["weight"]  # the parent's own get_attr, reused by all
-        if order[weight] > order[first]:
-            first.prepend(weight)
-        return weight
-    with gm.graph.inserting_before(first):
-        return _tag(gm.graph.get_attr(parent.weight), "parent_weight", parent.name)
+    handler = handler_of(parent)
+    inputs = handler.graph_inputs(gm, nodes[parent.node])
+    return handler.parent_weight(gm, inputs, parent, _first_member(nodes, order, plan, family), order)
 
 
-def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], site: ConvSite, *,
-                   parent_weight: fx.Node | None, parent_name: str, owns_kernel: bool = False) -> None:
-    """Rewrite one conv into a child. ``owns_kernel``: the child keeps the shared kernel as its own ``weight``
-    (a centroid family's first member), read by the others through ``parent_weight``."""
+def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], order: dict[fx.Node, int], site: ConvSite, *,
+                   parent: ConvSite, parent_weight: fx.Node | None = None, keeps_kernel: bool = False,
+                   family: Family | None = None, plan: Plan | None = None) -> fx.Node:
+    """Rewrite one conv into a child of ``parent`` reading ``parent_weight``. ``keeps_kernel``: the conv
+    keeps a kernel (adapter-only mode, or a centroid family's first member, whose kernel the others read
+    then: give ``family`` and ``plan``, and the returned node is that kernel's reference for them)."""
     graph, node = gm.graph, nodes[site.node]
-    self_adapted = parent_weight is None
-    keeps_weight = (self_adapted or owns_kernel) and site.kind == "module"
-    weight = gm.get_parameter(site.weight)
-    if site.kind == "module":
-        conv = gm.get_submodule(site.name)
-        x = node.args[0] if node.args else node.kwargs["input"]
-        bias, conv_args = conv.bias, {}
-    else:
-        conv_args = conv2d_arguments(node)
-        x, bias = conv_args["input"], None
-    adapter = new_child(site, parent=parent_name, bias=bias, weight=weight, keeps_weight=keeps_weight,
-                        training=conv.training if site.kind == "module" else gm.training)
-    gate = adapter.gate
+    handler = handler_of(site)
+    inputs = handler.graph_inputs(gm, node)
+    holds = keeps_kernel and handler.keeps_kernel
+    adapter = new_child(site, parent=parent.name, bias=inputs.bias, weight=gm.get_parameter(site.weight),
+                        keeps_weight=holds, training=inputs.training)
     path = site.adapter_path
     install(gm, path, adapter)
+    if parent_weight is None:  # the conv reads its own kernel (held by its adapter, or where it was)
+        before = _first_member(nodes, order, plan, family) if family is not None and plan is not None else node
+        parent_weight = handler.parent_weight(gm, inputs, site, before, order)
 
     with graph.inserting_before(node):
-        if self_adapted:
-            parent_weight = (_tag(graph.get_attr(f"{path}.weight"), "parent_weight", site.name)
-                             if site.kind == "module" else conv_args["weight"])
-        a = _tag(graph.call_module(f"{path}.gate", (x,)), "gate", site.name) if gate is not None else None
-        scales = {n: _tag(graph.get_attr(f"{path}.{n}"), n, site.name) if getattr(adapter, n) is not None else None
+        a = tag(graph.call_module(f"{path}.gate", (inputs.x,)), "gate", site.name) if adapter.gate is not None else None
+        scales = {n: tag(graph.get_attr(f"{path}.{n}"), n, site.name) if getattr(adapter, n) is not None else None
                   for n in ADAPTER_TENSORS}
-        b: Any = conv_args.get("bias")
-        if site.kind == "module" and adapter.bias is not None:
-            b = _tag(graph.get_attr(f"{path}.bias"), "bias", site.name)
-        y = graph.call_function(KF.child_conv2d, (x, parent_weight), dict(
+        b: Any = inputs.bias_arg
+        if adapter.bias is not None:
+            b = tag(graph.get_attr(f"{path}.bias"), "bias", site.name)
+        y = graph.call_function(KF.child_conv2d, (inputs.x, parent_weight), dict(
             **scales, gate_values=a, bias=b, stride=site.stride, padding=site.padding, dilation=site.dilation,
             groups=site.groups, padding_mode=site.padding_mode))
-        _tag(y, "child_conv", site.name, path)
+        tag(y, "child_conv", site.name, path)
     node.replace_all_uses_with(y)
     graph.erase_node(node)
-    if site.kind == "function" and not (self_adapted or owns_kernel):
-        old_weight = conv_args["weight"]
-        graph.erase_node(old_weight)
-        owner_path, _, field = site.weight.rpartition(".")
-        delattr(gm.get_submodule(owner_path), field)
+    handler.finish(gm, site, inputs, keeps_kernel)
+    return parent_weight

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from kdna_fx.config import KDNAConfig
+from kdna_fx.datamodel import Opaque
 from kdna_fx.errors import KDNAError, KDNATraceError, PartialTraceWarning
+from kdna_fx.utils import KeptModes
 
 from .find import find_modules
 from .trace import trace
@@ -33,24 +35,6 @@ KEPT = {
     "leaf": "an opaque call inside the traced graph; it holds no conv to share",
     "swap": "the reason the model took the module-swap path; its convs are shared by module swap",
 }
-
-
-@dataclass(frozen=True)
-class Opaque:
-    """A part of the model that kept it off the graph path, or ran as an opaque leaf in the graph, and why."""
-
-    path: str
-    """Module path from the model's root; "" is the model's own forward."""
-    type: str
-    kept: str
-    """One of KEPT's keys."""
-    reason: str
-    source: str = ""
-    """Where tracing broke in the model's code ("file.py:12 `if x.sum() > 0:`"), when it did."""
-
-    def describe(self) -> str:
-        where = f" at {self.source}" if self.source else ""
-        return f"'{self.path or '<model>'}' ({self.type}): {self.reason}{where}"
 
 
 @dataclass
@@ -128,21 +112,6 @@ def _opaque(path: str, type_name: str, err: KDNATraceError, kept: str = "swap") 
 
 
 # ---- the checks ---------------------------------------------------------------------------------------------
-class KeptModes:
-    """On exit every module of ``modules`` gets back its own train/eval flag as it was on entry (a plain
-    ``model.train(was)`` would reset every submodule, frozen BatchNorms included)."""
-
-    def __init__(self, *modules: nn.Module):
-        self.saved = [(m, m.training) for root in modules for m in root.modules()]
-
-    def __enter__(self) -> "KeptModes":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for m, training in self.saved:
-            m.training = training
-
-
 def _untrusted(model: nn.Module, config: KDNAConfig, gm: fx.GraphModule, leaves: list[nn.Module],
                example: Example | None, expected: Any) -> str | None:
     """Why the trace ``gm`` cannot stand for the model (it depends on the training mode, or differs from the

@@ -16,11 +16,10 @@ from __future__ import annotations
 from torch import nn
 
 from kdna_fx.adapters import ChildAdapter, Gate
-from kdna_fx.record import TransformRecord, attach
+from kdna_fx.datamodel import ConvSite, Plan, TransformRecord, attach
 
-from .find import ConvSite, first_in_channels
+from .find import first_in_channels
 from .initialize import initialize
-from .plan import Plan
 
 
 def new_child(site: ConvSite, *, parent: str, bias: nn.Parameter | None, weight: nn.Parameter,

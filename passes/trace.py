@@ -9,10 +9,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import fx, nn
 
-import kdna_fx
 from kdna_fx.config import KDNAConfig
 from kdna_fx.errors import KDNATraceError
-from kdna_fx.record import RECORD_ATTR, restore_tags
+from kdna_fx import datamodel
+from kdna_fx.datamodel import RECORD_ATTR, restore_tags
 from kdna_fx.registry import NOT_TRACED
 
 
@@ -60,7 +60,7 @@ def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterabl
 # Frames of torch's tracing machinery and of kdna_fx's own library code are never "the model's code"; the
 # model zoo (kdna_fx/models) is model code like any other.
 _TORCH_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
-_OWN_DIRS = {os.path.dirname(os.path.abspath(f)) for f in (kdna_fx.__file__, __file__)}
+_OWN_DIRS = {os.path.dirname(os.path.abspath(f)) for f in (datamodel.__file__, __file__)}
 
 
 def _is_model_code(filename: str) -> bool:

@@ -6,7 +6,7 @@ import warnings
 from torch import nn
 
 from kdna_fx.errors import KDNAError, KDNATypeError, UnwrappedModelWarning
-from kdna_fx.record import find_record
+from kdna_fx.datamodel import refuse_converted
 
 
 def unwrap(model: object) -> nn.Module:
@@ -33,7 +33,5 @@ def unwrap(model: object) -> nn.Module:
             model = model.module
         else:
             break
-    if find_record(model) is not None:
-        raise KDNAError("this model was already transformed by kdna_fx; transform the original model instead "
-                        "(or change the plan with kdna_fx.plan + transform(model, plan=...)).")
+    refuse_converted(model)
     return model

@@ -45,7 +45,7 @@ def test_data_parallel_model_is_unwrapped_with_a_warning():
 
 def test_transforming_twice_is_refused():
     kmodel = kdna_fx.transform(TinyResNet())
-    with pytest.raises(kdna_fx.KDNAError, match="already transformed"):
+    with pytest.raises(kdna_fx.KDNAError, match="already converted by kdna_fx.transform"):
         kdna_fx.transform(kmodel)
 
 

@@ -126,14 +126,14 @@ def test_cka_policy_errors_name_the_fix():
 
 
 def test_plan_similarity_round_trips_and_follows_edits():
-    family = passes.Family("a", ("b", "c"), similarity=(0.9, 0.5))
-    plan = passes.Plan((family,))
-    again = passes.Plan.from_dict(plan.to_dict())
+    family = kdna_fx.Family("a", ("b", "c"), similarity=(0.9, 0.5))
+    plan = kdna_fx.Plan((family,))
+    again = kdna_fx.Plan.from_dict(plan.to_dict())
     assert again.families == plan.families
     assert plan.without("b").families[0].similarity == (0.5,)
     with pytest.raises(KDNAError, match="one per child"):
-        passes.Family("a", ("b", "c"), similarity=(0.9,))
-    assert "similarity" not in passes.Plan((passes.Family("a", ("b",)),)).to_dict()["families"][0]
+        kdna_fx.Family("a", ("b", "c"), similarity=(0.9,))
+    assert "similarity" not in kdna_fx.Plan((kdna_fx.Family("a", ("b",)),)).to_dict()["families"][0]
 
 
 def test_policy_round_trips_through_the_config_dict():

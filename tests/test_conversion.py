@@ -27,7 +27,7 @@ FULL_RANK = 4 * 9  # C_in * k * k of every 3x3 conv of layer1 (8 * 9 in layer2 i
 
 def test_trained_init_gates_are_the_exact_identity_and_still_train(dtype):
     kmodel = kdna_fx.transform(_trained_like(), init="trained")
-    gates = [m for m in kmodel.modules() if isinstance(m, kdna_fx.Gate)]
+    gates = [m for m in kmodel.modules() if isinstance(m, kdna_fx.adapters.Gate)]
     assert gates
     kmodel.train()
     for gate in gates:
@@ -69,7 +69,7 @@ def test_centroid_families_make_every_member_a_child_and_count_the_kernel_once()
     plan = kdna_fx.plan_of(kmodel)
     for family in plan.families:
         members = [kmodel.get_submodule(m) for m in family.members]
-        assert all(isinstance(m, kdna_fx.ChildAdapter) for m in members)
+        assert all(isinstance(m, kdna_fx.adapters.ChildAdapter) for m in members)
         shared = kmodel.get_parameter(plan.parent_weight(family))
         expected = torch.stack([model.get_submodule(m).weight for m in family.members]).mean(0)
         torch.testing.assert_close(shared, expected)
@@ -101,7 +101,7 @@ def test_trained_init_saves_and_reloads(tmp_path, dtype, tol):
     kmodel = kdna_fx.transform(_trained_like(), KDNAConfig(adapter=AdapterConfig(rank=3)), init="trained")
     kdna_fx.save(kmodel, tmp_path / "k.safetensors")
     loaded = kdna_fx.load(tmp_path / "k.safetensors", TinyResNet(width=4))
-    assert all(g.scale == 2.0 for g in loaded.modules() if isinstance(g, kdna_fx.Gate))
+    assert all(g.scale == 2.0 for g in loaded.modules() if isinstance(g, kdna_fx.adapters.Gate))
     x = torch.randn(2, 3, 12, 12)
     torch.testing.assert_close(loaded.eval()(x), kmodel.eval()(x), **tol)
 

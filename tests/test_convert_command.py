@@ -39,7 +39,7 @@ def test_convert_a_run_end_to_end(run, capsys):
     assert "top-1 %" in (root / "converted.md").read_text() and "wrote" in capsys.readouterr().out
     fresh = kdna_fx.models.create_model("resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.125)
     loaded = kdna_fx.load(out, fresh)
-    assert kdna_fx.plan_of(loaded).families and kdna_fx.record.record_of(loaded).init == "trained"
+    assert kdna_fx.plan_of(loaded).families and kdna_fx.datamodel.record_of(loaded).init == "trained"
 
 
 def test_convert_a_state_dict_file(run, tmp_path):

@@ -164,7 +164,7 @@ def test_load_with_fold_gives_the_deploy_form_of_the_small_file(tmp_path):
     print(f"\nResNet-18 deploy file: shared form {shared / 1e6:.1f} MB, folded state dict {full / 1e6:.1f} MB")
 
     deploy = kdna_fx.load(tmp_path / "shared.safetensors", torchvision.models.resnet18(), fold=True)
-    assert kdna_fx.record.record_of(deploy).folded and not deploy.training
+    assert kdna_fx.datamodel.record_of(deploy).folded and not deploy.training
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(deploy(x), folded(x), rtol=0, atol=0)  # the same folding of the same tensors
@@ -181,7 +181,7 @@ def test_load_with_fold_into_a_zoo_model(tmp_path, dtype, tol):
     kmodel = _ready(zoo(), (3, 16, 16))
     kdna_fx.save(kmodel, tmp_path / "zoo.safetensors")
     deploy = kdna_fx.load(tmp_path / "zoo.safetensors", zoo(), fold=True)
-    assert kdna_fx.record.record_of(deploy).folded and not deploy.training
+    assert kdna_fx.datamodel.record_of(deploy).folded and not deploy.training
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(deploy(x), kmodel(x), **tol)

@@ -17,7 +17,7 @@ from torch import fx, nn
 import kdna_fx
 from kdna_fx import KDNAConfig, PartialTraceWarning
 route_pass = importlib.import_module("kdna_fx.passes.route")
-from kdna_fx.record import record_of
+from kdna_fx.datamodel import record_of
 from kdna_fx.reporting import count_macs
 from kdna_fx.testing import TinyResNet, randomize_adapters
 
@@ -156,8 +156,8 @@ def test_inplace_returns_the_users_own_object():
     net = GuardedNet()
     with pytest.warns(PartialTraceWarning):
         kmodel = kdna_fx.transform(net, inplace=True)
-    assert kmodel is net and isinstance(net.body.layer1[0].conv2, kdna_fx.ChildAdapter)
-    with pytest.raises(kdna_fx.KDNAError, match="already transformed"):
+    assert kmodel is net and isinstance(net.body.layer1[0].conv2, kdna_fx.adapters.ChildAdapter)
+    with pytest.raises(kdna_fx.KDNAError, match="already converted by kdna_fx.transform"):
         kdna_fx.transform(net)
 
 
@@ -347,7 +347,7 @@ def test_torchvision_detection_model_is_transformed_and_trains_at_batch_one():
             setattr(model.get_submodule(owner), field, FrozenBatchNorm2d(m.num_features, eps=m.eps))
     with pytest.warns(PartialTraceWarning):
         kmodel = kdna_fx.transform(model)
-    assert {m.norm_kind for m in kmodel.modules() if isinstance(m, kdna_fx.Gate)} == {"layer"}
+    assert {m.norm_kind for m in kmodel.modules() if isinstance(m, kdna_fx.adapters.Gate)} == {"layer"}
     target = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([1])}]
     losses = kmodel.train()(images, target)
     sum(losses.values()).backward()

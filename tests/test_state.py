@@ -49,7 +49,7 @@ def test_save_and_load_with_safetensors(tmp_path, dtype, tol):
     randomize_adapters(kmodel)
     kdna_fx.save(kmodel, tmp_path / "model.safetensors")
     loaded = kdna_fx.load(tmp_path / "model.safetensors", TinyResNet())
-    assert kdna_fx.record.record_of(loaded).config == kdna_fx.record.record_of(kmodel).config
+    assert kdna_fx.datamodel.record_of(loaded).config == kdna_fx.datamodel.record_of(kmodel).config
     kmodel.eval(), loaded.eval()
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(loaded(x), kmodel(x), **tol)

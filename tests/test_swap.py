@@ -19,7 +19,7 @@ from torch.nn.utils import parametrizations
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
 from kdna_fx.adapters import ChildAdapter
-from kdna_fx.record import record_of
+from kdna_fx.datamodel import record_of
 from kdna_fx.testing import TinyResNet
 
 # The function-preserving configuration of the issue: every conv shared, every child reproducing its own
@@ -330,14 +330,14 @@ def test_reading_a_childs_weight_is_a_clear_error_not_a_silent_fusion():
 def test_the_default_gate_norm_follows_the_models_own_norms():
     gn = nn.Sequential(*(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8)) for _ in range(3)))
     kmodel = kdna_fx.transform(gn, KDNAConfig(stage_depth=0))
-    gates = [m for m in kmodel.modules() if isinstance(m, kdna_fx.Gate)]
+    gates = [m for m in kmodel.modules() if isinstance(m, kdna_fx.adapters.Gate)]
     assert gates and all(g.norm_kind == "layer" for g in gates)
     kmodel.train()(torch.randn(1, 8, 5, 5)).sum().backward()  # trains at batch 1, as the model does
     assert kdna_fx.plan_of(kmodel).config.adapter.gate_norm == "layer"  # resolved in the record
     bn = kdna_fx.transform(torchvision.models.resnet18())
-    assert {m.norm_kind for m in bn.modules() if isinstance(m, kdna_fx.Gate)} == {"batch"}
+    assert {m.norm_kind for m in bn.modules() if isinstance(m, kdna_fx.adapters.Gate)} == {"batch"}
     explicit = kdna_fx.transform(gn, KDNAConfig(stage_depth=0, adapter=AdapterConfig(gate_norm="batch")))
-    assert {m.norm_kind for m in explicit.modules() if isinstance(m, kdna_fx.Gate)} == {"batch"}
+    assert {m.norm_kind for m in explicit.modules() if isinstance(m, kdna_fx.adapters.Gate)} == {"batch"}
 
 
 # ---- rank ---------------------------------------------------------------------------------------------------

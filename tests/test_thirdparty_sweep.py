@@ -19,7 +19,7 @@ from torch import nn
 
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
-from kdna_fx.record import record_of
+from kdna_fx.datamodel import record_of
 from kdna_fx.testing import output_tensors
 
 _spec = importlib.util.spec_from_file_location("thirdparty_models",

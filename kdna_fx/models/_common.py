@@ -18,7 +18,7 @@ def with_plan(model: nn.Module, families: Sequence[dict[str, Any]], config: KDNA
     model goes through, so report, fold, save/load, as_function and export work on zoo models too.
     """
     from ..api import transform  # late: kdna_fx imports this package while it is being set up
-    from ..passes import Plan
+    from ..datamodel import Plan
 
     return transform(model, config, plan=Plan.from_dict({"families": list(families)}), inplace=True)
 

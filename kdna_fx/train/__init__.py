@@ -6,11 +6,13 @@
 
 See docs/training.md.
 """
-from .checkpoint import CheckpointError, read_checkpoint
+from kdna_fx.errors import CheckpointError, DataError, NonFiniteLossError, WrappedModelError
+
+from .checkpoint import read_checkpoint
 from .compare import quick_compare
-from .data import DataBundle, DataError, build_data, fashion_mnist, read_idx
+from .data import DataBundle, build_data, fashion_mnist, read_idx
 from .distributed import convert_sync_batchnorm
-from .loop import NonFiniteLossError, TrainConfig, WrappedModelError, evaluate, train
+from .loop import TrainConfig, evaluate, train
 from .recipe import WarmupCosine, build_optimizer, param_groups
 
 __all__ = [

@@ -9,22 +9,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdna_fx.errors import KDNAError
+from kdna_fx.errors import CheckpointError, KDNAError
+from kdna_fx.utils import atomic_path
 
 FORMAT = "kdna_fx.train/1"
 CHECKPOINT_NAME = "last.pt"
 
 
-class CheckpointError(KDNAError, ValueError):
-    """A checkpoint is missing, unreadable or does not belong to the model/run it is loaded into."""
-
-
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` through a temporary file, so a crash mid-write never leaves a torn file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from kdna_fx.errors import KDNAError
+from kdna_fx.errors import DataError, KDNAError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -23,10 +23,6 @@ DATASETS = ("fashion-mnist", "folder", "imagenet")
 
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-class DataError(KDNAError, ValueError):
-    """A data set is missing or does not have the expected layout; the message says how to fix it."""
 
 
 def read_idx(path: str | os.PathLike[str]) -> Tensor:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -15,13 +14,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from kdna_fx.errors import CompiledGradientWarning, ConfigError, KDNAError, KDNATypeError
+from kdna_fx.errors import (CheckpointError, CompiledGradientWarning, ConfigError, DataError, KDNAError, KDNATypeError,
+                            NonFiniteLossError, WrappedModelError)
 from kdna_fx.timing import provenance
+from kdna_fx.utils import write_json
 
 from . import distributed as D
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_model_weights, model_signature, read_checkpoint, \
+from .checkpoint import CHECKPOINT_NAME, load_model_weights, model_signature, read_checkpoint, \
     save_checkpoint
-from .data import DataError
 from .recipe import WarmupCosine, autocast, build_optimizer, make_scaler, param_groups, resolve_amp, rng_state, \
     seed_everything, set_rng_state
 
@@ -82,17 +82,6 @@ class TrainConfig:
 TRAJECTORY_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
                    "adapter_weight_decay", "warmup_epochs", "min_lr", "label_smoothing", "amp", "channels_last",
                    "sync_bn", "seed", "limit_steps", "model")
-
-
-class NonFiniteLossError(KDNAError, RuntimeError):
-    """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
-
-    exit_code = 3
-    """What `kdna train` exits with (2 for every other KDNAError), so scripts can tell divergence apart."""
-
-
-class WrappedModelError(KDNATypeError):
-    """train() was given a DDP-wrapped or compiled model; it wraps and compiles the plain model itself."""
 
 
 def _plain_module(model: nn.Module) -> nn.Module:
@@ -251,7 +240,7 @@ def compile_backend(model: nn.Module, example: torch.Tensor,
     (kdna_fx.testing.check_compiled_gradients on ``example``, in training mode), or None (train eagerly).
     Inductor on CPU has given wrong gradients for transformed models in some processes on one machine
     (docs/known-issues.md): a user is told in one line, never trained on them silently."""
-    from ..passes.route import KeptModes
+    from ..utils import KeptModes
     from ..testing import check_compiled_gradients
 
     failed = []
@@ -364,13 +353,8 @@ def _restore(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, sche
 
 
 def _write_metrics(run_dir: str, config: TrainConfig, history: list[dict[str, Any]]) -> None:
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, METRICS_NAME)
-    payload = {"provenance": provenance(), "config": config.to_dict(), "epochs": history}
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    write_json(os.path.join(run_dir, METRICS_NAME),
+               {"provenance": provenance(), "config": config.to_dict(), "epochs": history})
 
 
 def _print_record(record: dict[str, Any], epochs: int) -> None:

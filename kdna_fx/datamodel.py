@@ -1,0 +1,436 @@
+"""The one data model of kdna_fx: what the passes find, what they decide, and what they leave behind.
+
+    ConvSite, Skipped      a conv that may be shared (found by a handler of passes/sites.py), or one left alone
+    Family, Plan           what the transform will do: parents, children, skipped convs (with its KDNAConfig)
+    Opaque                 a part of the model that kept it off the graph path, or stayed a leaf in it
+    NodeTag                what a node inserted by passes.rewrite is (``tag``, ``tag_of``, ``child_nodes``)
+    TransformRecord        what a transformed model carries (``attach``, ``find_record``, ``record_of``)
+    PeerRecord             the same for a model converted by kdna_fx.peers (``peer_record``)
+
+Every other module reads these types from here; the passes create them, the public face reads them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
+
+from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
+from .config import AdapterConfig, KDNAConfig
+from .errors import KDNAError
+from .tables import format_table
+
+
+# ---- what the passes find ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvSite:
+    """One convolution of the graph that may take part in sharing."""
+
+    name: str
+    """Module path for an nn.Conv2d; the weight's qualified name for an F.conv2d call."""
+    kind: str
+    """Which handler (passes/sites.py) found it and puts its child in place: "module" (an nn.Conv2d) or
+    "function" (an F.conv2d call)."""
+    node: str
+    weight: str
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple[int, int]
+    stride: Any
+    padding: Any
+    dilation: Any
+    groups: int
+    padding_mode: str
+    has_bias: bool
+    stage: str
+    adapter: AdapterConfig | None
+    """None when the config skips this conv; eligible sites always have one."""
+    adapter_path: str
+    """Where the child's adapter module lives: in place of the conv module, or beside the weight."""
+
+    @property
+    def family_key(self) -> tuple[Any, ...]:
+        return (self.stage, self.in_channels, self.out_channels, self.kernel_size, self.groups,
+                _pair(self.dilation), self.padding_mode)
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int, int]:
+        """(C_out, C_in / groups, kh, kw): the shape of the kernel it holds or shares."""
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A convolution that is neither parent nor child, and why."""
+
+    name: str
+    reason: str
+
+
+def _pair(v: Any) -> Any:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v) if isinstance(v, int) else v
+
+
+@dataclass(frozen=True)
+class Family:
+    """Convs that share one kernel: ``parent`` keeps it, each child reuses it through an adapter.
+
+    In adapter-only mode (``share=False``) a family is one conv that is its own parent and child.
+    ``stage``, ``shape`` and ``groups`` describe the parent's conv; a hand-written family may leave them out,
+    ``adopt`` fills them in from the model.
+    """
+
+    parent: str
+    children: tuple[str, ...]
+    stage: str = ""
+    shape: tuple[int, int, int, int] | None = None  # parent kernel: (C_out, C_in / groups, kh, kw)
+    groups: int = 1
+    similarity: tuple[float, ...] | None = None
+    """policy='cka': each child's measured CKA to the parent (in ``children`` order)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.children, str):
+            raise KDNAError(f"Family.children must be a sequence of conv names, got the string {self.children!r}")
+        object.__setattr__(self, "children", tuple(self.children))
+        if self.similarity is not None:
+            object.__setattr__(self, "similarity", tuple(float(v) for v in self.similarity))
+            if len(self.similarity) != len(self.children):
+                raise KDNAError(f"the family of {self.parent!r} has {len(self.children)} children but "
+                                f"{len(self.similarity)} similarities; give one per child or none")
+        if self.shape is not None:
+            object.__setattr__(self, "shape", tuple(self.shape))
+        if not self.children:
+            raise KDNAError(f"the family of {self.parent!r} has no children; a family needs at least one")
+
+    @property
+    def self_adapted(self) -> bool:
+        return self.children == (self.parent,)
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.parent, *self.children)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the rewrite will do: the families, and every conv left alone with the reason why.
+
+    ``sites`` (the model's eligible convs by name) and ``config`` (the KDNAConfig that found them) are set
+    once the plan belongs to a model: by ``plan_families`` or ``adopt``. Plans are immutable; edit one with
+    ``without`` / ``with_family`` or through its dict form (``to_dict`` -> edit -> ``from_dict``).
+    """
+
+    families: tuple[Family, ...]
+    skipped: tuple[Skipped, ...] = ()
+    sites: dict[str, ConvSite] = field(default_factory=dict, compare=False, repr=False)
+    config: KDNAConfig | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def children(self) -> list[str]:
+        return [c for f in self.families for c in f.children]
+
+    def parent_weight(self, family: Family) -> str:
+        return self.sites[family.parent].weight
+
+    def family_of(self, name: str) -> Family | None:
+        """The family ``name`` is a member of (parent or child), or None."""
+        return next((f for f in self.families if name in f.members), None)
+
+    # ---- editing ---------------------------------------------------------------------------------------
+    def without(self, *names: str, reason: str = "removed from the plan (Plan.without)") -> "Plan":
+        """This plan with ``names`` left alone: a child leaves its family; a parent takes its family with it
+        (its children are left alone too). A family left without children is dropped."""
+        unknown = [n for n in names if self.family_of(n) is None]
+        if unknown:
+            raise KDNAError(f"Plan.without: {unknown} are in no family of this plan; members are "
+                            f"{sorted(m for f in self.families for m in f.members)[:8]}...")
+        drop, families, skipped = set(names), [], list(self.skipped)
+        for family in self.families:
+            if family.parent in drop:
+                skipped += [Skipped(m, reason if m in drop else f"its parent {family.parent!r} was {reason}")
+                            for m in family.members]
+                continue
+            kept = [i for i, c in enumerate(family.children) if c not in drop]
+            children = tuple(family.children[i] for i in kept)
+            skipped += [Skipped(c, reason) for c in family.children if c in drop]
+            if children:
+                similarity = None if family.similarity is None else tuple(family.similarity[i] for i in kept)
+                families.append(dataclasses.replace(family, children=children, similarity=similarity))
+            else:
+                skipped.append(Skipped(family.parent, "its family has no child left"))
+        return dataclasses.replace(self, families=tuple(families), skipped=tuple(skipped))
+
+    def with_family(self, parent: str, children: Iterable[str]) -> "Plan":
+        """This plan plus a family: ``children`` reuse ``parent``'s kernel. The named convs leave the families
+        they were in (a former parent's other children are left alone)."""
+        family = Family(parent, tuple(children))
+        named = set(family.members)
+        current = [n for n in named if self.family_of(n) is not None]
+        plan = self.without(*current, reason="moved to another family (Plan.with_family)") if current else self
+        skipped = tuple(s for s in plan.skipped if s.name not in named)
+        if parent in self.sites:
+            site = self.sites[parent]
+            family = dataclasses.replace(family, stage=site.stage, shape=site.kernel_shape, groups=site.groups)
+        return dataclasses.replace(plan, families=(*plan.families, family), skipped=skipped)
+
+    # ---- plain-dict form ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "families": [{"stage": f.stage, "parent": f.parent, "children": list(f.children),
+                          "shape": list(f.shape) if f.shape is not None else None, "groups": f.groups,
+                          **({"similarity": list(f.similarity)} if f.similarity is not None else {})}
+                         for f in self.families],
+            "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        """A plan from ``to_dict``'s form; a family needs only ``parent`` and ``children``."""
+        unknown = sorted(set(data) - {"families", "skipped"})
+        if unknown or "families" not in data:
+            raise KDNAError(f"a plan dict has the keys 'families' (required) and 'skipped'; got {sorted(data)}")
+        families = []
+        for i, entry in enumerate(data["families"]):
+            extra = sorted(set(entry) - {"parent", "children", "stage", "shape", "groups", "similarity"})
+            if extra or "parent" not in entry or "children" not in entry:
+                raise KDNAError(f"plan family #{i} {dict(entry)!r}: needs 'parent' and 'children' (optional: "
+                                f"'stage', 'shape', 'groups', 'similarity'){f'; unknown keys {extra}' if extra else ''}")
+            families.append(Family(**entry))
+        skipped = tuple(Skipped(s["name"], s["reason"]) for s in data.get("skipped", ()))
+        return cls(tuple(families), skipped)
+
+    # ---- display -------------------------------------------------------------------------------------------
+    def table(self) -> str:
+        """The plan as readable text tables."""
+        measured = any(f.similarity is not None for f in self.families)
+        rows = [[f.stage or "-", f.parent, "(self)" if f.self_adapted else ", ".join(f.children),
+                 "x".join(map(str, f.shape or ("?",))), str(f.groups)]
+                + ([", ".join(f"{v:.2f}" for v in f.similarity or ()) or "-"] if measured else [])
+                for f in self.families]
+        text = format_table(["stage", "parent", "children", "kernel", "groups"]
+                            + (["CKA child-parent"] if measured else []), rows,
+                            title=f"{len(self.families)} families, {len(self.children)} children")
+        if self.skipped:
+            text += "\n\n" + format_table(["conv", "why it is left alone"],
+                                          [[s.name, s.reason] for s in self.skipped],
+                                          title=f"{len(self.skipped)} convolutions skipped")
+        return text
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# ---- what kept a model off the graph path ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Opaque:
+    """A part of the model that kept it off the graph path, or ran as an opaque leaf in the graph, and why."""
+
+    path: str
+    """Module path from the model's root; "" is the model's own forward."""
+    type: str
+    kept: str
+    """One of KEPT's keys."""
+    reason: str
+    source: str = ""
+    """Where tracing broke in the model's code ("file.py:12 `if x.sum() > 0:`"), when it did."""
+
+    def describe(self) -> str:
+        where = f" at {self.source}" if self.source else ""
+        return f"'{self.path or '<model>'}' ({self.type}): {self.reason}{where}"
+
+
+
+# ---- what the rewrite inserts: typed node tags -------------------------------------------------------------
+TAG_KEY = "kdna"
+"""The key of ``node.meta`` under which a NodeTag is stored."""
+ROLES = ("parent_weight", "gate", "filter_scale", "spatial_scale", "lowrank_b", "lowrank_a", "bias",
+         "child_conv", "folded_weight")
+
+
+@dataclass(frozen=True)
+class NodeTag:
+    """What a node that passes.rewrite inserted is. Later passes (fold, calibrate, CKA) find their nodes
+    through these tags, never by pattern matching."""
+
+    role: str
+    """One of ROLES."""
+    child: str
+    """The child conv (its name in the plan) the node belongs to."""
+    adapter: str | None = None
+    """For "child_conv" and "folded_weight": the path of the child's ChildAdapter."""
+
+
+def tag(node: fx.Node, role: str, child: str, adapter: str | None = None) -> fx.Node:
+    """Mark ``node`` as inserted by kdna_fx (see NodeTag); returns it."""
+    if role not in ROLES:
+        raise KDNAError(f"unknown node role {role!r}; one of {ROLES}")
+    node.meta[TAG_KEY] = NodeTag(role, child, adapter)
+    if node.op == "call_function":
+        node.meta["is_wrapped"] = True  # generated code re-registers it with torch.fx.wrap: re-tracing keeps it a leaf
+    return node
+
+
+def tag_of(node: fx.Node) -> NodeTag | None:
+    """The NodeTag of ``node``, or None for a node kdna_fx did not insert."""
+    return node.meta.get(TAG_KEY)
+
+
+def child_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The child-conv nodes of a rewritten graph (folded or not), in graph order."""
+    return [n for n in gm.graph.nodes if (t := tag_of(n)) is not None and t.role == "child_conv"]
+
+
+@contextmanager
+def interpreted(gm: fx.GraphModule, interpreter: fx.Interpreter) -> Iterator[None]:
+    """Within the block, every call of ``gm`` runs node by node through ``interpreter`` (to watch or stop at
+    a node): ``gm.forward`` is shadowed on the instance, and restored on exit."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        # Interpreter.run takes positional arguments only: bind keywords (and defaults) by placeholder.
+        rest = [kwargs[n.target] if n.target in kwargs else n.args[0] for n in placeholders[len(args):]
+                if n.target in kwargs or n.args]
+        return interpreter.run(*args, *rest)
+
+    vars(gm)["forward"] = forward
+    try:
+        yield
+    finally:
+        vars(gm).pop("forward", None)
+
+
+# ---- what a transformed or converted model carries ---------------------------------------------------------
+RECORD_ATTR = "_kdna_record"
+
+
+@dataclass
+class TransformRecord:
+    plan: Plan
+    """The applied plan, which carries the KDNAConfig it was made with."""
+    params_before: int
+    in_channels: int | None
+    """Input channels of the first convolution: the default example input of report()."""
+    folded: bool = False
+    init: str = "copy"
+    """How the adapters started: 'copy' (children are copies of their parent) or 'trained' (converted)."""
+    how: str = "graph"
+    """How the children were put in place: 'graph' (rewritten GraphModule) or 'swap' (module swap)."""
+    opaque: tuple[Opaque, ...] = ()
+    """What kept the model off the graph path, or stayed an opaque leaf in it."""
+    node_tags: tuple[tuple[int, NodeTag], ...] = ()
+    """(position in the graph, tag) of every tagged node: restores the tags when a pickled GraphModule is
+    rebuilt from its code (torch.fx keeps no node metadata through pickle)."""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The plan's KDNAConfig as a plain dict."""
+        return self.plan.config.to_dict()
+
+
+def attach(model: nn.Module, record: TransformRecord) -> None:
+    """Leave ``record`` on ``model``; on a GraphModule it also survives deepcopy (torch.fx's preserved
+    attributes) and pickle (a plain attribute is restored; its node tags by ``store_tags``)."""
+    object.__setattr__(model, RECORD_ATTR, record)
+    if isinstance(model, fx.GraphModule):
+        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[RECORD_ATTR] = record
+        store_tags(model)
+
+
+def store_tags(gm: fx.GraphModule) -> None:
+    """Write the graph's node tags into its record (after every pass that changes the graph)."""
+    record = find_record(gm)
+    if record is not None:
+        record.node_tags = tuple((i, n.meta[TAG_KEY]) for i, n in enumerate(gm.graph.nodes) if TAG_KEY in n.meta)
+
+
+def restore_tags(graph: fx.Graph, record: TransformRecord) -> None:
+    """Put the record's node tags back on a graph rebuilt from the same code (same nodes, same order)."""
+    nodes = list(graph.nodes)
+    for i, tag in record.node_tags:
+        if i < len(nodes):
+            nodes[i].meta[TAG_KEY] = tag
+
+
+def find_record(model: object) -> TransformRecord | None:
+    """The record of a transformed model (or of the model inside a torch.compile wrapper), else None."""
+    if not isinstance(model, nn.Module):
+        return None
+    # vars(): a plain attribute, never a parameter or submodule (nn.Module.__getattr__ would look there).
+    record = vars(model).get(RECORD_ATTR)
+    if record is not None and isinstance(model, fx.GraphModule):
+        # A GraphModule rebuilt from pickle has the attribute but a fresh meta: keep deepcopy carrying it.
+        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).setdefault(RECORD_ATTR, record)
+    if record is None and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return find_record(model._orig_mod)
+    return record
+
+
+def record_of(model: nn.Module) -> TransformRecord:
+    """The record of a transformed model (or of the model inside a torch.compile wrapper)."""
+    record = find_record(model)
+    if record is None:
+        raise KDNAError(f"{type(model).__name__} is not a kdna_fx-transformed model; "
+                        f"call kdna_fx.transform(model) first")
+    return record
+
+
+def graph_of(model: nn.Module) -> fx.GraphModule | None:
+    """The rewritten graph of a transformed model (``how == "graph"``), else None (swapped, or not transformed)."""
+    model = getattr(model, "_orig_mod", model)
+    record = find_record(model)
+    return model if record is not None and record.how == "graph" and isinstance(model, fx.GraphModule) else None
+
+@dataclass
+class PeerRecord:
+    """What swap_convs did: the peer's name, the convs it replaced, those it left and why."""
+
+    method: str
+    params_before: int
+    converted: tuple[str, ...]
+    skipped: tuple[Skipped, ...]
+    in_channels: int | None
+    """Input channels of the model's first conv: the default example input of describe()."""
+
+
+PEER_ATTR = "_kdna_peer"
+
+
+def attach_peer(model: nn.Module, record: PeerRecord) -> None:
+    """Leave ``record`` on a model converted by a peer (in a GraphModule's meta, which deepcopy keeps)."""
+    if isinstance(model, fx.GraphModule):
+        model.meta["kdna_peer"] = record
+    else:
+        object.__setattr__(model, PEER_ATTR, record)
+
+
+def peer_record(model: nn.Module) -> PeerRecord | None:
+    """The PeerRecord of a converted model: in a GraphModule's meta (kept by deepcopy), else a plain attribute."""
+    if isinstance(model, fx.GraphModule) and "kdna_peer" in model.meta:
+        return model.meta["kdna_peer"]
+    return vars(model).get(PEER_ATTR)
+
+
+
+
+def converted_by(model: object) -> str | None:
+    """What already converted ``model`` (or the model inside a torch.compile wrapper): "kdna_fx.transform",
+    the kdna_fx.peers method, or None."""
+    if not isinstance(model, nn.Module):
+        return None
+    model = getattr(model, "_orig_mod", model)
+    if find_record(model) is not None:
+        return "kdna_fx.transform"
+    peer = peer_record(model)
+    return f"kdna_fx.peers ({peer.method})" if peer is not None else None
+
+
+def refuse_converted(model: object) -> None:
+    """Raise a KDNAError if ``model`` was already converted: converting twice would share adapters' kernels."""
+    done = converted_by(model)
+    if done is not None:
+        raise KDNAError(f"this model was already converted by {done}; convert the original model instead "
+                        f"(kdna_fx.plan_of(model) gives a transformed model's plan, to replay on a fresh original)")
