@@ -5,7 +5,7 @@
     fast = torch.compile(kmodel)           # Inductor, fullgraph
     deploy = kdna_fx.fold(kmodel.eval())   # static modulation folded for inference
 
-The names below are the whole public face (docs/api.md). The rooms behind it: ``kdna_fx.functional`` (the
+The names below are the whole public face (README.md, API). The rooms behind it: ``kdna_fx.functional`` (the
 adapter math), ``kdna_fx.passes`` (the graph passes), ``kdna_fx.datamodel`` (the types they exchange),
 ``kdna_fx.models`` (the zoo), ``kdna_fx.peers`` (the dynamic-convolution peers), ``kdna_fx.cka``,
 ``kdna_fx.train``, ``kdna_fx.data`` and ``kdna_fx.testing``.

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -230,6 +232,19 @@ class KDNAConfig:
         if "kernel_sizes" in data:
             kwargs["kernel_sizes"] = tuple(data["kernel_sizes"])
         return cls(**kwargs)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> "KDNAConfig":
+        """The config in a JSON file holding ``to_dict``'s form (the ``--config`` of the commands)."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read a KDNAConfig dict as JSON from {os.fspath(path)!r} ({exc}); write one "
+                              f"with json.dump(config.to_dict(), f)") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{os.fspath(path)!r} holds a JSON {type(data).__name__}, not a KDNAConfig dict")
+        return cls.from_dict(data)
 
 
 def _qualname(obj: Any) -> str:

@@ -91,7 +91,7 @@ def _images(data: Dataset, n: int, seed: int) -> torch.Tensor:
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
-    from .train.data import build_data
+    from .data import build_data
 
     spec, data_spec, state = load_source(args.source, args.model, width=args.width, small_stem=args.small_stem,
                                          num_classes=args.num_classes)

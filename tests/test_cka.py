@@ -334,7 +334,7 @@ def tiny(tmp_path_factory):
 def test_cka_command_end_to_end_with_compare(tiny, capsys):
     root, data = tiny
     out = root / "out"
-    assert main(["cka", str(root / "weights.pt"), *TINY, "--images", "64", "--data-path", data,
+    assert main(["cka", str(root / "weights.pt"), *TINY, "--images", "64", "--data", data,
                  "--compare", str(root / "converted.safetensors"), "--out", str(out), "--no-progress"]) == 0
     assert (out / "cka.png").read_bytes()[:4] == b"\x89PNG"
     result = json.loads((out / "cka.json").read_text())
@@ -350,7 +350,7 @@ def test_cka_command_on_a_model_name_writes_beside_the_working_directory(tiny, m
     root, data = tiny
     monkeypatch.chdir(root)
     assert main(["cka", "resnet18", "--width", "0.0625", "--small-stem", "--images", "16", "--pool", "mean",
-                 "--data-path", data, "--no-progress"]) == 0
+                 "--data", data, "--no-progress"]) == 0
     result = json.loads((root / "cka_resnet18" / "cka.json").read_text())
     assert result["pool"] == "mean" and result["compare"] is None and result["model"]["name"] == "resnet18"
 
@@ -358,7 +358,7 @@ def test_cka_command_on_a_model_name_writes_beside_the_working_directory(tiny, m
 def test_cka_command_bad_inputs_are_clear(tiny, tmp_path, capsys):
     root, data = tiny
     weights, converted = str(root / "weights.pt"), str(root / "converted.safetensors")
-    no_path = [weights, *TINY, "--data", "folder", "--data-path", ""]
+    no_path = [weights, *TINY, "--dataset", "folder", "--data", ""]
     cases = [
         ([str(tmp_path / "nowhere")], "neither a `kdna train` run directory"),
         (["resnet81"], "Did you mean 'resnet18'"),
@@ -367,12 +367,12 @@ def test_cka_command_bad_inputs_are_clear(tiny, tmp_path, capsys):
         ([weights, "--model", "resnet18"], "do not fit resnet18"),
         ([weights, *TINY, "--compare", "nothing-here"], "--compare 'nothing-here' is neither"),
         ([weights, *TINY, "--images", "2"], ">= 4"),
-        (no_path, "needs --data-path"),
-        ([weights, *TINY, "--data", "folder", "--data-path", str(tmp_path)], "ImageFolder"),
-        ([weights, *TINY, "--data-path", str(tmp_path)], "Fashion-MNIST files not found"),
+        (no_path, "needs --data PATH"),
+        ([weights, *TINY, "--dataset", "folder", "--data", str(tmp_path)], "ImageFolder"),
+        ([weights, *TINY, "--data", str(tmp_path)], "Fashion-MNIST files not found"),
         (["squeezenet1_1"], "cannot run on"),  # torchvision: a 3-channel stem, given 1-channel images
     ]
     for argv, needle in cases:
-        args = argv if "--data-path" in argv else [*argv, "--data-path", data]
+        args = argv if "--data" in argv else [*argv, "--data", data]
         assert main(["cka", *args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2, argv
         assert needle in capsys.readouterr().err, needle

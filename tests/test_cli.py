@@ -9,6 +9,7 @@ import types
 
 import pytest
 
+import kdna_fx
 from kdna_fx import cli
 from kdna_fx.errors import KDNAError
 from kdna_fx.train import CheckpointError, NonFiniteLossError
@@ -22,7 +23,7 @@ def test_every_command_names_a_function(command):
 
 def test_no_module_shadows_the_standard_library():
     assert importlib.util.find_spec("kdna_fx.inspect") is None
-    assert importlib.util.find_spec("kdna_fx.plan_command") is not None
+    assert importlib.util.find_spec("kdna_fx.cli.plan") is not None
 
 
 @pytest.fixture
@@ -72,3 +73,16 @@ def test_plan_command_prints_the_plan(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert [f["parent"] for f in plan["families"]] == ["layer1.0.conv1", "layer2.0.conv2", "layer3.0.conv2",
                                                       "layer4.0.conv2"]
+
+
+def test_plan_command_takes_zoo_names_and_prints_a_transformed_models_own_plan(capsys):
+    assert cli.main(["plan", "kdna_resnet18", "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert own == kdna_fx.plan_of(kdna_fx.models.create_model("kdna_resnet18")).to_dict()
+    assert cli.main(["plan", "mobilenet_v2", "--json"]) == 0  # the zoo's sharing config: its 1x1 convs
+    assert json.loads(capsys.readouterr().out)["families"]
+
+
+def test_models_command_is_reachable_from_kdna(capsys):
+    assert cli.main(["models", "resnet18", "--small"]) == 0
+    assert "resnet18" in capsys.readouterr().out

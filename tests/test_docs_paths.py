@@ -52,3 +52,18 @@ def test_the_check_fails_on_a_missing_name_and_on_a_shadowed_module(monkeypatch)
     # kdna_fx.report is a function; had its module kept the name, kdna_fx.report.count_macs would fail to resolve
     monkeypatch.setattr(kdna_fx, "reporting", kdna_fx.report)
     assert not _resolves("kdna_fx.reporting.count_macs")
+
+
+def test_the_public_face_is_small_documented_and_shadows_no_module():
+    import pkgutil
+
+    import kdna_fx
+
+    names = kdna_fx.__all__
+    errors = [n for n in names if isinstance(getattr(kdna_fx, n), type) and issubclass(getattr(kdna_fx, n), BaseException)]
+    assert len(names) - len(errors) <= 25, "the face beyond its errors and warnings has grown; see issue 24"
+    assert all(getattr(kdna_fx, n).__doc__ for n in names), [n for n in names if not getattr(kdna_fx, n).__doc__]
+    modules = {m.name for m in pkgutil.iter_modules(kdna_fx.__path__)}
+    assert not modules & set(names), f"a public name shadows a module: {sorted(modules & set(names))}"
+    readme = (ROOT / "README.md").read_text()
+    assert not [n for n in names if f"kdna_fx.{n}" not in readme and n not in readme], "undocumented public names"

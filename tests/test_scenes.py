@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kdna_fx.train.data import FASHION_MNIST_DIR, DataError
+from kdna_fx.data import FASHION_MNIST_DIR, DataError
 from kdna_fx.train.scenes import FashionScenes, collate, mask_boxes
 
 needs_data = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")

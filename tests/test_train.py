@@ -16,7 +16,7 @@ from kdna_fx.errors import ConfigError, KDNAError
 from kdna_fx.train import (CheckpointError, DataError, NonFiniteLossError, TrainConfig, WarmupCosine,
                            WrappedModelError, build_data, convert_sync_batchnorm, param_groups, read_checkpoint,
                            read_idx, train)
-from kdna_fx.train.data import FASHION_MNIST_DIR, fashion_mnist
+from kdna_fx.data import FASHION_MNIST_DIR, fashion_mnist
 
 
 # ---- helpers -------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from kdna_fx.errors import CheckpointError, DataError, NonFiniteLossError, Wrapp
 
 from .checkpoint import read_checkpoint
 from .compare import quick_compare
-from .data import DataBundle, build_data, fashion_mnist, read_idx
+from kdna_fx.data import DataBundle, build_data, fashion_mnist, read_idx
 from .distributed import convert_sync_batchnorm
 from .loop import TrainConfig, evaluate, train
 from .recipe import WarmupCosine, build_optimizer, param_groups

@@ -9,7 +9,7 @@ import torch
 
 from kdna_fx.timing import markdown_table
 
-from .data import build_data
+from kdna_fx.data import build_data
 from .loop import TrainConfig, evaluate, make_eval_loader, train
 from .models import build_model
 from . import distributed as D

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, fashion_mnist
+from kdna_fx.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, fashion_mnist
 
 SPLITS = {"train": True, "val": False}  # split -> Fashion-MNIST's train flag (val scenes use the test images)
 SCENE_CLASSES = ("background",) + FASHION_MNIST_CLASSES

@@ -5,32 +5,29 @@ They report user errors by raising KDNAError subclasses; kdna_fx.cli.main prints
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
 import torch
 
+from kdna_fx.data import build_data
 from kdna_fx.errors import ConfigError
 from kdna_fx.timing import provenance
+from kdna_fx.train import distributed as D
+from kdna_fx.train.checkpoint import CHECKPOINT_NAME, load_model_weights, read_checkpoint
+from kdna_fx.train.loop import TrainConfig, evaluate, make_eval_loader, train
+from kdna_fx.train.models import build_model
+from kdna_fx.train.recipe import AMP_CHOICES, resolve_amp
+from kdna_fx.utils import write_json
 
-from . import distributed as D
-from .checkpoint import CHECKPOINT_NAME, load_model_weights, read_checkpoint
-from .data import DATASETS, build_data
-from .loop import TrainConfig, evaluate, make_eval_loader, train
-from .models import build_model
-from .recipe import AMP_CHOICES, resolve_amp
+from .options import add_data, add_progress
 
 # Options that may differ from the checkpoint's when resuming (they do not change the numbers).
 _RESUME_OVERRIDABLE = {"workers", "device", "log_every", "progress", "compile", "data_path"}
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=DATASETS, default="fashion-mnist",
-                   help="fashion-mnist (IDX files), folder (any ImageFolder tree), imagenet (ImageFolder layout)")
-    p.add_argument("--data", dest="data_path", default=None,
-                   help="data location (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--image-size", type=int, default=None, help="crop size for folder (64) / imagenet (224)")
+    add_data(p)
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of a single folder tree")
     p.add_argument("--train-subset", type=int, default=None, help="train on a seeded random subset of N images")
     p.add_argument("--val-subset", type=int, default=None, help="evaluate on a seeded random subset of N images")
@@ -39,7 +36,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                    help="autocast: auto = bf16 (or fp16) on CUDA, fp32 on CPU; bf16 on CPU is opt-in")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_progress(p)
 
 
 def train_parser(suppress: bool = False) -> argparse.ArgumentParser:
@@ -185,6 +182,5 @@ def eval_main(argv: list[str] | None = None) -> int:
               f"over {result['images']} images, loss {result['loss']:.4f}, {result['images_per_s']:.0f} images/s "
               f"(batch {args.batch_size}, {ctx.device}, {torch.get_num_threads()} threads)")
         if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump({**result, "provenance": provenance()}, f, indent=2)
+            write_json(args.json_out, {**result, "provenance": provenance()})
     return 0

@@ -1,4 +1,6 @@
-"""Datasets for training: Fashion-MNIST from its IDX files, any ImageFolder tree, ImageNet (ImageFolder layout)."""
+"""Datasets, one room for every command and study: Fashion-MNIST from its IDX files, any ImageFolder tree, ImageNet
+(ImageFolder layout). ``build_data`` gives train/val sets (kdna train, kdna convert); ``eval_images`` gives
+images without augmentation to measure on (kdna cka)."""
 from __future__ import annotations
 
 import gzip
@@ -214,3 +216,22 @@ def _subset(data: Dataset, size: int | None, seed: int) -> Dataset:
         raise DataError(f"a subset size must be >= 1, got {size}")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:size]  # type: ignore[arg-type]
     return Subset(data, sorted(order.tolist()))
+
+
+def eval_images(dataset: str = "fashion-mnist", path: str | None = None, *,
+                image_size: int | None = None) -> tuple[Dataset, int, int, str]:
+    """(images without augmentation, classes, channels, description) to measure a model on: the Fashion-MNIST
+    test split, the val/ half of a train/val tree (ImageNet layout), or every image of one ImageFolder tree."""
+    if dataset == "fashion-mnist":
+        root = path or FASHION_MNIST_DIR
+        return fashion_mnist(root, train=False), 10, 1, f"Fashion-MNIST test split ({root})"
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if not path:
+        raise DataError(f"--dataset {dataset} needs --data PATH (an ImageFolder tree: one sub-folder per class)")
+    if dataset == "imagenet" or all(os.path.isdir(os.path.join(path, s)) for s in ("train", "val")):
+        bundle = build_data(dataset, path, image_size=image_size)
+        return bundle.val, bundle.num_classes, bundle.in_chans, f"{bundle.description}, val"
+    size = image_size or 64
+    folder = _image_folder(path, _folder_transforms(size, False, (0.35, 1.0)))
+    return folder, len(folder.classes), 3, f"folder ({path}, {size}px)"

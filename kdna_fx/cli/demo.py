@@ -13,7 +13,7 @@ import torchvision
 import kdna_fx
 from kdna_fx.testing import randomize_adapters
 
-from .timing import time_call
+from kdna_fx.timing import time_call
 
 
 def run(image_size: int = 128, batch: int = 8, compile: bool = True) -> dict[str, float]:

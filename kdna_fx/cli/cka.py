@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
 from typing import Any
 
@@ -20,30 +19,23 @@ from torch.utils.data import Dataset
 
 import kdna_fx
 
-from .cka import POOLS, CKAError, LayerSimilarity, layer_similarity
-from .errors import ConfigError, StateError
-from .source import build_original, load_source, model_names, spec_from_options
-from .state import FORMAT
+from kdna_fx.cka import POOLS, CKAError, LayerSimilarity, layer_similarity
+from kdna_fx.data import eval_images
+from kdna_fx.errors import ConfigError, StateError
+from kdna_fx.source import build_original, load_source, model_names, spec_from_options
+from kdna_fx.state import FORMAT
+from kdna_fx.timing import provenance
+from kdna_fx.utils import write_json
+
+from .options import add_data, add_model_options, add_progress
 
 
 def parser() -> argparse.ArgumentParser:
-    from .train.data import DATASETS
-
     p = argparse.ArgumentParser(prog="kdna cka", description=__doc__.splitlines()[0])
     p.add_argument("source", help="a `kdna train` run directory, a state dict (.pt / .safetensors), a kdna_fx.save "
                                   "file, or a model name (random weights)")
-    p.add_argument("--model", default=None, help="zoo or torchvision name of the architecture (files; default: the "
-                                                 "run's model)")
-    p.add_argument("--width", type=float, default=None, help="width of the model (files and names)")
-    p.add_argument("--small-stem", action="store_true", default=None, help="small stem (files and names)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of the model (default: the data's)")
-    p.add_argument("--data", choices=DATASETS, default=None,
-                   help="images to compare the layers on (default: the run's data set, else fashion-mnist: its "
-                        "test split)")
-    p.add_argument("--data-path", default=None, help="data location (default: the run's, or the Fashion-MNIST "
-                                                     "package); for folder: an ImageFolder tree")
-    p.add_argument("--image-size", type=int, default=None, help="folder/imagenet image size (default: the run's, "
-                                                                "else 64 / 224)")
+    add_model_options(p, what="the architecture")
+    add_data(p, dataset_default=None)  # images to compare the layers on: the run's, else the Fashion-MNIST test split
     p.add_argument("--images", type=int, default=512, help="images to measure on (>= 4)")
     p.add_argument("--batch-size", type=int, default=64, help="images per minibatch of the CKA estimate (>= 4)")
     p.add_argument("--pool", choices=POOLS, default="flatten",
@@ -52,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
                                                    "`kdna convert`) drawn beside the first")
     p.add_argument("--out", default=None, help="output folder (default: <run>/cka, <file>.cka or cka_<name>)")
     p.add_argument("--seed", type=int, default=0, help="image sample, and the weights of a model given by name")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress(p)
     return p
 
 
@@ -114,24 +106,6 @@ def _build(kind: str, where: str, spec: dict[str, Any], state: dict | None, seed
     return model.eval()
 
 
-def _dataset(kind: str, path: str | None, image_size: int | None) -> tuple[Dataset, int, int, str]:
-    """(images without augmentation, classes, channels, description)."""
-    from .train.data import FASHION_MNIST_DIR, DataError, _folder_transforms, _image_folder, build_data, fashion_mnist
-
-    if kind == "fashion-mnist":
-        root = path or FASHION_MNIST_DIR
-        return fashion_mnist(root, train=False), 10, 1, f"Fashion-MNIST test split ({root})"
-    if not path:
-        raise DataError(f"--data {kind} needs --data-path PATH (an ImageFolder tree: one sub-folder per class)")
-    if kind == "imagenet" or all(os.path.isdir(os.path.join(path, s)) for s in ("train", "val")):
-        bundle = build_data(kind, path, image_size=image_size)
-        return bundle.val, bundle.num_classes, bundle.in_chans, f"{bundle.description}, val"
-    # One class-per-folder tree: all of it, with the validation transform (no augmentation).
-    size = image_size or 64
-    folder = _image_folder(path, _folder_transforms(size, False, (0.35, 1.0)))
-    return folder, len(folder.classes), 3, f"folder ({path}, {size}px)"
-
-
 def _measure(model: nn.Module, name: str, data: Dataset, description: str, label: str,
              args: argparse.Namespace) -> LayerSimilarity:
     if len(data) == 0:  # type: ignore[arg-type]
@@ -142,7 +116,7 @@ def _measure(model: nn.Module, name: str, data: Dataset, description: str, label
             model(probe)
     except RuntimeError as exc:  # the model's own forward failed: wrong data for this model
         raise CKAError(f"{name} cannot run on {description} (images {tuple(probe.shape[1:])}): "
-                       f"{str(exc).splitlines()[0]}. Pick data the model was built for (--data, --data-path) or "
+                       f"{str(exc).splitlines()[0]}. Pick data the model was built for (--dataset, --data) or "
                        f"model options that fit it") from None
     sim = layer_similarity(model, data, images=args.images, pool=args.pool, batch_size=args.batch_size,
                            seed=args.seed, progress=args.progress)
@@ -159,12 +133,10 @@ def _default_out(source: str, kind: str) -> str:
 
 
 def cka(args: argparse.Namespace) -> dict[str, Any]:
-    from .timing import provenance
-
     kind, spec, data_spec, state = _resolve(args.source, args)
-    data, classes, chans, description = _dataset(args.data or data_spec.get("dataset", "fashion-mnist"),
-                                                 args.data_path or data_spec.get("path"),
-                                                 args.image_size or data_spec.get("image_size"))
+    data, classes, chans, description = eval_images(args.dataset or data_spec.get("dataset", "fashion-mnist"),
+                                                    args.data_path or data_spec.get("path"),
+                                                    image_size=args.image_size or data_spec.get("image_size"))
     if kind != "run":  # a run's spec is complete; the other sources take what the data implies
         spec = {**spec, "num_classes": args.num_classes or classes, "in_chans": chans}
     label = os.path.basename(args.source.rstrip("/"))
@@ -185,8 +157,7 @@ def cka(args: argparse.Namespace) -> dict[str, Any]:
     result = {**entry(args.source, sim), "model": spec, "data": description,
               "compare": entry(args.compare, other) if other is not None else None,
               "provenance": provenance(["kdna", "cka", *args.argv])}
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(path, result)
     print(sim)
     if other is not None:
         print(f"\n{other}")

@@ -1,4 +1,7 @@
-"""Command line: ``kdna <command> ...`` (also ``python -m kdna_fx <command> ...``).
+"""Command line: ``kdna <command> ...`` (also ``python -m kdna_fx <command> ...``), one module per command.
+
+Each command is a thin layer over a library call; the options they share mean the same everywhere
+(kdna_fx/cli/options.py: ``--data`` is always a path, ``--dataset`` the kind of data set).
 
 Every command reports a user error by raising a KDNAError; ``main`` prints it as ``kdna <command>: error: ...``
 and exits with the error's ``exit_code`` (2 unless the class says otherwise: NonFiniteLossError is 3). Any
@@ -13,15 +16,16 @@ from kdna_fx.errors import KDNAError
 
 # command name -> ("module:function" taking argv, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("kdna_fx.demo:main", "the main job: ResNet-18 transform, report, fold/compile checks and timing, "
+    "demo": ("kdna_fx.cli.demo:main", "the main job: ResNet-18 transform, report, fold/compile checks and timing, "
                                   "then a brief Fashion-MNIST comparison with the baseline"),
-    "plan": ("kdna_fx.plan_command:main", "print the family plan of a torchvision model without changing it"),
-    "train": ("kdna_fx.train.commands:train_main",
+    "plan": ("kdna_fx.cli.plan:main", "print the family plan kdna_fx would build for a model, changing nothing"),
+    "models": ("kdna_fx.cli.models:main", "parameters and MACs of the zoo's models"),
+    "train": ("kdna_fx.cli.train:train_main",
               "train a kdna_fx.models model (Fashion-MNIST, ImageFolder, ImageNet; DDP)"),
-    "eval": ("kdna_fx.train.commands:eval_main", "top-1 and images/s of a kdna train checkpoint"),
+    "eval": ("kdna_fx.cli.train:eval_main", "top-1 and images/s of a kdna train checkpoint"),
     "convert": ("kdna_fx.convert_command:main", "convert a trained model (run directory or state dict) into a "
                                                "KernelDNA model, calibrated without labels"),
-    "cka": ("kdna_fx.cka_command:main", "linear CKA between a model's conv outputs: heat map (PNG), matrix (JSON) "
+    "cka": ("kdna_fx.cli.cka:main", "linear CKA between a model's conv outputs: heat map (PNG), matrix (JSON) "
                                        "and the most similar pairs; --compare draws a second model beside it"),
 }
 

@@ -1,4 +1,4 @@
-"""``python -m kdna_fx.models [patterns] [options]``: parameters and MACs of zoo models.
+"""``kdna models [patterns] [options]``: parameters and MACs of zoo models.
 
 Defaults: 1000 classes, one 3x224x224 image. ``--small`` measures the small CPU setting instead
 (10 classes, 1x28x28, small_stem, width 0.25 where a model takes width).
@@ -10,13 +10,13 @@ import warnings
 
 import torch
 
-from ..tables import format_table
-from ..reporting import count_macs
-from . import create_model, list_models, model_options
+from kdna_fx.models import create_model, list_models, model_options
+from kdna_fx.reporting import count_macs
+from kdna_fx.tables import format_table
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kdna_fx.models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kdna models", description=__doc__.splitlines()[0])
     parser.add_argument("patterns", nargs="*", default=["*"], help="shell-style model name patterns")
     parser.add_argument("--small", action="store_true", help="10 classes, 1x28x28, small_stem, width 0.25")
     args = parser.parse_args(argv)
@@ -38,6 +38,3 @@ def main(argv: list[str] | None = None) -> None:
                        title=f"input {'x'.join(map(str, shape))}, options {kwargs or 'defaults'}"
                              + (" (+ width=0.25 where taken)" if args.small else "")))
 
-
-if __name__ == "__main__":
-    main()

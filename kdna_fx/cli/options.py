@@ -1,0 +1,29 @@
+"""Options that mean the same in every command: where the data is, which data set it is, how to build a model."""
+from __future__ import annotations
+
+import argparse
+
+from kdna_fx.data import DATASETS
+
+
+def add_data(p: argparse.ArgumentParser, *, dataset_default: str | None = "fashion-mnist") -> None:
+    """``--dataset KIND`` and ``--data PATH`` (always a path), with the image size."""
+    p.add_argument("--dataset", choices=DATASETS, default=dataset_default,
+                   help="fashion-mnist (IDX files), folder (any ImageFolder tree), imagenet (ImageFolder layout)"
+                        + ("" if dataset_default else "; default: the run's, else fashion-mnist"))
+    p.add_argument("--data", dest="data_path", default=None,
+                   help="data location (default: the run's, or the Fashion-MNIST package "
+                        "/usr/share/datasets/fashion-mnist); for folder: an ImageFolder tree")
+    p.add_argument("--image-size", type=int, default=None, help="crop size for folder (64) / imagenet (224)")
+
+
+def add_model_options(p: argparse.ArgumentParser, *, what: str = "the model") -> None:
+    """``--model`` and the options a model is built with, for sources that carry none (state dicts, names)."""
+    p.add_argument("--model", default=None, help=f"zoo or torchvision name of {what} (default: the run's model)")
+    p.add_argument("--width", type=float, default=None, help="channel width multiplier (state dicts and names)")
+    p.add_argument("--small-stem", action="store_true", default=None, help="small stem (state dicts and names)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the run's, or the data's)")
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
