@@ -14,7 +14,7 @@ from .api import as_function, fold, load_original, plan, plan_of, transform
 from .calibration import calibrate
 from .config import AdapterConfig, KDNAConfig
 from .datamodel import Family, Plan
-from .errors import (CalibrationError, CheckpointError, ChildWeightError, CompiledGradientWarning, ConfigError,
+from .errors import (CalibrationError, CheckpointError, CKAError, ChildWeightError, CompiledGradientWarning, ConfigError,
                      DataError, GateBatchSizeError, KDNAError, KDNATraceError, KDNATypeError, NoEligibleConvWarning,
                      NonFiniteLossError, PartialTraceWarning, SkippedSiteWarning, StateError, UnwrappedModelWarning,
                      WrappedModelError)
@@ -34,7 +34,7 @@ __all__ = [
     "KDNAConfig", "AdapterConfig", "Plan", "Family", "register_not_traced",
     # errors and warnings
     "KDNAError", "ConfigError", "KDNATypeError", "KDNATraceError", "StateError", "GateBatchSizeError",
-    "ChildWeightError", "CalibrationError", "CheckpointError", "DataError", "NonFiniteLossError", "WrappedModelError",
+    "ChildWeightError", "CalibrationError", "CheckpointError", "CKAError", "DataError", "NonFiniteLossError", "WrappedModelError",
     "NoEligibleConvWarning", "PartialTraceWarning", "SkippedSiteWarning", "UnwrappedModelWarning",
     "CompiledGradientWarning",
 ]

@@ -6,14 +6,14 @@ from __future__ import annotations
 import gzip
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from kdna_fx.errors import DataError, KDNAError
+from kdna_fx.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -235,3 +235,65 @@ def eval_images(dataset: str = "fashion-mnist", path: str | None = None, *,
     size = image_size or 64
     folder = _image_folder(path, _folder_transforms(size, False, (0.35, 1.0)))
     return folder, len(folder.classes), 3, f"folder ({path}, {size}px)"
+
+
+# ---- feeding images to a model (kdna_fx.cka, kdna_fx.calibrate) ---------------------------------------------------
+def as_images(item: Any) -> Tensor:
+    """The image batch [B, C, H, W] of one item of data: a batch, one image [C, H, W], or (images, labels)."""
+    x = item[0] if isinstance(item, (tuple, list)) and item else item
+    if not isinstance(x, Tensor) or x.ndim not in (3, 4):
+        what = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise DataError(f"data must give images [B, C, H, W] (or [C, H, W]), or (images, labels) pairs; got {what}")
+    return x if x.ndim == 4 else x[None]
+
+
+def image_batches(data: Any, images: int, batch_size: int, generator: torch.Generator, *,
+                  min_batch: int = 1) -> tuple[Iterator[Tensor], int]:
+    """Batches of ``batch_size`` images from ``data``, ``images`` in all, and how many to expect (an upper bound).
+
+    ``data``: images [N, C, H, W] or a map-style data set (``images`` drawn at random with ``generator``), or any
+    iterable such as a DataLoader (its first ``images``, in its order). A last batch smaller than ``min_batch``
+    joins the one before it.
+    """
+    if isinstance(data, Tensor):
+        if data.ndim != 4:
+            raise DataError(f"a tensor of images must be [N, C, H, W], got shape {tuple(data.shape)}")
+        order = torch.randperm(len(data), generator=generator)[:images]
+        stream: Iterable[Tensor] = (data[order[i:i + batch_size]] for i in range(0, len(order), batch_size))
+        expected = len(order)
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, DataLoader):
+        drawn = torch.randperm(len(data), generator=generator)[:images].tolist()
+        stream, expected = (as_images(data[i]) for i in drawn), len(drawn)
+    else:
+        stream, expected = (as_images(x) for x in data), images
+    return rebatch(stream, images, batch_size, min_batch), expected
+
+
+def rebatch(stream: Iterable[Tensor], images: int, batch_size: int, min_batch: int = 1) -> Iterator[Tensor]:
+    """Re-cut ``stream`` into batches of ``batch_size``, up to ``images`` images in all; a remainder smaller than
+    ``min_batch`` joins the batch before it."""
+    held: Tensor | None = None
+    buffer: list[Tensor] = []
+    taken = 0
+    for x in stream:
+        x = x[: images - taken]
+        buffer.append(x)
+        taken += len(x)
+        while sum(len(b) for b in buffer) >= batch_size:
+            whole = torch.cat(buffer)
+            buffer = [whole[batch_size:]]
+            if held is not None:
+                yield held
+            held = whole[:batch_size]
+        if taken >= images:
+            break
+    rest = torch.cat(buffer) if buffer else None
+    if rest is not None and len(rest):
+        if held is not None and len(rest) < min_batch:
+            held = torch.cat([held, rest])
+        else:
+            if held is not None:
+                yield held
+            held = rest
+    if held is not None:
+        yield held

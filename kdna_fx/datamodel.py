@@ -12,7 +12,6 @@ Every other module reads these types from here; the passes create them, the publ
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping

@@ -88,3 +88,7 @@ class NonFiniteLossError(KDNAError, RuntimeError):
 
 class WrappedModelError(KDNATypeError):
     """train() was given a DDP-wrapped or compiled model; it wraps and compiles the plain model itself."""
+
+
+class CKAError(KDNAError, ValueError):
+    """Inputs CKA cannot be computed on (shapes, too few examples, constant features); the message says why."""

@@ -5,7 +5,7 @@ import warnings
 
 from torch import nn
 
-from kdna_fx.errors import KDNAError, KDNATypeError, UnwrappedModelWarning
+from kdna_fx.errors import KDNATypeError, UnwrappedModelWarning
 from kdna_fx.datamodel import refuse_converted
 
 

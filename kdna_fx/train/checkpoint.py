@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdna_fx.errors import CheckpointError, KDNAError
+from kdna_fx.errors import CheckpointError
 from kdna_fx.utils import atomic_path
 
 FORMAT = "kdna_fx.train/1"

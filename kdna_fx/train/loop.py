@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from kdna_fx.errors import (CheckpointError, CompiledGradientWarning, ConfigError, DataError, KDNAError, KDNATypeError,
-                            NonFiniteLossError, WrappedModelError)
+from kdna_fx.errors import (CheckpointError, CompiledGradientWarning, ConfigError, DataError, NonFiniteLossError,
+                            WrappedModelError)
 from kdna_fx.timing import provenance
 from kdna_fx.utils import write_json
 
