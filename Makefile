@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed-stamp
 
-.PHONY: demo test test-fast test-slow bench gpu-check data clean-venv
+.PHONY: demo test test-fast test-all test-slow bench gpu-check data clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -21,10 +21,13 @@ demo: $(STAMP) data
 test: $(STAMP) data
 	$(PY) -m pytest -q
 
-# The edit loop: everything but the four model sweeps (torchvision, dense prediction, timm, other libraries).
+# Tiers (tests/conftest.py, README "Tests"): test-fast is the edit loop (unit tests only); test is CI's; test-all
+# adds the full model sweeps, the bench smoke runs and the slow checks.
 test-fast: $(STAMP) data
-	$(PY) -m pytest -q -x --ignore=tests/test_zoo_sweep.py --ignore=tests/test_dense_sweep.py \
-	  --ignore=tests/test_timm_sweep.py --ignore=tests/test_thirdparty_sweep.py
+	$(PY) -m pytest -q -x -m "not slow and not sweep and not bench and not integration"
+
+test-all: $(STAMP) data
+	$(PY) -m pytest -q -m ""
 
 test-slow: $(STAMP) data
 	$(PY) -m pytest -q -m slow

@@ -91,6 +91,47 @@ def tol(dtype):
     return TOLERANCES[dtype]
 
 
+# ---- test tiers (README, Tests) ------------------------------------------------------------------------------------
+# make test-fast: the unit tier (`not integration`, under 2 minutes); make test (CI, the default of a bare pytest):
+# everything but the full model sweeps, bench smoke runs and slow checks; make test-all: everything.
+# Files whose every test belongs to a tier, with the reason it is not in the faster one:
+FILE_TIERS = {
+    "test_speed_suite.py": ("bench", "runs bench/speed.py end to end"),
+    "test_frontier_study.py": ("bench", "runs the frontier study's scripts on tiny settings"),
+    "test_gpu_check.py": ("bench", "dry-runs bench/gpu_check.py (the GPU machine's script) on the CPU"),
+    "test_train.py": ("integration", "trains models for a few steps, kdna train and eval end to end"),
+    "test_distributed.py": ("integration", "spawns DDP processes"),
+    "test_compiled_training.py": ("integration", "compiles training steps with Inductor"),
+    "test_compile.py": ("integration", "torch.compile in train and eval mode"),
+    "test_deploy.py": ("integration", "torch.export, ONNX and Inductor freezing of zoo models"),
+    "test_conversion.py": ("integration", "converts and calibrates trained models"),
+    "test_convert_command.py": ("integration", "kdna train then kdna convert end to end"),
+    "test_calibrate.py": ("integration", "calibration runs"),
+    "test_scenes.py": ("integration", "builds and trains on generated scenes"),
+    "test_swap.py": ("integration", "third-party-like models through the module swap, compiled and exported"),
+    "test_zoo_sweep.py": ("integration", "every torchvision classifier (the full list: marker sweep)"),
+    "test_dense_sweep.py": ("integration", "torchvision detection, segmentation, flow and video models"),
+    "test_timm_sweep.py": ("integration", "one model per timm family"),
+    "test_thirdparty_sweep.py": ("integration", "smp, MONAI, Ultralytics, transformers, efficientnet-pytorch"),
+}
+
+
+def sweep_params(names, sample, slow=()):
+    """A sweep's parameters: ``sample`` (a few models of its kinds) in the default tier, the rest marked ``sweep``
+    (make test-all), those in ``slow`` marked slow as well."""
+    unknown = sorted(set(sample) - set(names))
+    assert not unknown, f"the sample names models the sweep does not hold: {unknown}"
+    return [pytest.param(n, marks=[pytest.mark.sweep] * (n not in sample) + [pytest.mark.slow] * (n in slow))
+            for n in names]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = FILE_TIERS.get(item.path.name)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier[0]))
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.json from the current code")
 

@@ -1,0 +1,63 @@
+"""The architecture, checked from the import graph: the library never imports its own public face (so there is
+no import cycle through kdna_fx/__init__.py), the commands stand on the library and nothing below them imports
+a command, and no test imports a private name or a bench script."""
+from __future__ import annotations
+
+import ast
+import pathlib
+import pkgutil
+
+import kdna_fx
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# kdna_fx/__main__.py is the entry point of `python -m kdna_fx`: a command itself.
+LIBRARY = [p for p in (ROOT / "kdna_fx").rglob("*.py")
+           if "cli" not in p.relative_to(ROOT / "kdna_fx").parts and p.name != "__main__.py"]
+PASSES = list((ROOT / "passes").rglob("*.py"))
+SUBMODULES = {m.name for m in pkgutil.iter_modules(kdna_fx.__path__)} | {"passes"}
+
+
+def _imports(path: pathlib.Path) -> list[tuple[str, list[str]]]:
+    """(module, imported names) of every import statement, relative imports made absolute."""
+    tree = ast.parse(path.read_text())
+    package = (["kdna_fx"] + list(path.relative_to(ROOT / "kdna_fx").parts[:-1]) if path.is_relative_to(ROOT / "kdna_fx")
+               else ["kdna_fx", "passes"])
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.append((module, [alias.name for alias in node.names]))
+    return found
+
+
+def test_the_library_never_imports_its_public_face():
+    offenders = []
+    for path in LIBRARY + PASSES:
+        for module, names in _imports(path):
+            if module == "kdna_fx" and (not names or set(names) - SUBMODULES):
+                offenders.append(f"{path.relative_to(ROOT)}: from kdna_fx import {names or '(the package)'}")
+    assert not offenders, offenders
+
+
+def test_nothing_below_the_commands_imports_a_command():
+    offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in LIBRARY + PASSES for m, _ in _imports(p)
+                 if m.startswith("kdna_fx.cli")]
+    assert not offenders, offenders
+
+
+def test_no_test_imports_a_private_name_or_a_bench_script():
+    offenders = []
+    for path in (ROOT / "tests").glob("*.py"):
+        if path.name == "test_layout.py":
+            continue
+        text = path.read_text()
+        if "spec_from_file_location" in text and "bench" in text:
+            offenders.append(f"{path.name}: loads a bench script by path")
+        for module, names in _imports(path):
+            private = [n for n in names if n.startswith("_")] + [p for p in module.split(".") if p.startswith("_")]
+            if module.startswith(("kdna_fx", "bench")) and private:
+                offenders.append(f"{path.name}: from {module} import {names}")
+    assert not offenders, offenders
