@@ -10,9 +10,10 @@ from .adapters import ChildAdapter, Gate
 from .api import as_function, fold, load_original, plan, plan_of, transform
 from .calibration import CalibrationError, CalibrationReport, calibrate
 from .config import AdapterConfig, KDNAConfig
-from .errors import (ChildWeightError, CompiledGradientWarning, ConfigError, GateBatchSizeError, KDNAError,
-                     KDNATraceError, KDNATypeError, NoEligibleConvWarning, PartialTraceWarning, SkippedSiteWarning,
-                     StateError, UnwrappedModelWarning)
+from .errors import (ChildWeightError, CompiledGradientWarning, ConfigError, ExportError, GateBatchSizeError,
+                     KDNAError, KDNATraceError, KDNATypeError, NoEligibleConvWarning, PartialTraceWarning,
+                     SkippedSiteWarning, StateError, UnwrappedModelWarning)
+from .export import ExportReport, export  # kdna_fx.export is the function; `from kdna_fx.export import` reads the module
 from .passes import Family, Plan
 from .registry import register_not_traced
 from .reporting import Report, report
@@ -25,9 +26,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ChildWeightError", "CompiledGradientWarning",
-    "ConfigError",
+    "ConfigError", "ExportError", "ExportReport",
     "Family", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError", "KDNATraceError", "KDNATypeError",
     "NoEligibleConvWarning", "PartialTraceWarning", "Plan", "Report", "SkippedSiteWarning", "StateError",
-    "UnwrappedModelWarning", "as_function", "calibrate", "fold", "functional", "load", "load_original", "models",
+    "UnwrappedModelWarning", "as_function", "calibrate", "export", "fold", "functional", "load", "load_original", "models",
     "passes", "peers", "plan", "plan_of", "register_not_traced", "report", "save", "transform",
 ]

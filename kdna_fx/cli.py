@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                "KernelDNA model, calibrated without labels"),
     "cka": ("kdna_fx.cka_command:main", "linear CKA between a model's conv outputs: heat map (PNG), matrix (JSON) "
                                        "and the most similar pairs; --compare draws a second model beside it"),
+    "export": ("kdna_fx.export_command:main", "a deploy file (ONNX or pt2, folded by default), checked against eager "
+                                             "before it is written"),
 }
 
 

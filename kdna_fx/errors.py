@@ -65,3 +65,7 @@ class UnwrappedModelWarning(UserWarning):
 
 class KDNATypeError(KDNAError, TypeError):
     """An argument of the wrong type was passed to a kdna_fx function."""
+
+
+class ExportError(KDNAError, RuntimeError):
+    """A model did not export (kdna_fx.export, ``kdna export``), or its exported file does not agree with it."""
