@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -190,7 +191,7 @@ def _write(program: torch.export.ExportedProgram, where: str, format: str, opset
         return None
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it; say so before it fails deep inside)
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (the check runs in it)
     except ImportError as exc:
         raise ConfigError(f"ONNX export needs onnx, onnxscript and onnxruntime ({exc}): pip install "
                           f"'kdna_fx[deploy]', or use format 'pt2'") from None
@@ -200,7 +201,8 @@ def _write(program: torch.export.ExportedProgram, where: str, format: str, opset
         onnx_program.save(where, external_data=False)
     except Exception as exc:  # noqa: BLE001 - the converter's own error, as one line
         raise ExportError(f"torch.onnx cannot convert the exported program{f' at opset {opset}' if opset else ''}: "
-                          f"{_first_line(exc)}. Try another --opset (18 or later), or --format pt2") from None
+                          f"{_first_line(exc)}. Try another --opset (18 or later), a fixed batch (no --dynamic-batch), or "
+                          f"--format pt2") from None
     return int(onnx_program.model.opset_imports[""])
 
 
@@ -251,5 +253,8 @@ def _difference(model: nn.Module, run: Callable[[torch.Tensor], list[torch.Tenso
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """The first line of the exception that started it all: the exporters wrap the real reason in their own."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:300]

@@ -9,9 +9,12 @@ only when it agrees (kdna_fx.export, docs/deployment.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import io
 import json
 import os
+import sys
 from typing import Any
 
 from torch import nn
@@ -61,8 +64,8 @@ def _self_describing(path: str) -> nn.Module:
     """A kdna_fx.save file rebuilt from what it records, by ``kdna_fx.load(path)``."""
     model_parameter = inspect.signature(kdna_fx.load).parameters["model"]
     if model_parameter.default is inspect.Parameter.empty:  # this kdna_fx.load cannot rebuild an architecture
-        raise ConfigError(f"a kdna_fx.save file as SOURCE needs --model NAME (the original architecture it was "
-                          f"converted from) and its options (--width, --small-stem, --num-classes, --in-chans)")
+        raise ConfigError("a kdna_fx.save file as SOURCE needs --model NAME (the original architecture it was "
+                          "converted from) and its options (--width, --small-stem, --num-classes, --in-chans)")
     return kdna_fx.load(path)
 
 
@@ -100,9 +103,14 @@ def run_export(args: argparse.Namespace) -> ExportReport:
     if args.format not in FORMATS:  # before building the model: the cheap mistake first
         raise ConfigError(f"unknown --format {args.format!r}: use {' or '.join(FORMATS)}")
     model, shape, spec = build_source(args)
-    report = export(model, args.out, input_shape=shape, format=args.format, fold=args.fold,
-                    dynamic_batch=args.dynamic_batch, opset=args.opset, check_batches=args.batch,
-                    tolerance=args.tolerance, seed=args.seed)
+    # torch.export and torch.onnx print graphs and warnings on their way to an error; the error's one line says
+    # why, so their output is shown only when the export succeeds.
+    torch_output = io.StringIO()
+    with contextlib.redirect_stderr(torch_output):
+        report = export(model, args.out, input_shape=shape, format=args.format, fold=args.fold,
+                        dynamic_batch=args.dynamic_batch, opset=args.opset, check_batches=args.batch,
+                        tolerance=args.tolerance, seed=args.seed)
+    sys.stderr.write(torch_output.getvalue())
     print(report)
     if spec is not None:
         print(f"model: {json.dumps(spec)}")

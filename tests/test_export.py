@@ -219,3 +219,15 @@ def test_command_bad_inputs_are_one_line_and_leave_nothing(tmp_path, capsys):
         assert code == 2, (argv, err)
         assert needle in err and err.count("\n") == 1 and err.startswith("kdna export: error: "), (needle, err)
         assert _leftovers(tmp_path) == ["broken.safetensors", "weights.pt"], argv
+
+
+def test_command_a_model_that_does_not_export_is_one_line_without_torch_output(tmp_path, capsys, monkeypatch):
+    from kdna_fx import export_command
+
+    monkeypatch.setattr(export_command, "build_source", lambda args: (_Branchy(), (3, 8, 8), None))
+    out = tmp_path / "never.pt2"
+    code, printed, err = _export(["anything", "--format", "pt2", "--out", str(out)], capsys)
+    assert code == 2 and printed == ""
+    # torch.export prints the graph on its way to this error; the command shows only its own line
+    assert err.startswith("kdna export: error: _Branchy does not export with torch.export") and err.count("\n") == 1
+    assert _leftovers(tmp_path) == []
