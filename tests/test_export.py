@@ -204,6 +204,10 @@ def test_command_bad_inputs_are_one_line_and_leave_nothing(tmp_path, capsys):
     torch.save({"conv1.weight": torch.zeros(1)}, weights)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
+    cut_run = tmp_path / "cut_run"
+    cut_run.mkdir()
+    torch.save({"model": {"w": torch.zeros(1000)}}, cut_run / "last.pt")
+    (cut_run / "last.pt").write_bytes((cut_run / "last.pt").read_bytes()[:2000])  # a copy that did not finish
     cases = [
         (["kdna_resnet18", "--format", "tflite"], "unknown --format 'tflite'"),
         (["kdna_resnet81", "--format", "onnx"], "Did you mean 'kdna_resnet18'"),
@@ -211,6 +215,7 @@ def test_command_bad_inputs_are_one_line_and_leave_nothing(tmp_path, capsys):
         ([str(weights), "--format", "onnx"], "needs --model"),
         ([str(broken), "--format", "onnx", "--model", "resnet18"], "cannot read"),
         ([str(tmp_path / "nowhere"), "--format", "onnx"], "neither a `kdna train` run directory"),
+        ([str(cut_run), "--format", "onnx"], "truncated or corrupt"),
         (["kdna_resnet18", "--format", "pt2", "--opset", "18", *SMALL_ARGS], "applies to ONNX only"),
         (["kdna_resnet18", "--format", "pt2", "--batch", "1", "7", *SMALL_ARGS], "--dynamic-batch"),
     ]  # a model that does not export, or disagrees with its file: the library tests above (every zoo model exports)
@@ -218,7 +223,7 @@ def test_command_bad_inputs_are_one_line_and_leave_nothing(tmp_path, capsys):
         code, _, err = _export([*argv, "--out", str(out)], capsys)
         assert code == 2, (argv, err)
         assert needle in err and err.count("\n") == 1 and err.startswith("kdna export: error: "), (needle, err)
-        assert _leftovers(tmp_path) == ["broken.safetensors", "weights.pt"], argv
+        assert _leftovers(tmp_path) == ["broken.safetensors", "cut_run", "weights.pt"], argv
 
 
 def test_command_a_model_that_does_not_export_is_one_line_without_torch_output(tmp_path, capsys, monkeypatch):
