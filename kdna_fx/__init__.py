@@ -13,9 +13,10 @@ adapter math), ``kdna_fx.passes`` (the graph passes), ``kdna_fx.datamodel`` (the
 from .api import as_function, fold, load_original, plan, plan_of, transform
 from .calibration import calibrate
 from .config import AdapterConfig, KDNAConfig
+from .exporting import export
 from .datamodel import Family, Plan
 from .errors import (CalibrationError, CheckpointError, CKAError, ChildWeightError, CompiledGradientWarning, ConfigError,
-                     DataError, GateBatchSizeError, KDNAError, KDNATraceError, KDNATypeError, NoEligibleConvWarning,
+                     DataError, ExportError, GateBatchSizeError, KDNAError, KDNATraceError, KDNATypeError, NoEligibleConvWarning,
                      NonFiniteLossError, PartialTraceWarning, SkippedSiteWarning, StateError, UnwrappedModelWarning,
                      WrappedModelError)
 from .registry import register_not_traced
@@ -30,11 +31,12 @@ __version__ = "0.1.0"
 __all__ = [
     # phases
     "plan", "transform", "fold", "as_function", "calibrate", "report", "save", "load", "load_original", "plan_of",
+    "export",
     # configuration and data
     "KDNAConfig", "AdapterConfig", "Plan", "Family", "register_not_traced",
     # errors and warnings
     "KDNAError", "ConfigError", "KDNATypeError", "KDNATraceError", "StateError", "GateBatchSizeError",
-    "ChildWeightError", "CalibrationError", "CheckpointError", "CKAError", "DataError", "NonFiniteLossError", "WrappedModelError",
+    "ChildWeightError", "CalibrationError", "CheckpointError", "CKAError", "DataError", "ExportError", "NonFiniteLossError", "WrappedModelError",
     "NoEligibleConvWarning", "PartialTraceWarning", "SkippedSiteWarning", "UnwrappedModelWarning",
     "CompiledGradientWarning",
 ]

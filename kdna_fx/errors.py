@@ -92,3 +92,7 @@ class WrappedModelError(KDNATypeError):
 
 class CKAError(KDNAError, ValueError):
     """Inputs CKA cannot be computed on (shapes, too few examples, constant features); the message says why."""
+
+
+class ExportError(KDNAError, RuntimeError):
+    """A model did not export (kdna_fx.export, ``kdna export``), or its exported file does not agree with it."""

@@ -5,6 +5,7 @@ checkpoints: name, width, small_stem, num_classes, in_chans.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, StateError
+from .state import FORMAT, load
 
 
 def spec_from_options(name: str, *, width: float | None = None, small_stem: bool | None = None,
@@ -82,3 +84,65 @@ def model_names() -> list[str]:
 
     zoo = list_models()
     return zoo + sorted(set(torchvision.models.list_models(torchvision.models)) - set(zoo))
+
+
+def is_kdna_file(path: str) -> bool:
+    """Whether ``path`` was written by kdna_fx.save (a transformed model, reloaded onto its original)."""
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - not readable as one: load_source says why
+        return False
+
+
+def resolve_source(where: str, *, model: str | None = None, width: float | None = None,
+                   small_stem: bool | None = None, num_classes: int | None = None,
+                   like: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], dict[str, Any], dict | None]:
+    """(kind, model spec, data spec, state dict or None) of SOURCE, or of --compare when ``like`` (SOURCE's spec)
+    is given: a weights file there belongs to SOURCE's architecture unless it is a run directory."""
+    options = {"width": width, "small_stem": small_stem, "num_classes": num_classes}
+    given_model = model
+    model = like["name"] if like else model
+    flag = "--compare" if like else "SOURCE"
+    if is_kdna_file(where):
+        if model is None:
+            raise ConfigError(f"a kdna_fx.save file as {flag} needs --model NAME (the original architecture it was "
+                              f"converted from) and its options")
+        return "kdna", like or spec_from_options(model, **options), {}, None
+    if os.path.isdir(where) or os.path.isfile(where):
+        spec, data, state = load_source(where, None if like and os.path.isdir(where) else model, **options)
+        kind = "run" if os.path.isdir(where) else "state"
+        return kind, (like if like and kind == "state" else spec), data, state
+    names = model_names()
+    if where in names:
+        if not like and given_model not in (None, where):
+            raise ConfigError(f"SOURCE names the model {where!r} but --model says {given_model!r}; drop --model")
+        return "name", {**(like or spec_from_options(where, **options)), "name": where}, {}, None
+    close = difflib.get_close_matches(where, names, n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ConfigError(f"{flag} {where!r} is neither a `kdna train` run directory, a state-dict or kdna_fx.save file, "
+                      f"nor a model name (kdna_fx.models.list_models() or a torchvision builder).{hint}")
+
+
+def build_source(kind: str, where: str, spec: dict[str, Any], state: dict | None, seed: int) -> nn.Module:
+    """The model of a resolved source (``resolve_source``), in eval mode: built from its spec (a name's weights
+    seeded by ``seed``), its state dict loaded strictly, or a kdna_fx.save file loaded onto it."""
+    torch.manual_seed(seed)  # the weights of a model given by name
+    model = build_original(spec)
+    if kind == "kdna":
+        return load(where, model)
+    if state is not None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            options = {k: v for k, v in spec.items() if k != "name"}
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            why = lines[1] if len(lines) > 1 else lines[0]  # the first line only says "Error(s) in loading"
+            raise StateError(f"the weights in {where!r} do not fit {spec['name']} with options {options}: "
+                             f"{why[:300]}. Give the options the model was trained with "
+                             f"(--width, --small-stem, --num-classes).") from None
+    return model.eval()

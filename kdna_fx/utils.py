@@ -12,13 +12,14 @@ from torch import Tensor, nn
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[str]:
     """A temporary path beside ``path`` to write to; renamed to ``path`` when the block succeeds, removed when
-    it raises. A crash or an error never leaves a half-written file at ``path`` (nor a stale one replaced)."""
+    it raises. A crash or an error never leaves a half-written file at ``path`` (nor a stale one replaced).
+    ``suffix``: the temporary name's ending (a reader may go by it, as torch.export.load does for .pt2)."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
     os.close(fd)
     try:
         yield tmp

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                "KernelDNA model, calibrated without labels"),
     "cka": ("kdna_fx.cli.cka:main", "linear CKA between a model's conv outputs: heat map (PNG), matrix (JSON) "
                                        "and the most similar pairs; --compare draws a second model beside it"),
+    "export": ("kdna_fx.cli.export:main", "a deploy file (ONNX or pt2, folded by default), checked against eager "
+                                             "before it is written"),
 }
 
 

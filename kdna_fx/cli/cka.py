@@ -9,7 +9,6 @@ converted twin. Writes ``<out>/cka.png`` and ``<out>/cka.json`` and prints the m
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 from typing import Any
 
@@ -17,13 +16,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-import kdna_fx
 
 from kdna_fx.cka import POOLS, CKAError, LayerSimilarity, layer_similarity
 from kdna_fx.data import eval_images
-from kdna_fx.errors import ConfigError, StateError
-from kdna_fx.source import build_original, load_source, model_names, spec_from_options
-from kdna_fx.state import FORMAT
+from kdna_fx.source import build_source, resolve_source
 from kdna_fx.timing import provenance
 from kdna_fx.utils import write_json
 
@@ -48,62 +44,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_kdna_file(path: str) -> bool:
-    """Whether ``path`` was written by kdna_fx.save (a transformed model, reloaded onto its original)."""
-    if not (path.endswith(".safetensors") and os.path.isfile(path)):
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
-    except Exception:  # noqa: BLE001 - not readable as one: load_source says why
-        return False
-
-
-def _resolve(where: str, args: argparse.Namespace,
-             like: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], dict[str, Any], dict | None]:
-    """(kind, model spec, data spec, state dict or None) of SOURCE, or of --compare when ``like`` (SOURCE's spec)
-    is given: a weights file there belongs to SOURCE's architecture unless it is a run directory."""
-    options = {"width": args.width, "small_stem": args.small_stem, "num_classes": args.num_classes}
-    model = like["name"] if like else args.model
-    flag = "--compare" if like else "SOURCE"
-    if _is_kdna_file(where):
-        if model is None:
-            raise ConfigError(f"a kdna_fx.save file as {flag} needs --model NAME (the original architecture it was "
-                              f"converted from) and its options")
-        return "kdna", like or spec_from_options(model, **options), {}, None
-    if os.path.isdir(where) or os.path.isfile(where):
-        spec, data, state = load_source(where, None if like and os.path.isdir(where) else model, **options)
-        kind = "run" if os.path.isdir(where) else "state"
-        return kind, (like if like and kind == "state" else spec), data, state
-    names = model_names()
-    if where in names:
-        if not like and args.model not in (None, where):
-            raise ConfigError(f"SOURCE names the model {where!r} but --model says {args.model!r}; drop --model")
-        return "name", {**(like or spec_from_options(where, **options)), "name": where}, {}, None
-    close = difflib.get_close_matches(where, names, n=3)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ConfigError(f"{flag} {where!r} is neither a `kdna train` run directory, a state-dict or kdna_fx.save file, "
-                      f"nor a model name (kdna_fx.models.list_models() or a torchvision builder).{hint}")
-
-
-def _build(kind: str, where: str, spec: dict[str, Any], state: dict | None, seed: int) -> nn.Module:
-    torch.manual_seed(seed)  # the weights of a model given by name
-    model = build_original(spec)
-    if kind == "kdna":
-        return kdna_fx.load(where, model)
-    if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            options = {k: v for k, v in spec.items() if k != "name"}
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            why = lines[1] if len(lines) > 1 else lines[0]  # the first line only says "Error(s) in loading"
-            raise StateError(f"the weights in {where!r} do not fit {spec['name']} with options {options}: "
-                             f"{why[:300]}. Give the options the model was trained with "
-                             f"(--width, --small-stem, --num-classes).") from None
-    return model.eval()
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": args.model, "width": args.width, "small_stem": args.small_stem, "num_classes": args.num_classes}
 
 
 def _measure(model: nn.Module, name: str, data: Dataset, description: str, label: str,
@@ -133,18 +75,18 @@ def _default_out(source: str, kind: str) -> str:
 
 
 def cka(args: argparse.Namespace) -> dict[str, Any]:
-    kind, spec, data_spec, state = _resolve(args.source, args)
+    kind, spec, data_spec, state = resolve_source(args.source, **_options(args))
     data, classes, chans, description = eval_images(args.dataset or data_spec.get("dataset", "fashion-mnist"),
                                                     args.data_path or data_spec.get("path"),
                                                     image_size=args.image_size or data_spec.get("image_size"))
     if kind != "run":  # a run's spec is complete; the other sources take what the data implies
         spec = {**spec, "num_classes": args.num_classes or classes, "in_chans": chans}
     label = os.path.basename(args.source.rstrip("/"))
-    sim = _measure(_build(kind, args.source, spec, state, args.seed), spec["name"], data, description, label, args)
+    sim = _measure(build_source(kind, args.source, spec, state, args.seed), spec["name"], data, description, label, args)
     other = None
     if args.compare:
-        okind, ospec, _, ostate = _resolve(args.compare, args, like=spec)
-        model = _build(okind, args.compare, ospec, ostate, args.seed)
+        okind, ospec, _, ostate = resolve_source(args.compare, **_options(args), like=spec)
+        model = build_source(okind, args.compare, ospec, ostate, args.seed)
         other = _measure(model, ospec["name"], data, description, os.path.basename(args.compare.rstrip("/")), args)
     out = args.out or _default_out(args.source, kind)
     os.makedirs(out, exist_ok=True)

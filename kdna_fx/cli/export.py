@@ -1,0 +1,124 @@
+"""``kdna export SOURCE --format onnx|pt2 --out PATH``: a checked deploy file (ONNX or pt2) of a model.
+
+SOURCE is a ``kdna train`` run directory, a state-dict file (.pt / .safetensors, with --model and its options), a
+file written by kdna_fx.save / ``kdna convert`` (with --model: the original architecture), or a model name
+(kdna_fx.models or torchvision; random weights seeded by --seed). The model, folded by default, is exported,
+reloaded (onnxruntime for ONNX, torch.export.load for pt2) and compared with eager; the file appears at --out
+only when it agrees (kdna_fx.export, docs/deployment.md).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import io
+import json
+import os
+import sys
+from typing import Any
+
+from torch import nn
+
+import kdna_fx
+
+from kdna_fx.errors import ConfigError
+from kdna_fx.exporting import FORMATS, TOLERANCE, ExportReport, export
+from kdna_fx.source import build_source, is_kdna_file, resolve_source
+
+# Sources that carry no options of their own (a name, a weights file) are built in the zoo's ImageNet form
+# unless told otherwise: what create_model(name) builds.
+DEFAULT_CLASSES, DEFAULT_CHANNELS, DEFAULT_IMAGE_SIZE = 1000, 3, 224
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdna export", description=__doc__.splitlines()[0])
+    p.add_argument("source", help="a `kdna train` run directory, a state dict (.pt / .safetensors), a kdna_fx.save "
+                                  "file, or a model name (random weights)")
+    p.add_argument("--format", required=True, help=f"file format: {' or '.join(FORMATS)}")
+    p.add_argument("--out", required=True, help="the file to write (written only once it agrees with eager)")
+    p.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the folded deploy form (kdna_fx.fold) of a transformed model (default: fold)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="a file for every batch size (checked at each --batch); default: one batch size")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch size(s) the file is checked at: with --dynamic-batch default 1 7; without it, the "
+                        "one batch size the file is made for, default 1")
+    p.add_argument("--opset", type=int, default=None, help="ONNX operator set (default: the exporter's)")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help="largest accepted max |y - eager| / max |eager| (default %(default)g)")
+    p.add_argument("--model", default=None, help="zoo or torchvision name of the architecture (files; default: the "
+                                                 "run's model)")
+    p.add_argument("--width", type=float, default=None, help="width of the model (files and names)")
+    p.add_argument("--small-stem", action="store_true", default=None, help="small stem (files and names)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help=f"classes of the model (files and names; default {DEFAULT_CLASSES})")
+    p.add_argument("--in-chans", type=int, default=None,
+                   help=f"input channels (files and names; default {DEFAULT_CHANNELS})")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"input height and width (default: the run's, else {DEFAULT_IMAGE_SIZE})")
+    p.add_argument("--seed", type=int, default=0, help="the weights of a model given by name, and the check's inputs")
+    return p
+
+
+def _self_describing(path: str) -> nn.Module:
+    """A kdna_fx.save file rebuilt from what it records, by ``kdna_fx.load(path)``."""
+    model_parameter = inspect.signature(kdna_fx.load).parameters["model"]
+    if model_parameter.default is inspect.Parameter.empty:  # this kdna_fx.load cannot rebuild an architecture
+        raise ConfigError("a kdna_fx.save file as SOURCE needs --model NAME (the original architecture it was "
+                          "converted from) and its options (--width, --small-stem, --num-classes, --in-chans)")
+    return kdna_fx.load(path)
+
+
+def _first_conv_channels(model: nn.Module) -> int:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise ConfigError("cannot tell the model's input channels (it has no nn.Conv2d): pass --in-chans")
+    return conv.in_channels
+
+
+def _image_size(data: dict[str, Any]) -> int | None:
+    """The image size a run trained at (kdna_fx.train.data's defaults where the run left it open)."""
+    if data.get("image_size"):
+        return int(data["image_size"])
+    return {"fashion-mnist": 28, "imagenet": 224, "folder": 64}.get(data.get("dataset", ""))
+
+
+def source_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int], dict[str, Any] | None]:
+    """(model, input shape without the batch, model spec or None) of SOURCE."""
+    if is_kdna_file(args.source) and args.model is None:
+        model = _self_describing(args.source)
+        channels = args.in_chans or _first_conv_channels(model)
+        size = args.image_size or DEFAULT_IMAGE_SIZE
+        return model, (channels, size, size), None
+    kind, spec, data, state = resolve_source(args.source, model=args.model, width=args.width,
+                                             small_stem=args.small_stem, num_classes=args.num_classes)
+    if kind != "run":  # a run's spec is complete; the other sources are built in the ImageNet form by default
+        spec = {**spec, "num_classes": args.num_classes or DEFAULT_CLASSES,
+                "in_chans": args.in_chans or DEFAULT_CHANNELS}
+    model = build_source(kind, args.source, spec, state, args.seed)
+    size = args.image_size or _image_size(data) or DEFAULT_IMAGE_SIZE
+    return model, (int(spec.get("in_chans", DEFAULT_CHANNELS)), size, size), spec
+
+
+def run_export(args: argparse.Namespace) -> ExportReport:
+    if args.format not in FORMATS:  # before building the model: the cheap mistake first
+        raise ConfigError(f"unknown --format {args.format!r}: use {' or '.join(FORMATS)}")
+    model, shape, spec = source_model(args)
+    # torch.export and torch.onnx print graphs and warnings on their way to an error; the error's one line says
+    # why, so their output is shown only when the export succeeds.
+    torch_output = io.StringIO()
+    with contextlib.redirect_stderr(torch_output):
+        report = export(model, args.out, input_shape=shape, format=args.format, fold=args.fold,
+                        dynamic_batch=args.dynamic_batch, opset=args.opset, check_batches=args.batch,
+                        tolerance=args.tolerance, seed=args.seed)
+    sys.stderr.write(torch_output.getvalue())
+    print(report)
+    if spec is not None:
+        print(f"model: {json.dumps(spec)}")
+    print(f"wrote {os.path.abspath(report.path)}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_export(parser().parse_args(argv))
+    return 0
