@@ -336,13 +336,13 @@ def test_kernelwarehouse_equals_per_sample_loop(ratio, cell_fraction, batch, dty
             torch.testing.assert_close(model(x[1:2]), expected[1:2], **tol)
 
 
-@pytest.mark.parametrize("sharing", ["input", "stage", "layer"])
-def test_kernelwarehouse_copy_init_rebuilds_every_kernel(sharing, dtype, tol):
-    # At tau = 1 the attention is the one-hot initial one; at 1x every kernel cell has a warehouse cell holding
-    # the original cell, so every kernel is rebuilt exactly and so is the model's function.
+@pytest.mark.parametrize("ratio, sharing", [(1, "input"), (1, "stage"), (1, "layer"), (2, "input")])
+def test_kernelwarehouse_copy_init_rebuilds_every_kernel(ratio, sharing, dtype, tol):
+    # At tau = 1 the attention is the one-hot initial one; at 1x (or 2x) every kernel cell has a warehouse cell
+    # holding the original cell, so every kernel is rebuilt exactly and so is the model's function.
     torch.manual_seed(0)
     original = TinyResNet(width=8).eval()
-    model = kdna_fx.peers.kernelwarehouse(original, 1, WITH_1X1, sharing=sharing).eval()
+    model = kdna_fx.peers.kernelwarehouse(original, ratio, WITH_1X1, sharing=sharing).eval()
     layers = dict((n, m) for n, m in model.named_modules() if isinstance(m, KWConv2d))
     assert len(layers) == 10  # every 3x3 and 1x1 conv, the stem included
     x = torch.randn(3, 3, 12, 12)
