@@ -39,6 +39,11 @@ _MAX_HEADS = 1_000_000
 """KernelWarehouse: a group's attention heads may exceed ten times its kernels' parameters up to this many."""
 
 
+def _head_width(in_channels: int, reduction: float, minimum: int = 16) -> int:
+    """ODConv's and KernelWarehouse's attention width: max(int(C_in * reduction), minimum)."""
+    return max(int(in_channels * reduction), minimum)
+
+
 def _copy_geometry(layer: nn.Module, conv: nn.Conv2d) -> None:
     """The conv's shape and call arguments, which every peer layer keeps."""
     layer.in_channels, layer.out_channels = conv.in_channels, conv.out_channels
@@ -146,7 +151,7 @@ class ODConv2d(PeerConv2d):
                  temperature: float = 1.0, min_hidden: int = 16):
         super().__init__(conv, kernel_num, init)
         kh, kw = self.kernel_size
-        hidden = max(int(self.in_channels * reduction), min_hidden)
+        hidden = _head_width(self.in_channels, reduction, min_hidden)
         depthwise = self.groups == self.in_channels == self.out_channels
         factory = self._factory()
         self.fc = nn.Linear(self.in_channels, hidden, bias=False, **factory)
@@ -209,11 +214,10 @@ class KWConv2d(nn.Module):
         self._init = init
         self._shared: tuple[Warehouse, ...] = ()
 
-    def _stock(self, warehouse: Warehouse, owner: bool, init_attention: Tensor, reduction: float,
-               min_hidden: int = 16) -> None:
+    def _stock(self, warehouse: Warehouse, owner: bool, init_attention: Tensor, reduction: float) -> None:
         """Attach the group's ``warehouse`` (registered here if ``owner``) and build the attention head."""
         factory = dict(device=self._kernel.device, dtype=self._kernel.dtype)
-        hidden = max(int(self.in_channels * reduction), min_hidden)
+        hidden = _head_width(self.in_channels, reduction)
         self.fc1 = nn.Linear(self.in_channels, hidden, bias=False, **factory)
         self.bn = nn.BatchNorm1d(hidden, **factory)
         self.fc2 = nn.Linear(hidden, init_attention.numel(), **factory)
@@ -324,8 +328,8 @@ def _warehouse_ratio(ratio: object) -> Fraction:
                           f"KernelWarehouse 1x, 4 for 4x, 0.25 for 1/4x), got {ratio!r}")
     exact = Fraction(ratio).limit_denominator(1000)
     if abs(float(exact) - float(ratio)) > 1e-9 or (exact.numerator != 1 and exact.denominator != 1):
-        raise ConfigError(f"ratio must be an integer k >= 1 or 1/k (the paper's 1/4x, 1/2x, 1x, 2x, 4x), got {ratio!r}: "
-                          f"the initial attention assigns k cells per kernel cell or one cell per k kernel cells")
+        raise ConfigError(f"ratio must be an integer k >= 1 or 1/k (the paper's 1/4x, 1/2x, 1x, 2x, 4x), got "
+                          f"{ratio!r}: the initial attention gives k cells to a kernel cell or one cell to k of them")
     return exact
 
 
@@ -353,8 +357,8 @@ def _sharing_key(sharing: Sharing, config: KDNAConfig) -> Callable[[str, KWConv2
                       f"got {sharing!r}")
 
 
-def _stock_warehouses(model: nn.Module, ratio: Fraction, cell_fraction: float, key: Callable[[str, KWConv2d], Hashable],
-                      reduction: float) -> None:
+def _stock_warehouses(model: nn.Module, ratio: Fraction, cell_fraction: float,
+                      key: Callable[[str, KWConv2d], Hashable], reduction: float) -> None:
     """Give every KWConv2d of ``model`` its group's warehouse and its initial attention.
 
     Per group: cells [c_out, c_in] from the greatest common divisors of the members' output channels and input
@@ -385,7 +389,7 @@ def _stock_warehouses(model: nn.Module, ratio: Fraction, cell_fraction: float, k
             slots.append(own)
             slices.append((start, start + size))
             start += size
-        heads = sum(len(own) * (start + 1) * (max(int(m.in_channels * reduction), 16) + 1)
+        heads = sum(len(own) * (start + 1) * (_head_width(m.in_channels, reduction) + 1)
                     for m, own in zip(members, slots))
         kernels = sum(m._kernel.numel() for m in members)
         if heads > max(10 * kernels, _MAX_HEADS):  # a group too wide: its heads would not fit in memory

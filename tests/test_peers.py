@@ -502,7 +502,8 @@ def test_kernelwarehouse_describe_counts_the_mixture():
     (lambda m: kdna_fx.peers.kernelwarehouse(m, cell_fraction=0.0), "cell_fraction must be a number in"),
     (lambda m: kdna_fx.peers.kernelwarehouse(m, sharing="global"), "sharing must be 'input'"),
     (lambda m: kdna_fx.peers.kernelwarehouse(m, init="zeros"), "init must be 'copy'"),
-    (lambda m: kdna_fx.peers.set_temperature(kdna_fx.peers.kernelwarehouse(m), 1.5), r"temperature must be in \[0, 1\]"),
+    (lambda m: kdna_fx.peers.set_temperature(kdna_fx.peers.kernelwarehouse(m), 1.5),
+     r"temperature must be in \[0, 1\]"),
     (lambda m: kdna_fx.peers.kernelwarehouse(kdna_fx.peers.dyconv(m)), "already converted by kdna_fx.peers"),
 ])
 def test_kernelwarehouse_bad_arguments_raise_clear_errors(call, match):
