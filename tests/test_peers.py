@@ -388,6 +388,44 @@ def test_kernelwarehouse_shares_one_warehouse_per_group():
     assert all(c.cells is not o.cells for c, o in zip(_kw_layers(copied), layers))
 
 
+def test_kernelwarehouse_state_round_trips_through_safetensors(tmp_path, tol):
+    safetensors = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    model = kdna_fx.peers.kernelwarehouse(TinyResNet(width=8), 0.5, WITH_1X1, cell_fraction=0.5).eval()
+    _randomise_kw(model, 0.4)
+    safetensors.save_file(model.state_dict(), tmp_path / "kw.safetensors")  # refuses tensors sharing memory
+    fresh = kdna_fx.peers.kernelwarehouse(TinyResNet(width=8), 0.5, WITH_1X1, cell_fraction=0.5, init="scratch")
+    fresh.load_state_dict(safetensors.load_file(tmp_path / "kw.safetensors"))  # strict: same names, same shapes
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model(x), **tol)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so the conversion takes the module swap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(y) if y.mean() > -1e9 else y
+
+
+def test_kernelwarehouse_converts_a_model_torch_fx_cannot_trace(tol):
+    torch.manual_seed(0)
+    original = Branchy().eval()
+    model = kdna_fx.peers.kernelwarehouse(original, 1).eval()
+    assert type(model) is Branchy and model.a.cells is model.b.cells  # one warehouse, owned by the first conv
+    assert [k for k in model.state_dict() if k.endswith("cells")] == ["a.warehouse.cells"]
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), **tol)
+    assert kdna_fx.peers.describe(model, x[:1]).method == "KernelWarehouse 1x"
+
+
 def test_kernelwarehouse_initial_attention_follows_the_paper():
     torch.manual_seed(0)
     one = kdna_fx.peers.kernelwarehouse(TinyResNet(width=8), 1, WITH_1X1)
