@@ -463,14 +463,15 @@ def _kw_expected_params(model: nn.Module, ratio: float, cell_fraction: float) ->
     return total
 
 
-@pytest.mark.parametrize("ratio, cell_fraction, paper", [(1, 1.0, 11.93), (0.25, 0.5, 4.08), (0.5, 0.5, 7.43)])
+@pytest.mark.parametrize("ratio, cell_fraction, paper", [(0.25, 0.5, 4.08), (0.5, 0.5, 7.43), (1, 1.0, 11.93),
+                                                         (4, 1.0, 45.86)])
 def test_kernelwarehouse_resnet18_parameter_counts(ratio, cell_fraction, paper):
     torchvision = pytest.importorskip("torchvision")
     resnet = torchvision.models.resnet18()  # 1000 classes, weights=None
     model = kdna_fx.peers.kernelwarehouse(resnet, ratio, WITH_1X1, cell_fraction=cell_fraction)
     count = sum(p.numel() for p in model.parameters())
     assert count == _kw_expected_params(resnet, ratio, cell_fraction)
-    # The paper's 1x and 1/2x exactly (to its two decimals); 1/4x comes out 4.03 M, 1.2 % under its 4.08 M.
+    # The paper's 1/2x, 1x and 4x exactly (to its two decimals); 1/4x comes out 4.03 M, 1.2 % under its 4.08 M.
     assert abs(count / 1e6 - paper) <= (0.05 if ratio == 0.25 else 0.005)
     record = model.meta["kdna_peer"]
     assert len(record.converted) == 19 and record.converted[0] == "layer1.0.conv1"  # every conv but the 7x7 stem
