@@ -8,7 +8,8 @@ A *group* is one network and its variants, timed together in one process with th
 (kdna_fx.timing.time_interleaved), so that a slow phase of a shared machine lands on every row:
 
 - ``resnet18``: torchvision ResNet-18; ``kdna_fx.transform`` of it (replace mode) and its folded form; the
-  reference topology ``kdna_resnet18`` (folded); CondConv (K=4), DY-Conv (K=4) and ODConv 1x on the same net.
+  reference topology ``kdna_resnet18`` (folded); CondConv (K=4), DY-Conv (K=4), ODConv 1x and KernelWarehouse 1x
+  (the paper's layers: 3x3 and 1x1 convs) on the same net.
 - ``resnet50``: ResNet-50, replace mode, folded, the reference ``kdna_resnet50`` (folded).
 - ``mobilenet_v2``: MobileNetV2, replace mode with its 1x1 sharing (kdna_fx.models.sharing_config), folded.
 
@@ -93,6 +94,8 @@ GROUPS: dict[str, list[tuple[str, Builder, str]]] = {
         ("CondConv K=4", _peer(peers.condconv, experts=4), "peer"),
         ("DY-Conv K=4", _peer(peers.dyconv, kernels=4), "peer"),
         ("ODConv 1x", _peer(peers.odconv, kernel_num=1), "peer"),
+        ("KernelWarehouse 1x", _peer(peers.kernelwarehouse, ratio=1, config=kdna_fx.KDNAConfig(kernel_sizes=(1, 3))),
+         "peer"),
     ],
     "resnet50": [
         ("resnet50", _tv("resnet50"), "baseline"),

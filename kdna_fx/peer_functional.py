@@ -1,4 +1,5 @@
-"""The per-sample-kernel math of the dynamic-convolution peers (CondConv, DY-Conv, ODConv) as pure functions.
+"""The per-sample-kernel math of the dynamic-convolution peers (CondConv, DY-Conv, ODConv, KernelWarehouse) as
+pure functions.
 
 These are what KernelDNA is compared with: each sample gets its own kernel, built from K expert kernels
 [K, C_out, C_in/g, k, k] and the sample's attentions, and the batch runs as one grouped convolution with
@@ -6,6 +7,11 @@ groups = B * g, as the original implementations do. ``dynamic_conv2d`` is the on
 built and applied; the modules in kdna_fx.peers only compute the attentions.
 
 Attention shapes: kernel [B, K], channel [B, C_in], filter [B, C_out], spatial [B, k*k].
+
+KernelWarehouse builds its kernels differently: a layer's kernel is cut into m cells of [c_out, c_in] (one
+kernel position each), and every cell is a mixture of the n cells of a warehouse [n, c_out, c_in] shared by
+several layers (``warehouse_attention``, ``warehouse_kernels``, ``warehouse_conv2d``); the per-sample kernels
+run through the same ``per_sample_conv2d``.
 """
 from __future__ import annotations
 
@@ -78,17 +84,63 @@ def dynamic_conv2d(x: Tensor, experts: Tensor, kernel_attention: Tensor | None =
     return per_sample_conv2d(x, weights, bias, stride, padding, dilation, groups, padding_mode)
 
 
-def require_batch_statistics(h: Tensor) -> Tensor:
-    """``h`` itself, or a GateBatchSizeError when a peer's BatchNorm (ODConv) would train on one sample."""
+def warehouse_attention(logits: Tensor, init_attention: Tensor, temperature: Tensor | float,
+                        eps: float = 1e-3) -> Tensor:
+    """KernelWarehouse's contrasting-driven attention [B, m, n] from the head's ``logits`` [B, m*(n+1)].
+
+    Each of the m cells of the layer has n+1 logits z: one per warehouse cell and a last one for a zero cell.
+    alpha = (1 - tau) * z / (sum |z| + eps) + tau * gamma, with gamma = ``init_attention`` [m, n+1] (one-hot
+    rows) and tau = ``temperature`` (1 -> 0 early in training). Dividing by the L1 norm (not a softmax) lets
+    attentions be negative and contrast with each other; the zero cell's column is dropped at the end, so
+    mass put there mixes nothing in.
+    """
+    z = rearrange(logits, "b (m c) -> b m c", c=init_attention.shape[-1])
+    alpha = (1.0 - temperature) * (z / (z.abs().sum(-1, keepdim=True) + eps)) + temperature * init_attention
+    return alpha[..., :-1]
+
+
+def warehouse_kernels(attention: Tensor, cells: Tensor, out_channels: int, kernel_size: tuple[int, int]) -> Tensor:
+    """Each sample's kernel [B, C_out, C_in/g, kh, kw] from ``attention`` [B, m, n] over ``cells`` [n, co, ci].
+
+    Cell j of the kernel, j = (position, output block, input block) in that order (position = kh*kw row-major),
+    is sum_c attention[b, j, c] * cells[c]. The mixture is one matrix product, B*m*n*co*ci MACs to a counter.
+    """
+    _, co, ci = cells.shape
+    kh, kw = kernel_size
+    mixed = attention @ rearrange(cells, "n co ci -> n (co ci)")
+    return rearrange(mixed, "b (kh kw ob ib) (co ci) -> b (ob co) (ib ci) kh kw", kh=kh, kw=kw, ob=out_channels // co,
+                     co=co)
+
+
+def kernel_cells(kernel: Tensor, cell_out: int, cell_in: int) -> Tensor:
+    """The m cells [m, cell_out, cell_in] of ``kernel`` [C_out, C_in/g, kh, kw], in warehouse_kernels' order (its
+    inverse: ``warehouse_kernels`` with one-hot attentions over these cells rebuilds the kernel)."""
+    return rearrange(kernel, "(ob co) (ib ci) kh kw -> (kh kw ob ib) co ci", co=cell_out, ci=cell_in)
+
+
+def warehouse_conv2d(x: Tensor, cells: Tensor, attention: Tensor, out_channels: int, kernel_size: tuple[int, int],
+                     bias: Tensor | None = None, stride: IntOrPair = 1, padding: IntOrPair | str = 0,
+                     dilation: IntOrPair = 1, groups: int = 1, padding_mode: PaddingMode = "zeros") -> Tensor:
+    """One KernelWarehouse convolution: kernels from ``warehouse_kernels``, applied by ``per_sample_conv2d``.
+    ``bias`` [C_out] is static (not mixed), as in the original."""
+    weights = warehouse_kernels(attention, cells, out_channels, kernel_size)
+    bias = None if bias is None else bias.expand(x.shape[0], -1)
+    return per_sample_conv2d(x, weights, bias, stride, padding, dilation, groups, padding_mode)
+
+
+def require_batch_statistics(h: Tensor, method: str = "ODConv") -> Tensor:
+    """``h`` itself, or a GateBatchSizeError when a peer's BatchNorm (ODConv, KernelWarehouse) would train on one
+    sample."""
     if h.shape[0] == 1:
         from .errors import GateBatchSizeError
 
         raise GateBatchSizeError(
-            "ODConv's attention has a BatchNorm (as in the paper), which cannot train on a batch of 1 sample: "
-            "train with batch size >= 2, or run the model in eval mode.")
+            f"{method}'s attention has a BatchNorm (as in the paper), which cannot train on a batch of 1 sample: "
+            f"train with batch size >= 2, or run the model in eval mode.")
     return h
 
 
 # torch.fx leaves, as in kdna_fx.functional: tracing a converted model records one node per call.
-for _name in ("dynamic_kernels", "per_sample_conv2d", "dynamic_conv2d", "require_batch_statistics"):
+for _name in ("dynamic_kernels", "per_sample_conv2d", "dynamic_conv2d", "warehouse_attention", "warehouse_kernels",
+              "kernel_cells", "warehouse_conv2d", "require_batch_statistics"):
     torch.fx.wrap(_name)

@@ -263,11 +263,12 @@ def test_channels_last_agrees_with_contiguous(form, dtype, tol):
     torch.testing.assert_close(out, reference, **tol)
 
 
-# ---- the peers (CondConv, DY-Conv, ODConv) ---------------------------------------------------------------
+# ---- the peers (CondConv, DY-Conv, ODConv, KernelWarehouse) ----------------------------------------------
 PEERS = {
     "condconv": lambda m: peers.condconv(m, experts=4),
     "dyconv": lambda m: peers.dyconv(m, kernels=4),
     "odconv": lambda m: peers.odconv(m, kernel_num=4),
+    "kernelwarehouse": lambda m: peers.kernelwarehouse(m, 2),  # both convs read 4 channels: one shared warehouse
 }
 
 
