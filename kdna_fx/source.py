@@ -59,10 +59,10 @@ def load_source(source: str, model: str | None = None, *, width: float | None = 
 
 def build_original(spec: dict[str, Any]) -> nn.Module:
     """A freshly initialised model of ``spec``: a kdna_fx.models name, else a torchvision builder."""
-    from .models import list_models
+    from .models import is_model
     from .train.models import build_model
 
-    if spec["name"] in list_models():
+    if is_model(spec["name"]):  # a zoo name or alias, or torchvision/<name>, timm/<name>
         return build_model(spec)
     import torchvision
 
