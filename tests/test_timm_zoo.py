@@ -2,6 +2,7 @@
 parameters, a proper pretrained_cfg, timm's train helpers, features_only backbones, smp and detection."""
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import OrderedDict
 
@@ -57,6 +58,8 @@ def test_timm_builds_what_create_model_builds(name: str, tname: str) -> None:
     assert isinstance(theirs.get_submodule(cfg["first_conv"]), (nn.Conv2d, PeerConv2d))  # a peer converts the stem
     classifier = theirs.get_submodule(cfg["classifier"])
     assert isinstance(classifier, nn.Linear) and classifier.out_features == 10 == theirs.num_classes
+    again = copy.deepcopy(theirs)  # a GraphModule keeps only what torch.fx preserves
+    assert again.pretrained_cfg == cfg and again.num_classes == 10
 
 
 @pytest.mark.parametrize("tname, params", [("kdna_resnet50", 22_778_060), ("kdna_mobilenet_v2", 3_136_840)])
@@ -101,7 +104,7 @@ def test_features_only(name: str, tname: str) -> None:
     assert info.reduction() == expected
     x = torch.randn(2, 3, 64, 64)
     features = model(x)
-    assert [f.shape[1] for f in features] == info.channels()
+    assert [f.shape[1] for f in features] == info.channels() == copy.deepcopy(model).feature_info.channels()
     assert [64 // f.shape[-1] for f in features] == expected
     sum(f.mean() for f in features).backward()
     if name.endswith((".kdna", ".replace")):

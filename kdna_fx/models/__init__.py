@@ -9,15 +9,15 @@ Names are ``<arch>.<tag>`` (tags: plain, replace, kdna, one per peer), ``torchvi
 ``create_model`` builds records how (``builder_of``), so ``kdna_fx.load(path)`` rebuilds it. Importing
 kdna_fx registers the zoo in timm too (kdna_fx.models.timm). See docs/models.md.
 """
+import importlib.util
+
 from . import convnext, mobilenet, resnet  # noqa: F401  (they register their architectures)
 from ._registry import (PEERS, Arch, architectures, create_model, is_model, list_models, model_options,
                         register_arch, sharing_config)
 from .builder import builder_of
 
-try:  # the zoo in timm's registry (timm.create_model("kdna_resnet50")), where timm is installed
+if importlib.util.find_spec("timm") is not None:  # the zoo in timm's registry: timm.create_model("kdna_resnet50")
     from . import timm  # noqa: F401
-except ImportError:
-    pass
 
 __all__ = ["PEERS", "Arch", "architectures", "builder_of", "create_model", "is_model", "list_models",
            "model_options", "register_arch", "sharing_config"]

@@ -17,7 +17,8 @@ from . import create_model, list_models, model_options
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kdna_fx.models", description=__doc__.splitlines()[0])
-    parser.add_argument("patterns", nargs="*", default=["*"], help="shell-style model name patterns")
+    parser.add_argument("patterns", nargs="*", default=["*.plain", "*.replace", "*.kdna"],
+                        help="shell-style model name patterns (default: the plain, replace and kdna tags)")
     parser.add_argument("--small", action="store_true", help="10 classes, 1x28x28, small_stem, width 0.25")
     args = parser.parse_args(argv)
     names = [n for pattern in args.patterns for n in list_models(pattern)]

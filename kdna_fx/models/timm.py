@@ -97,10 +97,10 @@ def _entrypoint(arch: Arch, tag: str) -> Callable[..., nn.Module]:
         built, finish = recipe(zoo_name, options, build_net)
         model = finish(built, nets[-1])
         for attr in _KEPT:
-            if attr in vars(built) and attr not in vars(model):
+            if attr in vars(built):
                 _keep(model, attr, vars(built)[attr])
         if not kwargs.get("features_only"):
-            model.num_classes = options.get("num_classes", 1000)
+            _keep(model, "num_classes", options.get("num_classes", 1000))  # timm's train script reads it
             if not timm_kwargs.keys() - {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}:
                 stamp(model, zoo_name, options)  # the same model as create_model(zoo_name, **options)
         return model
