@@ -35,7 +35,6 @@ PEERS: dict[str, str] = {
 }
 SOURCES = ("torchvision", "timm")
 """Libraries ``create_model`` builds from by name: ``torchvision/<name>``, ``timm/<name>``."""
-_GATE_NORMS = ("batch", "layer", "none")
 
 
 class Reference(NamedTuple):
@@ -231,6 +230,8 @@ def recipe(name: str, kwargs: dict[str, Any], build_net: Callable[..., nn.Module
     build_net = build_net or (lambda make, **kw: make(**kw))
 
     if resolved.tag == "kdna":
+        # The reference builder gives (net, families, config): the net goes through build_net (timm wraps it
+        # for features_only), the plan and config wait for finish.
         parts: list[Reference] = []
 
         def make_reference(**kw: Any) -> nn.Module:
@@ -248,7 +249,9 @@ def recipe(name: str, kwargs: dict[str, Any], build_net: Callable[..., nn.Module
     if resolved.tag == "replace":
         return Recipe(net, lambda model, base: _replace(model, base, config))
     peer = peer_function(resolved.tag)
-    return Recipe(net, lambda model, base: peer(model, config=config, **tag_kwargs))  # type: ignore[misc]
+    if "config" in _params(peer):  # type: ignore[arg-type]  (which convs it converts: the architecture's)
+        tag_kwargs["config"] = config
+    return Recipe(net, lambda model, base: peer(model, **tag_kwargs))  # type: ignore[misc]
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -306,9 +309,7 @@ def _config(resolved: Resolved, config: Any, gate_norm: Any) -> KDNAConfig:
     if config is not None and not isinstance(config, KDNAConfig):
         raise KDNATypeError(f"config must be a kdna_fx.KDNAConfig or None, got {type(config).__name__}")
     config = config if config is not None else (resolved.arch.sharing() if resolved.arch else KDNAConfig())
-    if gate_norm is not None:
-        if gate_norm not in _GATE_NORMS:
-            raise ConfigError(f"gate_norm must be one of {_GATE_NORMS}, got {gate_norm!r}")
+    if gate_norm is not None:  # AdapterConfig checks the value
         config = config.map_adapters(lambda a: dataclasses.replace(a, gate_norm=gate_norm))
     return config
 
