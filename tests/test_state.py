@@ -99,6 +99,7 @@ def _round_trip(model: nn.Module, path, x: torch.Tensor) -> nn.Module:
     return loaded
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", kdna_fx.models.list_models())
 def test_load_path_rebuilds_every_zoo_model(name, tmp_path):
     options = dict(num_classes=10, in_chans=1, small_stem=True)
@@ -117,6 +118,7 @@ def test_load_path_rebuilds_every_zoo_model(name, tmp_path):
     ("timm/regnetx_002", {}, kdna_fx.KDNAConfig(kernel_sizes=(1,))),
     ("timm/resnet18.replace", {"gate_norm": "layer"}, None),
 ])
+@pytest.mark.usefixtures("one_thread")
 def test_load_path_rebuilds_transformed_torchvision_and_timm_models(name, kwargs, config, tmp_path):
     torch.manual_seed(0)
     model = kdna_fx.models.create_model(name, num_classes=10, **kwargs)
