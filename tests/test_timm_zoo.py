@@ -69,9 +69,14 @@ def test_full_size_reference_counts_through_timm(tname: str, params: int) -> Non
     assert n_params(timm.create_model(tname, num_classes=100)) == n_params(zoo.create_model(tname, num_classes=100))
 
 
-def test_pretrained_is_refused_clearly() -> None:
+def test_pretrained_and_regularisers_it_lacks_are_refused_clearly() -> None:
     with pytest.raises(kdna_fx.ConfigError, match="no pretrained weights"):
         timm.create_model("kdna_resnet18", pretrained=True)
+    # timm's train script passes drop_rate=0.0 (its --drop default) to every model
+    model = timm.create_model("kdna_resnet18", num_classes=10, width=0.25, drop_rate=0.0, drop_path_rate=None)
+    assert n_params(model) == n_params(zoo.create_model("resnet18.kdna", num_classes=10, width=0.25))
+    with pytest.raises(kdna_fx.ConfigError, match="takes no drop_rate"):
+        timm.create_model("kdna_resnet18", drop_rate=0.2)
 
 
 def test_a_train_step_through_timms_own_helpers() -> None:

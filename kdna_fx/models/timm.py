@@ -32,6 +32,9 @@ _PROBE = 64
 _KEPT = ("pretrained_cfg", "default_cfg", "feature_info", "output_fmt", "_traits", "in_chans")
 """What timm's builder leaves on its model that the tag's transform (a new GraphModule) must keep."""
 
+_UNUSED = ("drop_rate", "drop_path_rate", "drop_block_rate")
+"""Regularisers timm's train script always passes (``--drop`` defaults to 0.0): taken at zero, refused else."""
+
 default_cfgs: dict[str, Any] = {}  # read by timm's register_model
 
 
@@ -78,6 +81,10 @@ def _entrypoint(arch: Arch, tag: str) -> Callable[..., nn.Module]:
         if pretrained:
             raise ConfigError(f"{name} has no pretrained weights: create it with pretrained=False and load a "
                               f"checkpoint (kdna_fx.load)")
+        asked = {k: kwargs.pop(k) for k in _UNUSED if k in kwargs and k not in ours}
+        if any(asked.values()):
+            raise ConfigError(f"{name} takes no {', '.join(k for k, v in asked.items() if v)} (it takes "
+                              f"{sorted(ours)}): leave them at 0")
         options = {k: v for k, v in kwargs.items() if k in ours}
         timm_kwargs = {k: v for k, v in kwargs.items() if k not in ours}  # features_only, pretrained_cfg, ...
         nets: list[nn.Module] = []
