@@ -58,19 +58,21 @@ def load_source(source: str, model: str | None = None, *, width: float | None = 
 
 
 def build_original(spec: dict[str, Any]) -> nn.Module:
-    """A freshly initialised model of ``spec``: a kdna_fx.models name, else a torchvision builder."""
+    """A freshly initialised model of ``spec`` through kdna_fx.models.create_model: a zoo name, an alias,
+    ``torchvision/<name>`` or ``timm/<name>``; a bare name the zoo does not know is torchvision's."""
+    import torchvision
+
     from .models import is_model
     from .train.models import build_model
 
-    if is_model(spec["name"]):  # a zoo name or alias, or torchvision/<name>, timm/<name>
-        return build_model(spec)
-    import torchvision
-
-    try:
-        return torchvision.models.get_model(spec["name"], weights=None, num_classes=spec["num_classes"])
-    except ValueError:
-        raise ConfigError(f"unknown model {spec['name']!r}: neither a kdna_fx.models name "
-                          f"(kdna_fx.models.list_models()) nor a torchvision builder") from None
+    name = spec["name"]
+    if not is_model(name) and name in torchvision.models.list_models():
+        # as before the zoo took torchvision/ names: only num_classes (the data feeder adapts the channels)
+        spec = {"name": f"torchvision/{name}", "num_classes": spec["num_classes"]}
+    elif not is_model(name):
+        raise ConfigError(f"unknown model {name!r}: neither a kdna_fx.models name (kdna_fx.models.list_models(), "
+                          f"torchvision/<name>, timm/<name>) nor a torchvision builder")
+    return build_model(spec)
 
 
 def model_names() -> list[str]:
