@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from .config import KDNAConfig
-from .errors import StateError
+from .errors import KDNAError, StateError
 from .passes import Plan
 from .record import find_record, record_of
 
@@ -36,8 +36,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     record, builder = find_record(model), builder_of(model)
     if record is None and builder is None:
         raise StateError(f"{type(model).__name__} is neither a kdna_fx-transformed model nor built by "
-                         f"kdna_fx.models.create_model: transform it first (kdna_fx.transform), or save its "
-                         f"state_dict with torch.save")
+                         f"kdna_fx.models.create_model (whose models reload with no model given): save one of "
+                         f"those, or save this model's state_dict with torch.save")
     if record is not None and record.folded:
         raise StateError("save the unfolded model and fold after loading (kdna_fx.load(path, model, fold=True)): "
                          "a folded model has no F/S to restore, and stores a kernel per child")
@@ -83,7 +83,12 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, fold: 
             raise StateError(f"{where!r} does not say how to rebuild its model (it was not built by "
                              f"kdna_fx.models.create_model): pass a fresh instance of the saved architecture, "
                              f"kdna_fx.load(path, model)")
-        model = rebuild(json.loads(metadata["builder"]))
+        builder = json.loads(metadata["builder"])
+        try:
+            model = rebuild(builder)
+        except KDNAError as exc:
+            raise StateError(f"{where!r} was saved from {builder.get('name')!r}, which cannot be built here "
+                             f"({exc}); pass a fresh instance of it, kdna_fx.load(path, model)") from None
     if "plan" not in metadata:  # a plain network or a peer: the tensors go straight in
         if find_record(model) is not None:
             raise StateError(f"{where!r} holds an untransformed model, but the model given is transformed: pass "

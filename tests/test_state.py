@@ -148,3 +148,17 @@ def test_an_untransformed_file_refuses_a_transformed_model_and_fold(tmp_path):
         kdna_fx.load(path, kdna_fx.models.create_model("resnet18.replace", num_classes=10, width=0.25))
     with pytest.raises(kdna_fx.StateError, match="nothing to fold"):
         kdna_fx.load(path, fold=True)
+
+
+def test_a_builder_that_cannot_be_built_here_asks_for_the_model(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "m.safetensors"
+    kdna_fx.save(kdna_fx.models.create_model("resnet18", num_classes=10, width=0.25), path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    metadata["builder"] = '{"name": "timm/no_such_net", "kwargs": {}}'
+    save_file(load_file(path), path, metadata=metadata)
+    with pytest.raises(kdna_fx.StateError, match=r"'timm/no_such_net', which cannot be built here"):
+        kdna_fx.load(path)
