@@ -55,10 +55,16 @@ def stamp(model: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
+def preserve(model: nn.Module, name: str, value: Any) -> None:
+    """Set the plain attribute ``name`` on ``model`` so that it survives deepcopy and pickle: a GraphModule
+    keeps only the attributes torch.fx is told to preserve through deepcopy."""
+    object.__setattr__(model, name, value)
+    if isinstance(model, fx.GraphModule):
+        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
+
+
 def _attach(model: nn.Module, builder: dict[str, Any]) -> None:
-    object.__setattr__(model, BUILDER_ATTR, builder)
-    if isinstance(model, fx.GraphModule):  # torch.fx keeps only "preserved" attributes through deepcopy
-        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[BUILDER_ATTR] = builder
+    preserve(model, BUILDER_ATTR, builder)
 
 
 def builder_of(model: object) -> dict[str, Any] | None:

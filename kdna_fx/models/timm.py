@@ -20,12 +20,11 @@ from typing import Any, Callable
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from torch import fx, nn
-from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+from torch import nn
 
 from ..errors import ConfigError
 from ._registry import Arch, architectures, model_options, recipe, tags
-from .builder import stamp
+from .builder import preserve, stamp
 
 _PROBE = 64
 """Side of the input the feature stages are measured on (divisible by every reduction)."""
@@ -66,12 +65,6 @@ def feature_info(net: nn.Module, modules: tuple[str, ...], in_chans: int) -> lis
     return [{"module": m, "num_chs": shapes[m][1], "reduction": _PROBE // shapes[m][-1]} for m in modules]
 
 
-def _keep(model: nn.Module, name: str, value: Any) -> None:
-    object.__setattr__(model, name, value)
-    if isinstance(model, fx.GraphModule):  # torch.fx keeps only "preserved" attributes through deepcopy
-        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
-
-
 def _entrypoint(arch: Arch, tag: str) -> Callable[..., nn.Module]:
     zoo_name, name = f"{arch.name}.{tag}", timm_name(arch.name, tag)
     modules = arch.reference_features if tag == "kdna" else arch.plain_features
@@ -105,9 +98,9 @@ def _entrypoint(arch: Arch, tag: str) -> Callable[..., nn.Module]:
         model = finish(built, nets[-1])
         for attr in _KEPT:
             if attr in vars(built):
-                _keep(model, attr, vars(built)[attr])
+                preserve(model, attr, vars(built)[attr])
         if not kwargs.get("features_only"):
-            _keep(model, "num_classes", options.get("num_classes", 1000))  # timm's train script reads it
+            preserve(model, "num_classes", options.get("num_classes", 1000))  # timm's train script reads it
             if not timm_kwargs.keys() - {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}:
                 stamp(model, zoo_name, options)  # the same model as create_model(zoo_name, **options)
         return model
