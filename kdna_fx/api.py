@@ -124,6 +124,9 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: Plan 
             f"returned unchanged ({how}). kdna_fx.report(model) lists each conv with its reason; "
             f"KDNAConfig(kernel_sizes=(1, 3), depthwise=True, stage_depth=0) widens the search.",
             NoEligibleConvWarning, stacklevel=2)
+    from .models.builder import carry  # late: kdna_fx.models builds on this module
+
+    carry(model, kmodel)  # how the original was built (create_model), so kdna_fx.load(path) can rebuild it
     return kmodel
 
 

@@ -6,6 +6,7 @@ checkpoints: name, width, small_stem, num_classes, in_chans.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from typing import Any
 
@@ -61,42 +62,67 @@ def load_source(source: str, model: str | None = None, *, width: float | None = 
 
 
 def build_original(spec: dict[str, Any]) -> nn.Module:
-    """A freshly initialised model of ``spec``: a kdna_fx.models name, else a torchvision builder."""
-    from .models import list_models
-    from .train.models import build_model
-
-    if spec["name"] in list_models():
-        return build_model(spec)
+    """A freshly initialised model of ``spec`` through kdna_fx.models.create_model: a zoo name, an alias,
+    ``torchvision/<name>`` or ``timm/<name>``; a bare name the zoo does not know is torchvision's."""
     import torchvision
 
-    try:
-        return torchvision.models.get_model(spec["name"], weights=None, num_classes=spec["num_classes"])
-    except ValueError:
-        raise ConfigError(f"unknown model {spec['name']!r}: neither a kdna_fx.models name "
-                          f"(kdna_fx.models.list_models()) nor a torchvision builder") from None
+    from .models import is_model
+    from .train.models import build_model
+
+    name = spec["name"]
+    if not is_model(name) and name in torchvision.models.list_models():
+        # as before the zoo took torchvision/ names: only num_classes (the data feeder adapts the channels)
+        spec = {"name": f"torchvision/{name}", "num_classes": spec["num_classes"]}
+    elif not is_model(name):
+        raise ConfigError(f"unknown model {name!r}: neither a kdna_fx.models name (kdna_fx.models.list_models(), "
+                          f"torchvision/<name>, timm/<name>) nor a torchvision builder")
+    return build_model(spec)
 
 
 def model_names() -> list[str]:
-    """Every name ``build_original`` accepts: the kdna_fx.models zoo, then torchvision's classifiers."""
+    """The names ``build_original`` lists: the kdna_fx.models zoo (tags and aliases), then torchvision's
+    classifiers (it also takes ``torchvision/<name>`` and ``timm/<name>`` for any model of those libraries)."""
     import torchvision
 
     from .models import list_models
 
-    zoo = list_models()
+    zoo = list_models(aliases=True)
     return zoo + sorted(set(torchvision.models.list_models(torchvision.models)) - set(zoo))
 
 
-def is_kdna_file(path: str) -> bool:
-    """Whether ``path`` was written by kdna_fx.save (a transformed model, reloaded onto its original)."""
+def is_model_name(name: str) -> bool:
+    """Whether ``build_original`` builds ``name``."""
+    import torchvision
+
+    from .models import is_model
+
+    return is_model(name) or name in torchvision.models.list_models()
+
+
+def _kdna_metadata(path: str) -> dict[str, str] | None:
+    """The metadata of a file written by kdna_fx.save, else None."""
     if not (path.endswith(".safetensors") and os.path.isfile(path)):
-        return False
+        return None
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
+            metadata = f.metadata() or {}
     except Exception:  # noqa: BLE001 - not readable as one: load_source says why
-        return False
+        return None
+    return metadata if metadata.get("format") == FORMAT else None
+
+
+def is_kdna_file(path: str) -> bool:
+    """Whether ``path`` was written by kdna_fx.save (a transformed model, reloaded onto its original)."""
+    return _kdna_metadata(path) is not None
+
+
+def saved_builder(path: str) -> dict[str, Any] | None:
+    """How the original of a kdna_fx.save file was built (``{"name", "kwargs"}``, kdna_fx.models.builder_of),
+    when the file says so: such a file loads without a model, ``kdna_fx.load(path)``."""
+    metadata = _kdna_metadata(path) or {}
+    return json.loads(metadata["builder"]) if "builder" in metadata else None
 
 
 def resolve_source(where: str, *, model: str | None = None, width: float | None = None,
@@ -109,28 +135,35 @@ def resolve_source(where: str, *, model: str | None = None, width: float | None 
     model = like["name"] if like else model
     flag = "--compare" if like else "SOURCE"
     if is_kdna_file(where):
+        builder = saved_builder(where)
+        if given_model is None and builder is not None:  # the file rebuilds its own model (kdna_fx.load(path))
+            return "saved", {"name": builder["name"], **builder["kwargs"]}, {}, None
         if model is None:
-            raise ConfigError(f"a kdna_fx.save file as {flag} needs --model NAME (the original architecture it was "
-                              f"converted from) and its options")
+            raise ConfigError(f"a kdna_fx.save file as {flag} that does not record its architecture (a model not "
+                              f"built by kdna_fx.models.create_model) needs --model NAME (the original "
+                              f"architecture it was converted from) and its options")
         return "kdna", like or spec_from_options(model, **options), {}, None
     if os.path.isdir(where) or os.path.isfile(where):
         spec, data, state = load_source(where, None if like and os.path.isdir(where) else model, **options)
         kind = "run" if os.path.isdir(where) else "state"
         return kind, (like if like and kind == "state" else spec), data, state
-    names = model_names()
-    if where in names:
+    if is_model_name(where):
         if not like and given_model not in (None, where):
             raise ConfigError(f"SOURCE names the model {where!r} but --model says {given_model!r}; drop --model")
         return "name", {**(like or spec_from_options(where, **options)), "name": where}, {}, None
-    close = difflib.get_close_matches(where, names, n=3)
+    close = difflib.get_close_matches(where, model_names(), n=3)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     raise ConfigError(f"{flag} {where!r} is neither a `kdna train` run directory, a state-dict or kdna_fx.save file, "
-                      f"nor a model name (kdna_fx.models.list_models() or a torchvision builder).{hint}")
+                      f"nor a model name (kdna_fx.models.list_models(), torchvision/<name>, timm/<name>, or a torchvision "
+                      f"builder).{hint}")
 
 
 def build_source(kind: str, where: str, spec: dict[str, Any], state: dict | None, seed: int) -> nn.Module:
     """The model of a resolved source (``resolve_source``), in eval mode: built from its spec (a name's weights
-    seeded by ``seed``), its state dict loaded strictly, or a kdna_fx.save file loaded onto it."""
+    seeded by ``seed``), its state dict loaded strictly, or a kdna_fx.save file loaded onto it (or, for a file
+    that records its builder, rebuilt by it)."""
+    if kind == "saved":
+        return load(where).eval()
     torch.manual_seed(seed)  # the weights of a model given by name
     model = build_original(spec)
     if kind == "kdna":

@@ -1,9 +1,11 @@
 """Saving and reloading transformed models.
 
 A transformed model is saved as its state dict (safetensors: every tensor stored once, under one name)
-plus, in the file's metadata, the KDNAConfig and the plan. Reloading replays that plan on a fresh copy of
-the original architecture (so models built from edited or hand-written plans reload too) and loads
-strictly; a model that is already transformed with the same plan (a zoo model) just takes the tensors.
+plus, in the file's metadata, the KDNAConfig, the plan and, when known, how the original was built (the
+builder stamp of ``kdna_fx.models.create_model``, kdna_fx.models.builder). Reloading replays that plan on a
+fresh copy of the original architecture (so models built from edited or hand-written plans reload too) and
+loads strictly; a model that is already transformed with the same plan (a zoo model) just takes the tensors.
+With a builder stored, ``load(path)`` needs no model: it rebuilds the original through ``create_model``.
 
 The file is also the deploy form: it stores each shared kernel once (a ResNet-18: 5.7 M parameters, against
 12.0 M for a folded model, which stores a kernel per child), and ``load(..., fold=True)`` folds after loading.
@@ -17,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from .config import KDNAConfig
-from .errors import StateError
+from .errors import KDNAError, StateError
 
 from .datamodel import Plan, find_record, record_of
 
@@ -25,25 +27,38 @@ FORMAT = "kdna_fx/1"
 
 
 def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Save a transformed (not folded) model to a .safetensors file."""
+    """Save a transformed (not folded) model, or any model ``kdna_fx.models.create_model`` built (a plain
+    network, a peer), to a .safetensors file; how it was built is stored when known (``load(path)``)."""
     from safetensors.torch import save_file
 
-    record = record_of(model)
-    if record.folded:
+    from .models.builder import builder_of
+
+    record, builder = find_record(model), builder_of(model)
+    if record is None and builder is None:
+        raise StateError(f"{type(model).__name__} is neither a kdna_fx-transformed model nor built by "
+                         f"kdna_fx.models.create_model (whose models reload with no model given): save one of "
+                         f"those, or save this model's state_dict with torch.save")
+    if record is not None and record.folded:
         raise StateError("save the unfolded model and fold after loading (kdna_fx.load(path, model, fold=True)): "
                          "a folded model has no F/S to restore, and stores a kernel per child")
     model = getattr(model, "_orig_mod", model)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": FORMAT, "config": json.dumps(record.config), "plan": json.dumps(record.plan.to_dict()),
-                "init": record.init}
+    metadata = {"format": FORMAT}
+    if record is not None:
+        metadata.update(config=json.dumps(record.config), plan=json.dumps(record.plan.to_dict()), init=record.init)
+    if builder is not None:
+        metadata["builder"] = json.dumps(builder)
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
-def load(path: str | os.PathLike[str], model: nn.Module, *, fold: bool = False) -> nn.Module:
+def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, fold: bool = False) -> nn.Module:
     """The model saved at ``path``, rebuilt on ``model``: a fresh, untransformed instance of the saved
     architecture (transformed here with the saved config and plan), or a transformed one whose plan is the
     saved plan, such as ``kdna_fx.models.create_model(name)``. A model that took the module swap reloads
     the same way: the saved config names the path (``rewrite="swap"``) and the plan names convs from its root.
+
+    Without ``model``, the original is rebuilt from the builder stored with it (a model made by
+    ``kdna_fx.models.create_model``: zoo, torchvision or timm); a file without one needs ``model``.
 
     ``fold=True`` returns the deploy form instead: the loaded model in eval mode, folded (``kdna_fx.fold``),
     so the small shared-form file serves inference directly (docs/deployment.md)."""
@@ -51,6 +66,7 @@ def load(path: str | os.PathLike[str], model: nn.Module, *, fold: bool = False) 
     from safetensors.torch import load_file
 
     from .api import transform
+    from .models.builder import rebuild
 
     where = os.fspath(path)
     try:
@@ -62,19 +78,37 @@ def load(path: str | os.PathLike[str], model: nn.Module, *, fold: bool = False) 
     if metadata.get("format") != FORMAT:
         raise StateError(f"{where!r} was not written by kdna_fx.save (format {metadata.get('format')!r}, "
                          f"expected {FORMAT!r})")
-    config = KDNAConfig.from_dict(json.loads(metadata["config"]))
-    saved_plan = json.loads(metadata["plan"])
-    if find_record(model) is not None:
+    if model is None:
+        if "builder" not in metadata:
+            raise StateError(f"{where!r} does not say how to rebuild its model (it was not built by "
+                             f"kdna_fx.models.create_model): pass a fresh instance of the saved architecture, "
+                             f"kdna_fx.load(path, model)")
+        builder = json.loads(metadata["builder"])
+        try:
+            model = rebuild(builder)
+        except KDNAError as exc:
+            raise StateError(f"{where!r} was saved from {builder.get('name')!r}, which cannot be built here "
+                             f"({exc}); pass a fresh instance of it, kdna_fx.load(path, model)") from None
+    if "plan" not in metadata:  # a plain network or a peer: the tensors go straight in
+        if find_record(model) is not None:
+            raise StateError(f"{where!r} holds an untransformed model, but the model given is transformed: pass "
+                             f"the architecture that was saved")
         kmodel = model
-        _check_same_plan(saved_plan, record_of(kmodel).plan.to_dict(), where)
+    elif find_record(model) is not None:
+        kmodel = model
+        _check_same_plan(json.loads(metadata["plan"]), record_of(kmodel).plan.to_dict(), where)
     else:
-        kmodel = transform(model, config, plan=Plan.from_dict(saved_plan), init=metadata.get("init", "copy"))
+        config = KDNAConfig.from_dict(json.loads(metadata["config"]))
+        kmodel = transform(model, config, plan=Plan.from_dict(json.loads(metadata["plan"])),
+                           init=metadata.get("init", "copy"))
     try:
         kmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise StateError(f"the tensors saved in {where!r} do not fit the model: {exc}. Pass a fresh instance of "
                          f"the architecture that was saved, built with the same options.") from None
     if fold:
+        if "plan" not in metadata:
+            raise StateError(f"{where!r} holds an untransformed model: there is nothing to fold (fold=False)")
         from .passes import fold as fold_model
 
         # The folded form serves inference only: eval mode, so the gates' norms use their running statistics.

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torchvision
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -329,7 +330,9 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     model = kdna_fx.models.create_model("resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.0625)
     torch.save(model.state_dict(), root / "weights.pt")
-    kdna_fx.save(kdna_fx.transform(model), root / "converted.safetensors")
+    kdna_fx.save(kdna_fx.transform(model), root / "converted.safetensors")  # records its builder (create_model)
+    hand_made = torchvision.models.resnet18(num_classes=10)  # records none: needs --model
+    kdna_fx.save(kdna_fx.transform(hand_made), root / "anonymous.safetensors")
     return root, data
 
 
@@ -365,7 +368,7 @@ def test_cka_command_bad_inputs_are_clear(tiny, tmp_path, capsys):
         ([str(tmp_path / "nowhere")], "neither a `kdna train` run directory"),
         (["resnet81"], "Did you mean 'resnet18'"),
         ([weights], "needs --model NAME"),
-        ([converted], "kdna_fx.save file as SOURCE needs --model"),
+        ([str(root / "anonymous.safetensors")], "needs --model NAME"),
         ([weights, "--model", "resnet18"], "do not fit resnet18"),
         ([weights, *TINY, "--compare", "nothing-here"], "--compare 'nothing-here' is neither"),
         ([weights, *TINY, "--images", "2"], ">= 4"),
@@ -378,3 +381,12 @@ def test_cka_command_bad_inputs_are_clear(tiny, tmp_path, capsys):
         args = argv if "--data" in argv else [*argv, "--data", data]
         assert main(["cka", *args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2, argv
         assert needle in capsys.readouterr().err, needle
+
+
+def test_cka_command_takes_a_self_describing_file_alone(tiny, tmp_path, capsys):
+    root, data = tiny
+    out = tmp_path / "alone"
+    assert main(["cka", str(root / "converted.safetensors"), "--images", "16", "--data", data, "--out", str(out),
+                 "--no-progress"]) == 0
+    result = json.loads((out / "cka.json").read_text())
+    assert result["model"]["name"] == "resnet18.plain" and len(result["names"]) == 20  # the original it rebuilds

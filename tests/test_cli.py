@@ -83,6 +83,13 @@ def test_plan_command_takes_zoo_names_and_prints_a_transformed_models_own_plan(c
     assert json.loads(capsys.readouterr().out)["families"]
 
 
+def test_plan_command_takes_timm_and_torchvision_names(capsys):
+    assert cli.main(["plan", "timm/resnet26d", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["families"]
+    assert cli.main(["plan", "torchvision/regnet_x_400mf", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["families"]
+
+
 def test_models_command_is_reachable_from_kdna(capsys):
     assert cli.main(["models", "resnet18", "--small"]) == 0
     assert "resnet18" in capsys.readouterr().out

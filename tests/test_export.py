@@ -6,7 +6,7 @@ Every zoo model at full size is measured by bench/export_check.py (bench/results
 from __future__ import annotations
 
 import importlib.util
-import inspect
+import torchvision
 import os
 
 import pytest
@@ -163,7 +163,6 @@ def test_command_exports_a_kdna_fx_save_file(zoo_model, tmp_path, capsys):
     path = tmp_path / "k18.safetensors"
     kdna_fx.save(zoo_model, path)
     out = tmp_path / "k18.pt2"
-    # kdna_fx.load(path, model) for now; the file alone once kdna_fx.load rebuilds the architecture itself
     code, _, err = _export([str(path), "--model", "kdna_resnet18", "--format", "pt2", "--out", str(out),
                             *SMALL_ARGS], capsys)
     assert code == 0, err
@@ -173,12 +172,16 @@ def test_command_exports_a_kdna_fx_save_file(zoo_model, tmp_path, capsys):
     got = torch.export.load(str(out)).module()(x)
     torch.testing.assert_close(got, expected, rtol=TOLERANCE, atol=TOLERANCE * expected.abs().max().item())
 
-    alone = tmp_path / "alone.pt2"
+    alone = tmp_path / "alone.pt2"  # the file records its builder (create_model): it rebuilds its own model
     code, _, err = _export([str(path), "--format", "pt2", "--out", str(alone), *SMALL_ARGS], capsys)
-    if inspect.signature(kdna_fx.load).parameters["model"].default is inspect.Parameter.empty:
-        assert code == 2 and "needs --model NAME" in err and not alone.exists()
-    else:
-        assert code == 0 and alone.exists(), err
+    assert code == 0 and alone.exists(), err
+    torch.testing.assert_close(torch.export.load(str(alone)).module()(x), expected, rtol=TOLERANCE,
+                               atol=TOLERANCE * expected.abs().max().item())
+
+    anonymous = tmp_path / "anonymous.safetensors"  # a model built by hand records no builder: --model is needed
+    kdna_fx.save(kdna_fx.transform(torchvision.models.resnet18(num_classes=10)), anonymous)
+    code, _, err = _export([str(anonymous), "--format", "pt2", "--out", str(tmp_path / "no.pt2")], capsys)
+    assert code == 2 and "needs --model NAME" in err and not (tmp_path / "no.pt2").exists()
 
 
 def test_command_exports_a_run_directory_at_its_image_size(tmp_path, capsys):

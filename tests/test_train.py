@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -338,6 +339,20 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "x"),
                  "--no-progress"]) == 2
     assert "Fashion-MNIST files not found" in capsys.readouterr().err
+
+
+def test_cli_eval_takes_a_self_describing_kdna_fx_save_file(tmp_path, capsys):
+    from kdna_fx.cli import main
+
+    data = str(tmp_path / "fmnist")
+    write_tiny_fashion_mnist(data, n_train=4, n_test=12)
+    model = kdna_fx.models.create_model("resnet18.replace", num_classes=10, in_chans=1, small_stem=True, width=0.125)
+    kdna_fx.save(model, tmp_path / "k.safetensors")
+    assert main(["eval", str(tmp_path / "k.safetensors"), "--data", data, "--no-progress", "--device", "cpu"]) == 0
+    assert "resnet18.replace on Fashion-MNIST" in (out := capsys.readouterr().out) and "over 12 images" in out
+    kdna_fx.save(kdna_fx.transform(torchvision.models.resnet18()), tmp_path / "anonymous.safetensors")
+    assert main(["eval", str(tmp_path / "anonymous.safetensors"), "--data", data, "--no-progress"]) == 2
+    assert "does not record how its model was built" in capsys.readouterr().err
 
 
 def test_cli_unknown_model_is_a_clean_error(tmp_path, capsys):

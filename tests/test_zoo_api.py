@@ -9,7 +9,7 @@ import kdna_fx
 import kdna_fx.models as zoo
 from kdna_fx.testing import randomize_adapters
 
-NAMES = zoo.list_models("kdna_*")
+NAMES = zoo.list_models("*.kdna")
 
 
 def build(name: str, **extra) -> torch.nn.Module:

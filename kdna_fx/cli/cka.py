@@ -79,7 +79,7 @@ def cka(args: argparse.Namespace) -> dict[str, Any]:
     data, classes, chans, description = eval_images(args.dataset or data_spec.get("dataset", "fashion-mnist"),
                                                     args.data_path or data_spec.get("path"),
                                                     image_size=args.image_size or data_spec.get("image_size"))
-    if kind != "run":  # a run's spec is complete; the other sources take what the data implies
+    if kind not in ("run", "saved"):  # a run or a self-describing file is complete; the others take the data's
         spec = {**spec, "num_classes": args.num_classes or classes, "in_chans": chans}
     label = os.path.basename(args.source.rstrip("/"))
     sim = _measure(build_source(kind, args.source, spec, state, args.seed), spec["name"], data, description, label, args)

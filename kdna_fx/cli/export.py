@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import io
 import json
 import os
@@ -19,11 +18,10 @@ from typing import Any
 
 from torch import nn
 
-import kdna_fx
 
 from kdna_fx.errors import ConfigError
 from kdna_fx.exporting import FORMATS, TOLERANCE, ExportReport, export
-from kdna_fx.source import build_source, is_kdna_file, resolve_source
+from kdna_fx.source import build_source, resolve_source
 
 # Sources that carry no options of their own (a name, a weights file) are built in the zoo's ImageNet form
 # unless told otherwise: what create_model(name) builds.
@@ -60,15 +58,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _self_describing(path: str) -> nn.Module:
-    """A kdna_fx.save file rebuilt from what it records, by ``kdna_fx.load(path)``."""
-    model_parameter = inspect.signature(kdna_fx.load).parameters["model"]
-    if model_parameter.default is inspect.Parameter.empty:  # this kdna_fx.load cannot rebuild an architecture
-        raise ConfigError("a kdna_fx.save file as SOURCE needs --model NAME (the original architecture it was "
-                          "converted from) and its options (--width, --small-stem, --num-classes, --in-chans)")
-    return kdna_fx.load(path)
-
-
 def _first_conv_channels(model: nn.Module) -> int:
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
@@ -85,13 +74,13 @@ def _image_size(data: dict[str, Any]) -> int | None:
 
 def source_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int], dict[str, Any] | None]:
     """(model, input shape without the batch, model spec or None) of SOURCE."""
-    if is_kdna_file(args.source) and args.model is None:
-        model = _self_describing(args.source)
-        channels = args.in_chans or _first_conv_channels(model)
-        size = args.image_size or DEFAULT_IMAGE_SIZE
-        return model, (channels, size, size), None
     kind, spec, data, state = resolve_source(args.source, model=args.model, width=args.width,
                                              small_stem=args.small_stem, num_classes=args.num_classes)
+    if kind == "saved":  # a self-describing kdna_fx.save file: it rebuilds its own model (kdna_fx.load(path))
+        model = build_source(kind, args.source, spec, state, args.seed)
+        channels = args.in_chans or _first_conv_channels(model)
+        size = args.image_size or DEFAULT_IMAGE_SIZE
+        return model, (channels, size, size), spec
     if kind != "run":  # a run's spec is complete; the other sources are built in the ImageNet form by default
         spec = {**spec, "num_classes": args.num_classes or DEFAULT_CLASSES,
                 "in_chans": args.in_chans or DEFAULT_CHANNELS}

@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from kdna_fx.errors import ConfigError
 from kdna_fx.models import create_model, list_models, model_options
 from kdna_fx.reporting import count_macs
 from kdna_fx.tables import format_table
@@ -17,10 +18,15 @@ from kdna_fx.tables import format_table
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kdna models", description=__doc__.splitlines()[0])
-    parser.add_argument("patterns", nargs="*", default=["*"], help="shell-style model name patterns")
+    parser.add_argument("patterns", nargs="*", default=["*.plain", "*.replace", "*.kdna"],
+                        help="shell-style model name patterns (default: the plain, replace and kdna tags)")
     parser.add_argument("--small", action="store_true", help="10 classes, 1x28x28, small_stem, width 0.25")
     args = parser.parse_args(argv)
-    names = [n for pattern in args.patterns for n in list_models(pattern)]
+    # A pattern without a tag ("resnet18", "*resnet*") names every tag of what it matches.
+    names = list(dict.fromkeys(n for pattern in args.patterns
+                               for n in list_models(pattern if "." in pattern else f"{pattern}.*")))
+    if not names:
+        raise ConfigError(f"no zoo model matches {args.patterns}; the names are {', '.join(list_models())}")
     kwargs, shape = (dict(num_classes=10, in_chans=1, small_stem=True), (1, 1, 28, 28)) if args.small \
         else ({}, (1, 3, 224, 224))
     rows = []

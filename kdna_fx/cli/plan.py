@@ -1,7 +1,8 @@
 """``kdna plan MODEL``: the family plan kdna_fx would build for a model, changing nothing.
 
-MODEL is any name ``kdna_fx.source.build_original`` knows: a kdna_fx.models zoo name or a torchvision
-classifier (random weights: a plan depends on the architecture only). For a zoo model built transformed
+MODEL is any name ``kdna_fx.models.create_model`` resolves: a zoo name (``resnet18``, ``resnet18.kdna``, an alias
+such as ``kdna_resnet18``), ``torchvision/<name>`` or ``timm/<name>``, or a bare torchvision classifier name
+(random weights: a plan depends on the architecture only). For a zoo model built transformed
 (``kdna_*``, ``replace_*``) it prints the plan the model carries.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kdna_fx.source import build_original, spec_from_options
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdna plan", description=__doc__.splitlines()[0])
-    p.add_argument("model", help="a zoo or torchvision model name, e.g. resnet18")
+    p.add_argument("model", help="a zoo, torchvision/<name> or timm/<name> model name, e.g. resnet18")
     p.add_argument("--width", type=float, default=None, help="channel width multiplier (zoo models that take one)")
     p.add_argument("--config", default=None, help="a JSON file with a KDNAConfig dict (KDNAConfig.to_dict)")
     p.add_argument("--kernel-sizes", type=int, nargs="+", default=None, help="KDNAConfig.kernel_sizes")

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from kdna_fx.data import build_data
+import kdna_fx
 from kdna_fx.errors import ConfigError
+from kdna_fx.source import is_kdna_file, saved_builder
 from kdna_fx.timing import provenance
 from kdna_fx.train import distributed as D
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, load_model_weights, read_checkpoint
@@ -141,8 +143,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdna eval", description="Top-1 and images/s of a `kdna train` checkpoint")
-    p.add_argument("checkpoint", help="a last.pt written by kdna train, or its run directory")
+    p = argparse.ArgumentParser(prog="kdna eval", description="Top-1 and images/s of a `kdna train` checkpoint or "
+                                                             "of a kdna_fx.save file that records its builder")
+    p.add_argument("checkpoint", help="a last.pt written by kdna train, its run directory, or a kdna_fx.save file "
+                                      "(kdna convert's output, or any model create_model built)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", dest="json_out", default=None, help="also write the result to this JSON file")
     _add_data_options(p)
@@ -154,8 +158,18 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
-    path = os.path.join(args.checkpoint, CHECKPOINT_NAME) if os.path.isdir(args.checkpoint) else args.checkpoint
-    ckpt = read_checkpoint(path)
+    if is_kdna_file(args.checkpoint):  # a self-describing kdna_fx.save file: it rebuilds its own model
+        if saved_builder(args.checkpoint) is None:
+            raise ConfigError(f"{args.checkpoint!r} does not record how its model was built (it was not made by "
+                              f"kdna_fx.models.create_model); evaluate it from Python: kdna_fx.load(path, model)")
+        path, model = args.checkpoint, kdna_fx.load(args.checkpoint)
+        ckpt = {"epoch": None, "config": {"data": {"dataset": "fashion-mnist", "path": None}, "seed": 0,
+                                          "model": {"name": saved_builder(path)["name"]}}}
+    else:
+        path = os.path.join(args.checkpoint, CHECKPOINT_NAME) if os.path.isdir(args.checkpoint) else args.checkpoint
+        ckpt = read_checkpoint(path)
+        model = build_model(ckpt["config"]["model"])
+        load_model_weights(ckpt, model, path)
     config = ckpt["config"]
     data_spec = dict(config["data"])
     for key in ("dataset", "data_path", "image_size", "val_fraction", "val_subset"):
@@ -163,8 +177,6 @@ def eval_main(argv: list[str] | None = None) -> int:
             data_spec["path" if key == "data_path" else key] = getattr(args, key)
     data_spec["train_subset"] = None
     data = build_data(seed=config["seed"], **data_spec)
-    model = build_model(config["model"])
-    load_model_weights(ckpt, model, path)
     ctx = D.setup(args.device)
     model.to(ctx.device)
     if args.channels_last:
@@ -178,7 +190,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     result.update({"checkpoint": path, "model": config["model"]["name"], "epoch": ckpt["epoch"],
                    "data": data.description, "device": str(ctx.device), "batch_size": args.batch_size})
     if ctx.is_main:
-        print(f"{result['model']} (epoch {result['epoch']}) on {data.description}: top-1 {result['top1']:.2f}% "
+        epoch = f" (epoch {result['epoch']})" if result["epoch"] is not None else ""
+        print(f"{result['model']}{epoch} on {data.description}: top-1 {result['top1']:.2f}% "
               f"over {result['images']} images, loss {result['loss']:.4f}, {result['images_per_s']:.0f} images/s "
               f"(batch {args.batch_size}, {ctx.device}, {torch.get_num_threads()} threads)")
         if args.json_out:

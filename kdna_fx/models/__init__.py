@@ -1,13 +1,23 @@
-"""The kdna_fx model zoo: KernelDNA reference topologies, their plain baselines and replace-mode twins.
+"""The kdna_fx model zoo: KernelDNA reference topologies, their plain baselines, replace-mode twins and peers.
 
-    model = kdna_fx.models.create_model("kdna_resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.25)
-    kdna_fx.models.list_models("*resnet*")
+    model = kdna_fx.models.create_model("resnet18.kdna", num_classes=10, in_chans=1, small_stem=True, width=0.25)
+    kdna_fx.models.create_model("timm/resnet26d.replace")      # any torchvision or timm model, without weights
+    kdna_fx.models.list_models("resnet18.*")                  # resnet18.plain, .replace, .kdna, .condconv, ...
 
-Names: ``<arch>`` is the plain torchvision model (weights=None), ``replace_<arch>`` is kdna_fx.transform
-applied to it, ``kdna_<arch>`` is the KernelDNA reference topology: a plain network rewritten by the same
-transform with an explicit plan (so report, fold, save/load and export work on it). See docs/models.md.
+Names are ``<arch>.<tag>`` (tags: plain, replace, kdna, one per peer), ``torchvision/<name>[.<tag>]`` or
+``timm/<name>[.<tag>]``; the v0.1 names (``kdna_resnet18``, ``replace_resnet50``) are aliases. Every model
+``create_model`` builds records how (``builder_of``), so ``kdna_fx.load(path)`` rebuilds it. Importing
+kdna_fx registers the zoo in timm too (kdna_fx.models.timm). See docs/models.md.
 """
-from . import convnext, mobilenet, resnet  # noqa: F401  (they register their models)
-from ._registry import create_model, list_models, model_options, register, sharing_config
+import importlib.util
 
-__all__ = ["create_model", "list_models", "model_options", "register", "sharing_config"]
+from . import convnext, mobilenet, resnet  # noqa: F401  (they register their architectures)
+from ._registry import (PEERS, Arch, Reference, architectures, create_model, is_model, list_models,
+                        model_options, register_arch, sharing_config)
+from .builder import builder_of
+
+if importlib.util.find_spec("timm") is not None:  # the zoo in timm's registry: timm.create_model("kdna_resnet50")
+    from . import timm  # noqa: F401
+
+__all__ = ["PEERS", "Arch", "Reference", "architectures", "builder_of", "create_model", "is_model", "list_models",
+           "model_options", "register_arch", "sharing_config"]

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 from torch import fx, nn
 
 from ..config import AdapterConfig, KDNAConfig
-from ..errors import ConfigError, KDNATypeError
+from ..errors import ConfigError
 from ..functional import GateNorm
 
 
@@ -51,17 +51,6 @@ def check_options(name: str, *, num_classes: Any, in_chans: Any, width: Any, sma
                           f"got {width!r}")
     if not isinstance(small_stem, bool):
         raise ConfigError(f"{name}: small_stem must be True or False, got {small_stem!r}")
-
-
-def replace_mode(model: nn.Module, config: Any, arch: str) -> nn.Module:
-    """``kdna_fx.transform(model, config)``: the automatic FX rewrite of an ordinary model; without a config,
-    the architecture's ``sharing_config``."""
-    from ..api import transform
-    from ._registry import sharing_config
-
-    if config is not None and not isinstance(config, KDNAConfig):
-        raise KDNATypeError(f"config must be a kdna_fx.KDNAConfig or None, got {type(config).__name__}")
-    return transform(model, config if config is not None else sharing_config(arch))
 
 
 def kaiming_conv(in_chans: int, out_chans: int, kernel_size: int, stride: int, padding: int,

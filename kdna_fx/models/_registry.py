@@ -1,72 +1,351 @@
-"""Name -> builder registry behind create_model / list_models."""
+"""The zoo registry and ``create_model``, the one resolver of model names (docs/models.md).
+
+A name is ``<arch>.<tag>`` for a zoo architecture (``resnet18.kdna``), or ``torchvision/<name>[.<tag>]`` /
+``timm/<name>[.<tag>]`` for any model those libraries build (without weights). An architecture is registered
+once (``register_arch``); its variants are tags:
+
+- ``plain``: the ordinary network (the default: ``resnet18`` is ``resnet18.plain``);
+- ``replace``: ``kdna_fx.transform`` of it with the architecture's ``sharing_config``;
+- ``kdna``: the KernelDNA reference topology (zoo architectures only);
+- one tag per peer of ``PEERS``: the ``kdna_fx.peers`` transform of the plain network.
+
+The names of the v0.1 zoo (``kdna_resnet18``, ``replace_resnet50``, ``kdna_mobilenet_v2_050``) are aliases.
+"""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import inspect
-import re
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from torch import nn
 
 from ..config import KDNAConfig
 from ..errors import ConfigError, KDNATypeError
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-_SHARING: dict[str, Callable[[], KDNAConfig]] = {}
+# Peer tag -> the kdna_fx.peers function that converts a plain network. A tag whose function kdna_fx.peers does
+# not have (yet) is not offered; adding a peer is one line here.
+PEERS: dict[str, str] = {
+    "condconv": "condconv",
+    "dyconv": "dyconv",
+    "odconv": "odconv",
+    "kernelwarehouse": "kernelwarehouse",
+}
+SOURCES = ("torchvision", "timm")
+"""Libraries ``create_model`` builds from by name: ``torchvision/<name>``, ``timm/<name>``."""
 
 
-def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a builder under its function name."""
-    if fn.__name__ in _MODELS:
-        raise ConfigError(f"model {fn.__name__!r} is registered twice")
-    _MODELS[fn.__name__] = fn
-    return fn
+class Reference(NamedTuple):
+    """A KernelDNA reference topology: the plain network, the families the plan names, and the config."""
+
+    net: nn.Module
+    families: list[dict[str, Any]]
+    config: KDNAConfig
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted names of the models ``create_model`` builds, filtered by a shell-style ``pattern``."""
-    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+@dataclass(frozen=True)
+class Arch:
+    """One zoo architecture. ``plain(**options)`` builds the plain network (its signature is the options of
+    every tag but ``kdna``); ``reference(**options)`` the parts of the ``kdna`` tag (None: no such tag).
+
+    The rest describes the networks to timm (kdna_fx.models.timm): the modules whose outputs are the feature
+    stages (of the plain network, and of the reference topology's network), the stem conv and the classifier.
+    """
+
+    name: str
+    plain: Callable[..., nn.Module]
+    reference: Callable[..., Reference] | None = None
+    sharing: Callable[[], KDNAConfig] = KDNAConfig
+    plain_features: tuple[str, ...] = ()
+    reference_features: tuple[str, ...] = ()
+    first_conv: str = "conv1"
+    classifier: str = "fc"
+    peer_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Default options of a peer tag on this architecture (the caller's options win)."""
+
+
+_ARCHS: dict[str, Arch] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_arch(arch: Arch, aliases: Sequence[str] = ()) -> Arch:
+    """Register ``arch`` and its tags; ``aliases`` are extra names of the plain network. The v0.1 names
+    ``replace_<arch>`` and ``kdna_<arch>`` become aliases of the ``replace`` and ``kdna`` tags."""
+    if arch.name in _ARCHS or "." in arch.name or "/" in arch.name:
+        raise ConfigError(f"cannot register architecture {arch.name!r}: taken, or a '.' or '/' in the name")
+    _ARCHS[arch.name] = arch
+    _ALIASES[f"replace_{arch.name}"] = f"{arch.name}.replace"
+    if arch.reference is not None:
+        _ALIASES[f"kdna_{arch.name}"] = f"{arch.name}.kdna"
+    for alias in aliases:
+        _ALIASES[alias] = f"{arch.name}.plain"
+    return arch
+
+
+def architectures() -> dict[str, Arch]:
+    """The registered zoo architectures by name."""
+    return dict(_ARCHS)
+
+
+def peer_function(tag: str) -> Callable[..., nn.Module] | None:
+    """The kdna_fx.peers function of a peer tag, or None where kdna_fx.peers has none."""
+    from .. import peers
+
+    return getattr(peers, PEERS[tag], None) if tag in PEERS else None
+
+
+def tags(arch: Arch | None = None) -> list[str]:
+    """The tags of a zoo architecture (``arch``) or of a torchvision/timm model (None), default first."""
+    own = ["plain", "replace"] + (["kdna"] if arch is not None and arch.reference is not None else [])
+    return own + [t for t in PEERS if peer_function(t) is not None]
+
+
+# ---- names ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Resolved:
+    """A parsed model name: ``source`` is "zoo", "torchvision" or "timm"; ``base`` the architecture."""
+
+    source: str
+    base: str
+    tag: str
+
+    @property
+    def name(self) -> str:
+        """The canonical name (what a builder stamp records)."""
+        if self.source == "zoo":
+            return f"{self.base}.{self.tag}"
+        return f"{self.source}/{self.base}" + ("" if self.tag == "plain" else f".{self.tag}")
+
+    @property
+    def arch(self) -> Arch | None:
+        return _ARCHS.get(self.base) if self.source == "zoo" else None
+
+
+def resolve(name: str) -> Resolved:
+    """Parse ``name`` (an alias, ``<arch>[.<tag>]`` or ``<source>/<name>[.<tag>]``); builds nothing."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a model name is a non-empty string, got {name!r}")
+    name = _ALIASES.get(name, name)
+    if "/" in name:
+        source, _, rest = name.partition("/")
+        if source not in SOURCES:
+            raise ConfigError(f"unknown model source {source!r} in {name!r}: use torchvision/<name> or "
+                              f"timm/<name> (or a kdna_fx.models zoo name without a '/')")
+        base, dot, tag = rest.rpartition(".")
+        if not dot or tag not in tags(None):  # no tag of ours: a timm name may carry its own pretrained tag
+            base, tag = rest, "plain"
+        if not base:
+            raise ConfigError(f"model name {name!r} has no architecture after {source}/")
+        return Resolved(source, base, tag)
+    base, _, tag = name.partition(".")
+    tag = tag or "plain"
+    arch = _ARCHS.get(base)
+    if arch is None:
+        known = list_models() + sorted(_ALIASES)
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"unknown model {name!r}.{hint} Zoo models: {', '.join(list_models())}; any torchvision "
+                          f"or timm model as torchvision/<name> or timm/<name>")
+    if tag not in tags(arch):
+        raise ConfigError(f"{base} has no tag {tag!r}; its tags: {', '.join(tags(arch))}")
+    return Resolved("zoo", base, tag)
+
+
+def is_model(name: object) -> bool:
+    """Whether ``create_model`` resolves ``name`` (a zoo name or alias, or a torchvision/timm name; a name of
+    torchvision or timm is checked when it is built)."""
+    try:
+        resolve(name)  # type: ignore[arg-type]
+    except ConfigError:
+        return False
+    return True
+
+
+def list_models(pattern: str = "*", *, aliases: bool = False) -> list[str]:
+    """Sorted ``<arch>.<tag>`` names of the zoo, filtered by a shell-style ``pattern`` (``"*.kdna"``, say);
+    ``aliases=True`` adds the v0.1 names (``kdna_resnet18``, ...)."""
+    names = [f"{a.name}.{t}" for a in _ARCHS.values() for t in tags(a)] + (list(_ALIASES) if aliases else [])
+    return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+
+
+# ---- options --------------------------------------------------------------------------------------------
+def _params(fn: Callable[..., Any], skip: int = 0) -> list[str]:
+    return list(inspect.signature(fn).parameters)[skip:]
+
+
+def _tag_options(resolved: Resolved) -> list[str]:
+    """The options that belong to the tag (the rest go to the architecture)."""
+    if resolved.tag == "replace":
+        return ["config", "gate_norm"]
+    if resolved.tag in PEERS:
+        return _params(peer_function(resolved.tag), skip=1)  # type: ignore[arg-type]  (after the model)
+    return []
 
 
 def model_options(name: str) -> list[str]:
-    """The options ``create_model(name, ...)`` takes."""
-    return list(inspect.signature(_builder(name)).parameters)
-
-
-def _builder(name: str) -> Callable[..., nn.Module]:
-    if name not in _MODELS:
-        close = difflib.get_close_matches(str(name), list(_MODELS), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"unknown model {name!r}.{hint} Available models: {', '.join(list_models())}")
-    return _MODELS[name]
-
-
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the model registered as ``name`` (see ``list_models()``), freshly initialised, no weights.
-
-    Every model takes ``num_classes``, ``in_chans`` and ``small_stem``; see docs/models.md for the rest.
-    """
-    accepted = model_options(name)
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise KDNATypeError(f"{name} does not take option(s) {unknown}; it takes {accepted}")
-    return _MODELS[name](**kwargs)
-
-
-def register_sharing(arch: str, make: Callable[[], KDNAConfig]) -> None:
-    """Declare which convs of the plain architecture ``arch`` share by default (see ``sharing_config``)."""
-    _SHARING[arch] = make
+    """The options ``create_model(name, ...)`` takes. For a torchvision or timm model, the tag's own options
+    and ``num_classes`` (the library checks the rest)."""
+    resolved = resolve(name)
+    arch = resolved.arch
+    if arch is None:
+        return ["num_classes"] + _tag_options(resolved)
+    if resolved.tag == "kdna":
+        return _params(arch.reference)  # type: ignore[arg-type]
+    return _params(arch.plain) + _tag_options(resolved)
 
 
 def sharing_config(name: str) -> KDNAConfig:
-    """The KDNAConfig that ``replace_<arch>`` and ``kdna convert`` use when given none.
+    """The KDNAConfig that the ``replace`` tag, the peers and ``kdna convert`` use when given none.
 
-    ``name`` may be the plain, ``replace_`` or ``kdna_`` name of a zoo architecture; MobileNetV2 shares its
-    1x1 convs and ConvNeXt its depthwise 7x7 convs, since neither has plain 3x3 convs to share. Any other
-    name (a torchvision model, say) gets ``KDNAConfig()``: same-shaped 3x3 convs of each stage.
+    ``name`` may be any zoo name or alias; MobileNetV2 shares its 1x1 convs and ConvNeXt its depthwise 7x7
+    convs, since neither has plain 3x3 convs to share. Any other name (a torchvision or timm model, say) gets
+    ``KDNAConfig()``: same-shaped 3x3 convs of each stage.
     """
-    arch = re.sub(r"^(replace_|kdna_)", "", name)
-    arch = re.sub(r"_0\d\d$", "", arch)  # kdna_mobilenet_v2_050 -> mobilenet_v2
-    make = _SHARING.get(arch)
-    return make() if make is not None else KDNAConfig()
+    arch = resolve(name).arch if is_model(name) else None
+    return arch.sharing() if arch is not None else KDNAConfig()
+
+
+# ---- building --------------------------------------------------------------------------------------------
+class Recipe(NamedTuple):
+    """How a name is built: the network, then ``finish`` applied to it (or to a wrapper of it, such as
+    timm's feature extractor: ``finish(wrapper, net)`` finds the network's convs in the wrapper by identity)."""
+
+    net: nn.Module
+    finish: Callable[[nn.Module, nn.Module], nn.Module]
+
+
+def recipe(name: str, kwargs: dict[str, Any], build_net: Callable[..., nn.Module] | None = None) -> Recipe:
+    """The recipe of ``create_model(name, **kwargs)``. ``build_net(make, **options)`` builds the network
+    from its maker (default: ``make(**options)``; kdna_fx.models.timm passes timm's own builder)."""
+    resolved = resolve(name)
+    arch = resolved.arch
+    options = model_options(name) if arch is not None else None
+    if options is not None:
+        unknown = sorted(set(kwargs) - set(options))
+        if unknown:
+            raise KDNATypeError(f"{resolved.name} does not take option(s) {unknown}; it takes {options}")
+    own = set(_tag_options(resolved))
+    tag_kwargs = {k: v for k, v in kwargs.items() if k in own}
+    net_kwargs = {k: v for k, v in kwargs.items() if k not in own}
+    build_net = build_net or (lambda make, **kw: make(**kw))
+
+    if resolved.tag == "kdna":
+        # The reference builder gives (net, families, config): the net goes through build_net (timm wraps it
+        # for features_only), the plan and config wait for finish.
+        parts: list[Reference] = []
+
+        def make_reference(**kw: Any) -> nn.Module:
+            parts.append(arch.reference(**kw))  # type: ignore[union-attr]
+            return parts[-1].net
+
+        net = build_net(make_reference, **net_kwargs)
+        ref = parts[-1]
+        return Recipe(net, lambda model, base: _with_plan(model, base, ref.families, ref.config))
+
+    net = build_net(_maker(resolved), **net_kwargs)
+    if resolved.tag == "plain":
+        return Recipe(net, lambda model, base: model)
+    config = _config(resolved, tag_kwargs.pop("config", None), tag_kwargs.pop("gate_norm", None))
+    if resolved.tag == "replace":
+        return Recipe(net, lambda model, base: _replace(model, base, config))
+    peer = peer_function(resolved.tag)
+    if "config" in _params(peer):  # type: ignore[arg-type]  (which convs it converts: the architecture's)
+        tag_kwargs["config"] = config
+    if resolved.source == "zoo":
+        tag_kwargs = {**_ARCHS[resolved.base].peer_options.get(resolved.tag, {}), **tag_kwargs}
+    return Recipe(net, lambda model, base: peer(model, **tag_kwargs))  # type: ignore[misc]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the model ``name`` freshly initialised, without weights: a zoo name (``list_models()``, an alias,
+    ``resnet18.kdna``), or ``torchvision/<name>[.<tag>]`` / ``timm/<name>[.<tag>]``.
+
+    Zoo architectures take ``num_classes``, ``in_chans``, ``small_stem`` and ``width`` (see docs/models.md);
+    ``replace`` takes ``config`` and ``gate_norm``, a peer tag its ``kdna_fx.peers`` function's options.
+    The model records how it was built (``kdna_fx.models.builder_of``), so ``kdna_fx.load(path)`` can
+    rebuild it.
+    """
+    from .builder import stamp
+
+    resolved = resolve(name)
+    net, finish = recipe(name, kwargs)
+    return stamp(finish(net, net), resolved.name, kwargs)
+
+
+def _maker(resolved: Resolved) -> Callable[..., nn.Module]:
+    """The builder of the plain network of a resolved name."""
+    if resolved.arch is not None:
+        return resolved.arch.plain
+    if resolved.source == "torchvision":
+        return lambda **kw: _torchvision(resolved.base, **kw)
+    return lambda **kw: _timm(resolved.base, **kw)
+
+
+def _torchvision(base: str, **kwargs: Any) -> nn.Module:
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=3)
+        raise ConfigError(f"torchvision has no model {base!r}" + (f"; did you mean {close}?" if close else ""))
+    return torchvision.models.get_model(base, weights=None, **kwargs)
+
+
+def _timm(base: str, **kwargs: Any) -> nn.Module:
+    import timm
+
+    if kwargs.pop("pretrained", False):
+        raise ConfigError("kdna_fx.models builds models without weights; load a checkpoint afterwards")
+    try:
+        return timm.create_model(base, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        close = difflib.get_close_matches(base, timm.list_models(), n=3)
+        raise ConfigError(f"timm has no model {base!r}" + (f"; did you mean {close}?" if close else "")) from None
+
+
+def _config(resolved: Resolved, config: Any, gate_norm: Any) -> KDNAConfig:
+    """The tag's KDNAConfig: the given one, else the architecture's sharing; ``gate_norm`` set on every
+    adapter when given."""
+    if config is not None and not isinstance(config, KDNAConfig):
+        raise KDNATypeError(f"config must be a kdna_fx.KDNAConfig or None, got {type(config).__name__}")
+    config = config if config is not None else (resolved.arch.sharing() if resolved.arch else KDNAConfig())
+    if gate_norm is not None:  # AdapterConfig checks the value
+        config = config.map_adapters(lambda a: dataclasses.replace(a, gate_norm=gate_norm))
+    return config
+
+
+def _renamed(model: nn.Module, base: nn.Module, families: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``families`` (names in ``base``) named as in ``model``, a wrapper holding base's modules (timm's
+    feature extractor renames and drops modules); families left without a parent or child are dropped."""
+    if model is base:
+        return families
+    where = {id(m): n for n, m in model.named_modules()}
+    old = dict(base.named_modules())
+    out = []
+    for family in families:
+        parent = where.get(id(old[family["parent"]]))
+        children = [where[id(old[c])] for c in family["children"] if id(old[c]) in where]
+        if parent is not None and children:
+            out.append({"parent": parent, "children": children})
+    return out
+
+
+def _with_plan(model: nn.Module, base: nn.Module, families: list[dict[str, Any]], config: KDNAConfig) -> nn.Module:
+    from ._common import with_plan
+
+    return with_plan(model, _renamed(model, base, families), config)
+
+
+def _replace(model: nn.Module, base: nn.Module, config: KDNAConfig) -> nn.Module:
+    """``transform(model, config)``; a wrapper of ``base`` gets the families planned on ``base`` itself (the
+    wrapper's module names may split a stage)."""
+    from ..api import plan, transform
+
+    if model is base:
+        return transform(model, config)
+    families = [{"parent": f.parent, "children": list(f.children)} for f in plan(base, config).families]
+    return _with_plan(model, base, families, config)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import torch
 import torchvision
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torchvision.models.convnext import CNBlockConfig, LayerNorm2d
 from torchvision.ops import StochasticDepth
 
 from ..config import KDNAConfig
 from ..functional import GateNorm
-from ._common import check_options, reference_config, replace_mode, scaled, with_plan
-from ._registry import register, register_sharing
+from ._common import check_options, reference_config, scaled
+from ._registry import Arch, Reference, register_arch
 
 DIMS, DEPTHS = (96, 192, 384, 768), (3, 3, 9, 3)
 EXPAND_REDUCTION, PROJECT_REDUCTION = 4, 16
@@ -108,20 +108,10 @@ def reference_families() -> list[dict]:
     return families
 
 
-# ---- registered models ------------------------------------------------------------------------------
-def _check(name: str, num_classes: int, in_chans: int, small_stem: bool, width: float) -> None:
-    check_options(name, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-
-
-# torchvision's pointwise layers are nn.Linear: the depthwise 7x7 convs of each stage share
-register_sharing("convnext_tiny", lambda: KDNAConfig(kernel_sizes=(7,), depthwise=True, stage_depth=2))
-
-
-@register
-def convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
-                  width: float = 1.0) -> nn.Module:
+# ---- registered architecture ------------------------------------------------------------------------
+def plain(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0) -> nn.Module:
     """Plain torchvision ConvNeXt-Tiny (weights=None); ``width`` scales the stage widths 96-192-384-768."""
-    _check("convnext_tiny", num_classes, in_chans, small_stem, width)
+    check_options("convnext_tiny", num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
     if width == 1:
         model = torchvision.models.convnext_tiny(weights=None, num_classes=num_classes)
     else:
@@ -139,21 +129,26 @@ def convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem: bool =
     return model
 
 
-@register
-def replace_convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
-                          width: float = 1.0, config: KDNAConfig | None = None) -> nn.Module:
-    """kdna_fx.transform(convnext_tiny(...)). torchvision's pointwise layers are nn.Linear, which transform
-    does not share, so by default the depthwise 7x7 convs of each stage share one kernel."""
-    return replace_mode(convnext_tiny(num_classes, in_chans, small_stem, width), config, "convnext_tiny")
-
-
-@register
-def kdna_convnext_tiny(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                       gate_norm: GateNorm = "batch", drop_path: float = 0.1) -> fx.GraphModule:
+def reference(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
+              gate_norm: GateNorm = "batch", drop_path: float = 0.1) -> Reference:
     """KernelDNA ConvNeXt-Tiny (our design, see the module docstring and docs/models.md)."""
-    _check("kdna_convnext_tiny", num_classes, in_chans, small_stem, width)
+    check_options("convnext_tiny.kdna", num_classes=num_classes, in_chans=in_chans, width=width,
+                  small_stem=small_stem)
     config = reference_config(gate_norm, kernel_sizes=(1,), stage_depth=2,
                               reductions={r"\.pwconv1$": EXPAND_REDUCTION, r"\.pwconv2$": PROJECT_REDUCTION})
-    plain = ConvNeXt(num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem,
-                     drop_path=drop_path)
-    return with_plan(plain, reference_families(), config)
+    net = ConvNeXt(num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem,
+                   drop_path=drop_path)
+    return Reference(net, reference_families(), config)
+
+
+def default_sharing() -> KDNAConfig:
+    """torchvision's pointwise layers are nn.Linear, which transform does not share: the depthwise 7x7 convs of
+    each stage share one kernel (``only_if_smaller`` leaves the full-size model unchanged, docs/models.md)."""
+    return KDNAConfig(kernel_sizes=(7,), depthwise=True, stage_depth=2)
+
+
+FEATURES = ("features.1", "features.3", "features.5", "features.7")  # the four stages (reductions 4 to 32)
+# KernelWarehouse's default sharing (convs reading the same width) would give the nine depthwise 7x7 convs of a
+# stage one warehouse whose attention costs ~80x its kernels (kdna_fx.peers refuses it): one warehouse per layer.
+register_arch(Arch("convnext_tiny", plain, reference, default_sharing, FEATURES, FEATURES, first_conv="features.0.0",
+                   classifier="classifier.2", peer_options={"kernelwarehouse": {"sharing": "layer"}}))

@@ -3,13 +3,13 @@ kernels of the stage's last block, with their own depthwise convs, BatchNorms an
 from __future__ import annotations
 
 import torchvision
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ..config import KDNAConfig
 from ..functional import GateNorm
-from ._common import check_options, kaiming_conv, reference_config, replace_mode, scaled, with_plan
-from ._registry import register, register_sharing
+from ._common import check_options, kaiming_conv, reference_config, scaled
+from ._registry import Arch, Reference, register_arch
 
 # (expansion t, base channels c, blocks n, first stride s), as in the MobileNetV2 paper.
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -82,16 +82,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(x.flatten(1))
 
 
-# ---- registered models ------------------------------------------------------------------------------
-def _baseline(name: str, num_classes: int, in_chans: int, small_stem: bool, width: float) -> nn.Module:
-    check_options(name, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-    model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width)
-    if small_stem or in_chans != 3:
-        stem = model.features[0][0]
-        model.features[0][0] = kaiming_conv(in_chans, stem.out_channels, 3, 1 if small_stem else 2, 1)
-    return model
-
-
+# ---- registered architectures -----------------------------------------------------------------------
 def reference_families() -> list[dict]:
     """In each stage of SHARED_STAGES, the middle blocks' expand and project convs are children of the
     stage's last block's (the first block, which changes the width or stride, keeps its own)."""
@@ -105,42 +96,46 @@ def reference_families() -> list[dict]:
     return families
 
 
-def _kdna(name: str, num_classes: int, in_chans: int, small_stem: bool, width: float,
-          gate_norm: GateNorm) -> fx.GraphModule:
-    check_options(name, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
+def plain(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0) -> nn.Module:
+    """Plain torchvision MobileNetV2 (weights=None); ``width`` is torchvision's width_mult."""
+    check_options("mobilenet_v2", num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width)
+    if small_stem or in_chans != 3:
+        stem = model.features[0][0]
+        model.features[0][0] = kaiming_conv(in_chans, stem.out_channels, 3, 1 if small_stem else 2, 1)
+    return model
+
+
+def reference(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
+              gate_norm: GateNorm = "batch") -> Reference:
+    """KernelDNA MobileNetV2 (reference topology): 3,136,840 parameters at 1000 classes (0.5x: 1,878,232)."""
+    check_options("mobilenet_v2.kdna", num_classes=num_classes, in_chans=in_chans, width=width,
+                  small_stem=small_stem)
     config = reference_config(gate_norm, kernel_sizes=(1,), stage_depth=2,
                               reductions={r"\.expand$": EXPAND_REDUCTION, r"\.project$": PROJECT_REDUCTION})
-    plain = MobileNetV2(num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-    return with_plan(plain, reference_families(), config)
+    net = MobileNetV2(num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
+    return Reference(net, reference_families(), config)
 
 
-# its 3x3 convs are depthwise: the same-shaped 1x1 expand/project convs share instead
-register_sharing("mobilenet_v2", lambda: KDNAConfig(kernel_sizes=(1,)))
+def plain_050(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False) -> nn.Module:
+    """Plain torchvision MobileNetV2 0.5x (width_mult 0.5): 1,968,680 parameters at 1000 classes."""
+    return plain(num_classes, in_chans, small_stem, 0.5)
 
 
-@register
-def mobilenet_v2(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
-                 width: float = 1.0) -> nn.Module:
-    """Plain torchvision MobileNetV2 (weights=None); ``width`` is torchvision's width_mult."""
-    return _baseline("mobilenet_v2", num_classes, in_chans, small_stem, width)
-
-
-@register
-def replace_mobilenet_v2(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                         config: KDNAConfig | None = None) -> nn.Module:
-    """kdna_fx.transform(mobilenet_v2(...)), by default sharing same-shaped 1x1 convs (kernel_sizes=(1,))."""
-    return replace_mode(mobilenet_v2(num_classes, in_chans, small_stem, width), config, "mobilenet_v2")
-
-
-@register
-def kdna_mobilenet_v2(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                      gate_norm: GateNorm = "batch") -> fx.GraphModule:
-    """KernelDNA MobileNetV2 1.0x (reference topology): 3,136,840 parameters at 1000 classes."""
-    return _kdna("kdna_mobilenet_v2", num_classes, in_chans, small_stem, width, gate_norm)
-
-
-@register
-def kdna_mobilenet_v2_050(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
-                          gate_norm: GateNorm = "batch") -> fx.GraphModule:
+def reference_050(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
+                  gate_norm: GateNorm = "batch") -> Reference:
     """KernelDNA MobileNetV2 0.5x (reference topology): 1,878,232 parameters at 1000 classes."""
-    return _kdna("kdna_mobilenet_v2_050", num_classes, in_chans, small_stem, 0.5, gate_norm)
+    return reference(num_classes, in_chans, small_stem, 0.5, gate_norm)
+
+
+def default_sharing() -> KDNAConfig:
+    """Its 3x3 convs are depthwise: the same-shaped 1x1 expand/project convs share instead."""
+    return KDNAConfig(kernel_sizes=(1,))
+
+
+# Feature stages (reductions 2, 4, 8, 16, 32): torchvision's flat block list, and the stages of our class.
+PLAIN_FEATURES = ("features.1", "features.3", "features.6", "features.13", "features.18")
+REFERENCE_FEATURES = ("features.1", "features.2", "features.3", "features.5", "features.8")
+for _name, _plain, _reference in (("mobilenet_v2", plain, reference), ("mobilenet_v2_050", plain_050, reference_050)):
+    register_arch(Arch(_name, _plain, _reference, default_sharing, PLAIN_FEATURES, REFERENCE_FEATURES,
+                       first_conv="features.0.0", classifier="classifier.1"))

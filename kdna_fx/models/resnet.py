@@ -6,15 +6,15 @@ network at width 1 is the torchvision ResNet, and a child sits where torchvision
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torchvision
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from ..config import KDNAConfig
 from ..functional import GateNorm
-from ._common import check_options, kaiming_conv, reference_config, replace_mode, scaled, with_plan
-from ._registry import register
+from ._common import check_options, kaiming_conv, reference_config, scaled
+from ._registry import Arch, Reference, register_arch
 
 
 def _downsample(inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
@@ -124,8 +124,10 @@ REFERENCE = {
 _BASELINE = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
 
 
-# ---- registered models ------------------------------------------------------------------------------
-def _baseline(arch: str, num_classes: int, in_chans: int, small_stem: bool, width: float) -> nn.Module:
+# ---- registered architectures -----------------------------------------------------------------------
+def plain(arch: str, num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False,
+          width: float = 1.0) -> nn.Module:
+    """Plain torchvision ResNet (weights=None); width != 1 scales every stage's channels."""
     check_options(arch, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
     block, depths = _BASELINE[arch]
     if width != 1:  # torchvision has no width multiplier; this class reproduces it (tested at width 1)
@@ -139,52 +141,17 @@ def _baseline(arch: str, num_classes: int, in_chans: int, small_stem: bool, widt
     return model
 
 
-def _kdna(arch: str, num_classes: int, in_chans: int, small_stem: bool, width: float,
-          gate_norm: GateNorm) -> fx.GraphModule:
-    check_options(f"kdna_{arch}", num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-    config = reference_config(gate_norm)
+def reference(arch: str, num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
+              gate_norm: GateNorm = "batch") -> Reference:
+    """KernelDNA reference topology: ResNet-18 as a 2-2-3-3 ResNet with 6 children (9,240,798 parameters at
+    1000 classes), ResNet-50 as a 3-4-7-3 ResNet with 4 children (22,778,060)."""
+    check_options(f"{arch}.kdna", num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
     block, depths, families = REFERENCE[arch]
-    plain = ResNet(block, depths, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-    return with_plan(plain, families, config)
+    net = ResNet(block, depths, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
+    return Reference(net, families, reference_config(gate_norm))
 
 
-@register
-def resnet18(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0) -> nn.Module:
-    """Plain torchvision ResNet-18 (weights=None); width != 1 scales every stage's channels."""
-    return _baseline("resnet18", num_classes, in_chans, small_stem, width)
-
-
-@register
-def resnet50(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0) -> nn.Module:
-    """Plain torchvision ResNet-50 (weights=None); width != 1 scales every stage's channels."""
-    return _baseline("resnet50", num_classes, in_chans, small_stem, width)
-
-
-@register
-def replace_resnet18(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                     config: KDNAConfig | None = None) -> nn.Module:
-    """kdna_fx.transform(resnet18(...), config): same-shaped 3x3 convs of each stage share one kernel."""
-    return replace_mode(resnet18(num_classes, in_chans, small_stem, width), config, "resnet18")
-
-
-@register
-def replace_resnet50(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                     config: KDNAConfig | None = None) -> nn.Module:
-    """kdna_fx.transform(resnet50(...), config): same-shaped 3x3 convs of each stage share one kernel."""
-    return replace_mode(resnet50(num_classes, in_chans, small_stem, width), config, "resnet50")
-
-
-@register
-def kdna_resnet18(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                  gate_norm: GateNorm = "batch") -> fx.GraphModule:
-    """KernelDNA ResNet-18 (reference topology): a 2-2-3-3 ResNet with 6 children; 9,240,798 parameters at
-    1000 classes."""
-    return _kdna("resnet18", num_classes, in_chans, small_stem, width, gate_norm)
-
-
-@register
-def kdna_resnet50(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0,
-                  gate_norm: GateNorm = "batch") -> fx.GraphModule:
-    """KernelDNA ResNet-50 (reference topology): a 3-4-7-3 ResNet with 4 children; 22,778,060 parameters at
-    1000 classes."""
-    return _kdna("resnet50", num_classes, in_chans, small_stem, width, gate_norm)
+FEATURES = ("relu", "layer1", "layer2", "layer3", "layer4")  # the stem's activation, then each stage
+for _arch in ("resnet18", "resnet50"):
+    register_arch(Arch(_arch, partial(plain, _arch), partial(reference, _arch), plain_features=FEATURES,
+                       reference_features=FEATURES))

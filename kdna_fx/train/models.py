@@ -1,4 +1,5 @@
-"""Building models by name through kdna_fx.models (the zoo), from a plain-dict spec stored in checkpoints."""
+"""Building the model of a run spec (the plain dict ``kdna train`` stores in checkpoints) through
+kdna_fx.models.create_model, the one resolver of model names."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,27 +8,19 @@ from torch import nn
 
 from kdna_fx.errors import ConfigError
 
+_DEFAULTS = {"num_classes": None, "in_chans": 3, "small_stem": False, "width": 1.0, "gate_norm": None}
+
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
-    """``spec``: name, num_classes, in_chans, small_stem, width and optionally gate_norm.
-
-    ``gate_norm`` goes to kdna_* models directly and to replace_* models through their KDNAConfig.
-    """
+    """``spec``: name and any of num_classes, in_chans, small_stem, width, gate_norm. An option the model does
+    not take must be at its default (``gate_norm`` applies to ``kdna`` and ``replace`` models only)."""
     from kdna_fx import models
 
     name = spec["name"]
     options = models.model_options(name)  # an unknown name is a ConfigError listing the close matches
-    kwargs: dict[str, Any] = {k: spec[k] for k in ("num_classes", "in_chans", "small_stem", "width") if k in spec}
-    gate_norm = spec.get("gate_norm")
-    if gate_norm is not None:
-        if "gate_norm" in options:
-            kwargs["gate_norm"] = gate_norm
-        elif "config" in options:
-            import dataclasses
-
-            # the architecture's own sharing (MobileNetV2's 1x1 convs, ...) with the gate norm asked for
-            kwargs["config"] = models.sharing_config(name).map_adapters(
-                lambda a: dataclasses.replace(a, gate_norm=gate_norm))
-        else:
-            raise ConfigError(f"--gate-norm applies to KernelDNA models (kdna_*, replace_*), not {name!r}")
+    kwargs = {k: spec[k] for k in _DEFAULTS if spec.get(k) is not None and k in options}
+    ignored = [k for k in _DEFAULTS if k not in options and spec.get(k, _DEFAULTS[k]) != _DEFAULTS[k]]
+    if ignored:
+        raise ConfigError(f"model {name!r} does not take {', '.join(ignored)} (it takes {options}); "
+                          f"--gate-norm applies to KernelDNA models (kdna_*, replace_*)")
     return models.create_model(name, **kwargs)

@@ -1,0 +1,99 @@
+"""The builder stamp: how a model was built, so that a checkpoint can rebuild it (``kdna_fx.load(path)``).
+
+Every model ``create_model`` returns carries ``{"name": <canonical name>, "kwargs": {...}}`` (JSON-able: a
+KDNAConfig is stored as its dict) in one plain attribute. It survives ``kdna_fx.transform`` (both paths),
+``copy.deepcopy`` and pickle. Options that JSON cannot hold (a class, a module) leave the model unstamped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
+from ..config import KDNAConfig
+from ..errors import StateError
+
+BUILDER_ATTR = "_kdna_builder"
+_CONFIG_KEY = "__kdna_config__"
+
+
+def _encode(value: Any) -> Any:
+    """``value`` as JSON data; TypeError where JSON cannot hold it."""
+    if isinstance(value, KDNAConfig):
+        return {_CONFIG_KEY: value.to_dict()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _encode(v) for k, v in value.items()}
+    raise TypeError(type(value).__name__)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_CONFIG_KEY}:
+            return KDNAConfig.from_dict(value[_CONFIG_KEY])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def stamp(model: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Record on ``model`` that it is ``create_model(name, **kwargs)`` (nothing when JSON cannot hold the
+    kwargs); returns ``model``."""
+    try:
+        builder = {"name": name, "kwargs": _encode(kwargs)}
+        json.dumps(builder)
+    except (TypeError, ValueError):
+        return model
+    _attach(model, builder)
+    return model
+
+
+def preserve(model: nn.Module, name: str, value: Any) -> None:
+    """Set the plain attribute ``name`` on ``model`` so that it survives deepcopy and pickle: a GraphModule
+    keeps only the attributes torch.fx is told to preserve through deepcopy."""
+    object.__setattr__(model, name, value)
+    if isinstance(model, fx.GraphModule):
+        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
+
+
+def _attach(model: nn.Module, builder: dict[str, Any]) -> None:
+    preserve(model, BUILDER_ATTR, builder)
+
+
+def builder_of(model: object) -> dict[str, Any] | None:
+    """How ``model`` was built: ``{"name": ..., "kwargs": {...}}`` (a copy), so that
+    ``create_model(b["name"], **b["kwargs"])`` rebuilds it (use ``rebuild`` where kwargs hold a KDNAConfig);
+    None for a model ``create_model`` did not build. Looks inside a ``torch.compile`` wrapper."""
+    if not isinstance(model, nn.Module):
+        return None
+    builder = vars(model).get(BUILDER_ATTR)  # a plain attribute, never a submodule
+    if builder is None:
+        inner = vars(model).get("_modules", {}).get("_orig_mod")
+        return builder_of(inner) if inner is not None else None
+    if isinstance(model, fx.GraphModule):  # a GraphModule rebuilt from pickle has a fresh meta
+        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).setdefault(BUILDER_ATTR, builder)
+    return copy.deepcopy(builder)
+
+
+def carry(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` (built from ``source``: by kdna_fx.transform, say) ``source``'s stamp, if any."""
+    builder = builder_of(source)
+    if builder is not None:
+        _attach(target, builder)
+
+
+def rebuild(builder: dict[str, Any]) -> nn.Module:
+    """A fresh model from a stamp (``builder_of``), through ``create_model``."""
+    from ._registry import create_model
+
+    if not isinstance(builder, dict) or not isinstance(builder.get("name"), str) \
+            or not isinstance(builder.get("kwargs", {}), dict):
+        raise StateError(f"a builder stamp is {{'name': str, 'kwargs': dict}}, got {builder!r}")
+    return create_model(builder["name"], **_decode(builder.get("kwargs", {})))

@@ -1,0 +1,187 @@
+"""The zoo registry: tags of one architecture, one resolver for zoo, torchvision and timm names, aliases,
+and the builder stamp every built model carries."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import fx, nn
+
+import kdna_fx
+import kdna_fx.models as zoo
+from kdna_fx.adapters import ChildAdapter
+from kdna_fx.models import _registry
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = dict(num_classes=10, in_chans=1, small_stem=True)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def small(name: str) -> dict:
+    return dict(SMALL, **({"width": 0.25} if "width" in zoo.model_options(name) else {}))
+
+
+def test_every_architecture_lists_its_tags() -> None:
+    peers = [t for t, fn in zoo.PEERS.items() if hasattr(kdna_fx.peers, fn)]
+    assert peers and set(peers) >= {"condconv", "dyconv", "odconv"}
+    for arch in ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v2_050", "convnext_tiny"):
+        assert zoo.list_models(f"{arch}.*") == sorted(f"{arch}.{t}" for t in ["plain", "replace", "kdna", *peers])
+    assert set(zoo.list_models("*.kdna", aliases=True)) < set(zoo.list_models(aliases=True))
+    assert "kdna_resnet18" in zoo.list_models("kdna_*", aliases=True) and not zoo.list_models("kdna_*")
+
+
+@pytest.mark.parametrize("alias, tagged", [("kdna_resnet18", "resnet18.kdna"), ("replace_resnet50", "resnet50.replace"),
+                                           ("kdna_mobilenet_v2_050", "mobilenet_v2_050.kdna"),
+                                           ("resnet18", "resnet18.plain")])
+def test_old_names_are_aliases_of_tags(alias: str, tagged: str) -> None:
+    torch.manual_seed(0)
+    a = zoo.create_model(alias, **small(alias))
+    torch.manual_seed(0)
+    b = zoo.create_model(tagged, **small(tagged))
+    assert list(a.state_dict()) == list(b.state_dict()) and n_params(a) == n_params(b)
+    assert zoo.builder_of(a)["name"] == zoo.builder_of(b)["name"] == tagged
+    assert zoo.model_options(alias) == zoo.model_options(tagged)
+
+
+@pytest.mark.parametrize("tag", [t for t, fn in zoo.PEERS.items() if hasattr(kdna_fx.peers, fn)])
+def test_a_peer_tag_is_its_peers_function_on_the_plain_network(tag: str) -> None:
+    peer = getattr(kdna_fx.peers, zoo.PEERS[tag])
+    torch.manual_seed(0)
+    model = zoo.create_model(f"resnet18.{tag}", num_classes=10, width=0.25)
+    expected = peer(zoo.create_model("resnet18", num_classes=10, width=0.25))
+    assert n_params(model) == n_params(expected) != n_params(zoo.create_model("resnet18", num_classes=10, width=0.25))
+    assert kdna_fx.datamodel.peer_record(model) is not None
+    # MobileNetV2's peers convert the convs its sharing config names (its 1x1 convs), as replace mode shares
+    mobile = zoo.create_model(f"mobilenet_v2.{tag}", num_classes=10, width=0.25)
+    config = {"config": zoo.sharing_config("mobilenet_v2")} if "config" in zoo.model_options(f"resnet18.{tag}") else {}
+    assert n_params(mobile) == n_params(peer(zoo.create_model("mobilenet_v2", num_classes=10, width=0.25), **config))
+
+
+def test_a_new_peer_is_one_table_line_and_a_missing_function_no_tag(monkeypatch) -> None:
+    monkeypatch.setitem(zoo.PEERS, "condconv2", "condconv")
+    monkeypatch.setitem(zoo.PEERS, "not_there", "no_such_peer_function")
+    assert "resnet18.condconv2" in zoo.list_models() and "resnet18.not_there" not in zoo.list_models()
+    assert zoo.model_options("resnet18.condconv2")[-3:] == ["experts", "config", "init"]
+    model = zoo.create_model("resnet18.condconv2", num_classes=10, width=0.25, experts=2)
+    assert kdna_fx.datamodel.peer_record(model).method == "CondConv (K=2)"
+    with pytest.raises(kdna_fx.ConfigError, match="no tag 'not_there'"):
+        zoo.create_model("resnet18.not_there")
+
+
+def test_torchvision_and_timm_names_build_without_weights() -> None:
+    tv = zoo.create_model("torchvision/resnet18", num_classes=7)
+    assert n_params(tv) == n_params(torchvision.models.resnet18(num_classes=7))
+    tm = zoo.create_model("timm/resnet18", num_classes=7)
+    assert n_params(tm) == n_params(timm.create_model("resnet18", num_classes=7))
+    replaced = zoo.create_model("timm/resnet18.replace", num_classes=7, gate_norm="layer")
+    assert any(isinstance(m, ChildAdapter) for m in replaced.modules()) and n_params(replaced) < n_params(tm)
+    assert kdna_fx.plan_of(replaced).config.adapter.gate_norm == "layer"
+    odconv = zoo.create_model("torchvision/resnet18.odconv", num_classes=7)
+    assert kdna_fx.datamodel.peer_record(odconv).method == "ODConv 1x"
+    # a timm pretrained tag is not a kdna_fx tag: the whole name goes to timm
+    assert _registry.resolve("timm/resnet18.a1_in1k") == _registry.Resolved("timm", "resnet18.a1_in1k", "plain")
+
+
+@pytest.mark.parametrize("name, error, match", [
+    ("kdna_resnet81", kdna_fx.ConfigError, "Did you mean 'kdna_resnet18'"),
+    ("resnet18.kdnna", kdna_fx.ConfigError, "its tags: plain, replace, kdna"),
+    ("hub/resnet18", kdna_fx.ConfigError, "torchvision/<name> or timm/<name>"),
+    ("torchvision/resnet181", kdna_fx.ConfigError, "torchvision has no model 'resnet181'"),
+    ("timm/resnet181", kdna_fx.ConfigError, "timm has no model 'resnet181'"),
+    ("", kdna_fx.ConfigError, "non-empty string"),
+])
+def test_bad_names_are_clear(name: str, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        zoo.create_model(name)
+
+
+def test_options_are_checked_per_tag() -> None:
+    assert zoo.model_options("resnet18.kdna")[-1] == "gate_norm"
+    assert zoo.model_options("resnet18.replace")[-2:] == ["config", "gate_norm"]
+    assert "gate_norm" not in zoo.model_options("resnet18")
+    assert "width" not in zoo.model_options("mobilenet_v2_050.kdna")
+    with pytest.raises(kdna_fx.KDNATypeError, match="gate_norm"):
+        zoo.create_model("resnet18.plain", gate_norm="layer")
+    with pytest.raises(kdna_fx.ConfigError, match="gate_norm"):
+        zoo.create_model("resnet18.replace", gate_norm="group")
+    with pytest.raises(kdna_fx.KDNATypeError, match="KDNAConfig"):
+        zoo.create_model("resnet18.replace", config={"kernel_sizes": [3]})
+
+
+def test_sharing_config_resolves_every_name() -> None:
+    for name in ("mobilenet_v2", "mobilenet_v2.odconv", "kdna_mobilenet_v2_050", "replace_mobilenet_v2"):
+        assert zoo.sharing_config(name).kernel_sizes == (1,)
+    assert zoo.sharing_config("timm/resnet18").kernel_sizes == (3,)
+    assert zoo.sharing_config("vgg11") == kdna_fx.KDNAConfig()
+
+
+def test_build_model_of_a_run_spec_is_a_thin_call() -> None:
+    from kdna_fx.train.models import build_model
+
+    spec = dict(name="replace_mobilenet_v2", num_classes=10, in_chans=1, small_stem=True, width=0.25, gate_norm="layer")
+    model = build_model(spec)
+    assert zoo.builder_of(model) == {"name": "mobilenet_v2.replace",
+                                     "kwargs": {k: v for k, v in spec.items() if k != "name"}}
+    with pytest.raises(kdna_fx.ConfigError, match="gate_norm"):
+        build_model(dict(spec, name="resnet18"))
+    assert n_params(build_model({"name": "torchvision/resnet18", "num_classes": 3})) == \
+        n_params(torchvision.models.resnet18(num_classes=3))
+
+
+# ---- the builder stamp -----------------------------------------------------------------------------------
+def test_every_zoo_model_is_stamped_with_json_data() -> None:
+    import json
+
+    for name in zoo.list_models():
+        builder = zoo.builder_of(zoo.create_model(name, **small(name)))
+        assert builder["name"] == name and builder["kwargs"] == small(name)
+        json.dumps(builder)
+    config = kdna_fx.KDNAConfig(kernel_sizes=(1, 3))
+    builder = zoo.builder_of(zoo.create_model("resnet18.replace", num_classes=10, width=0.25, config=config))
+    assert builder["kwargs"]["config"] == {"__kdna_config__": config.to_dict()}
+    assert zoo.builder_of(torchvision.models.resnet18()) is None
+    assert zoo.builder_of("resnet18") is None
+
+
+def test_options_json_cannot_hold_leave_no_stamp() -> None:
+    model = zoo.create_model("timm/resnet18", num_classes=10, act_layer=nn.ReLU)
+    assert zoo.builder_of(model) is None
+
+
+@pytest.mark.parametrize("rewrite", ["graph", "swap"])
+def test_the_stamp_survives_transform_deepcopy_and_pickle(rewrite: str) -> None:
+    model = zoo.create_model("resnet18", num_classes=10, width=0.25)
+    expected = zoo.builder_of(model)
+    kmodel = kdna_fx.transform(model, kdna_fx.KDNAConfig(rewrite=rewrite))
+    assert isinstance(kmodel, fx.GraphModule) == (rewrite == "graph")  # a new GraphModule, or a deep copy
+    assert zoo.builder_of(kmodel) == expected
+    for again in (copy.deepcopy(kmodel), pickle.loads(pickle.dumps(kmodel)), torch.compile(kmodel)):
+        assert zoo.builder_of(again) == expected
+    assert zoo.builder_of(copy.deepcopy(copy.deepcopy(kmodel))) == expected
+
+
+def test_the_stamp_of_a_zoo_graph_module_survives_deepcopy_and_pickle() -> None:
+    model = zoo.create_model("resnet18.kdna", **small("resnet18.kdna"))
+    for again in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert zoo.builder_of(again) == {"name": "resnet18.kdna", "kwargs": small("resnet18.kdna")}
+
+
+def test_rebuilding_from_the_stamp_gives_the_same_architecture() -> None:
+    from kdna_fx.models.builder import rebuild
+
+    config = kdna_fx.KDNAConfig(kernel_sizes=(1, 3))
+    for name, kwargs in (("resnet18.replace", dict(num_classes=10, width=0.25, config=config)),
+                         ("convnext_tiny.kdna", dict(small("convnext_tiny.kdna"), gate_norm="layer", drop_path=0.0))):
+        model = zoo.create_model(name, **kwargs)
+        again = rebuild(zoo.builder_of(model))
+        assert [(k, v.shape) for k, v in again.state_dict().items()] == \
+            [(k, v.shape) for k, v in model.state_dict().items()]
+    with pytest.raises(kdna_fx.StateError, match="builder stamp"):
+        rebuild({"kwargs": {}})
