@@ -109,6 +109,9 @@ FILE_TIERS = {
     "test_calibrate.py": ("integration", "calibration runs"),
     "test_scenes.py": ("integration", "builds and trains on generated scenes"),
     "test_swap.py": ("integration", "third-party-like models through the module swap, compiled and exported"),
+    "test_zoo_api.py": ("integration", "compile, export and full-size equality checks of every zoo model"),
+    "test_export.py": ("integration", "ONNX and pt2 exports checked in onnxruntime and torch.export"),
+    "test_timm_zoo.py": ("integration", "the zoo through timm, smp and a torchvision detector"),
     "test_zoo_sweep.py": ("integration", "every torchvision classifier (the full list: marker sweep)"),
     "test_dense_sweep.py": ("integration", "torchvision detection, segmentation, flow and video models"),
     "test_timm_sweep.py": ("integration", "one model per timm family"),
@@ -116,13 +119,17 @@ FILE_TIERS = {
 }
 
 
-def sweep_params(names, sample, slow=()):
-    """A sweep's parameters: ``sample`` (a few models of its kinds) in the default tier, the rest marked ``sweep``
-    (make test-all), those in ``slow`` marked slow as well."""
-    unknown = sorted(set(sample) - set(names))
-    assert not unknown, f"the sample names models the sweep does not hold: {unknown}"
-    return [pytest.param(n, marks=[pytest.mark.sweep] * (n not in sample) + [pytest.mark.slow] * (n in slow))
-            for n in names]
+# The model sweeps run a sample of cheap models of each kind in the default tier (the rest are marked `sweep`);
+# tests/test_thirdparty_sweep.py (the libraries users bring: smp, MONAI, Ultralytics, Hugging Face, ...) runs whole.
+SWEEP_SAMPLES = {
+    "test_zoo_sweep.py": {"resnet18", "squeezenet1_1", "googlenet", "swin_v2_t", "mobilenet_v3_large",
+                          "inception_v3", "shufflenet_v2_x0_5", "regnet_y_400mf", "efficientnet_b0", "vgg11"},
+    "test_timm_sweep.py": {"convnext_atto", "resnet10t", "mobilevit_xxs", "regnetx_002", "densenet121",
+                           "levit_128s", "resnest14d", "vgg11_bn"},
+    "test_dense_sweep.py": {"raft_small", "r3d_18", "s3d", "swin3d_t", "lraspp_mobilenet_v3_large",
+                            "deeplabv3_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn",
+                            "ssdlite320_mobilenet_v3_large"},
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -130,6 +137,10 @@ def pytest_collection_modifyitems(config, items):
         tier = FILE_TIERS.get(item.path.name)
         if tier is not None:
             item.add_marker(getattr(pytest.mark, tier[0]))
+        sample = SWEEP_SAMPLES.get(item.path.name)
+        name = getattr(item, "callspec", None) and item.callspec.params.get("name")
+        if sample is not None and name is not None and name not in sample:
+            item.add_marker(pytest.mark.sweep)
 
 
 def pytest_addoption(parser):
