@@ -56,6 +56,14 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
     return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
 
 
+def write_idx(path: str | os.PathLike[str], array: np.ndarray, code: int = 0x08, gz: bool = True) -> None:
+    """Write ``array`` as an IDX file (gzip-compressed unless ``gz=False``): the inverse of ``read_idx``."""
+    header = bytes([0, 0, code, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
+    big = array.astype(array.dtype.newbyteorder(">"))
+    with (gzip.open if gz else open)(os.fspath(path), "wb") as f:
+        f.write(header + big.tobytes())
+
+
 class TensorImages(Dataset):
     """Grey images held in memory as uint8 [N, H, W], returned as normalised float [1, H, W] and a label.
 

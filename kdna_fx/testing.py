@@ -1,6 +1,7 @@
 """Small models and helpers for testing kdna_fx (and for users' own property tests)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -217,3 +218,18 @@ def output_tensors(out: object) -> list[torch.Tensor]:
 __all__ = ["BasicBlock", "ConvSpec", "ConvStack", "FunctionalConvNet", "GradientCheck", "TinyResNet",
            "check_compiled_gradients", "output_tensors",
            "randomize_adapters", "untie_parents"]
+
+
+def write_tiny_fashion_mnist(root: str | os.PathLike[str], n_train: int = 6, n_test: int = 4, seed: int = 0) -> None:
+    """Random 28x28 images and labels 0-9 in ``root``, in the file names and gzip/IDX layout of the Debian
+    package: a Fashion-MNIST stand-in for tests and smoke runs (``--data root``)."""
+    import numpy as np
+
+    from .data import write_idx
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"),
+                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), rng.integers(0, 10, n, dtype=np.uint8))

@@ -1,11 +1,9 @@
 """kdna_fx.cka: linear CKA, the streaming (minibatch, unbiased HSIC) estimator, layer_similarity and `kdna cka`."""
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import kdna_fx
+from kdna_fx.testing import write_tiny_fashion_mnist
 from kdna_fx.data import rebatch
 from kdna_fx.errors import DataError
 from kdna_fx.cka import (CKAError, LayerSimilarity, MinibatchCKA, gram, layer_similarity, linear_cka,
@@ -314,9 +313,6 @@ def test_layer_similarity_result_round_trips_prints_and_plots(tmp_path, models):
 
 
 # ---- `kdna cka` ---------------------------------------------------------------------------------------------------
-_spec = importlib.util.spec_from_file_location("_train_tests", os.path.join(os.path.dirname(__file__), "test_train.py"))
-_train_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_train_tests)  # type: ignore[union-attr]
 
 TINY = ["--model", "resnet18", "--width", "0.0625", "--small-stem"]
 
@@ -326,7 +322,7 @@ def tiny(tmp_path_factory):
     """A tiny Fashion-MNIST-like IDX set, a resnet18 state dict and its kdna_fx.save'd transformed twin."""
     root = tmp_path_factory.mktemp("cka")
     data = str(root / "fmnist")
-    _train_tests.write_tiny_fashion_mnist(data, n_train=4, n_test=70)
+    write_tiny_fashion_mnist(data, n_train=4, n_test=70)
     torch.manual_seed(0)
     model = kdna_fx.models.create_model("resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.0625)
     torch.save(model.state_dict(), root / "weights.pt")
@@ -362,7 +358,7 @@ def test_cka_command_on_a_model_name_writes_beside_the_working_directory(tiny, m
 
 def test_cka_command_bad_inputs_are_clear(tiny, tmp_path, capsys):
     root, data = tiny
-    weights, converted = str(root / "weights.pt"), str(root / "converted.safetensors")
+    weights = str(root / "weights.pt")
     no_path = [weights, *TINY, "--dataset", "folder", "--data", ""]
     cases = [
         ([str(tmp_path / "nowhere")], "neither a `kdna train` run directory"),

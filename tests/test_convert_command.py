@@ -1,7 +1,6 @@
 """`kdna convert` end to end on a tiny run (a tiny IDX data set, so it never skips), and its bad inputs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -9,18 +8,16 @@ import pytest
 import torch
 
 import kdna_fx
+from kdna_fx.testing import write_tiny_fashion_mnist
 from kdna_fx.cli import main
 
-_spec = importlib.util.spec_from_file_location("_train_tests", os.path.join(os.path.dirname(__file__), "test_train.py"))
-_train_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_train_tests)  # type: ignore[union-attr]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     data = str(root / "fmnist")
-    _train_tests.write_tiny_fashion_mnist(data, n_train=64, n_test=32)
+    write_tiny_fashion_mnist(data, n_train=64, n_test=32)
     run_dir = str(root / "run")
     assert main(["train", "--model", "resnet18", "--width", "0.125", "--epochs", "1", "--batch-size", "16",
                  "--data", data, "--run-dir", run_dir, "--no-progress", "--limit-steps", "2"]) == 0

@@ -5,7 +5,6 @@ Every zoo model at full size is measured by bench/export_check.py (bench/results
 """
 from __future__ import annotations
 
-import importlib.util
 import torchvision
 import os
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 import kdna_fx
+from kdna_fx.testing import write_tiny_fashion_mnist
 from kdna_fx.cli import main
 from kdna_fx.exporting import TOLERANCE
 from kdna_fx.models import create_model
@@ -185,12 +185,8 @@ def test_command_exports_a_kdna_fx_save_file(zoo_model, tmp_path, capsys):
 
 
 def test_command_exports_a_run_directory_at_its_image_size(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("_train_tests", os.path.join(os.path.dirname(__file__),
-                                                                               "test_train.py"))
-    train_tests = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tests)  # type: ignore[union-attr]
     data, run_dir = str(tmp_path / "fmnist"), str(tmp_path / "run")
-    train_tests.write_tiny_fashion_mnist(data, n_train=16, n_test=8)
+    write_tiny_fashion_mnist(data, n_train=16, n_test=8)
     assert main(["train", "--model", "kdna_resnet18", "--width", "0.125", "--epochs", "1", "--batch-size", "8",
                  "--data", data, "--run-dir", run_dir, "--no-progress", "--limit-steps", "1"]) == 0
     capsys.readouterr()

@@ -1,7 +1,6 @@
 """kdna_fx.train: data loading, recipe, exact resume, failure handling, CLI."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 
@@ -13,11 +12,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import kdna_fx
+from kdna_fx.testing import write_tiny_fashion_mnist
 from kdna_fx.errors import ConfigError, KDNAError
 from kdna_fx.train import (CheckpointError, DataError, NonFiniteLossError, TrainConfig, WarmupCosine,
                            WrappedModelError, build_data, convert_sync_batchnorm, param_groups, read_checkpoint,
                            read_idx, train)
-from kdna_fx.data import FASHION_MNIST_DIR, fashion_mnist
+from kdna_fx.data import FASHION_MNIST_DIR, fashion_mnist, write_idx
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -54,23 +54,6 @@ def config(**kw) -> TrainConfig:
     base = dict(epochs=3, batch_size=8, lr=0.05, warmup_epochs=0.5, device="cpu", amp="none", progress=False,
                 log_every=1, seed=1)
     return TrainConfig(**{**base, **kw})
-
-
-def write_idx(path: str, array: np.ndarray, code: int = 0x08, gz: bool = True) -> None:
-    header = bytes([0, 0, code, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
-    big = array.astype(array.dtype.newbyteorder(">"))
-    with (gzip.open if gz else open)(path, "wb") as f:
-        f.write(header + big.tobytes())
-
-
-def write_tiny_fashion_mnist(root, n_train: int = 6, n_test: int = 4, seed: int = 0) -> None:
-    """Random 28x28 images and labels 0-9 in the file names and gzip/IDX layout of the Debian package."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(root, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"),
-                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), rng.integers(0, 10, n, dtype=np.uint8))
 
 
 # ---- data ----------------------------------------------------------------------------------------------
