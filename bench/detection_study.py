@@ -1,8 +1,8 @@
 """Detection study (issue 7, part 3): Faster R-CNN with a small ResNet-18-FPN, plain vs kdna_fx.transform.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/detection_study.py --seeds 0 1 2 3   # the committed study
-    OMP_NUM_THREADS=1 .venv/bin/python bench/detection_study.py --seeds 4 --rows plain kdna   # one more seed
-    OMP_NUM_THREADS=1 .venv/bin/python bench/detection_study.py --report   # tables and figure from every run on disk
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.detection_study --seeds 0 1 2 3   # the committed study
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.detection_study --seeds 4 --rows plain kdna   # one more seed
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.detection_study --report   # tables and figure from every run on disk
 
 Data: kdna_fx.train.scenes.FashionScenes, 128x128 scenes of 1-4 Fashion-MNIST garments; training scenes from
 the training images, a fixed set of ``--val`` scenes (seed 0) from the test images.
@@ -35,7 +35,6 @@ import functools
 import io
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -44,16 +43,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conversion_study import save_json  # noqa: E402  (the studies' one atomic JSON writer)
-
-import kdna_fx  # noqa: E402
-from kdna_fx.models import create_model  # noqa: E402
-from kdna_fx.reporting import count_macs  # noqa: E402
-from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_results  # noqa: E402
-from kdna_fx.train import WarmupCosine, build_optimizer, param_groups  # noqa: E402
-from kdna_fx.train.recipe import seed_everything  # noqa: E402
-from kdna_fx.train.scenes import SCENE_CLASSES, FashionScenes, collate  # noqa: E402
+import kdna_fx
+from kdna_fx.models import create_model
+from kdna_fx.reporting import count_macs
+from kdna_fx.timing import markdown_table, provenance, save_json, time_interleaved, write_results
+from kdna_fx.train import WarmupCosine, build_optimizer, param_groups
+from kdna_fx.train.recipe import seed_everything
+from kdna_fx.train.scenes import SCENE_CLASSES, FashionScenes, collate
 
 ROWS = ("plain", "kdna", "plain-narrow")
 EXAMPLES = 4  # val scenes whose predictions are kept for the figure

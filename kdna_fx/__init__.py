@@ -8,8 +8,9 @@
 from . import functional, passes, registry
 from .adapters import ChildAdapter, Gate
 from .api import as_function, fold, load_original, plan, plan_of, transform
-from .calibration import CalibrationError, CalibrationReport, calibrate
+from .calibration import CalibrationConfig, CalibrationError, CalibrationReport, calibrate
 from .config import AdapterConfig, KDNAConfig
+from .conversion import ConversionResult, convert
 from .errors import (ChildWeightError, CompiledGradientWarning, ConfigError, GateBatchSizeError, KDNAError,
                      KDNATraceError, KDNATypeError, NoEligibleConvWarning, PartialTraceWarning, SkippedSiteWarning,
                      StateError, UnwrappedModelWarning)
@@ -24,10 +25,10 @@ from . import peers  # noqa: E402  (CondConv, DY-Conv, ODConv as transforms, for
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ChildWeightError", "CompiledGradientWarning",
+    "AdapterConfig", "CalibrationConfig", "CalibrationError", "CalibrationReport", "ChildAdapter", "ChildWeightError", "CompiledGradientWarning",
     "ConfigError",
     "Family", "Gate", "GateBatchSizeError", "KDNAConfig", "KDNAError", "KDNATraceError", "KDNATypeError",
     "NoEligibleConvWarning", "PartialTraceWarning", "Plan", "Report", "SkippedSiteWarning", "StateError",
-    "UnwrappedModelWarning", "as_function", "calibrate", "fold", "functional", "load", "load_original", "models",
+    "UnwrappedModelWarning", "as_function", "calibrate", "ConversionResult", "convert", "fold", "functional", "load", "load_original", "models",
     "passes", "peers", "plan", "plan_of", "register_not_traced", "report", "save", "transform",
 ]
