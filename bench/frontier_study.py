@@ -690,11 +690,11 @@ def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
         return "<br>".join(f"{cpu}: {cell(v, text)}" for cpu, v in by_cpu.items())
 
     def params_text(p: dict[str, Any]) -> str:
-        return f"{p['gain']:+.2f}, ranges {'disjoint' if p['outcome'] != TIE else 'overlap'}"
+        return f"{p['gain']:+.2f}" + (", ranges disjoint" if p["outcome"] != TIE else "")  # a tie says "overlap"
 
     def latency_text(p: dict[str, Any]) -> str:
         if p["gain"] is None:
-            return f"outside the plain curve, but `{p['dominated_by']}` is faster and more accurate"
+            return f"outside the plain curve, but `{p['dominated_by']}` is faster and better on every seed"
         return f"{p['gain']:+.2f}"
 
     def peers_text(p: dict[str, Any]) -> str:
