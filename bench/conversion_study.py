@@ -411,17 +411,21 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def verdicts_text(summary: dict[str, Any]) -> str:
-    def cell(v: dict[str, Any] | None) -> str:
+    def cell(v: dict[str, Any] | None, seeds: list[int]) -> str:
         if v is None:
             return "-"
+        if min(seeds) < 2:  # one number against another: reported, never called significant
+            return f"{'ahead' if v['difference'] > 0 else 'behind'} on one seed (no test), {v['difference']:+.2f}"
         word = {ABOVE: "**above**", BELOW: "**below**"}.get(v["outcome"], "tie (ranges overlap)")
         return f"{word}, mean {v['difference']:+.2f}"
 
     lines = [[v["arch"], f"`{v['row']}`", f"`{v['baseline']}`", f"{v['seeds'][0]} / {v['seeds'][1]}",
-              cell(v.get("calibrated")), cell(v.get("fine-tuned"))] for v in summary["verdicts"]]
+              cell(v.get("calibrated"), v["seeds"]), cell(v.get("fine-tuned"), v["seeds"])]
+             for v in summary["verdicts"]]
     head = ("Verdicts (bench.common.compare, the one rule of every study): a row is above (below) its baseline only "
             "when every seed of it beats (trails) every seed of the baseline on the test top-1; otherwise a tie, "
-            "whatever the mean difference. With one seed a side it compares two numbers.")
+            "whatever the mean difference. A pair with one seed on a side is only reported (ahead or behind), "
+            "never judged.")
     return head + "\n\n" + markdown_table(["arch", "row", "baseline (same parameters)", "seeds",
                                             "after calibration", "after fine-tune"], lines)
 
