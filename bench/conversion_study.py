@@ -180,8 +180,7 @@ class Recipe:
 
     def build(self, original: nn.Module, calib: torch.Tensor) -> nn.Module:
         """The student before calibration (parameter targets, timing)."""
-        return self.convert(original, calib).model if self.calibration is None else \
-            dataclasses.replace(self, calibration=None).convert(original, calib).model
+        return dataclasses.replace(self, calibration=None).convert(original, calib).model
 
 
 EXAMPLE = torch.zeros(2, 1, 28, 28)  # one Fashion-MNIST batch: Torch-Pruning's dependency graph
