@@ -495,8 +495,10 @@ def report(out: str, argv: list[str] | None = None) -> None:
     archs = sorted({r["arch"] for r in summary["rows"]})
     md = "\n\n".join(f"### {a}\n\nOriginal: `{ORIGINALS[a]}`\n\n{table(summary, a)}" for a in archs)
     machines = sorted({m for r in summary["rows"] for m in r["machines"]})
-    md += (f"\n\n{verdicts_text(summary)}\n\nRuns on: {', '.join(machines)}. Protocol {PROTOCOL}: calibrate's "
-           f"defaults chosen on the validation split, every student with the per-layer loss (module docstring).")
+    md += (f"\n\n{verdicts_text(summary)}\n\nRuns on: {', '.join(machines)}. Protocol {PROTOCOL}: any tuning only "
+           f"on a validation split held out from the training images, every student with the same losses (the "
+           f"per-layer one included) and steps (module docstring). Latency and throughput: the interleaved "
+           f"`--speed` timing where one exists (speed_<arch>.json), else the in-run reading.")
     write_results(os.path.join(out, "conversion_study"),
                   {**summary, "provenance": run_provenance(argv, force_dirty=True)}, md)
     plot(summary, os.path.join(out, "conversion_study.png"))
