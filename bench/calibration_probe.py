@@ -1,42 +1,44 @@
-"""One calibration recipe on one conversion-study row, scored on 2,000 test images: the quick probe used to
-choose calibrate's defaults (issue 6). No fine-tune, one seed; the study (bench/conversion_study.py) is the
+"""One calibration recipe on one conversion-study row, scored on the study's *validation* split (training
+images held out from calibration and fine-tune, bench.common.validation_split), never on test images: the quick
+probe for choosing calibrate's defaults. No fine-tune, one seed; the study (bench.conversion_study) is the
 measurement.
 
-    .venv/bin/python bench/calibration_probe.py resnet18_w025 kdna-r4 '{"train": "adapters", "features": 0}'
-    .venv/bin/python bench/calibration_probe.py resnet18_w025 kdna-r4 '{"train": "all", "weight_lr": 3e-4}'
+    .venv/bin/python -m bench.calibration_probe resnet18_w025 kdna-r4 '{"train": "adapters", "features": 0}'
+    .venv/bin/python -m bench.calibration_probe resnet18_w025 kdna-r4 '{"train": "all", "weight_lr": 3e-4}'
 
-The second argument is a conversion_study row, the third calibrate() options over that row's own.
+The second argument is a conversion_study row, the third CalibrationConfig fields over that row's own.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import conversion_study as cs  # noqa: E402
+from kdna_fx.calibration import CalibrationConfig
+from kdna_fx.train import build_data
 
-import kdna_fx  # noqa: E402
-from kdna_fx.train import build_data  # noqa: E402
+from bench import conversion_study as cs
+from bench.common import n_params
 
 
 def main(argv: list[str]) -> int:
     arch, row, extra = argv[0], argv[1], json.loads(argv[2] if len(argv) > 2 else "{}")
     torch.set_num_threads(1)
     original, spec = cs.load_original(arch)
-    data = build_data("fashion-mnist")
-    test = DataLoader(Subset(data.val, range(2000)), batch_size=500)
-    calib = cs.calibration_images(data, 1024, seed=0)[0]
-    student, options, _ = cs.make_student(row, original, spec, 1e-3, calib)
-    options = {**(options or {}), **extra}
+    split = cs.Split.make(build_data("fashion-mnist"), 5_000)
+    calib = split.calibration_images(1024, seed=0)[0]
+    recipe = cs.make_recipe(row, original, spec, calib, CalibrationConfig(progress=False), 1e-3)
+    if recipe.calibration is None:
+        raise SystemExit(f"row {row!r} is not calibrated: nothing to probe")
+    recipe.calibration = recipe.calibration.replace(**extra)
     start = time.perf_counter()
-    kdna_fx.calibrate(student, calib, reference=original, progress=False, **options)
-    print(json.dumps({"arch": arch, "row": row, "options": options, "params": cs.n_params(student),
-                      **cs.score(student, original, test), "seconds": round(time.perf_counter() - start)}))
+    result = recipe.convert(original, calib, evaluate={"validation": split.loaders()["validation"]})
+    print(json.dumps({"arch": arch, "row": row, "calibration": recipe.calibration.to_dict(),
+                      "params": n_params(result.model), **result.stages["calibrated"]["validation"],
+                      "scored_on": "validation split (5,000 training images)",
+                      "seconds": round(time.perf_counter() - start)}))
     return 0
 
 

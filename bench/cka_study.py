@@ -1,7 +1,7 @@
 """CKA study (issue 9): how redundant are a trained CNN's layers, and do CKA-guided families convert better?
 
-    .venv/bin/python bench/cka_study.py                      # the committed study (resumes)
-    .venv/bin/python bench/cka_study.py --report             # tables and figures from the runs on disk
+    .venv/bin/python -m bench.cka_study                      # the committed study (resumes)
+    .venv/bin/python -m bench.cka_study --report             # tables and figures from the runs on disk
 
 On the Fashion-MNIST ResNet-18 (width 0.25) of bench/conversion_study.py (same original, same images):
 
@@ -27,19 +27,19 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import conversion_study as cs  # noqa: E402  (the same originals, images and pipeline)
+import kdna_fx
+from kdna_fx.calibration import CalibrationConfig
+from kdna_fx.cka import LayerSimilarity, layer_similarity
+from kdna_fx.train import build_data
 
-import kdna_fx  # noqa: E402
-from kdna_fx.cka import LayerSimilarity, layer_similarity  # noqa: E402
-from kdna_fx.timing import markdown_table, provenance, write_results  # noqa: E402
-from kdna_fx.train import build_data  # noqa: E402
+from bench import conversion_study as cs  # the same originals, images and pipeline
+from bench.common import markdown_table, write_json, write_results
+from kdna_fx.timing import provenance
 
 ARCH = "resnet18_w025"
 PLAN_ROWS = ["kdna-r4-pairs", "kdna-r4-pairs-cka", "kdna-r4-pairs-random1", "kdna-r4-pairs-random2",
@@ -54,8 +54,8 @@ def _load(path: str) -> dict[str, Any] | None:
 
 
 def calibration_images(n: int, seed: int = 0) -> torch.Tensor:
-    """The calibration images conversion_study uses for ``seed``."""
-    return cs.calibration_images(build_data("fashion-mnist"), n, seed)[0]
+    """The calibration images conversion_study uses for ``seed`` (drawn outside its validation split)."""
+    return cs.Split.make(build_data("fashion-mnist"), 5_000).calibration_images(n, seed)[0]
 
 
 def heat_maps(args: argparse.Namespace, original: torch.nn.Module, spec: dict[str, Any]) -> dict[str, Any]:
@@ -67,13 +67,14 @@ def heat_maps(args: argparse.Namespace, original: torch.nn.Module, spec: dict[st
     images = torch.stack([test[i][0] for i in range(args.cka_images)])
     maps = {pool: layer_similarity(original, images, images=args.cka_images, pool=pool, progress=args.progress)
             for pool in ("flatten", "mean")}
-    student, options, _ = cs.make_student("kdna-r4", original, spec, args.all_lr)
-    kdna_fx.calibrate(student, calibration_images(args.calib_images), reference=original, steps=args.steps,
-                      progress=args.progress, **options)
+    calib = calibration_images(args.calib_images)
+    recipe = cs.make_recipe("kdna-r4", original, spec, calib, CalibrationConfig(steps=args.steps, progress=args.progress),
+                            args.all_lr)
+    student = recipe.convert(original, calib).model
     converted = layer_similarity(student, images, images=args.cka_images, pool="flatten", progress=args.progress)
     result = {"original": {p: m.to_dict() for p, m in maps.items()}, "converted_flatten": converted.to_dict(),
               "provenance": provenance()}
-    cs.save_json(path, result)
+    write_json(path, result)
     return result
 
 
@@ -92,14 +93,15 @@ def stand_in(args: argparse.Namespace, original: torch.nn.Module, spec: dict[str
             one = kdna_fx.Plan((kdna_fx.Family(a, (b,)),))
             with torch.no_grad():
                 kmodel = kdna_fx.transform(original, config, plan=one, init="trained")
-            report = kdna_fx.calibrate(kmodel, calib, reference=original, modes=("bn", "layerwise"),
-                                       layerwise_steps=args.layerwise_steps, progress=False)
+            report = kdna_fx.calibrate(kmodel, calib, CalibrationConfig(modes=("bn", "layerwise"),
+                                                                        layerwise_steps=args.layerwise_steps,
+                                                                        progress=False), reference=original)
             before, after = report.modes[-1].children[b]
             pairs.append({"parent": a, "child": b, "cka": similarity[a, b], "error_before": before,
                           "error_after": after, "agreement_after": report.agreement_after})
             print(f"    stand-in {a} -> {b}: CKA {similarity[a, b]:.3f}, error {before:.3f} -> {after:.3f}",
                   flush=True)
-    cs.save_json(path, {"pairs": pairs, "layerwise_steps": args.layerwise_steps, "provenance": provenance()})
+    write_json(path, {"pairs": pairs, "layerwise_steps": args.layerwise_steps, "provenance": provenance()})
     return pairs
 
 
@@ -128,8 +130,8 @@ def report(args: argparse.Namespace) -> None:
     if rows:
         sections.append(markdown_table(
             ["plan", "params", "seeds", "calibrated: top-1 % / agreement", "fine-tuned"],
-            [[f"`{r['row']}`", f"{r['params']:,}", len(r["seeds"]), cs._cell(r["calibrated"]),
-              cs._cell(r["fine-tuned"])] for r in rows]))
+            [[f"`{r['row']}`", f"{r['params']:,}", len(r["seeds"]), cs.cell(r, "calibrated"),
+              cs.cell(r, "fine-tuned")] for r in rows]))
     standin = _load(os.path.join(args.out, "parts", "stand_in.json"))
     result: dict[str, Any] = {"plans": rows}
     if standin is not None:
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
-    args.data = None
+    args.data, args.val_images, args.force_dirty = None, 5_000, False
     torch.set_num_threads(args.threads)
     if not args.report:
         original, spec = cs.load_original(ARCH)
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                     path = os.path.join(args.out, "runs", ARCH, row, f"seed{seed}.json")
                     if not os.path.exists(path):
                         print(f"{row} seed {seed}", flush=True)
+                        args.provenance = cs.run_provenance(force_dirty=args.force_dirty)
                         cs.run_one(ARCH, row, seed, args, path)
     report(args)
     return 0

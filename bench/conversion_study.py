@@ -1,40 +1,49 @@
-"""Conversion study (issue 6): KernelDNA conversion of a trained CNN against pruning and low-rank factorisation.
+"""Conversion study (issues 6 and 24): KernelDNA conversion of a trained CNN against pruning and low-rank
+factorisation, every student through the same kdna_fx.convert pipeline.
 
-    .venv/bin/python bench/conversion_study.py                       # the committed study (resumes)
-    .venv/bin/python bench/conversion_study.py --arch resnet18_w025 --seeds 0 --rows kdna-r4 prune@kdna-r4
-    .venv/bin/python bench/conversion_study.py --report              # tables and plot from the runs on disk
+    .venv/bin/python -m bench.conversion_study                       # the committed study (resumes)
+    .venv/bin/python -m bench.conversion_study --arch resnet18_w025 --seeds 0 --rows kdna-r4 prune@kdna-r4
+    .venv/bin/python -m bench.conversion_study --report              # tables, verdicts and plot from the records
 
-The originals are trained once with `kdna train` (commands in ``ORIGINALS``, at least 5 epochs on the 60k
-Fashion-MNIST training images). Every row then starts from the same trained weights and gets the same budget:
+The originals are trained once with `kdna train` (commands in ``ORIGINALS``, 5 epochs on the 60k Fashion-MNIST
+training images). Every row then starts from the same trained weights and gets the same budget:
 
 1. **convert**: the method's own label-free step:
    - ``kdna-r{R}``: ``kdna_fx.transform(original, sharing_config with AdapterConfig(rank=R), init="trained")``;
      ``-centroid`` adds ``KDNAConfig(parent="centroid")``; ``kdna-copy-r0`` uses ``init="copy"`` (the paper's
      from-scratch init) as a control. Ablations (first seed only): ``-adapters`` distils adapters and norms
-     only (``train="adapters"``), ``-logits`` drops the per-layer loss (``features=0``).
+     only (``train="adapters"``), ``-logits`` drops the per-layer loss (``features=0``), ``-gram`` compares
+     every layer by the Gram loss the pruned students get (``layer_loss="gram"``).
    - ``prune@ROW``: Torch-Pruning (``MetaPruner``, L2 magnitude importance, the same ratio in every layer, the
-     classifier kept) at the ratio whose parameter count is closest to ROW's.
+     classifier kept) at the ratio whose parameter count is closest to ROW's (bench.common.matched).
    - ``svd@ROW``: every conv that KernelDNA shares in that architecture becomes a k x k conv to R_i channels and
      a 1x1 conv back (truncated SVD of the kernel viewed as [C_out, C_in k k]), R_i = the same fraction of each
      conv's full rank, the fraction chosen to match ROW's parameter count.
    - ``prune{P}+kdna-r{R}``: prune at ratio P/100 first, then convert as ``kdna-r{R}`` (fewer MACs too).
    - ``original``: unchanged (the fine-tune control).
-2. **calibrate**: ``kdna_fx.calibrate(model, images, reference=original, modes=("bn", "distill"))`` on the same
-   ``--calib-images`` unlabeled training images and ``--steps`` Adam steps for every row, with calibrate's
-   default loss: KL to the original's logits plus the normalised MSE of every norm layer's output that has the
-   same path and shape in both models (``features=1``). KernelDNA rows use calibrate's defaults (adapters and
-   norms at lr 1e-2, the shared kernels at 1e-3: ``train="parents"``); pruned and factorised students have no
-   adapters and train every parameter at ``--all-lr`` (``train="all"``). A factorised student keeps every
-   layer's output shape, so it gets the per-layer loss too; a pruned one has narrower layers and gets the
-   logits loss only.
-3. **fine-tune**: one epoch on ``--finetune-images`` labelled training images (SGD, lr 0.01, cosine, batch 128,
-   kdna_fx.train.train), the same for every row, the original included.
+2. **calibrate**: ``kdna_fx.convert`` runs ``kdna_fx.calibrate`` with ``CalibrationConfig(steps=--steps)`` on the
+   same ``--calib-images`` unlabeled training images for every row: BatchNorm re-estimation, then distillation
+   with KL to the original's logits plus the per-layer loss on every norm layer found at the same path in both
+   models (``features=1``, ``layer_loss="auto"``). The per-layer loss reaches **every** student: where a layer
+   keeps its shape (KernelDNA, SVD) it is the normalised MSE; where pruning narrowed it, it is 2 * (1 - linear
+   CKA) between the two outputs over the batch (kdna_fx.calibration.gram_loss), which needs no channel
+   correspondence (pruning keeps an unknown subset of channels, so per-channel statistics cannot be paired, and
+   a learnt projection would add parameters only the pruned students train). KernelDNA rows distil adapters and
+   norms at lr 1e-2 and the shared kernels at 1e-3 (``train="parents"``); pruned and factorised students have
+   no adapters and train every parameter at ``--all-lr`` (``train="all"``).
+3. **fine-tune**: one epoch on ``--finetune-images`` labelled training images (SGD, lr 0.01, cosine, batch 128),
+   the same for every row, the original included.
 
-Each stage is scored on the 10,000 test images: top-1 and agreement with the original. Per row also: parameters,
-MACs (one 1x28x28 image), and eager CPU latency at batch 1 and throughput at batch 32 of the deployable form
-(KernelDNA rows folded with ``kdna_fx.fold``). Each (arch, row, seed) is one JSON file under
-``<out>/runs/``; present files are skipped, so the study resumes. ``--report`` (also run at the end) writes
-``<out>/conversion_study.{json,md,png}``.
+The data protocol: ``--val-images`` training images (a fixed seeded split, bench.common.validation_split) are
+held out; calibration and fine-tune images are drawn from the rest, per seed. Each stage is scored on that
+validation split (the only split any tuning may look at: bench/calibration_probe.py) and on the 10,000 test
+images (reported, never tuned on). Per row also: parameters, MACs (one 1x28x28 image), and eager CPU latency at
+batch 1 and throughput at batch 32 of the deployable form (KernelDNA rows folded with ``kdna_fx.fold``).
+
+Each (arch, row, seed) is one JSON file under ``<out>/runs/``; present files are skipped, so the study resumes,
+and a lock per job lets several processes share the queue. Records are written only from committed code
+(``--force-dirty`` overrides, and marks them). ``--report`` (also run at the end) writes
+``<out>/conversion_study.{json,md,png}`` with the verdicts of bench.common.compare (seed ranges disjoint).
 """
 from __future__ import annotations
 
@@ -46,21 +55,26 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import kdna_fx
+from kdna_fx.calibration import CalibrationConfig
 from kdna_fx.models import sharing_config
 from kdna_fx.reporting import count_macs
-from kdna_fx.timing import markdown_table, provenance, time_call, write_results
-from kdna_fx.train import TrainConfig, build_data, train
+from kdna_fx.timing import time_call
+from kdna_fx.train import TrainConfig, build_data
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from kdna_fx.train.models import build_model
+
+from bench.common import (ABOVE, BELOW, REPO, DirtyTreeError, compare, factorise, markdown_table, matched, n_params,
+                          prune, release_lock, run_provenance, write_json, shared_convs, take_lock,
+                          validation_split, write_results)
+
 
 ORIGINALS = {
     "resnet18_w025": "kdna train --model resnet18 --width 0.25 --epochs 5 --batch-size 128 --lr 0.1 "
@@ -72,7 +86,12 @@ ROWS = ["original", "kdna-r4", "prune@kdna-r4", "svd@kdna-r4", "kdna-r0", "prune
         "kdna-r8", "prune@kdna-r8", "svd@kdna-r8", "kdna-r4-centroid", "kdna-copy-r0", "prune30+kdna-r4",
         "prune@prune30+kdna-r4"]
 # Which calibration steps matter: the same conversion with parts of the recipe switched off (first seed only).
-ABLATION = ["kdna-r4-adapters-logits", "kdna-r4-logits", "kdna-r4-adapters"]
+ABLATION = ["kdna-r4-adapters-logits", "kdna-r4-logits", "kdna-r4-adapters", "kdna-r4-gram"]
+# The verdicts: each KernelDNA row against the baselines matched to its parameter count.
+HEADLINE = [("kdna-r4", "prune@kdna-r4"), ("kdna-r4", "svd@kdna-r4"), ("kdna-r0", "prune@kdna-r0"),
+            ("kdna-r0", "svd@kdna-r0"), ("kdna-r8", "prune@kdna-r8"), ("kdna-r8", "svd@kdna-r8"),
+            ("prune30+kdna-r4", "prune@prune30+kdna-r4")]
+PROTOCOL = 2  # 1: the issue-6 records (test-tuned defaults, pruned students on logits only), in runs_protocol1/
 STAGES = ("converted", "calibrated", "fine-tuned")
 
 
@@ -86,16 +105,12 @@ def run_dir(arch: str) -> str:
 def load_original(arch: str) -> tuple[nn.Module, dict[str, Any]]:
     path = os.path.join(run_dir(arch), CHECKPOINT_NAME)
     if not os.path.exists(path):
-        sys.exit(f"{path} is missing: train the original first with\n  .venv/bin/{ORIGINALS[arch]}")
+        raise SystemExit(f"{path} is missing: train the original first with\n  .venv/bin/{ORIGINALS[arch]}")
     ckpt = read_checkpoint(path)
     spec = ckpt["config"]["model"]
     model = build_model(spec)
     model.load_state_dict(ckpt["model"])
     return model.eval(), spec
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def kdna_config(spec: dict[str, Any], row: str) -> tuple[kdna_fx.KDNAConfig, str, dict[str, Any], int | None]:
@@ -105,7 +120,7 @@ def kdna_config(spec: dict[str, Any], row: str) -> tuple[kdna_fx.KDNAConfig, str
     groups by measured similarity (``policy="cka"``), ``-random{K}`` shuffles the members of each shape group
     into families of the same sizes with seed K.
     """
-    m = re.fullmatch(r"kdna(-copy)?-r(\d+)((?:-centroid|-adapters|-all|-logits|-pairs|-cka|-random\d+)*)", row)
+    m = re.fullmatch(r"kdna(-copy)?-r(\d+)((?:-centroid|-adapters|-all|-logits|-gram|-pairs|-cka|-random\d+)*)", row)
     if m is None:
         raise SystemExit(f"unknown KernelDNA row {row!r}")
     rank, flags = int(m.group(2)), m.group(3)
@@ -121,6 +136,8 @@ def kdna_config(spec: dict[str, Any], row: str) -> tuple[kdna_fx.KDNAConfig, str
         options["train"] = "adapters" if "-adapters" in flags else "all"
     if "-logits" in flags:
         options["features"] = 0.0
+    if "-gram" in flags:
+        options["layer_loss"] = "gram"
     shuffle = re.search(r"-random(\d+)", flags)
     return config, ("copy" if m.group(1) else "trained"), options, int(shuffle.group(1)) if shuffle else None
 
@@ -141,124 +158,69 @@ def random_plan(plan: kdna_fx.Plan, seed: int) -> kdna_fx.Plan:
     return kdna_fx.Plan(tuple(families))
 
 
-def kdna_convert(model: nn.Module, spec: dict[str, Any], row: str,
-                 calib: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    config, init, options, shuffle = kdna_config(spec, row)
-    with torch.no_grad():
-        if shuffle is not None:
-            return kdna_fx.transform(model, config, plan=random_plan(kdna_fx.plan(model, config), shuffle),
-                                     init=init), options
-        return kdna_fx.transform(model, config, init=init, data=calib if config.policy == "cka" else None), options
+@dataclasses.dataclass
+class Recipe:
+    """How one row makes its student: kdna_fx.convert transforms the original with ``config``/``init``/``plan``,
+    or takes ``student`` as made; ``calibration`` None means no calibration (the original row)."""
+
+    calibration: CalibrationConfig | None
+    config: kdna_fx.KDNAConfig | None = None
+    init: str = "trained"
+    plan: Any = None
+    student: nn.Module | None = None
+    made: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def convert(self, original: nn.Module, calib: torch.Tensor, **kwargs: Any) -> kdna_fx.ConversionResult:
+        if self.student is not None:
+            return kdna_fx.convert(original, calib, calibration=self.calibration, student=self.student,
+                                   run_calibration=self.calibration is not None, **kwargs)
+        return kdna_fx.convert(original, calib, self.config, calibration=self.calibration, init=self.init,
+                               plan=self.plan, run_calibration=self.calibration is not None, **kwargs)
+
+    def build(self, original: nn.Module, calib: torch.Tensor) -> nn.Module:
+        """The student before calibration (parameter targets, timing)."""
+        return dataclasses.replace(self, calibration=None).convert(original, calib).model
 
 
-def classifier(model: nn.Module) -> nn.Module:
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+EXAMPLE = torch.zeros(2, 1, 28, 28)  # one Fashion-MNIST batch: Torch-Pruning's dependency graph
 
 
-def prune(model: nn.Module, ratio: float) -> nn.Module:
-    import torch_pruning as tp
-
-    model = copy.deepcopy(model)
-    if ratio > 0:
-        pruner = tp.pruner.MetaPruner(model, torch.randn(2, 1, 28, 28), importance=tp.importance.MagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, ignored_layers=[classifier(model)])
-        pruner.step()
-    return model
-
-
-class Factorised(nn.Sequential):
-    """A k x k conv to ``rank`` channels, then a 1x1 conv back: the truncated SVD of one conv."""
-
-    def __init__(self, conv: nn.Conv2d, rank: int):
-        first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                          bias=False, padding_mode=conv.padding_mode)
-        second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
-        u, s, vh = torch.linalg.svd(conv.weight.detach().flatten(1).double(), full_matrices=False)
-        root = s[:rank].sqrt()
-        with torch.no_grad():
-            first.weight.copy_((root[:, None] * vh[:rank]).reshape(first.weight.shape))
-            second.weight.copy_((u[:, :rank] * root).reshape(second.weight.shape))
-            if conv.bias is not None:
-                second.bias.copy_(conv.bias)
-        super().__init__(first, second)
-
-
-def shared_convs(model: nn.Module, spec: dict[str, Any]) -> list[str]:
-    """The convs KernelDNA shares in this architecture (every family member): what SVD factorises."""
-    plan = kdna_fx.plan(model, sharing_config(spec["name"]))
-    return [name for family in plan.families for name in family.members]
-
-
-def factorise(model: nn.Module, names: list[str], fraction: float) -> nn.Module:
-    model = copy.deepcopy(model)
-    for name in names:
-        conv = model.get_submodule(name)
-        if conv.groups != 1:
-            continue
-        full = min(conv.out_channels, conv.weight[0].numel())
-        rank = max(1, round(fraction * full))
-        if rank * (conv.weight[0].numel() + conv.out_channels) < conv.weight.numel():
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, Factorised(conv, rank))
-    return model
-
-
-def matched(build: Callable[[float], nn.Module], target: int, lo: float, hi: float) -> tuple[nn.Module, float]:
-    """The knob in [lo, hi] (parameters fall as it rises for pruning, rise for SVD) closest to ``target``."""
-    f_lo, f_hi = n_params(build(lo)), n_params(build(hi))
-    increasing = f_hi > f_lo
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        above = n_params(build(mid)) > target
-        if above == increasing:
-            hi = mid
-        else:
-            lo = mid
-    best = min((lo, hi), key=lambda k: abs(n_params(build(k)) - target))
-    return build(best), best
-
-
-def make_student(row: str, original: nn.Module, spec: dict[str, Any], all_lr: float,
-                 calib: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any]]:
-    """(student, calibrate options or None for no calibration, how it was made) for one row."""
+def make_recipe(row: str, original: nn.Module, spec: dict[str, Any], calib: torch.Tensor,
+                calibration: CalibrationConfig, all_lr: float) -> Recipe:
+    """The recipe of one row; ``calibration`` is the study's (steps, seed), the row adds its own options."""
     if row == "original":
-        return copy.deepcopy(original), None, {}
+        return Recipe(None, student=original)
     if row.startswith("kdna"):
-        student, options = kdna_convert(original, spec, row, calib)
-        made = {"plan": kdna_fx.plan_of(student).to_dict()["families"]} if re.search(r"-(pairs|cka|random)", row) else {}
-        return student, options, made
-    everything = {"train": "all", "lr": all_lr, "weight_lr": all_lr}  # no adapters: every weight, one rate
+        config, init, options, shuffle = kdna_config(spec, row)
+        plan = random_plan(kdna_fx.plan(original, config), shuffle) if shuffle is not None else None
+        recipe = Recipe(calibration.replace(**options), config, init, plan)
+        if re.search(r"-(pairs|cka|random)", row):
+            recipe.made = {"plan": kdna_fx.plan_of(recipe.build(original, calib)).to_dict()["families"]}
+        return recipe
+    everything = calibration.replace(train="all", lr=all_lr, weight_lr=all_lr)  # no adapters: every weight
     m = re.fullmatch(r"(prune|svd)@(.+)", row)
     if m:
-        target = n_params(make_student(m.group(2), original, spec, all_lr, calib)[0])
+        target = n_params(make_recipe(m.group(2), original, spec, calib, calibration, all_lr).build(original, calib))
         if m.group(1) == "prune":
-            student, knob = matched(lambda r: prune(original, r), target, 0.0, 0.9)
-            return student, everything, {"pruning_ratio": knob, "matched_to": m.group(2), "target_params": target}
-        names = shared_convs(original, spec)
+            student, knob = matched(lambda r: prune(original, r, EXAMPLE), target, 0.0, 0.9)
+            return Recipe(everything, student=student,
+                          made={"pruning_ratio": knob, "matched_to": m.group(2), "target_params": target})
+        names = shared_convs(original, sharing_config(spec["name"]))
         student, knob = matched(lambda f: factorise(original, names, f), target, 0.02, 1.0)
-        return student, everything, {"rank_fraction": knob, "matched_to": m.group(2), "target_params": target,
-                                     "factorised": names}
+        return Recipe(everything, student=student, made={"rank_fraction": knob, "matched_to": m.group(2),
+                                                         "target_params": target, "factorised": names})
     m = re.fullmatch(r"prune(\d+)\+(kdna-.+)", row)
     if m:
         ratio = int(m.group(1)) / 100
-        student, options = kdna_convert(prune(original, ratio), spec, m.group(2), calib)
-        return student, options, {"pruning_ratio": ratio}
-    raise SystemExit(f"unknown row {row!r}; rows look like {ROWS}")
+        config, init, options, _ = kdna_config(spec, m.group(2))
+        with torch.no_grad():
+            student = kdna_fx.transform(prune(original, ratio, EXAMPLE), config, init=init,
+                                        example_inputs=(calib[:8],))
+        return Recipe(calibration.replace(**options), student=student, made={"pruning_ratio": ratio})
+    raise SystemExit(f"unknown row {row!r}; rows look like {ROWS + ABLATION}")
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-
-
-@torch.no_grad()
-def score(model: nn.Module, original: nn.Module, loader: DataLoader) -> dict[str, float]:
-    model.eval()
-    correct = agree = count = 0
-    for x, y in loader:
-        out = model(x).argmax(1)
-        correct += int((out == y).sum())
-        agree += int((out == original(x).argmax(1)).sum())
-        count += len(y)
-    return {"top1": 100.0 * correct / count, "agreement": agree / count}
 
 
 def deployable(model: nn.Module) -> nn.Module:
@@ -279,54 +241,61 @@ def cost(model: nn.Module) -> dict[str, Any]:
             "latency_b1_ms": 1e3 * latency["median_s"], "images_per_s_b32": 32 / throughput["median_s"]}
 
 
-def save_json(path: str, payload: dict[str, Any]) -> None:
-    """Write whole, then rename: a stopped study never leaves a half-written record to be skipped later."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+@dataclasses.dataclass
+class Split:
+    """The study's data: held-out validation images (from the training images), the pool the calibration and
+    fine-tune images are drawn from, and the test set."""
 
+    data: Any
+    pool: list[int]
+    validation: list[int]
 
-def calibration_images(data: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the first ``n`` training images of the seeded order, un-augmented; the order itself): the fine-tune
-    takes its labelled images from the rest of the order, so the two never overlap."""
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
-    plain = copy.copy(data.train)
-    plain.augment = False  # calibration sees the images as they are; the fine-tune augments as training did
-    return torch.stack([plain[i][0] for i in order[:n].tolist()]), order
+    @classmethod
+    def make(cls, data: Any, val_images: int) -> "Split":
+        pool, validation = validation_split(len(data.train), val_images, seed=0)
+        return cls(data, pool, validation)
+
+    def plain(self) -> Any:
+        """The training set without augmentation: calibration and validation see the images as they are."""
+        plain = copy.copy(self.data.train)
+        plain.augment = False
+        return plain
+
+    def calibration_images(self, n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+        """(the first ``n`` pool images of the seeded order, un-augmented; the rest of that order): the fine-tune
+        takes its labelled images from the rest, so the two never overlap, and neither touches validation."""
+        g = torch.Generator().manual_seed(seed)
+        order = [self.pool[i] for i in torch.randperm(len(self.pool), generator=g).tolist()]
+        plain = self.plain()
+        return torch.stack([plain[i][0] for i in order[:n]]), order[n:]
+
+    def loaders(self, test_images: int = 0) -> dict[str, DataLoader]:
+        test = self.data.val if not test_images else Subset(self.data.val, range(test_images))
+        return {"validation": DataLoader(Subset(self.plain(), self.validation), batch_size=500),
+                "test": DataLoader(test, batch_size=500)}
 
 
 def run_one(arch: str, row: str, seed: int, args: argparse.Namespace, path: str) -> None:
     torch.manual_seed(seed)
     original, spec = load_original(arch)
-    data = build_data("fashion-mnist", args.data)
-    test_set = data.val if not args.test_images else Subset(data.val, range(args.test_images))
-    test = DataLoader(test_set, batch_size=500)
-    calib, order = calibration_images(data, args.calib_images, seed)
-    labelled = Subset(data.train, order[args.calib_images:args.calib_images + args.finetune_images].tolist())
-
-    record: dict[str, Any] = {"arch": arch, "row": row, "seed": seed, "stages": {}}
-    start = time.perf_counter()
-    student, options, made = make_student(row, original, spec, args.all_lr, calib)
-    record.update(made=made, calibrate_options=options, params_original=n_params(original))
-    record["stages"]["converted"] = {**score(student, original, test), "seconds": time.perf_counter() - start}
-
-    start = time.perf_counter()
-    if options is not None:
-        report = kdna_fx.calibrate(student, calib, reference=original, steps=args.steps, seed=seed,
-                                   progress=args.progress, **options)
-        record["calibration"] = report.to_dict()
-    record["stages"]["calibrated"] = {**score(student, original, test), "seconds": time.perf_counter() - start}
-    record["cost"] = cost(student)
-
-    start = time.perf_counter()
-    config = TrainConfig(epochs=1, batch_size=128, lr=0.01, warmup_epochs=0, seed=seed, amp="none",
-                         progress=args.progress, log_every=10_000)
-    with tempfile.TemporaryDirectory(prefix="conversion_study_") as tmp:
-        train(student, labelled, None, config, tmp)
-    record["stages"]["fine-tuned"] = {**score(student, original, test), "seconds": time.perf_counter() - start}
-    record["provenance"] = provenance()
-    save_json(path, record)
+    split = Split.make(build_data("fashion-mnist", args.data), args.val_images)
+    calib, rest = split.calibration_images(args.calib_images, seed)
+    labelled = Subset(split.data.train, rest[:args.finetune_images])
+    calibration = CalibrationConfig(steps=args.steps, seed=seed, progress=args.progress)
+    recipe = make_recipe(row, original, spec, calib, calibration, args.all_lr)
+    finetune = TrainConfig(epochs=1, batch_size=128, lr=0.01, warmup_epochs=0, seed=seed, amp="none",
+                           progress=args.progress, log_every=10_000)  # the same for every row
+    result = recipe.convert(original, calib, finetune=labelled, finetune_config=finetune,
+                            evaluate=split.loaders(args.test_images))
+    record: dict[str, Any] = {"arch": arch, "row": row, "seed": seed, "protocol": PROTOCOL, "made": recipe.made,
+                              "calibrate_config": recipe.calibration.to_dict() if recipe.calibration else None,
+                              "params_original": n_params(original), "stages": result.stages,
+                              "calibration": result.calibration.to_dict() if result.calibration else None,
+                              "cost": cost(result.model), "data": {"val_images": args.val_images,
+                                                                   "calib_images": args.calib_images,
+                                                                   "finetune_images": args.finetune_images},
+                              "provenance": args.provenance}
+    write_json(path, record)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -339,7 +308,9 @@ def speed(args: argparse.Namespace) -> None:
     for arch in sorted({r["arch"] for r in summary["rows"]}):
         original, spec = load_original(arch)
         calib = torch.randn(64, 1, 28, 28)  # only for policy="cka" rows: which convs pair up, not the time
-        models = {r["row"]: deployable(make_student(r["row"], original, spec, args.all_lr, calib)[0])
+        calibration = CalibrationConfig(progress=False)
+        models = {r["row"]: deployable(make_recipe(r["row"], original, spec, calib, calibration, args.all_lr)
+                                       .build(original, calib))
                   for r in summary["rows"] if r["arch"] == arch}
         one, batch = torch.randn(1, 1, 28, 28), torch.randn(32, 1, 28, 28)
         samples: dict[str, dict[str, list[float]]] = {row: {"b1": [], "b32": []} for row in models}
@@ -351,36 +322,51 @@ def speed(args: argparse.Namespace) -> None:
         result = {row: {"latency_b1_ms": 1e3 * statistics.median(v["b1"]),
                         "latency_b1_ms_min_max": [1e3 * min(v["b1"]), 1e3 * max(v["b1"])],
                         "images_per_s_b32": 32 / statistics.median(v["b32"])} for row, v in samples.items()}
-        with open(os.path.join(args.out, f"speed_{arch}.json"), "w") as f:
-            json.dump({"rows": result, "rounds": args.speed_rounds, "threads": torch.get_num_threads(),
-                       "provenance": provenance()}, f, indent=2)
+        write_json(os.path.join(args.out, f"speed_{arch}.json"),
+                  {"rows": result, "rounds": args.speed_rounds, "threads": torch.get_num_threads(),
+                   "provenance": run_provenance(force_dirty=True)})
         print(f"{arch}: timed {len(models)} rows")
 
 
 def summarise(out: str) -> dict[str, Any]:
+    """Per (arch, row): costs, and per stage the test and validation top-1 over the seeds (mean, spread, the
+    values themselves: the verdicts compare them)."""
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for root, _, files in os.walk(os.path.join(out, "runs")):
         for name in sorted(files):
             if name.endswith(".json"):
                 with open(os.path.join(root, name)) as f:
-                    r = json.load(f)
+                    r = _upgrade(json.load(f))
                 runs.setdefault((r["arch"], r["row"]), []).append(r)
+    order = ROWS + ABLATION
     rows = []
-    for (arch, row), rs in sorted(runs.items(), key=lambda kv: (kv[0][0], (ROWS + ABLATION).index(kv[0][1])
-                                                                if kv[0][1] in ROWS + ABLATION else 99)):
-        entry: dict[str, Any] = {"arch": arch, "row": row, "seeds": sorted(r["seed"] for r in rs),
+    for (arch, row), rs in sorted(runs.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])
+                                                                if kv[0][1] in order else 99)):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        entry: dict[str, Any] = {"arch": arch, "row": row, "seeds": [r["seed"] for r in rs],
                                  "params": rs[0]["cost"]["params"], "params_original": rs[0]["params_original"],
                                  "macs": rs[0]["cost"]["macs"],
                                  "latency_b1_ms": statistics.median(r["cost"]["latency_b1_ms"] for r in rs),
                                  "images_per_s_b32": statistics.median(r["cost"]["images_per_s_b32"] for r in rs),
-                                 "calibration_s": statistics.mean(r.get("calibration", {}).get("seconds", 0.0)
-                                                                  for r in rs)}
+                                 "calibration_s": statistics.mean((r.get("calibration") or {}).get("seconds", 0.0)
+                                                                  for r in rs),
+                                 "dirty": any(r["provenance"].get("git", {}).get("dirty") for r in rs),
+                                 "machines": sorted({f"{r['provenance']['machine']['cpu']} "
+                                                     f"(host {r['provenance']['machine'].get('host_id', '?')})"
+                                                     for r in rs})}
         for stage in STAGES:
-            top1 = [r["stages"][stage]["top1"] for r in rs]
-            entry[stage] = {"top1_mean": statistics.mean(top1),
-                            "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-                            "top1_min": min(top1), "top1_max": max(top1),
-                            "agreement_mean": statistics.mean(r["stages"][stage]["agreement"] for r in rs)}
+            if not all(stage in r["stages"] for r in rs):
+                continue
+            entry[stage] = {}
+            for split in ("test", "validation"):
+                if not all(split in r["stages"][stage] for r in rs):
+                    continue
+                top1 = [r["stages"][stage][split]["top1"] for r in rs]
+                entry[stage][split] = {"top1": top1, "top1_mean": statistics.mean(top1),
+                                       "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                                       "top1_min": min(top1), "top1_max": max(top1),
+                                       "agreement_mean": statistics.mean(r["stages"][stage][split]["agreement"]
+                                                                         for r in rs)}
         rows.append(entry)
     for arch in {r["arch"] for r in rows}:
         path = os.path.join(out, f"speed_{arch}.json")
@@ -390,21 +376,76 @@ def summarise(out: str) -> dict[str, Any]:
             for r in rows:
                 if r["arch"] == arch and r["row"] in timed:
                     r.update(timed[r["row"]], timing="interleaved")
-    return {"rows": rows}
+    return {"rows": rows, "verdicts": verdicts(rows)}
 
 
-def _cell(stage: dict[str, float]) -> str:
-    spread = f" ± {stage['top1_std']:.2f}" if stage["top1_std"] else ""
-    return f"{stage['top1_mean']:.2f}{spread} / {stage['agreement_mean']:.3f}"
+def _upgrade(record: dict[str, Any]) -> dict[str, Any]:
+    """A protocol-1 record (stages scored on the test images only, flat) in the present layout."""
+    if record.get("protocol", 1) == 1:
+        record["stages"] = {stage: {"seconds": v["seconds"], "test": {"top1": v["top1"], "agreement": v["agreement"]}}
+                            for stage, v in record["stages"].items()}
+    return record
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each HEADLINE pair present, judged by bench.common.compare on the test top-1 of its seeds, after
+    calibration and after the fine-tune (with the mean difference, which alone decides nothing)."""
+    found = {(r["arch"], r["row"]): r for r in rows}
+    out = []
+    for arch in sorted({r["arch"] for r in rows}):
+        for mine, other in HEADLINE:
+            a, b = found.get((arch, mine)), found.get((arch, other))
+            if a is None or b is None:
+                continue
+            entry: dict[str, Any] = {"arch": arch, "row": mine, "baseline": other,
+                                     "seeds": [len(a["seeds"]), len(b["seeds"])]}
+            for stage in ("calibrated", "fine-tuned"):
+                if stage in a and stage in b:
+                    ta, tb = a[stage]["test"], b[stage]["test"]
+                    entry[stage] = {"outcome": compare(ta["top1"], tb["top1"]),
+                                    "difference": ta["top1_mean"] - tb["top1_mean"]}
+            out.append(entry)
+    return out
+
+
+def verdicts_text(summary: dict[str, Any]) -> str:
+    def cell(v: dict[str, Any] | None, seeds: list[int]) -> str:
+        if v is None:
+            return "-"
+        if min(seeds) < 2:  # one number against another: reported, never called significant
+            return f"{'ahead' if v['difference'] > 0 else 'behind'} on one seed (no test), {v['difference']:+.2f}"
+        word = {ABOVE: "**above**", BELOW: "**below**"}.get(v["outcome"], "tie (ranges overlap)")
+        return f"{word}, mean {v['difference']:+.2f}"
+
+    lines = [[v["arch"], f"`{v['row']}`", f"`{v['baseline']}`", f"{v['seeds'][0]} / {v['seeds'][1]}",
+              cell(v.get("calibrated"), v["seeds"]), cell(v.get("fine-tuned"), v["seeds"])]
+             for v in summary["verdicts"]]
+    head = ("Verdicts (bench.common.compare, the one rule of every study): a row is above (below) its baseline only "
+            "when every seed of it beats (trails) every seed of the baseline on the test top-1; otherwise a tie, "
+            "whatever the mean difference. A pair with one seed on a side is only reported (ahead or behind), "
+            "never judged.")
+    return head + "\n\n" + markdown_table(["arch", "row", "baseline (same parameters)", "seeds",
+                                            "after calibration", "after fine-tune"], lines)
+
+
+def cell(entry: dict[str, Any], stage: str, split: str = "test") -> str:
+    """One table cell: mean top-1 (± standard deviation over seeds) / mean agreement, or "-"."""
+    if stage not in entry or split not in entry[stage]:
+        return "-"
+    s = entry[stage][split]
+    spread = f" ± {s['top1_std']:.2f}" if s["top1_std"] else ""
+    return f"{s['top1_mean']:.2f}{spread} / {s['agreement_mean']:.3f}"
 
 
 def table(summary: dict[str, Any], arch: str) -> str:
-    rows = [[f"`{r['row']}`", f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}", len(r["seeds"]),
-             _cell(r["converted"]), _cell(r["calibrated"]), _cell(r["fine-tuned"]), f"{r['calibration_s']:.0f}",
+    rows = [[f"`{r['row']}`" + (" (dirty tree)" if r["dirty"] else ""), f"{r['params']:,}",
+             f"{r['macs'] / 1e6:.1f}", len(r["seeds"]), cell(r, "converted"), cell(r, "calibrated"),
+             cell(r, "fine-tuned"), cell(r, "calibrated", "validation"), f"{r['calibration_s']:.0f}",
              f"{r['latency_b1_ms']:.2f}", f"{r['images_per_s_b32']:.0f}"]
             for r in summary["rows"] if r["arch"] == arch]
-    return markdown_table(["row", "params", "MMACs", "seeds", "converted: top-1 % / agreement",
-                           "calibrated", "fine-tuned", "calibration s", "b1 ms", "b32 img/s"], rows)
+    return markdown_table(["row", "params", "MMACs", "seeds", "converted: test top-1 % / agreement",
+                           "calibrated", "fine-tuned", "calibrated, validation split", "calibration s", "b1 ms",
+                           "b32 img/s"], rows)
 
 
 def plot(summary: dict[str, Any], path: str) -> None:
@@ -427,7 +468,9 @@ def plot(summary: dict[str, Any], path: str) -> None:
                 if "+" in r["row"]:
                     kind = "prune+kdna"
                 color, marker = style.get(kind, ("tab:purple", "D"))
-                s = r[stage]
+                if stage not in r:
+                    continue
+                s = r[stage]["test"]
                 ax.errorbar(r[x_key], s["top1_mean"], yerr=[[s["top1_mean"] - s["top1_min"]],
                                                              [s["top1_max"] - s["top1_mean"]]],
                             color=color, marker=marker, capsize=3, linestyle="none")
@@ -443,14 +486,20 @@ def plot(summary: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def report(out: str) -> None:
+def report(out: str, argv: list[str] | None = None) -> None:
     summary = summarise(out)
     if not summary["rows"]:
         print(f"no runs under {out}/runs yet")
         return
     archs = sorted({r["arch"] for r in summary["rows"]})
     md = "\n\n".join(f"### {a}\n\nOriginal: `{ORIGINALS[a]}`\n\n{table(summary, a)}" for a in archs)
-    write_results(os.path.join(out, "conversion_study"), {**summary, "provenance": provenance()}, md)
+    machines = sorted({m for r in summary["rows"] for m in r["machines"]})
+    md += (f"\n\n{verdicts_text(summary)}\n\nRuns on: {', '.join(machines)}. Protocol {PROTOCOL}: any tuning only "
+           f"on a validation split held out from the training images, every student with the same losses (the "
+           f"per-layer one included) and steps (module docstring). Latency and throughput: the interleaved "
+           f"`--speed` timing where one exists (speed_<arch>.json), else the in-run reading.")
+    write_results(os.path.join(out, "conversion_study"),
+                  {**summary, "provenance": run_provenance(argv, force_dirty=True)}, md)
     plot(summary, os.path.join(out, "conversion_study.png"))
     print(md)
 
@@ -464,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--all-lr", type=float, default=1e-3, help="distillation lr when every parameter trains")
     p.add_argument("--finetune-images", type=int, default=10_000)
+    p.add_argument("--val-images", type=int, default=5_000,
+                   help="training images held out as the validation split (never calibrated or fine-tuned on)")
     p.add_argument("--test-images", type=int, default=0, help="score on the first N test images (0: all 10,000)")
     p.add_argument("--data", default=None, help="Fashion-MNIST directory (default: the Debian package's)")
     p.add_argument("--threads", type=int, default=1)
@@ -471,23 +522,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only write the tables and the plot")
     p.add_argument("--speed", action="store_true", help="re-time every row on disk, interleaved, then report")
     p.add_argument("--speed-rounds", type=int, default=5)
+    p.add_argument("--force-dirty", action="store_true",
+                   help="run from a tree with uncommitted changes (the records are marked dirty)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     torch.set_num_threads(args.threads)
     if args.speed:
         speed(args)
     elif not args.report:
+        try:
+            args.provenance = run_provenance(["-m", "bench.conversion_study", *args.argv],
+                                             force_dirty=args.force_dirty)
+        except DirtyTreeError as exc:
+            raise SystemExit(str(exc)) from None
         todo = [(a, r, s) for s in args.seeds for a in args.arch for r in args.rows  # seed-major: spread noise
                 if r not in ABLATION or s == args.seeds[0]]
         for i, (arch, row, seed) in enumerate(todo):
             path = os.path.join(args.out, "runs", arch, row, f"seed{seed}.json")
-            if os.path.exists(path):
-                continue
-            print(f"[{i + 1}/{len(todo)}] {arch} {row} seed {seed}", flush=True)
-            started = time.perf_counter()
-            run_one(arch, row, seed, args, path)
-            print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
-    report(args.out)
+            lock = os.path.join(REPO, "runs", "conversion_locks", arch, row, f"seed{seed}")  # gitignored
+            if os.path.exists(path) or not take_lock(lock):
+                continue  # done, or another process runs it
+            try:
+                print(f"[{i + 1}/{len(todo)}] {arch} {row} seed {seed}", flush=True)
+                started = time.perf_counter()
+                run_one(arch, row, seed, args, path)
+                print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
+            finally:
+                release_lock(lock)
+    report(args.out, ["-m", "bench.conversion_study", *args.argv])
     return 0
 
 

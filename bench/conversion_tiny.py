@@ -1,15 +1,14 @@
 """Conversion of a small trained model: copy vs trained init, low-rank residuals, centroid parents.
 
-The model and data are those of tests/test_calibrate.py (a TinyResNet trained 60 steps on a synthetic
-5-class blob task). Each row: transform, then kdna_fx.calibrate (bn + 100 distillation steps) on 256
+The model and data are bench.common.blob_task's, which tests/test_calibrate.py uses too (a TinyResNet trained
+60 steps on a synthetic 5-class blob task). Each row: transform, then kdna_fx.calibrate (bn + 100 distillation steps) on 256
 unlabeled images; agreement and accuracy on 512 held-out images. A quick look at which steps matter, not
 the Fashion-MNIST study of issue 6.
 
-    .venv/bin/python bench/conversion_tiny.py
+    .venv/bin/python -m bench.conversion_tiny
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -17,10 +16,9 @@ import time
 import torch
 
 import kdna_fx
-from kdna_fx import AdapterConfig, KDNAConfig
-from kdna_fx.timing import markdown_table, provenance, write_results
+from kdna_fx import AdapterConfig, CalibrationConfig, KDNAConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench.common import REPO, blob_task, markdown_table, run_provenance, write_results
 ROWS = [("copy init (paper)", KDNAConfig(), "copy"),
         ("trained init, rank 0", KDNAConfig(), "trained"),
         ("trained init, rank 2", KDNAConfig(adapter=AdapterConfig(rank=2)), "trained"),
@@ -30,12 +28,8 @@ ROWS = [("copy init (paper)", KDNAConfig(), "copy"),
 
 def main() -> None:
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("calib_tests", os.path.join(ROOT, "tests", "test_calibrate.py"))
-    tests = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tests)  # type: ignore[union-attr]
-    fixture = tests.task
-    build = fixture._get_wrapped_function() if hasattr(fixture, "_get_wrapped_function") else fixture.__wrapped__
-    model, calib, test_x, test_y = build()
+    prov = run_provenance(["-m", "bench.conversion_tiny", *sys.argv[1:]], force_dirty="--force-dirty" in sys.argv)
+    model, calib, test_x, test_y = blob_task()
 
     @torch.no_grad()
     def scores(m: torch.nn.Module) -> tuple[float, float]:
@@ -49,7 +43,7 @@ def main() -> None:
         kmodel = kdna_fx.transform(model, config, init=init)
         before = scores(kmodel)
         start = time.perf_counter()
-        kdna_fx.calibrate(kmodel, calib, reference=model, steps=100, progress=False)
+        kdna_fx.calibrate(kmodel, calib, CalibrationConfig(steps=100, progress=False), reference=model)
         seconds = time.perf_counter() - start
         after = scores(kmodel)
         params = sum(p.numel() for p in kmodel.parameters())
@@ -62,8 +56,8 @@ def main() -> None:
           f"(held-out, 512 images).\n\n" + markdown_table(
               ["row", "params", "right after transform: agreement / top-1 %", "after bn + distill (100 steps)",
                "calibration s"], table))
-    write_results(os.path.join(ROOT, "bench", "results", "conversion_tiny"),
-                  {"provenance": provenance(sys.argv), "original_top1": original_acc, "rows": rows}, md)
+    write_results(os.path.join(REPO, "bench", "results", "conversion_tiny"),
+                  {"provenance": prov, "original_top1": original_acc, "rows": rows}, md)
     print(md)
 
 

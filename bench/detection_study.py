@@ -1,8 +1,8 @@
 """Detection study (issue 7, part 3): Faster R-CNN with a small ResNet-18-FPN, plain vs kdna_fx.transform.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/detection_study.py --seeds 0 1 2 3   # the committed study
-    OMP_NUM_THREADS=1 .venv/bin/python bench/detection_study.py --seeds 4 --rows plain kdna   # one more seed
-    OMP_NUM_THREADS=1 .venv/bin/python bench/detection_study.py --report   # tables and figure from every run on disk
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.detection_study --seeds 0 1 2 3   # the committed study
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.detection_study --seeds 4 --rows plain kdna   # one more seed
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.detection_study --report   # tables and figure from every run on disk
 
 Data: kdna_fx.train.scenes.FashionScenes, 128x128 scenes of 1-4 Fashion-MNIST garments; training scenes from
 the training images, a fixed set of ``--val`` scenes (seed 0) from the test images.
@@ -35,7 +35,6 @@ import functools
 import io
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -44,16 +43,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conversion_study import save_json  # noqa: E402  (the studies' one atomic JSON writer)
-
-import kdna_fx  # noqa: E402
-from kdna_fx.models import create_model  # noqa: E402
-from kdna_fx.reporting import count_macs  # noqa: E402
-from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_results  # noqa: E402
-from kdna_fx.train import WarmupCosine, build_optimizer, param_groups  # noqa: E402
-from kdna_fx.train.recipe import seed_everything  # noqa: E402
-from kdna_fx.train.scenes import SCENE_CLASSES, FashionScenes, collate  # noqa: E402
+import kdna_fx
+from kdna_fx.models import create_model
+from kdna_fx.reporting import count_macs
+from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_results
+from kdna_fx.utils import write_json
+from kdna_fx.train import WarmupCosine, build_optimizer, param_groups
+from kdna_fx.train.recipe import seed_everything
+from kdna_fx.train.scenes import SCENE_CLASSES, FashionScenes, collate
 
 ROWS = ("plain", "kdna", "plain-narrow")
 EXAMPLES = 4  # val scenes whose predictions are kept for the figure
@@ -238,7 +235,7 @@ def run_one(row: str, seed: int, args: argparse.Namespace, path: str) -> None:
     os.makedirs(args.ckpt_dir, exist_ok=True)
     torch.save(model.state_dict(), ckpt_path(args, row, seed))
     examples = {str(i): {k: v.tolist() for k, v in predictions[i].items()} for i in range(EXAMPLES)}
-    save_json(path, {
+    write_json(path, {
         "row": row, "seed": seed, "width": narrow_width(args) if row == "plain-narrow" else args.width, **metrics,
         "params": n_params(model), "macs": macs, "gate_macs": gate_macs,
         "train_s": train_s, "eval_s": eval_s, "steps": args.steps, "batch": args.batch, "losses": losses,
@@ -268,7 +265,7 @@ def speed(seed: int, args: argparse.Namespace, path: str) -> None:
     fold_diff = None if diff is None else float(diff.max()) if diff.numel() else 0.0
     timed = time_interleaved({row: (lambda m=m: m(image)) for row, m in models.items()},
                              warmup=5, repeat=args.repeat, rounds=5)
-    save_json(path, {"seed": seed, "batch": 1, "latency": timed, "fold_max_box_diff": fold_diff,
+    write_json(path, {"seed": seed, "batch": 1, "latency": timed, "fold_max_box_diff": fold_diff,
                      "provenance": provenance()})
 
 

@@ -1,10 +1,10 @@
 """Frontier study (issue 11): Fashion-MNIST accuracy against cost, KernelDNA vs plain ResNet-18s vs the peers.
 
-    OMP_NUM_THREADS=1 nohup .venv/bin/python bench/frontier_study.py > logs/frontier.log 2>&1 &   # the queue
-    .venv/bin/python bench/frontier_study.py --estimate        # time a few training steps of every row
-    .venv/bin/python bench/frontier_study.py --speed           # re-time every row compiled, interleaved (per CPU)
-    .venv/bin/python bench/frontier_study.py --report          # tables and plots from the runs on disk
-    .venv/bin/python bench/frontier_study.py --preset short    # the former accuracy_study: 10k images, 3 epochs
+    OMP_NUM_THREADS=1 nohup .venv/bin/python -m bench.frontier_study > logs/frontier.log 2>&1 &   # the queue
+    .venv/bin/python -m bench.frontier_study --estimate        # time a few training steps of every row
+    .venv/bin/python -m bench.frontier_study --speed           # re-time every row compiled, interleaved (per CPU)
+    .venv/bin/python -m bench.frontier_study --report          # tables and plots from the runs on disk
+    .venv/bin/python -m bench.frontier_study --preset short    # the former accuracy_study: 10k images, 3 epochs
 
 Every row is a ResNet-18 with the same small stem (``create_model(..., in_chans=1, small_stem=True, width=w)``,
 a 3x3 stride-1 stem, no max-pool), named ``KIND-wWIDTH``:
@@ -52,14 +52,12 @@ import kdna_fx
 from kdna_fx import peers
 from kdna_fx.models import create_model, sharing_config
 from kdna_fx.reporting import count_macs
-from kdna_fx.timing import git_commit, markdown_table, provenance, time_interleaved, write_results
+from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_results
 from kdna_fx.train import TrainConfig, build_data, train
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conversion_study import save_json  # noqa: E402  (one atomic JSON writer for the bench studies)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench.common import (ABOVE, BELOW, REPO, TIE, DirtyTreeError, compare, release_lock, run_provenance,
+                          write_json, take_lock)
 
 # Queue order, most informative first: the width-0.25 head-to-head and the cheap end of the plain curve, then
 # the relaxed children and the peers, then the expensive width-0.375 rows. Seeds are the outer loop.
@@ -206,10 +204,38 @@ def steps_per_epoch(n_train: int, args: argparse.Namespace) -> int:
     return min(steps, args.limit_steps or steps)
 
 
-def study_commit() -> dict[str, Any]:
-    # "dirty" means the code differs from the commit; the study's own outputs under bench/results (a report
-    # rewrites them before they are committed) do not count.
-    return git_commit(exclude=("bench/results",))
+def study_commit(args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """The commit the study runs from. "dirty" means the code differs from it (the study's own outputs under
+    bench/results do not count): refused unless ``--force-dirty``, and then marked in every record."""
+    try:
+        return run_provenance(force_dirty=bool(args and args.force_dirty))["git"]
+    except DirtyTreeError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def provenance_notes(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """What a skeptic should know about where the records came from: runs from uncommitted code, commits the
+    history does not hold, and CPU names that several machines may share (records older than host ids)."""
+    records = [r for v in runs.values() for r in v]
+    notes = []
+    dirty = sorted(f"{r['row']} seed {r['seed']}" for r in records if (r.get("git") or {}).get("dirty"))
+    if dirty:
+        notes.append(f"{len(dirty)} of {len(records)} runs ran from uncommitted changes ({', '.join(dirty)})")
+    unknown = sorted({c for r in records if (c := (r.get("git") or {}).get("commit")) and not _in_history(c)})
+    if unknown:
+        notes.append(f"{len(unknown)} recorded commit(s) are not in this history: {', '.join(u[:12] for u in unknown)}")
+    no_host = sum("host_id" not in r["provenance"]["machine"] for r in records)
+    if no_host:
+        notes.append(f"{no_host} runs predate host ids: their CPU name (e.g. \"AMD EPYC\") may cover several "
+                     f"machines")
+    return notes
+
+
+def _in_history(commit: str) -> bool:
+    import subprocess
+
+    done = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=REPO, capture_output=True)
+    return done.returncode == 0
 
 
 def record_path(args: argparse.Namespace, row: Row, seed: int) -> str:
@@ -218,46 +244,6 @@ def record_path(args: argparse.Namespace, row: Row, seed: int) -> str:
 
 def run_dir(args: argparse.Namespace, row: Row, seed: int) -> str:
     return os.path.join(args.run_root, row.name, f"seed{seed}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def take_lock(directory: str) -> bool:
-    """Claim a run for this process; False when another live process holds it. A stale lock is taken over."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "lock")
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    holder = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _alive(holder):
-                return False
-            os.remove(path)  # left by a process that is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
-
-
-def release_lock(directory: str) -> None:
-    try:
-        os.remove(os.path.join(directory, "lock"))
-    except FileNotFoundError:
-        pass
 
 
 def run_one(row: Row, seed: int, args: argparse.Namespace, data: Any,
@@ -277,9 +263,9 @@ def run_one(row: Row, seed: int, args: argparse.Namespace, data: Any,
               "train_images": len(data.train), "params": n_params(model), "epochs": len(history),
               "train_seconds": sum(r["train_seconds"] for r in history), "resumed": resume,
               "config": config.to_dict(), "history": history, "run_dir": directory,
-              "git": getattr(args, "git", None) or study_commit(),  # the code that ran: the commit at start
+              "git": getattr(args, "git", None) or study_commit(args),  # the code that ran: the commit at start
               "provenance": provenance()}
-    save_json(record_path(args, row, seed), record)
+    write_json(record_path(args, row, seed), record)
     return record
 
 
@@ -287,7 +273,7 @@ def run_queue(args: argparse.Namespace) -> None:
     rows = [Row.parse(name) for name in args.rows]
     data = build_data("fashion-mnist", args.data, train_subset=args.train_subset or None,
                       val_subset=args.test_subset or None, seed=args.subset_seed)
-    args.git = study_commit()
+    args.git = study_commit(args)
     jobs = [(row, seed) for seed in args.seeds for row in rows]  # seed-major: every row gets seed 0 first
     done = sum(os.path.exists(record_path(args, r, s)) for r, s in jobs)
     print(f"frontier study: {len(jobs)} runs, {done} done; {len(data.train):,} training images, "
@@ -354,7 +340,7 @@ def estimate(args: argparse.Namespace) -> None:
         tqdm.write(f"{row.name:>20}: {s:.3f} s/step, {epoch:.0f} s/epoch, {epoch * args.epochs / 60:.0f} min/run")
     total = sum(r["run_min"] for r in result.values()) * len(args.seeds)
     print(f"all {len(rows)} rows x {len(args.seeds)} seeds: about {total / 60:.1f} h at this machine's current load")
-    save_json(os.path.join(args.out, "estimate.json"),
+    write_json(os.path.join(args.out, "estimate.json"),
               {"rows": result, "batch_size": args.batch_size, "steps_timed": args.estimate_steps,
                "threads": torch.get_num_threads(), "provenance": provenance()})
 
@@ -430,10 +416,10 @@ def speed(args: argparse.Namespace) -> None:
                      "images_per_s_b32": 32 / b32[name]["median_s"], "b32_iqr_rel": b32[name]["iqr_rel"],
                      "mode": modes[name]} for name in calls_b1}
     prov = provenance()
-    save_json(speed_path(args.out, prov["machine"]["cpu"]),
+    write_json(speed_path(args.out, prov["machine"]["cpu"]),
               {"rows": result, "rounds": args.speed_rounds, "repeat_b1": args.speed_repeat,
                "threads": torch.get_num_threads(), "timed_as": "GraphModule, dynamo fallbacks raise",
-               "git": study_commit(), "provenance": prov})
+               "git": study_commit(args), "provenance": prov})
     for name, r in result.items():
         print(f"{name:>20}: b1 {r['latency_b1_ms']:.2f} ms, b32 {r['images_per_s_b32']:.0f} img/s ({r['mode']})")
 
@@ -477,8 +463,9 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
                                  **cost(row), **timed.get(name, {})}
         mine = runs.get(name, [])
         if mine:
+            mine = sorted(mine, key=lambda r: r["seed"])
             top1 = [r["test_top1"] for r in mine]
-            entry.update(seeds=sorted(r["seed"] for r in mine), top1_mean=statistics.fmean(top1),
+            entry.update(seeds=[r["seed"] for r in mine], top1=top1, top1_mean=statistics.fmean(top1),
                          top1_std=statistics.stdev(top1) if len(top1) > 1 else 0.0, top1_min=min(top1),
                          top1_max=max(top1),
                          top1_per_epoch=[statistics.fmean(epochs) for epochs in
@@ -574,27 +561,54 @@ def table(summary: dict[str, Any], args: argparse.Namespace) -> str:
                            "train s/epoch"], lines)
 
 
+def plain_range_at(rows: list[dict[str, Any]], key: str, x: float) -> list[float] | None:
+    """[worst, best] of the plain curve at cost ``x``: the curves through each plain width's worst and best seed,
+    interpolated as the mean curve is; None outside the curve."""
+    lo, hi = (curve_at(plain_curve(rows, key, v), x) for v in ("top1_min", "top1_max"))
+    return None if lo is None or hi is None else [lo, hi]
+
+
+def gains(curve: list[tuple[float, float]], r: dict[str, Any], key: str) -> list[float] | None:
+    """Each seed's top-1 minus the mean plain curve at the row's ``key`` cost; None outside the curve."""
+    at = curve_at(curve, r[key]) if key in r else None
+    return None if at is None else [v - at for v in r["top1"]]
+
+
 def _latency_targets(rows: list[dict[str, Any]], mean_l: list[tuple[float, float]], r: dict[str, Any],
-                     peer_gains: dict[str, float], missing_peers: list[str]) -> tuple[Any, Any]:
+                     peers_done: list[dict[str, Any]], missing_peers: list[str]) -> tuple[Any, Any]:
     """Targets 2 and 3 for KernelDNA row ``r`` under one CPU's timing: ``rows`` carry that CPU's latencies,
-    ``mean_l`` is its plain curve and ``peer_gains`` the peers' gains over it."""
+    ``mean_l`` is its plain curve and ``peers_done`` the peer rows on it. Both through bench.common.compare."""
     gain_l = gain_over(mean_l, r, "latency_b1_ms")
-    latency = None if gain_l is None else {"gain": gain_l, "met": gain_l >= 0.0}
-    if gain_l is None and "latency_b1_ms" in r:
-        # Beyond the plain curve there is nothing to interpolate, but a plain width that is both faster and
-        # more accurate already settles it: wider plain nets have only gained accuracy here.
+    latency = None
+    if gain_l is not None:
+        outcome = compare(r["top1"], plain_range_at(rows, "latency_b1_ms", r["latency_b1_ms"]))
+        latency = {"gain": gain_l, "outcome": outcome, "met": outcome == ABOVE}
+    elif "latency_b1_ms" in r:
+        # Beyond the plain curve there is nothing to interpolate, but a plain width that is faster and whose
+        # every seed beats every seed of the row settles it: wider plain nets have only gained accuracy here.
         dominating = [p for p in rows if p["kind"] == "plain" and "latency_b1_ms" in p
-                      and p["latency_b1_ms"] <= r["latency_b1_ms"] and p["top1_mean"] > r["top1_mean"]]
+                      and p["latency_b1_ms"] <= r["latency_b1_ms"] and compare(p["top1"], r["top1"]) == ABOVE]
         if dominating:
-            latency = {"gain": None, "met": False,
+            latency = {"gain": None, "outcome": BELOW, "met": False,
                        "dominated_by": max(dominating, key=lambda p: p["top1_mean"])["row"]}
-    if gain_l is None or not peer_gains:
-        peers_verdict = None if gain_l is None else "no peer row read against the plain curve yet"
+    mine = gains(mean_l, r, "latency_b1_ms")
+    theirs = {p["row"]: g for p in peers_done if (g := gains(mean_l, p, "latency_b1_ms")) is not None}
+    if mine is None or not theirs:
+        peers_verdict = None if mine is None else "no peer row read against the plain curve yet"
     else:
-        best_peer = max(peer_gains, key=peer_gains.get)
-        peers_verdict = {"gain": gain_l, "best_peer": best_peer, "best_peer_gain": peer_gains[best_peer],
-                         "met": gain_l > peer_gains[best_peer], "missing": missing_peers}
+        outcomes = {name: compare(mine, g) for name, g in theirs.items()}
+        best_peer = max(theirs, key=lambda name: sum(theirs[name]) / len(theirs[name]))
+        peers_verdict = {"gain": gain_l, "best_peer": best_peer,
+                         "best_peer_gain": sum(theirs[best_peer]) / len(theirs[best_peer]),
+                         "outcomes": outcomes, "outcome": _weakest(outcomes.values()),
+                         "met": all(o == ABOVE for o in outcomes.values()), "missing": missing_peers}
     return latency, peers_verdict
+
+
+def _weakest(outcomes: Any) -> str:
+    """The outcome against the set: below any one is below, else a tie with any one is a tie."""
+    outcomes = list(outcomes)
+    return BELOW if BELOW in outcomes else TIE if TIE in outcomes else ABOVE
 
 
 def _with_timing(rows: list[dict[str, Any]], timing: dict[str, Any]) -> list[dict[str, Any]]:
@@ -609,29 +623,31 @@ def _with_timing(rows: list[dict[str, Any]], timing: dict[str, Any]) -> list[dic
 
 
 def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
-    """The issue's three targets, judged for each KernelDNA row from what is on disk.
+    """The issue's three targets, judged for each KernelDNA row from what is on disk, every "met" by the one
+    rule of bench.common.compare (seed ranges disjoint):
 
-    1. at equal parameters, at least +1 point over the plain curve, and the row's worst seed above the plain
-       curve's best (the curve through each plain width's max over seeds);
-    2. at equal batch-1 latency, no worse than the plain curve (mean against mean); a row slower than every
-       plain width is judged missed only where a plain width is both faster and more accurate;
+    1. at equal parameters, at least +1 point over the plain curve (mean against mean) and the row's worst seed
+       above the plain curve's best (the curve through each plain width's best seed);
+    2. at equal batch-1 latency, no worse than the plain curve: met only when the row's worst seed is above the
+       plain curve's best there (a tie shows nothing either way); a row slower than every plain width is
+       missed where a faster plain width beats it on every seed;
     3. above every peer at equal latency. Rows and peers lie at different latencies, so both are read against
-       the one yardstick between them, the plain curve: the row's gain over it must exceed every peer's.
+       the one yardstick between them, the plain curve: every seed's gain over it must beat every seed's gain of
+       every peer.
     Targets 2 and 3 are judged once per CPU in ``summary["timings"]`` (keyed by CPU, newest first), since
     latency ratios are a property of the CPU as much as of the nets.
     A verdict is "provisional" while the row, a plain width or a peer has fewer than ``seeds`` seeds.
     """
     rows = [r for r in summary["rows"] if "top1_mean" in r]
-    mean_p, best_p = plain_curve(rows, "params"), plain_curve(rows, "params", "top1_max")
+    mean_p = plain_curve(rows, "params")
     thin_yardsticks = any(len(r["seeds"]) < seeds for r in rows if r["kind"] == "plain" or r["kind"] in PEERS)
     per_cpu = []
     for timing in summary.get("timings", []):
         timed = _with_timing(rows, timing)
         mean_l = plain_curve(timed, "latency_b1_ms")
-        peer_gains = {r["row"]: g for r in timed
-                      if r["kind"] in PEERS and (g := gain_over(mean_l, r, "latency_b1_ms")) is not None}
-        missing = sorted(set(PEERS) - {Row.parse(name).kind for name in peer_gains})
-        per_cpu.append((timing["cpu"], timed, mean_l, peer_gains, missing))
+        peers_done = [r for r in timed if r["kind"] in PEERS and gain_over(mean_l, r, "latency_b1_ms") is not None]
+        missing = sorted(set(PEERS) - {r["kind"] for r in peers_done})
+        per_cpu.append((timing["cpu"], timed, mean_l, peers_done, missing))
     out = []
     for r in rows:
         if r["kind"] not in KERNELDNA:
@@ -643,11 +659,12 @@ def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
         if gain is None:
             entry["params"] = None
         else:
-            disjoint = r["top1_min"] > curve_at(best_p, r["params"])
-            entry["params"] = {"gain": gain, "disjoint": disjoint, "met": gain >= 1.0 and disjoint}
-        for cpu, timed, mean_l, peer_gains, missing in per_cpu:
+            outcome = compare(r["top1"], plain_range_at(rows, "params", r["params"]))
+            entry["params"] = {"gain": gain, "outcome": outcome, "disjoint": outcome == ABOVE,
+                               "met": gain >= 1.0 and outcome == ABOVE}
+        for cpu, timed, mean_l, peers_done, missing in per_cpu:
             mine = next(t for t in timed if t["row"] == r["row"])
-            entry["latency"][cpu], entry["peers"][cpu] = _latency_targets(timed, mean_l, mine, peer_gains, missing)
+            entry["latency"][cpu], entry["peers"][cpu] = _latency_targets(timed, mean_l, mine, peers_done, missing)
         out.append(entry)
     return out
 
@@ -659,7 +676,10 @@ def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
             return "not judged (outside the plain curve)"
         if isinstance(v, str):
             return f"pending ({v})"
-        word = ("**met** so far" if v.get("missing") else "**met**") if v["met"] else "missed"
+        if v["met"]:
+            word = "**met** so far" if v.get("missing") else "**met**"
+        else:
+            word = {BELOW: "missed", TIE: "not met: tie, seed ranges overlap"}.get(v["outcome"], "missed")
         return f"{word} ({text(v)})"
 
     def per_cpu(by_cpu: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> str:
@@ -670,11 +690,11 @@ def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
         return "<br>".join(f"{cpu}: {cell(v, text)}" for cpu, v in by_cpu.items())
 
     def params_text(p: dict[str, Any]) -> str:
-        return f"{p['gain']:+.2f}, ranges {'disjoint' if p['disjoint'] else 'overlap'}"
+        return f"{p['gain']:+.2f}" + (", ranges disjoint" if p["outcome"] != TIE else "")  # a tie says "overlap"
 
     def latency_text(p: dict[str, Any]) -> str:
         if p["gain"] is None:
-            return f"outside the plain curve, but `{p['dominated_by']}` is faster and more accurate"
+            return f"outside the plain curve, but `{p['dominated_by']}` is faster and better on every seed"
         return f"{p['gain']:+.2f}"
 
     def peers_text(p: dict[str, Any]) -> str:
@@ -688,11 +708,14 @@ def targets_text(verdicts: list[dict[str, Any]], seeds: int) -> str:
                       per_cpu(v["latency"], latency_text),
                       per_cpu(v["peers"], peers_text),
                       f"{v['seeds']}" + (" (provisional)" if v["provisional"] else "")])
-    head = (f"Targets (issue 11), judged by `targets()` from the runs on disk; \"provisional\" while the row, a plain "
-            f"width or a peer has fewer than {seeds} seeds. Gains are points of top-1 over the plain curve "
-            f"at the row's cost; \"ranges disjoint\": the row's worst seed beats the plain curve's best. Peers lie at "
-            f"other latencies, so a row beats them when its gain over the plain curve at equal latency is larger. "
-            f"The latency targets are judged on every CPU that timed the rows (`speed/`), newest first.")
+    head = (f"Targets (issue 11), judged by `targets()` from the runs on disk with the one rule of every study "
+            f"(bench.common.compare): a target is met only when the seed ranges are disjoint on the right side; "
+            f"overlapping ranges are a tie, which meets nothing. \"provisional\" while the row, a plain width or a "
+            f"peer has fewer than {seeds} seeds. Gains are points of mean top-1 over the mean plain curve at the "
+            f"row's cost; the plain curve's seed range there is interpolated between the plain widths' worst and "
+            f"best seeds. Peers lie at other latencies, so a row beats a peer when every seed's gain over the plain "
+            f"curve at equal latency beats every seed's gain of that peer. The latency targets are judged on every "
+            f"CPU that timed the rows (`speed/`), newest first.")
     table_md = markdown_table(["row", "+1 point @ params, seed ranges disjoint", "no worse @ b1 ms",
                                "above every peer @ b1 ms", "seeds"], lines)
     return head + "\n\n" + (table_md if lines else "No KernelDNA row has finished a run yet.")
@@ -778,8 +801,11 @@ def report(args: argparse.Namespace) -> None:
                       status, recipe_text(args, n_train), table(summary, args), timing_note, machines_text(summary),
                       targets_text(summary["targets"], len(args.seeds)),
                       "![top-1 against parameters, MACs and batch-1 latency](frontier.png)"])
-    prov = provenance(["bench/frontier_study.py", *args.argv])
-    git = study_commit()
+    prov = provenance(["-m", "bench.frontier_study", *args.argv])
+    git = study_commit(args)
+    notes = provenance_notes(_load_records(args.out))
+    if notes:
+        md += "\n\nProvenance of the records: " + "; ".join(notes) + "."
     md += f"\n\nGit commit: `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}"
     os.makedirs(args.out, exist_ok=True)
     write_results(os.path.join(args.out, "frontier"),
@@ -826,6 +852,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--speed-rounds", type=int, default=5, help="interleaved rounds of --speed")
     p.add_argument("--speed-repeat", type=int, default=50, help="batch-1 calls per row and round (batch 32: /5)")
     p.add_argument("--eager", action="store_true", help="--speed without torch.compile (quick checks)")
+    p.add_argument("--force-dirty", action="store_true",
+                   help="run or report from a tree with uncommitted changes (the records are marked dirty)")
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     for key, value in PRESETS[args.preset].items():

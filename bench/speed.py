@@ -53,8 +53,7 @@ from kdna_fx.models import create_model, sharing_config
 from kdna_fx.reporting import count_macs
 from kdna_fx.timing import git_commit, markdown_table, provenance, time_interleaved
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conversion_study import save_json  # noqa: E402  (one atomic JSON writer for the bench scripts)
+from kdna_fx.utils import write_json
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "speed")
 MODES = ("eager", "inductor", "freezing", "cudagraphs")
@@ -470,7 +469,7 @@ def sync_of(device: torch.device) -> Callable[[], None] | None:
 
 
 def _save(path: str, payload: dict[str, Any]) -> None:
-    save_json(path, payload)
+    write_json(path, payload)
     print(f"wrote {path}", flush=True)
 
 

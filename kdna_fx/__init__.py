@@ -11,8 +11,9 @@ adapter math), ``kdna_fx.passes`` (the graph passes), ``kdna_fx.datamodel`` (the
 ``kdna_fx.train``, ``kdna_fx.data`` and ``kdna_fx.testing``.
 """
 from .api import as_function, fold, load_original, plan, plan_of, transform
-from .calibration import calibrate
+from .calibration import CalibrationConfig, calibrate
 from .config import AdapterConfig, KDNAConfig
+from .conversion import convert
 from .exporting import export
 from .datamodel import Family, Plan
 from .errors import (CalibrationError, CheckpointError, CKAError, ChildWeightError, CompiledGradientWarning, ConfigError,
@@ -30,10 +31,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     # phases
-    "plan", "transform", "fold", "as_function", "calibrate", "report", "save", "load", "load_original", "plan_of",
+    "plan", "transform", "fold", "as_function", "calibrate", "convert", "report", "save", "load", "load_original", "plan_of",
     "export",
     # configuration and data
-    "KDNAConfig", "AdapterConfig", "Plan", "Family", "register_not_traced",
+    "KDNAConfig", "AdapterConfig", "CalibrationConfig", "Plan", "Family", "register_not_traced",
     # errors and warnings
     "KDNAError", "ConfigError", "KDNATypeError", "KDNATraceError", "StateError", "GateBatchSizeError",
     "ChildWeightError", "CalibrationError", "CheckpointError", "CKAError", "DataError", "ExportError", "NonFiniteLossError", "WrappedModelError",

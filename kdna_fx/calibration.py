@@ -1,7 +1,8 @@
 """Label-free calibration of a transformed model against the trained model it came from.
 
     kmodel = kdna_fx.transform(trained)
-    result = kdna_fx.calibrate(kmodel, images, reference=trained)      # modes=("bn", "distill")
+    result = kdna_fx.calibrate(kmodel, images, reference=trained)      # CalibrationConfig() defaults
+    result = kdna_fx.calibrate(kmodel, images, kdna_fx.CalibrationConfig(steps=100), reference=trained)
     print(result)                                                     # agreement and output error per mode
 
 Modes, run in this order when several are asked:
@@ -25,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,94 @@ from .tables import format_table
 
 MODES: tuple[str, ...] = ("bn", "layerwise", "distill")
 TRAIN: tuple[str, ...] = ("adapters", "parents", "all")
+LAYER_LOSSES: tuple[str, ...] = ("auto", "mse", "gram")
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibrate() calibrates. ``CalibrationConfig()`` is the recipe chosen on a validation split of the
+    training images (docs/conversion.md); derive variants with ``config.replace(steps=100)``.
+
+    Precedence: ``calibrate(..., config=None)`` uses ``CalibrationConfig()``; a config you pass is used whole,
+    each field at the value it holds (there are no keyword overrides beside it).
+
+    - ``modes``: any of "bn", "layerwise", "distill" (a string for one), always run in that order.
+    - ``steps``, ``lr``, ``temperature``: distillation's Adam steps, learning rate and softmax temperature.
+    - ``batch_size``: images per step (>= 2: gate BatchNorms need two samples); a tensor of images is cut into
+      batches of this size, an iterable is used as it batches.
+    - ``train``: what "distill" trains: "adapters" (adapters and norm affines), "parents" (those and the
+      shared kernels) or "all" (every parameter: the only choice for a student that was not transformed, a
+      pruned or factorised model). ``weight_lr``: the rate of the weights "parents"/"all" add (None: ``lr``).
+    - ``features``: weight of the per-layer loss on the outputs of the norm layers found at the same path in
+      both models (0: match the final outputs only). ``layer_loss`` says how a pair is compared: "mse" (the
+      normalised mean squared error; pairs whose shapes differ are skipped), "gram" (2 * (1 - linear CKA) of
+      the two outputs over the batch, which compares the sample-by-sample similarity structure and so needs no
+      channel correspondence: a pruned layer is compared with its full-width original), or "auto" (default:
+      "mse" where the shapes match, "gram" where they differ).
+    - ``layerwise_steps``, ``layerwise_lr``: Adam steps and rate per child in "layerwise".
+    - ``norms``: "train" (BatchNorms use batch statistics while distilling, re-estimated at the end) or
+      "eval" (frozen statistics).
+    - ``seed``: shuffling and every random draw; the same seed gives the same result. ``progress``: tqdm bars.
+    """
+
+    modes: tuple[str, ...] | str = ("bn", "distill")
+    steps: int = 300
+    lr: float = 1e-2
+    batch_size: int = 64
+    temperature: float = 1.0
+    train: str = "parents"
+    weight_lr: float | None = 1e-3
+    features: float = 1.0
+    layer_loss: str = "auto"
+    layerwise_steps: int = 50
+    layerwise_lr: float = 1e-2
+    norms: str = "train"
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        modes = (self.modes,) if isinstance(self.modes, str) else tuple(self.modes)
+        object.__setattr__(self, "modes", modes)
+        unknown = [m for m in modes if m not in MODES]
+        if unknown or not modes:
+            raise ConfigError(f"CalibrationConfig: unknown mode(s) {unknown or list(modes)}; modes are {MODES} "
+                              f"(any of them, run in that order)")
+        if self.train not in TRAIN:
+            raise ConfigError(f"CalibrationConfig: train must be one of {TRAIN}, got {self.train!r}")
+        if self.layer_loss not in LAYER_LOSSES:
+            raise ConfigError(f"CalibrationConfig: layer_loss must be one of {LAYER_LOSSES}, got {self.layer_loss!r}")
+        if self.norms not in ("train", "eval"):
+            raise ConfigError(f"CalibrationConfig: norms must be 'train' or 'eval', got {self.norms!r}")
+        for name in ("steps", "layerwise_steps", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"CalibrationConfig: {name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 2:
+            raise ConfigError(f"CalibrationConfig: batch_size must be an int >= 2 (gate BatchNorms need 2 "
+                              f"samples), got {self.batch_size!r}")
+        if not self.features >= 0:
+            raise ConfigError(f"CalibrationConfig: features must be >= 0 (0: match the outputs only), "
+                              f"got {self.features!r}")
+        rates = (self.lr, self.layerwise_lr, self.temperature, 1.0 if self.weight_lr is None else self.weight_lr)
+        if not all(isinstance(v, (int, float)) and v > 0 for v in rates):
+            raise ConfigError(f"CalibrationConfig: lr, weight_lr, layerwise_lr and temperature must be > 0, got "
+                              f"{self.lr}, {self.weight_lr}, {self.layerwise_lr}, {self.temperature}")
+
+    def replace(self, **changes: Any) -> "CalibrationConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"CalibrationConfig has no field(s) {unknown}; fields are "
+                              f"{[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "modes": list(self.modes)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CalibrationConfig":
+        return cls().replace(**d)
 
 
 @dataclass
@@ -69,6 +157,7 @@ class CalibrationReport:
     modes: list[ModeResult]
     images: int
     seed: int
+    config: CalibrationConfig | None = None
 
     @property
     def agreement_before(self) -> float | None:
@@ -84,6 +173,7 @@ class CalibrationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"images": self.images, "seed": self.seed, "seconds": self.seconds,
+                "config": self.config.to_dict() if self.config else None,
                 "modes": [dataclasses.asdict(m) for m in self.modes]}
 
     def __str__(self) -> str:
@@ -396,11 +486,25 @@ def _layerwise(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, l
     return done, errors
 
 
+def gram_loss(k: Tensor, r: Tensor) -> Tensor:
+    """2 * (1 - linear CKA) between two batches of features [B, ...] of any widths: the squared distance of
+    their centred sample-by-sample Gram matrices, each scaled to unit norm (0: the same similarity structure)."""
+    gk, gr = (_centred_gram(t) for t in (k, r))
+    return (gk / gk.norm().clamp_min(1e-12) - gr / gr.norm().clamp_min(1e-12)).pow(2).sum()
+
+
+def _centred_gram(t: Tensor) -> Tensor:
+    x = t.flatten(1)
+    x = x - x.mean(0, keepdim=True)
+    return x @ x.T
+
+
 class _Taps:
     """Forward hooks on the norm layers found at the same path in both models: their outputs, per forward."""
 
-    def __init__(self, kmodel: nn.Module, reference: nn.Module):
+    def __init__(self, kmodel: nn.Module, reference: nn.Module, layer_loss: str = "auto"):
         mine = dict(kmodel.named_modules())
+        self.layer_loss = layer_loss
         self.names = [n for n, m in reference.named_modules()
                       if isinstance(m, _NORMS) and isinstance(mine.get(n), type(m))]
         self.outputs: dict[str, dict[str, Tensor]] = {"k": {}, "r": {}}
@@ -412,12 +516,18 @@ class _Taps:
             self.outputs[side][name] = out
         return hook
 
+    def _term(self, k: Tensor, r: Tensor) -> Tensor | None:
+        same = k.shape == r.shape
+        if self.layer_loss == "gram" or (self.layer_loss == "auto" and not same):
+            return gram_loss(k, r) if k.shape[0] == r.shape[0] else None
+        return F.mse_loss(k, r) / r.pow(2).mean().clamp_min(1e-12) if same else None
+
     def loss(self) -> Tensor | None:
-        """Mean over the taps of the normalised MSE; taps whose shapes differ (a pruned layer) are skipped."""
-        terms = [F.mse_loss(k, r) / r.pow(2).mean().clamp_min(1e-12)
-                 for n in self.names
+        """Mean over the taps of the per-pair loss (``layer_loss``); a pair "mse" cannot compare is skipped."""
+        terms = [t for n in self.names
                  for k, r in [(self.outputs["k"].get(n), self.outputs["r"].get(n))]
-                 if k is not None and r is not None and k.shape == r.shape]
+                 if k is not None and r is not None
+                 for t in [self._term(k, r)] if t is not None]
         self.outputs = {"k": {}, "r": {}}
         return torch.stack(terms).mean() if terms else None
 
@@ -426,9 +536,9 @@ class _Taps:
             h.remove()
 
 
-def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr: float, temperature: float,
-             train: str, weight_lr: float | None, features: float, norms: str, generator: torch.Generator,
-             bar: Any) -> int:
+def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, config: CalibrationConfig, *,
+             generator: torch.Generator, bar: Any) -> int:
+    steps, lr, temperature, train = config.steps, config.lr, config.temperature, config.train
     params: dict[int, nn.Parameter] = {id(p): p for _, p in adapter_parameters(kmodel)}
     for m in kmodel.modules():
         if isinstance(m, _NORMS):
@@ -450,14 +560,14 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
     light = [p for p in params.values() if id(p) in adapters_and_norms]
     weights = [p for p in params.values() if id(p) not in adapters_and_norms]
     groups = [{"params": light}] if light else []
-    groups += [{"params": weights, "lr": weight_lr or lr}] if weights else []
+    groups += [{"params": weights, "lr": config.weight_lr or lr}] if weights else []
     opt = torch.optim.Adam(groups, lr=lr)
     done = 0
-    taps = _Taps(kmodel, runner.reference) if features > 0 else None
+    taps = _Taps(kmodel, runner.reference, config.layer_loss) if config.features > 0 else None
     try:
         with KeptModes(kmodel):
             kmodel.eval()
-            if norms == "train":
+            if config.norms == "train":
                 for bn in _batchnorms(kmodel):
                     bn.train()
             for x in data.stream(generator):
@@ -473,7 +583,7 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
                     loss = F.mse_loss(k, r) / r.pow(2).mean().clamp_min(1e-12)
                 inner = taps.loss() if taps is not None else None
                 if inner is not None:
-                    loss = loss + features * inner
+                    loss = loss + config.features * inner
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -485,7 +595,7 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
         for p, flag in flags:
             p.requires_grad_(flag)
         opt.zero_grad(set_to_none=True)
-    if norms == "train":
+    if config.norms == "train":
         _reestimate_bn(kmodel, data)
     return done
 
@@ -493,97 +603,71 @@ def _distill(kmodel: nn.Module, runner: _Runner, data: _Data, *, steps: int, lr:
 # ----------------------------------------------------------------------------------------------- public
 
 
-def calibrate(kmodel: nn.Module, data: Any, *, reference: nn.Module, modes: Sequence[str] | str = ("bn", "distill"),
-              steps: int = 300, lr: float = 1e-2, batch_size: int = 64, temperature: float = 1.0,
-              train: str = "parents", weight_lr: float | None = 1e-3, features: float = 1.0,
-              layerwise_steps: int = 50, layerwise_lr: float = 1e-2,
-              norms: str = "train", seed: int = 0, progress: bool = True) -> CalibrationReport:
+def calibrate(kmodel: nn.Module, data: Any, config: CalibrationConfig | None = None, *,
+              reference: nn.Module) -> CalibrationReport:
     """Calibrate a transformed model to the trained ``reference`` it came from, with unlabeled ``data``.
 
-    ``data``: a tensor of images [N, C, H, W] (cut into ``batch_size`` batches, shuffled by ``seed``), or any
-    iterable (a DataLoader) of image batches or (images, labels) tuples, used in its own order (labels are
-    ignored). ``modes`` run in the order bn -> layerwise -> distill, whatever the order given.
-    ``steps``/``lr``/``temperature``: distillation (Adam) steps, learning rate and softmax temperature;
-    ``layerwise_steps``/``layerwise_lr``: Adam steps and rate per child in "layerwise". ``train``: what
-    "distill" trains, "adapters" (adapters and norm affines), "parents" (also the shared kernels) or "all"
-    (every parameter; the only choice for a student that was not transformed); ``weight_lr``: the rate of
-    the weights these add (kernels, linear layers; None: ``lr``), adapters and norms keep ``lr``. ``features``:
-    weight of an intermediate loss added to the output one, the normalised MSE between the outputs of the norm
-    layers found at the same path and with the same shape in both models (0: outputs only). ``norms``: "train"
-    (BatchNorms use batch statistics during distillation, re-estimated at the end) or "eval" (frozen
-    statistics). ``kmodel`` is changed in place and its modules' train/eval flags are restored;
-    ``reference`` is never changed. Returns a CalibrationReport.
+    ``data``: a tensor of images [N, C, H, W] (cut into ``config.batch_size`` batches, shuffled by
+    ``config.seed``), or any iterable (a DataLoader) of image batches or (images, labels) tuples, used in its
+    own order (labels are ignored). ``config``: a CalibrationConfig (None: its defaults, the measured recipe).
+    ``kmodel`` is changed in place and its modules' train/eval flags are restored; ``reference`` is never
+    changed. With ``config.train="all"`` any student works (a pruned or factorised model too). Returns a
+    CalibrationReport.
     """
+    if config is None:
+        config = CalibrationConfig()
+    if not isinstance(config, CalibrationConfig):
+        raise KDNATypeError(f"calibrate: config must be a kdna_fx.CalibrationConfig, got {type(config).__name__} "
+                            f"(options are its fields: calibrate(model, data, CalibrationConfig(steps=100), "
+                            f"reference=original))")
     inner = getattr(kmodel, "_orig_mod", kmodel)
-    wanted = [modes] if isinstance(modes, str) else list(modes)
-    if train not in TRAIN:
-        raise ConfigError(f"calibrate: train must be one of {TRAIN}, got {train!r}")
     if not isinstance(inner, nn.Module):
         raise KDNATypeError(f"calibrate: kmodel must be an nn.Module, got {type(kmodel).__name__}")
-    if train != "all" or "layerwise" in wanted:
+    if config.train != "all" or "layerwise" in config.modes:
         try:
             record_of(inner)
         except KDNAError as exc:
-            raise KDNAError(f"{exc}. calibrate(train={train!r}) and layerwise mode need a transformed model; "
-                            f"to distill any other student (pruned, factorised) pass train='all' with modes "
-                            f"'bn' and/or 'distill'") from None
+            raise KDNAError(f"{exc}. calibrate(train={config.train!r}) and layerwise mode need a transformed "
+                            f"model; to distill any other student (pruned, factorised) pass "
+                            f"CalibrationConfig(train='all') with modes 'bn' and/or 'distill'") from None
     if not isinstance(reference, nn.Module):
         raise KDNATypeError(f"calibrate: reference must be the original trained nn.Module, got "
                             f"{type(reference).__name__}")
     if reference is inner:
         raise CalibrationError("calibrate: reference is kmodel itself; pass the original model kmodel was "
                                "transformed from")
-    unknown = [m for m in wanted if m not in MODES]
-    if unknown or not wanted:
-        raise ConfigError(f"calibrate: unknown mode(s) {unknown or wanted}; modes are {MODES} (any of them, run in "
-                          f"that order)")
-    if norms not in ("train", "eval"):
-        raise ConfigError(f"calibrate: norms must be 'train' or 'eval', got {norms!r}")
-    for name, value in (("steps", steps), ("layerwise_steps", layerwise_steps)):
-        if not isinstance(value, int) or value < 0:
-            raise ConfigError(f"calibrate: {name} must be an int >= 0, got {value!r}")
-    if not isinstance(batch_size, int) or batch_size < 2:
-        raise ConfigError(f"calibrate: batch_size must be an int >= 2 (gate BatchNorms need 2 samples), "
-                          f"got {batch_size!r}")
-    if not features >= 0:
-        raise ConfigError(f"calibrate: features must be >= 0 (0: match the outputs only), got {features!r}")
-    if not (lr > 0 and layerwise_lr > 0 and temperature > 0 and (weight_lr is None or weight_lr > 0)):
-        raise ConfigError(f"calibrate: lr, weight_lr, layerwise_lr and temperature must be > 0, got {lr}, "
-                          f"{weight_lr}, {layerwise_lr}, {temperature}")
     shared = _shared_tensors(inner, reference)
     if shared:
         raise CalibrationError(f"calibrate: kmodel shares {len(shared)} tensor(s) with reference (e.g. "
                                f"{shared[:3]}), as after transform(..., inplace=True); calibrating would change "
                                f"the reference. Transform without inplace=True")
-    order = [m for m in MODES if m in wanted]
+    order = [m for m in MODES if m in config.modes]
     device, dtype = _device_dtype(inner)
-    feed = _Data(data, batch_size, device, dtype)
+    feed = _Data(data, config.batch_size, device, dtype)
     from tqdm.auto import tqdm
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), KeptModes(reference):
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(config.seed)
         runner = _Runner(inner, reference, feed)
         runner.check_shapes()
         agreement, error = runner.evaluate()
         results = []
         n_children = len(_children(inner))
         for mode in order:
-            total = {"bn": None, "layerwise": layerwise_steps * n_children, "distill": steps}[mode]
-            with tqdm(total=total, desc=f"calibrate {mode}", disable=not progress, leave=False) as bar:
+            total = {"bn": None, "layerwise": config.layerwise_steps * n_children, "distill": config.steps}[mode]
+            with tqdm(total=total, desc=f"calibrate {mode}", disable=not config.progress, leave=False) as bar:
                 start = time.perf_counter()
                 children: dict[str, tuple[float, float]] = {}
                 if mode == "bn":
                     done = _reestimate_bn(inner, feed, bar)
                 elif mode == "layerwise":
-                    done, children = _layerwise(inner, runner, feed, steps=layerwise_steps, lr=layerwise_lr,
-                                                generator=generator, bar=bar)
+                    done, children = _layerwise(inner, runner, feed, steps=config.layerwise_steps,
+                                                lr=config.layerwise_lr, generator=generator, bar=bar)
                 else:
-                    done = _distill(inner, runner, feed, steps=steps, lr=lr, temperature=temperature,
-                                    train=train, weight_lr=weight_lr, features=features,
-                                    norms=norms, generator=generator, bar=bar)
+                    done = _distill(inner, runner, feed, config, generator=generator, bar=bar)
                 seconds = time.perf_counter() - start
             after_agreement, after_error = runner.evaluate()
             results.append(ModeResult(mode, seconds, done, agreement, after_agreement, error, after_error, children))
             agreement, error = after_agreement, after_error
-    return CalibrationReport(results, feed.count, seed)
+    return CalibrationReport(results, feed.count, config.seed, config)

@@ -1,9 +1,11 @@
 """Timing and provenance: the demo, kdna_fx.train (metrics.json) and the bench/ scripts use these helpers."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import time
 from typing import Any, Callable
 
 import torch
+
+from .utils import atomic_path, write_json
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 10) -> dict[str, float]:
@@ -58,21 +62,47 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int = 3, re
     return out
 
 
+def host_id() -> str:
+    """A short stable id of this machine (a hash of /etc/machine-id and the host name): two machines with the
+    same CPU model get different ids, and the id reveals neither."""
+    try:
+        with open("/etc/machine-id") as f:
+            machine = f.read().strip()
+    except OSError:
+        machine = ""
+    return hashlib.sha256(f"{machine}/{socket.gethostname()}".encode()).hexdigest()[:10]
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family, model and stepping numbers: virtual machines often report a bare
+    "AMD EPYC", which names several generations."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "stepping") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    numbers = [f"{k.replace('cpu ', '')} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
+
+
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
-    """The exact command, machine and versions behind a set of numbers."""
+    """The exact command, machine (CPU model and host id) and versions behind a set of numbers."""
     import einops
     import torchvision
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "command": " ".join([os.path.relpath(sys.executable)] + (argv if argv is not None else sys.argv)),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu, "host_id": host_id(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -104,17 +134,17 @@ def git_commit(exclude: tuple[str, ...] = (), root: str | None = None) -> dict[s
 
 def write_results(path_stem: str, payload: dict[str, Any], markdown_table: str) -> None:
     """Write ``<stem>.json`` and ``<stem>.md`` (the table plus its provenance)."""
-    os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
-    with open(f"{path_stem}.json", "w") as f:
-        json.dump(payload, f, indent=2)
+    write_json(f"{path_stem}.json", payload)
     prov = payload["provenance"]
-    with open(f"{path_stem}.md", "w") as f:
-        f.write(markdown_table.rstrip() + "\n\n")
-        f.write(f"Command: `{prov['command']}`  \n")
-        f.write(f"Machine: {prov['machine']['cpu']}, {prov['machine']['cores']} cores, "
-                f"torch threads: {prov['machine']['torch_threads']}, GPU: {prov['machine']['gpu']}  \n")
-        f.write("Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + "  \n")
-        f.write(f"Date (UTC): {prov['date_utc']}\n")
+    machine = prov["machine"]
+    host = f" (host {machine['host_id']})" if machine.get("host_id") else ""
+    text = (markdown_table.rstrip() + "\n\n" + f"Command: `{prov['command']}`  \n"
+            + f"Machine: {machine['cpu']}{host}, {machine['cores']} cores, "
+              f"torch threads: {machine['torch_threads']}, GPU: {machine['gpu']}  \n"
+            + "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + "  \n"
+            + f"Date (UTC): {prov['date_utc']}\n")
+    with atomic_path(f"{path_stem}.md") as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -30,9 +30,10 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
 
 
 def write_json(path: str | os.PathLike[str], payload: Any) -> None:
-    """Write ``payload`` as indented JSON, atomically (see ``atomic_path``)."""
+    """Write ``payload`` as indented JSON, atomically (see ``atomic_path``): a stopped job never leaves a
+    half-written file that a resume would trust. Values JSON cannot hold are written as their ``str``."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(payload, f, indent=2, default=str)
         f.write("\n")
 
 

@@ -7,24 +7,11 @@ import pytest
 import torch
 
 import kdna_fx
-from kdna_fx.calibration import CalibrationError, CalibrationReport, calibrate
-from kdna_fx.errors import ConfigError, KDNAError
+from kdna_fx.calibration import CalibrationConfig, CalibrationError, CalibrationReport, calibrate, gram_loss
+from kdna_fx.errors import ConfigError, KDNAError, KDNATypeError
 from kdna_fx.testing import TinyResNet
 
-CENTRES = [(4, 4), (4, 12), (12, 4), (12, 12), (8, 8)]  # class = where the bright blob sits
-
-
-def blobs(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """16x16 one-channel noise with a bright 4x4 blob in one of 5 places (jittered); the class is the place."""
-    y = torch.randint(0, 5, (n,), generator=g)
-    x = torch.randn(n, 1, 16, 16, generator=g) * 0.5
-    jitter = torch.randint(-2, 3, (n, 2), generator=g)
-    for i in range(n):
-        r, c = CENTRES[int(y[i])]
-        r, c = r + int(jitter[i, 0]), c + int(jitter[i, 1])
-        x[i, 0, max(0, r - 2):r + 2, max(0, c - 2):c + 2] += 2.0
-    return x, y
-
+from bench.common import blob_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,21 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def task():
     """A TinyResNet trained for 60 steps (about 2 s): well above the 20 % of chance on held-out images."""
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = TinyResNet(width=8, in_chans=1, num_classes=5)
-    x, y = blobs(512, g)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(60):
-        idx = torch.randint(0, 512, (64,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    test_x, test_y = blobs(512, g)
-    calib_x, _ = blobs(256, g)
+    model, calib_x, test_x, test_y = blob_task()
     with torch.no_grad():
         accuracy = (model(test_x).argmax(1) == test_y).float().mean().item()
     assert accuracy > 0.8, accuracy
@@ -76,7 +49,8 @@ def test_bn_then_distill_recovers_the_reference_and_leaves_it_untouched(task):
     held_out_before = agreement(kmodel, model.eval(), test_x)
     model.train()
     kmodel.train()
-    report = calibrate(kmodel, calib_x, reference=model, modes=("distill", "bn"), steps=100, progress=False)
+    report = calibrate(kmodel, calib_x, CalibrationConfig(modes=("distill", "bn"), steps=100, progress=False),
+                       reference=model)
 
     # The reference: bit-identical tensors, same train/eval flags, no gradients left on it.
     after_state, after_flags = snapshot(model)
@@ -109,12 +83,12 @@ def test_same_seed_same_result(task):
     states = []
     for _ in range(2):
         kmodel = fresh_kmodel(model)
-        calibrate(kmodel, calib_x, reference=model, modes=("bn", "layerwise", "distill"), steps=15,
-                  layerwise_steps=3, seed=3, progress=False)
+        calibrate(kmodel, calib_x, CalibrationConfig(modes=("bn", "layerwise", "distill"), steps=15, layerwise_steps=3,
+                                                     seed=3, progress=False), reference=model)
         states.append(kmodel.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     other = fresh_kmodel(model)
-    calibrate(other, calib_x, reference=model, modes="distill", steps=15, seed=4, progress=False)
+    calibrate(other, calib_x, CalibrationConfig(modes="distill", steps=15, seed=4, progress=False), reference=model)
     assert not all(torch.equal(states[0][k], other.state_dict()[k]) for k in states[0])
 
 
@@ -123,7 +97,8 @@ def test_layerwise_lowers_every_child_error_and_loader_data(task):
     kmodel = fresh_kmodel(model)
     labels = torch.zeros(len(calib_x), dtype=torch.long)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib_x, labels), batch_size=64)
-    report = calibrate(kmodel, loader, reference=model, modes=["layerwise"], layerwise_steps=20, progress=False)
+    report = calibrate(kmodel, loader, CalibrationConfig(modes=["layerwise"], layerwise_steps=20, progress=False),
+                       reference=model)
     children = report.modes[0].children
     assert set(children) == set(kdna_fx.plan_of(kmodel).children)
     assert all(after < before for before, after in children.values()), children
@@ -135,7 +110,8 @@ def test_bn_mode_reestimates_statistics_and_restores_momentum(task):
     kmodel = fresh_kmodel(model)
     bn = kmodel.get_submodule("stem.1")
     # Two equal batches: the cumulative average (momentum None) of their means is the mean over all images.
-    report = calibrate(kmodel, [calib_x[:128], (calib_x[128:], None)], reference=model, modes="bn", progress=False)
+    report = calibrate(kmodel, [calib_x[:128], (calib_x[128:], None)], CalibrationConfig(modes="bn", progress=False),
+                       reference=model)
     assert report.modes[0].steps == 2 and report.images == 256
     assert bn.momentum == model.stem[1].momentum and not bn.training
     with torch.no_grad():
@@ -147,31 +123,53 @@ def test_bn_mode_reestimates_statistics_and_restores_momentum(task):
 def test_bad_inputs_raise_clear_errors(task):
     model, calib_x, _, _ = task
     kmodel = fresh_kmodel(model)
-    cases = [
+    quiet = CalibrationConfig(progress=False)
+    cases = [  # (call arguments, the words of the error)
         (dict(data=torch.empty(0, 1, 16, 16)), "empty"),
         (dict(data=[]), "empty"),
         (dict(data=calib_x[:, 0]), "4-D"),
         (dict(data=(calib_x * 255).to(torch.uint8)), "floating point"),
         (dict(data=["not", "images"]), "not a tensor"),
         (dict(data=42), "iterable"),
-        (dict(data=calib_x, modes=("bn", "finetune")), "unknown mode"),
-        (dict(data=calib_x, modes=()), "unknown mode"),
-        (dict(data=calib_x, batch_size=1), "batch_size"),
         (dict(data=torch.randn(8, 3, 16, 16)), "cannot run"),
         (dict(data=calib_x, reference=TinyResNet(width=8, in_chans=1, num_classes=7)), "output has shape"),
         (dict(data=calib_x, kmodel=copy.deepcopy(model)), "not a kdna_fx-transformed model.*train='all'"),
-        (dict(data=calib_x, kmodel=copy.deepcopy(model), train="all", modes="layerwise"), "layerwise"),
-        (dict(data=calib_x, train="everything"), "train must be one of"),
-        (dict(data=calib_x, weight_lr=0.0), "weight_lr"),
-        (dict(data=calib_x, features=-1.0), "features must be >= 0"),
+        (dict(data=calib_x, kmodel=copy.deepcopy(model), config=quiet.replace(train="all", modes="layerwise")),
+         "layerwise"),
         (dict(data=calib_x, reference=kmodel), "kmodel itself"),
+        (dict(data=calib_x, config={"steps": 3}), "must be a kdna_fx.CalibrationConfig"),
     ]
     for kwargs, words in cases:
-        kwargs = {"kmodel": kmodel, "reference": model, "progress": False, **kwargs}
+        kwargs = {"kmodel": kmodel, "reference": model, "config": quiet, **kwargs}
         with pytest.raises(KDNAError, match=words):
-            calibrate(kwargs.pop("kmodel"), kwargs.pop("data"), **kwargs)
-    with pytest.raises(ConfigError):
-        calibrate(kmodel, calib_x, reference=model, modes="nope", progress=False)
+            calibrate(kwargs.pop("kmodel"), kwargs.pop("data"), kwargs.pop("config"), **kwargs)
+    with pytest.raises(KDNATypeError):
+        calibrate(kmodel, calib_x, {"steps": 3}, reference=model)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(modes=("bn", "finetune")), "unknown mode"), (dict(modes=()), "unknown mode"),
+    (dict(batch_size=1), "batch_size"), (dict(train="everything"), "train must be one of"),
+    (dict(weight_lr=0.0), "weight_lr"), (dict(features=-1.0), "features must be >= 0"),
+    (dict(layer_loss="cosine"), "layer_loss must be one of"), (dict(norms="frozen"), "norms must be"),
+    (dict(steps=-1), "steps must be an int"), (dict(steps=2.5), "steps must be an int"),
+])
+def test_config_refuses_bad_fields(fields, words):
+    with pytest.raises(ConfigError, match=words):
+        CalibrationConfig(**fields)
+    with pytest.raises(ConfigError, match=words):
+        CalibrationConfig().replace(**fields)  # replace validates too
+
+
+def test_config_defaults_replace_and_round_trip():
+    config = CalibrationConfig()
+    assert config.modes == ("bn", "distill") and config.train == "parents" and config.layer_loss == "auto"
+    assert CalibrationConfig(modes="bn").modes == ("bn",)  # one mode as a string
+    changed = config.replace(steps=7, modes=["distill"])
+    assert changed.steps == 7 and changed.modes == ("distill",) and config.steps == 300  # a copy
+    assert CalibrationConfig.from_dict(changed.to_dict()) == changed
+    with pytest.raises(ConfigError, match="no field"):
+        config.replace(stepz=7)
 
 
 def test_refuses_a_kmodel_that_shares_tensors_with_the_reference(task):
@@ -180,7 +178,7 @@ def test_refuses_a_kmodel_that_shares_tensors_with_the_reference(task):
     kmodel = kdna_fx.transform(twin, inplace=True)
     state, _ = snapshot(twin)
     with pytest.raises(CalibrationError, match="inplace=True"):
-        calibrate(kmodel, calib_x, reference=twin, progress=False)
+        calibrate(kmodel, calib_x, CalibrationConfig(progress=False), reference=twin)
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in state.items())
 
 
@@ -190,7 +188,8 @@ def test_runs_on_cuda_when_there_is_one(task):
     model, calib_x, _, _ = task
     reference = copy.deepcopy(model).cuda()
     kmodel = fresh_kmodel(reference)
-    report = calibrate(kmodel, calib_x, reference=reference, steps=20, progress=False)  # data stays on the CPU
+    report = calibrate(kmodel, calib_x, CalibrationConfig(steps=20, progress=False),
+                       reference=reference)  # data stays on the CPU
     assert report.agreement_after > report.agreement_before
 
 
@@ -201,8 +200,8 @@ def test_train_all_distills_a_student_that_was_not_transformed(task):
     student = TinyResNet(width=4, in_chans=1, num_classes=5)
     before_state, _ = snapshot(model)
     held_out_before = agreement(student, model, test_x)
-    report = calibrate(student, calib_x, reference=model, train="all", steps=150, lr=3e-3, weight_lr=3e-3,
-                       progress=False)
+    report = calibrate(student, calib_x, CalibrationConfig(train="all", steps=150, lr=3e-3, weight_lr=3e-3,
+                                                           progress=False), reference=model)
     assert report.agreement_after > report.agreement_before
     assert agreement(student, model, test_x) > max(0.6, held_out_before + 0.2)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_state.items())
@@ -216,7 +215,7 @@ def test_train_chooses_what_distillation_changes(task, train, parents_move, othe
     plan = kdna_fx.plan_of(kmodel)
     parents = {f.parent for f in plan.families}
     before = {k: v.clone() for k, v in kmodel.named_parameters()}
-    calibrate(kmodel, calib_x, reference=model, modes="distill", train=train, steps=5, progress=False)
+    calibrate(kmodel, calib_x, CalibrationConfig(modes="distill", train=train, steps=5, progress=False), reference=model)
     after = dict(kmodel.named_parameters())
     moved = {k for k, v in before.items() if not torch.equal(v, after[k])}
     parent_keys = {f"{p}.weight" for p in parents}
@@ -227,23 +226,55 @@ def test_train_chooses_what_distillation_changes(task, train, parents_move, othe
 
 
 def test_features_match_the_norm_outputs_found_in_both_models(task):
-    """features > 0 adds a per-layer loss on the norms at the same path; a student without them still runs."""
-    from kdna_fx.calibration import _Taps
+    """features > 0 adds a per-layer loss on the norms at the same path (so it changes the result), and no hook
+    is left behind."""
+    model, calib_x, _, _ = task
+    states = {}
+    for features in (0.0, 1.0):
+        kmodel = fresh_kmodel(model)
+        report = calibrate(kmodel, calib_x, CalibrationConfig(features=features, steps=60, progress=False),
+                           reference=model)
+        assert report.agreement_after > report.agreement_before
+        assert report.modes[-1].error_after < report.modes[0].error_before
+        assert not any(m._forward_hooks for m in kmodel.modules()) and not any(m._forward_hooks
+                                                                                for m in model.modules())
+        states[features] = kmodel.state_dict()
+    assert not all(torch.equal(states[0.0][k], states[1.0][k]) for k in states[0.0])
 
-    model, calib_x, test_x, _ = task
+
+def test_gram_loss_ignores_width_and_channel_order_but_sees_structure(dtype):
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(16, 8, 4, 4, generator=g, dtype=dtype)
+    kept = r[:, torch.tensor([5, 0, 3])]  # a pruned layer: 3 of the 8 channels, in another order
+    assert float(gram_loss(r, r)) == pytest.approx(0.0, abs=1e-6)
+    assert float(gram_loss(r[:, torch.randperm(8, generator=g)] * 3.0, r)) == pytest.approx(0.0, abs=1e-5)
+    other = torch.randn(16, 3, 4, 4, generator=g, dtype=dtype)
+    assert 0 < float(gram_loss(kept, r)) < float(gram_loss(other, r)) <= 4.0
+
+
+def test_pruned_students_get_the_per_layer_loss_where_shapes_differ(task):
+    """layer_loss "auto": the Gram loss where a layer is narrower than the reference's; "mse" skips such layers
+    (the former logits-only treatment of a pruned student), so with every layer narrower it equals features=0.
+    On a transformed model, whose layers keep their shapes, "auto" is the MSE."""
+    model, calib_x, _, _ = task
+
+    def distilled(student, **fields):
+        student = copy.deepcopy(student)
+        report = calibrate(student, calib_x, CalibrationConfig(steps=10, progress=False, **fields), reference=model)
+        return student.state_dict(), report
+
+    torch.manual_seed(3)
+    narrow = TinyResNet(width=4, in_chans=1, num_classes=5)  # every norm narrower than the reference's
+    everything = dict(train="all", lr=3e-3, weight_lr=3e-3)
+    auto, report = distilled(narrow, **everything)
+    mse, _ = distilled(narrow, layer_loss="mse", **everything)
+    logits, _ = distilled(narrow, features=0.0, **everything)
+    assert report.config.layer_loss == "auto" and report.to_dict()["config"]["layer_loss"] == "auto"
+    assert all(torch.equal(mse[k], logits[k]) for k in mse)
+    assert not all(torch.equal(auto[k], mse[k]) for k in auto)
     kmodel = fresh_kmodel(model)
-    taps = _Taps(kmodel, model)
-    try:
-        assert "layer1.0.bn2" in taps.names and "stem.1" in taps.names
-        with torch.no_grad():
-            kmodel.eval()(calib_x[:4])
-            model(calib_x[:4])
-        assert taps.loss() > 0
-    finally:
-        taps.remove()
-    assert not kmodel.get_submodule("layer1.0.bn2")._forward_hooks
-    report = calibrate(kmodel, calib_x, reference=model, features=1.0, steps=60, progress=False)
-    assert report.agreement_after > report.agreement_before
-    assert report.modes[-1].error_after < report.modes[0].error_before
-    student = TinyResNet(width=4, in_chans=1, num_classes=5)  # every tap differs in shape: outputs only
-    calibrate(student, calib_x, reference=model, train="all", features=1.0, steps=3, progress=False)
+    same, _ = distilled(kmodel)
+    as_mse, _ = distilled(kmodel, layer_loss="mse")
+    as_gram, _ = distilled(kmodel, layer_loss="gram")
+    assert all(torch.equal(same[k], as_mse[k]) for k in same)
+    assert not all(torch.equal(same[k], as_gram[k]) for k in same)

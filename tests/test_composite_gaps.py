@@ -67,14 +67,13 @@ def test_layer_similarity_sees_the_child_convs_inside_a_composites_parts():
 def test_layerwise_calibration_fits_the_children_inside_a_composites_parts():
     net, composite, alone = _pair(init="trained")
     data = torch.randn(32, 3, 8, 8)
-    report = calibrate(composite, data, reference=net, modes=("layerwise",), layerwise_steps=5, batch_size=16,
-                       progress=False)
+    layerwise = kdna_fx.CalibrationConfig(modes=("layerwise",), layerwise_steps=5, batch_size=16, progress=False)
+    report = calibrate(composite, data, layerwise, reference=net)
     (result,) = report.modes
     children = {_rooted(c) for f in kdna_fx.plan_of(composite).families for c in f.children}
     assert set(result.children) == children and result.steps == 5 * len(children)
     # Exactly what calibrating the body alone against the original body does, under root names.
-    expected = calibrate(alone, data, reference=net.body, modes=("layerwise",), layerwise_steps=5, batch_size=16,
-                         progress=False)
+    expected = calibrate(alone, data, layerwise, reference=net.body)
     assert list(result.children) == [f"body.{n}" for n in expected.modes[0].children]
     torch.testing.assert_close(torch.tensor(list(result.children.values())),
                                torch.tensor(list(expected.modes[0].children.values())), rtol=1e-4, atol=1e-6)
@@ -86,8 +85,8 @@ def test_distilling_parents_trains_the_shared_kernels_inside_a_composites_parts(
     plan = kdna_fx.plan_of(composite)
     parents = {f.parent: composite.get_parameter(plan.parent_weight(f)) for f in plan.families}
     before = {name: p.detach().clone() for name, p in parents.items()}
-    calibrate(composite, torch.randn(16, 3, 8, 8), reference=copy.deepcopy(net), modes=("distill",), steps=3,
-              batch_size=8, train="parents", progress=False)
+    config = kdna_fx.CalibrationConfig(modes=("distill",), steps=3, batch_size=8, train="parents", progress=False)
+    calibrate(composite, torch.randn(16, 3, 8, 8), config, reference=copy.deepcopy(net))
     assert all(not torch.equal(before[n], p) for n, p in parents.items())
 
 

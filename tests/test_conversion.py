@@ -134,3 +134,136 @@ def test_transform_composes_with_structured_pruning(dtype, tol):
                                   init="trained").eval()
     x = torch.randn(2, 3, 12, 12)
     torch.testing.assert_close(identical(x), model.eval()(x), **tol)  # full-rank residuals: the pruned model
+
+
+# ------------------------------------------------------------------------------ kdna_fx.convert: the library
+
+
+@pytest.fixture(scope="module")
+def blob():
+    from bench.common import blob_task
+
+    with torch.random.fork_rng():
+        return blob_task()
+
+
+def test_convert_transforms_calibrates_and_scores_every_stage(blob):
+    from kdna_fx.train import TrainConfig
+
+    model, calib_x, test_x, test_y = blob
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    labelled = torch.utils.data.TensorDataset(test_x[:128], test_y[:128])
+    result = kdna_fx.convert(model, calib_x, calibration=kdna_fx.CalibrationConfig(steps=40, progress=False),
+                             finetune=labelled,
+                             finetune_config=TrainConfig(epochs=1, batch_size=32, lr=0.01, warmup_epochs=0,
+                                                         amp="none", progress=False, limit_steps=2),
+                             evaluate={"held": [(test_x, test_y)]})
+    assert list(result.stages) == ["converted", "calibrated", "fine-tuned"]
+    held = {stage: v["held"] for stage, v in result.stages.items()}
+    assert held["calibrated"]["agreement"] > held["converted"]["agreement"]
+    assert 0 <= held["fine-tuned"]["top1"] <= 100 and result.stages["calibrated"]["seconds"] > 0
+    assert result.params["converted"] < result.params["original"]
+    assert kdna_fx.plan_of(result.model).families and result.calibration.modes[-1].steps == 40
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # the original is only read
+    d = result.to_dict()
+    assert d["calibration"]["config"]["steps"] == 40 and "model" not in d
+
+
+def test_convert_takes_a_student_made_elsewhere(blob):
+    """The like-for-like baseline of the conversion study: a smaller plain net through the same steps."""
+    model, calib_x, test_x, test_y = blob
+    torch.manual_seed(0)
+    student = TinyResNet(width=4, in_chans=1, num_classes=5)
+    config = kdna_fx.CalibrationConfig(steps=5, train="all", progress=False)
+    result = kdna_fx.convert(model, calib_x, calibration=config, student=student, evaluate={"t": [(test_x, test_y)]})
+    assert result.model is student and result.config is None and list(result.stages) == ["converted", "calibrated"]
+    skipped = kdna_fx.convert(model, calib_x, student=student, run_calibration=False)
+    assert list(skipped.stages) == ["converted"] and skipped.calibration is None
+
+
+def test_convert_bad_inputs_are_clear(blob):
+    model, calib_x, _, _ = blob
+    student = TinyResNet(width=4, in_chans=1, num_classes=5)
+    quiet = kdna_fx.CalibrationConfig(steps=2, progress=False)
+    with pytest.raises(kdna_fx.ConfigError, match="either student"):
+        kdna_fx.convert(model, calib_x, KDNAConfig(), student=student)
+    with pytest.raises(kdna_fx.KDNAError, match="train='all'"):  # a plain student has no adapters
+        kdna_fx.convert(model, calib_x, calibration=quiet, student=student)
+    with pytest.raises(kdna_fx.ConfigError, match="at least 2 images"):
+        kdna_fx.convert(model, calib_x[0])
+    with pytest.raises(kdna_fx.KDNATypeError, match="original"):
+        kdna_fx.convert("resnet18", calib_x)
+
+
+# ------------------------------------------------------------------------------ bench.common: the studies' module
+
+
+def test_one_significance_rule():
+    from bench.common import ABOVE, BELOW, TIE, compare
+
+    assert compare([92.0, 92.4, 92.1], [91.0, 91.9]) == ABOVE
+    assert compare([91.0, 91.9], [92.0, 92.4]) == BELOW
+    assert compare([91.0, 92.0], [91.5, 91.6]) == TIE  # a better mean inside overlapping ranges decides nothing
+    assert compare([92.0], [92.0]) == TIE  # touching is not disjoint
+    with pytest.raises(ValueError, match="no values"):
+        compare([], [1.0])
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    from bench.common import validation_split
+
+    pool, val = validation_split(100, 10, seed=0)
+    assert len(val) == 10 and len(pool) == 90 and not set(pool) & set(val) and set(pool) | set(val) == set(range(100))
+    assert validation_split(100, 10, seed=0) == (pool, val)  # every seed of a study holds out the same images
+    with pytest.raises(ValueError, match="n_val"):
+        validation_split(10, 10)
+
+
+def test_results_only_from_committed_code(monkeypatch):
+    from bench import common
+
+    monkeypatch.setattr(common, "git_commit", lambda **_: {"commit": "abc", "dirty": True})
+    with pytest.raises(common.DirtyTreeError, match="--force-dirty"):
+        common.run_provenance()
+    forced = common.run_provenance(force_dirty=True)
+    assert forced["git"] == {"commit": "abc", "dirty": True}  # a forced record says so
+    machine = forced["machine"]
+    assert machine["cpu"] and len(machine["host_id"]) == 10  # machines named by CPU model and a host id
+    monkeypatch.setattr(common, "git_commit", lambda **_: {"commit": "abc", "dirty": False})
+    assert common.run_provenance()["git"]["dirty"] is False
+
+
+def test_save_json_never_leaves_half_a_record(tmp_path, monkeypatch):
+    import json
+
+    from bench.common import write_json
+
+    path = str(tmp_path / "runs" / "r.json")
+    write_json(path, {"a": 1})
+    assert json.loads(open(path).read()) == {"a": 1}
+
+    def broken(payload, f, **_):
+        f.write('{"half": ')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", broken)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"a": 2})
+    monkeypatch.undo()
+    assert json.loads(open(path).read()) == {"a": 1}
+
+
+def test_matched_parameter_baselines(dtype, tol):
+    from bench.common import factorise, matched, n_params, prune, shared_convs
+
+    model = _trained_like()
+    target = n_params(kdna_fx.transform(model, init="trained"))
+    pruned, ratio = matched(lambda r: prune(model, r, torch.randn(2, 3, 12, 12)), target, 0.0, 0.9)
+    assert 0 < ratio < 0.9 and abs(n_params(pruned) - target) < 0.15 * target  # width 4: coarse steps
+    names = shared_convs(model, KDNAConfig())
+    assert names and all(isinstance(model.get_submodule(n), torch.nn.Conv2d) for n in names)
+    x = torch.randn(2, 3, 12, 12)
+    full = factorise(model, names, 1.0)  # full rank saves nothing: left alone, same outputs
+    torch.testing.assert_close(full.eval()(x), model(x), **tol)
+    small, fraction = matched(lambda f: factorise(model, names, f), target, 0.02, 1.0)
+    assert n_params(small) < n_params(model) and 0.02 <= fraction <= 1.0

@@ -53,8 +53,8 @@ def test_calibrate_on_cuda():
     torch.manual_seed(0)
     original = TinyResNet(width=8).to(CUDA).eval()
     kmodel = kdna_fx.transform(original, KDNAConfig(adapter=AdapterConfig(rank=2)), init="trained")
-    report = kdna_fx.calibrate(kmodel, torch.randn(64, 3, 16, 16, device=CUDA), reference=original, steps=10,
-                               batch_size=16, progress=False)
+    report = kdna_fx.calibrate(kmodel, torch.randn(64, 3, 16, 16, device=CUDA),
+                               kdna_fx.CalibrationConfig(steps=10, batch_size=16, progress=False), reference=original)
     assert report.modes and next(kmodel.parameters()).device.type == "cuda"
 
 

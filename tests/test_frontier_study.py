@@ -1,16 +1,16 @@
-"""Smoke test of bench/frontier_study.py: a tiny budget end to end, skip when done, exact mid-run resume."""
+"""Smoke test of bench.frontier_study: a tiny budget end to end, skip when done, exact mid-run resume, and the
+targets judged by the one rule of bench.common."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import common
+
 DATA = "/usr/share/datasets/fashion-mnist"
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "train-images-idx3-ubyte.gz")),
@@ -19,10 +19,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "train-ima
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("frontier_study", os.path.join(REPO, "bench", "frontier_study.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["frontier_study"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
+    from bench import frontier_study as module
+
     before = torch.get_num_threads()
     yield module
     torch.set_num_threads(before)
@@ -31,7 +29,7 @@ def study():
 def tiny(tmp_path, rows, *extra):
     return ["--rows", *rows, "--seeds", "0", "--epochs", "2", "--train-subset", "256", "--test-subset", "256",
             "--batch-size", "32", "--limit-steps", "2", "--out", str(tmp_path / "out"),
-            "--run-root", str(tmp_path / "runs"), *extra]
+            "--run-root", str(tmp_path / "runs"), "--force-dirty", *extra]  # the suite may run on a dirty tree
 
 
 def record(tmp_path, row, seed=0):
@@ -109,24 +107,25 @@ def test_bad_arguments(study, tmp_path):
         study.parse_args(["--rows", "plain-w0.25", "plain-w0.25"])
 
 
-def test_lock_keeps_a_second_process_off(study, tmp_path):
+def test_lock_keeps_a_second_process_off(tmp_path):
     directory = str(tmp_path / "run")
-    assert study.take_lock(directory)
+    assert common.take_lock(directory)
     with open(os.path.join(directory, "lock"), "w") as f:
         f.write("1")  # pid 1 is alive: another process holds the run
-    assert not study.take_lock(directory)
+    assert not common.take_lock(directory)
     with open(os.path.join(directory, "lock"), "w") as f:
         f.write("999999999")  # no such process: a stale lock is taken over
-    assert study.take_lock(directory)
-    study.release_lock(directory)
+    assert common.take_lock(directory)
+    common.release_lock(directory)
     assert not os.path.exists(os.path.join(directory, "lock"))
 
 
 def test_targets_are_judged_against_the_plain_curve(study):
     def row(name, params, ms, seeds, lo, hi):
         kind = study.Row.parse(name).kind
+        top1 = [lo, hi, (lo + hi) / 2][:seeds]  # one seed: lo == hi
         return {"row": name, "kind": kind, "params": params, "latency_b1_ms": ms, "seeds": list(range(seeds)),
-                "top1_mean": (lo + hi) / 2, "top1_min": lo, "top1_max": hi}
+                "top1": top1, "top1_mean": (lo + hi) / 2, "top1_min": lo, "top1_max": hi}
 
     def judged(rows, *other_cpus):
         """targets() with the rows' own latencies as CPU "A" (the newest timing), then any other CPU's."""
@@ -146,19 +145,24 @@ def test_targets_are_judged_against_the_plain_curve(study):
     assert replace["peers"]["A"]["missing"] == ["dyconv", "odconv"]
     relaxed = verdicts["relaxed-r4-w0.25"]["params"]
     assert relaxed["gain"] == pytest.approx(1.0) and not relaxed["disjoint"] and not relaxed["met"]
+    assert relaxed["outcome"] == common.TIE
     kdna = verdicts["kdna-w0.25"]
     assert kdna["params"] is None and kdna["provisional"] and kdna["latency"]["A"]["gain"] == pytest.approx(
         93.0 - (90.0 + 2.0 * math.log(1.9) / math.log(2.0)))
     assert "condconv-k4-w0.125" not in verdicts  # peers are judged through the KernelDNA rows, not on their own
 
-    slow = [row("replace-w0.375", 300, 2.5, 3, 91.0, 91.6), row("kdna-w0.375", 300, 2.5, 3, 93.0, 93.6)]
+    slow = [row("replace-w0.375", 300, 2.5, 3, 90.8, 91.4), row("kdna-w0.375", 300, 2.5, 3, 93.0, 93.6),
+            row("relaxed-r4-w0.375", 300, 2.5, 3, 91.0, 91.6)]  # overlaps plain-w0.25's seeds: not dominated
     beyond = judged(rows + slow)
-    assert beyond["replace-w0.375"]["latency"]["A"] == {"gain": None, "met": False, "dominated_by": "plain-w0.25"}
+    assert beyond["replace-w0.375"]["latency"]["A"] == {"gain": None, "outcome": common.BELOW, "met": False,
+                                                         "dominated_by": "plain-w0.25"}
+    assert beyond["relaxed-r4-w0.375"]["latency"]["A"] is None
     assert beyond["kdna-w0.375"]["latency"]["A"] is None  # slower and more accurate: nothing to read it against
-    assert "missed (outside the plain curve, but `plain-w0.25` is faster and more accurate)" in study.targets_text(
+    assert "missed (outside the plain curve, but `plain-w0.25` is faster and better on every seed)" in study.targets_text(
         list(beyond.values()), seeds=3)
     text = study.targets_text(list(verdicts.values()), seeds=3)
-    assert "**met** (+1.50, ranges disjoint)" in text and "missed (+1.00, ranges overlap)" in text
+    assert "**met** (+1.50, ranges disjoint)" in text
+    assert "not met: tie, seed ranges overlap (+1.00)" in text
     assert "not judged (outside the plain curve)" in text and "1 (provisional)" in text
     assert "**met** so far (+1.33 vs condconv-k4-w0.125 -0.53; no dyconv, odconv yet)" in text
 
@@ -170,10 +174,17 @@ def test_targets_are_judged_against_the_plain_curve(study):
     both = judged(rows + [dy], b)["replace-w0.25"]
     assert list(both["latency"]) == ["A", "B"] and both["peers"]["A"]["met"] and not both["peers"]["B"]["met"]
     assert both["latency"]["B"]["gain"] == pytest.approx(92.5 - (90.0 + 2.0 * math.log(1.9) / math.log(2.0)))
+    # on B its seeds [92.0, 93.0] overlap the plain curve's [91.35, 92.35] there: +0.65 on the mean is a tie
+    assert both["latency"]["B"]["outcome"] == common.TIE and both["peers"]["B"]["outcome"] == common.TIE
     both_text = study.targets_text([both], seeds=3)
-    assert "A: **met** (+1.33)<br>B: **met** (+0.65)" in both_text
+    assert "A: **met** (+1.33)<br>B: not met: tie, seed ranges overlap (+0.65)" in both_text
     assert ("A: **met** so far (+1.33 vs condconv-k4-w0.125 -0.53; no dyconv, odconv yet)<br>"
-            "B: missed (+0.65 vs dyconv-k4-w0.125 +1.00; no odconv yet)") in both_text
+            "B: not met: tie, seed ranges overlap (+0.65 vs dyconv-k4-w0.125 +1.00; no odconv yet)") in both_text
+
+    # a peer beaten on the mean but not on every seed: the row's claim over it is a tie, never "met"
+    close = row("condconv-k4-w0.125", 150, 1.2, 3, 90.0, 91.5)
+    tied = judged([r for r in rows if r["kind"] != "condconv"] + [close])["replace-w0.25"]["peers"]["A"]
+    assert tied["gain"] > tied["best_peer_gain"] and tied["outcome"] == common.TIE and not tied["met"]
 
     thin = [dict(r, seeds=[0]) if r["row"] == "plain-w0.25" else r for r in rows]
     assert next(iter(judged(thin).values()))["provisional"]  # a plain width it is read against is thin

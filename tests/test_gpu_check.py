@@ -2,7 +2,6 @@
 sizes, a cheap compile backend) so that it cannot rot between GPU sessions."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -13,10 +12,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "bench", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import gpu_check  # `python -m pytest` runs from the repository root
+
+    return gpu_check
 
 
 def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):

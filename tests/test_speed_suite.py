@@ -1,10 +1,8 @@
 """bench/speed.py: the targets it evaluates (checked on hand-made numbers) and a tiny run end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -14,10 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("speed", os.path.join(REPO, "bench", "speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["speed"] = module
-    spec.loader.exec_module(module)
+    from bench import speed as module  # `python -m pytest` runs from the repository root
+
     before = torch.get_num_threads()
     yield module
     torch.set_num_threads(before)

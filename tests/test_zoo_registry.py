@@ -14,7 +14,6 @@ from torch import fx, nn
 import kdna_fx
 import kdna_fx.models as zoo
 from kdna_fx.adapters import ChildAdapter
-from kdna_fx.models import _registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(num_classes=10, in_chans=1, small_stem=True)
@@ -86,7 +85,8 @@ def test_torchvision_and_timm_names_build_without_weights() -> None:
     odconv = zoo.create_model("torchvision/resnet18.odconv", num_classes=7)
     assert kdna_fx.datamodel.peer_record(odconv).method == "ODConv 1x"
     # a timm pretrained tag is not a kdna_fx tag: the whole name goes to timm
-    assert _registry.resolve("timm/resnet18.a1_in1k") == _registry.Resolved("timm", "resnet18.a1_in1k", "plain")
+    tagged = zoo.create_model("timm/resnet18.a1_in1k", num_classes=7)
+    assert zoo.builder_of(tagged)["name"] == "timm/resnet18.a1_in1k" and kdna_fx.datamodel.converted_by(tagged) is None
 
 
 @pytest.mark.parametrize("name, error, match", [

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("kdna_fx.cli.train:train_main",
               "train a kdna_fx.models model (Fashion-MNIST, ImageFolder, ImageNet; DDP)"),
     "eval": ("kdna_fx.cli.train:eval_main", "top-1 and images/s of a kdna train checkpoint"),
-    "convert": ("kdna_fx.convert_command:main", "convert a trained model (run directory or state dict) into a "
+    "convert": ("kdna_fx.cli.convert:main", "convert a trained model (run directory or state dict) into a "
                                                "KernelDNA model, calibrated without labels"),
     "cka": ("kdna_fx.cli.cka:main", "linear CKA between a model's conv outputs: heat map (PNG), matrix (JSON) "
                                        "and the most similar pairs; --compare draws a second model beside it"),

@@ -4,7 +4,8 @@ SOURCE is a ``kdna train`` run directory (model options and data come from the r
 (.pt or .safetensors, with the model options given here). The converted model is written with
 kdna_fx.save (reload it with ``kdna_fx.load(path, fresh_original_model)``), and beside it a Markdown and a
 JSON report: parameters, top-1 and agreement with the original right after conversion, after
-calibration and after the optional fine-tune, and the time of each step.
+calibration and after the optional fine-tune, and the time of each step. The work is kdna_fx.convert's;
+this module only reads the source and writes the files.
 """
 from __future__ import annotations
 
@@ -12,32 +13,31 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
-import tempfile
-import time
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import kdna_fx
 
-from .config import KDNAConfig
-from .models import sharing_config
-from .source import build_original, load_source
-from .errors import ConfigError, KDNAError, StateError
-from .tables import format_table
+from kdna_fx.calibration import CalibrationConfig
+from kdna_fx.config import KDNAConfig
+from kdna_fx.data import build_data
+from kdna_fx.errors import ConfigError, StateError
+from kdna_fx.models import sharing_config
+from kdna_fx.source import build_original, load_source
+from kdna_fx.tables import format_table
+from kdna_fx.timing import provenance
+from kdna_fx.train import TrainConfig
+from kdna_fx.utils import atomic_path, write_json
+
+from .options import add_model_options, add_progress
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdna convert", description=__doc__.splitlines()[0])
     p.add_argument("source", help="a `kdna train` run directory, or a state dict (.pt / .safetensors)")
-    p.add_argument("--model", default=None, help="zoo or torchvision name of the original architecture "
-                                                 "(default: the run's model)")
-    p.add_argument("--width", type=float, default=None, help="width of the original (state-dict sources)")
-    p.add_argument("--small-stem", action="store_true", default=None, help="small stem (state-dict sources)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of the original (state-dict sources)")
+    add_model_options(p, what="the original architecture")
     p.add_argument("--config", default=None, help="a JSON file with a KDNAConfig dict (KDNAConfig.to_dict)")
     p.add_argument("--rank", type=int, default=None, help="low-rank residual per child (AdapterConfig.rank)")
     p.add_argument("--parent", choices=("first", "centroid"), default=None, help="KDNAConfig.parent")
@@ -52,31 +52,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fine-tune, after a check of its gradients against eager (docs/training.md)")
     p.add_argument("--data", dest="data_path", default=None, help="data location (default: the run's, or "
-                                                                   "the Fashion-MNIST package)")
+                                                                   "the Fashion-MNIST package); the data set "
+                                                                   "kind is the run's (fashion-mnist for a "
+                                                                   "state dict)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output .safetensors (default: <source>.kdna.safetensors)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress(p)
     return p
-
-
-@torch.no_grad()
-def _score(model: nn.Module, original: nn.Module, loader: DataLoader) -> dict[str, float]:
-    model.eval()
-    correct = agree = count = 0
-    for x, y in loader:
-        out, ref = model(x).argmax(1), original(x).argmax(1)
-        correct += (out == y).sum().item()
-        agree += (out == ref).sum().item()
-        count += len(y)
-    return {"top1": 100.0 * correct / count, "agreement": agree / count}
-
-
-def _read_config(path: str) -> KDNAConfig:
-    try:
-        with open(path) as f:
-            return KDNAConfig.from_dict(json.load(f))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--config {path!r}: cannot read a KDNAConfig dict as JSON ({exc})") from None
 
 
 def _images(data: Dataset, n: int, seed: int) -> torch.Tensor:
@@ -90,8 +72,8 @@ def _images(data: Dataset, n: int, seed: int) -> torch.Tensor:
     return torch.stack([data[i][0] for i in index])
 
 
-def convert(args: argparse.Namespace) -> dict[str, Any]:
-    from .data import build_data
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the source, call kdna_fx.convert, write the model and its reports."""
 
     spec, data_spec, state = load_source(args.source, args.model, width=args.width, small_stem=args.small_stem,
                                          num_classes=args.num_classes)
@@ -110,66 +92,51 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                          f"{ {k: v for k, v in spec.items() if k != 'name'} }: {str(exc).splitlines()[0]}. Give the "
                          f"options the model was trained with (--width, --small-stem).") from None
     original.eval()
-    config = _read_config(args.config) if args.config else sharing_config(spec["name"])
+    config = KDNAConfig.read(args.config) if args.config else sharing_config(spec["name"])
     if args.rank is not None:
         config = config.map_adapters(lambda a: dataclasses.replace(a, rank=args.rank))
     if args.parent is not None:
         config = dataclasses.replace(config, parent=args.parent)
-    steps: dict[str, dict[str, Any]] = {}
     val = DataLoader(data.val, batch_size=256)
-    steps["original"] = {**_score(original, original, val), "seconds": 0.0}
-    calib = _images(data.train, args.calib_images, args.seed)
-    start = time.perf_counter()
-    with torch.no_grad():  # the calibration images also check the trace (docs/partial-tracing.md)
-        kmodel = kdna_fx.transform(original, config, init="trained", example_inputs=(calib[:8],))
-    if not kdna_fx.plan_of(kmodel).families:
-        raise KDNAError(f"{spec['name']} has no conv kdna_fx can share under this config: nothing to convert "
-                        f"(kdna_fx.plan(model, config) lists each conv with its reason)")
-    steps["converted"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
-    start = time.perf_counter()
-    report = kdna_fx.calibrate(kmodel, calib, reference=original, steps=args.steps, train=args.train,
-                               features=args.features, seed=args.seed, progress=args.progress)
-    steps["calibrated"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
+    calibration = CalibrationConfig(steps=args.steps, train=args.train, features=args.features, seed=args.seed,
+                                    progress=args.progress)
+    finetune = finetune_config = None
     if args.finetune_epochs > 0:
-        from .train import TrainConfig, train
-
-        start = time.perf_counter()
-        epochs = max(1, round(args.finetune_epochs))
-        train(kmodel, data.train, None, TrainConfig(epochs=epochs, batch_size=128, lr=0.01, warmup_epochs=0,
-                                                    seed=args.seed, amp="none", progress=args.progress,
-                                                    compile=args.compile),
-              tempfile.mkdtemp(prefix="kdna_convert_"))
-        steps["fine-tuned"] = {**_score(kmodel, original, val), "seconds": time.perf_counter() - start}
-    params = {"original": sum(p.numel() for p in original.parameters()),
-              "converted": sum(p.numel() for p in kmodel.parameters())}
+        finetune = data.train
+        finetune_config = TrainConfig(epochs=max(1, round(args.finetune_epochs)), batch_size=128, lr=0.01,
+                                      warmup_epochs=0, seed=args.seed, amp="none", progress=args.progress,
+                                      compile=args.compile)
+    result = kdna_fx.convert(original, _images(data.train, args.calib_images, args.seed), config,
+                             calibration=calibration, finetune=finetune, finetune_config=finetune_config,
+                             evaluate={"val": val})
+    kmodel = result.model
+    steps = {"original": {**kdna_fx.conversion.score(original, original, val), "seconds": 0.0}}
+    steps.update({stage: {**v["val"], "seconds": v["seconds"]} for stage, v in result.stages.items()})
+    params = result.params
     out = args.out or f"{args.source.rstrip('/')}.kdna.safetensors"
-    tmp = f"{out}.tmp"
-    kdna_fx.save(kmodel, tmp)  # written whole, then renamed: nothing half-written is left at --out
-    os.replace(tmp, out)
-    from .timing import provenance
-
-    result = {"source": args.source, "model": spec, "config": config.to_dict(), "params": params,
-              "steps": steps, "calibration": report.to_dict(), "out": out,
-              "provenance": provenance(["kdna", "convert", *args.argv])}
+    with atomic_path(out, suffix=".tmp.safetensors") as tmp:  # nothing half-written is left at --out
+        kdna_fx.save(kmodel, tmp)
+    record = {"source": args.source, "model": spec, "config": config.to_dict(), "params": params,
+              "steps": steps, "calibration": result.calibration.to_dict() if result.calibration else None,
+              "out": out, "provenance": provenance(["kdna", "convert", *args.argv])}
     stem = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
     table = format_table(["step", "top-1 %", "agreement", "seconds"],
                          [[k, f"{v['top1']:.2f}", f"{v['agreement']:.3f}", f"{v['seconds']:.1f}"]
                           for k, v in steps.items()],
                          title=f"{spec['name']}: {params['original']:,} -> {params['converted']:,} parameters")
-    with open(f"{stem}.json", "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    with open(f"{stem}.md", "w") as f:
-        machine = result["provenance"]["machine"]
+    write_json(f"{stem}.json", json.loads(json.dumps(record, default=str)))
+    with atomic_path(f"{stem}.md") as tmp, open(tmp, "w") as f:
+        machine = record["provenance"]["machine"]
         f.write(f"```\n{table}\n```\n\nCommand: `kdna convert {' '.join(args.argv)}`  \n"
                 f"Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {machine['gpu']}  \n"
-                f"Versions: {', '.join(f'{k} {v}' for k, v in result['provenance']['versions'].items())}\n")
+                f"Versions: {', '.join(f'{k} {v}' for k, v in record['provenance']['versions'].items())}\n")
     print(table)
     print(f"wrote {out} (reload: kdna_fx.load(path, <fresh {spec['name']}>)), {stem}.md, {stem}.json")
-    return result
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = list(argv or [])
-    convert(args)
+    run(args)
     return 0

@@ -1,0 +1,249 @@
+"""What every bench study shares: records, scoring, matched-parameter baselines, locks, provenance, data splits
+and the one significance rule. Studies run as modules from the repository root (``python -m bench.NAME``) and
+import this module; tests import it too (never a study script).
+
+The protocol a study follows through it:
+
+- **Tuning never sees test images.** ``validation_split`` holds a fixed set of *training* images out; any
+  choice (calibrate's defaults, a learning rate) is scored there. Test images are only reported.
+- **One significance rule** (``compare``): A is above B only when every seed of A beats every seed of B (the
+  seed ranges are disjoint); below, the reverse; otherwise a tie. Every "met" a study prints comes from it.
+- **Results from committed code only** (``run_provenance``): a tree with uncommitted changes outside the
+  results is refused unless the study was started with ``--force-dirty``, and then the record says so.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+import kdna_fx
+from kdna_fx.conversion import n_params, score
+from kdna_fx.errors import KDNAError
+from kdna_fx.timing import git_commit, markdown_table, provenance, write_results
+from kdna_fx.utils import write_json
+
+__all__ = ["ABOVE", "BELOW", "TIE", "DirtyTreeError", "Factorised", "compare", "factorise", "markdown_table",
+           "matched", "n_params", "prune", "release_lock", "run_provenance", "write_json", "score", "seed_range",
+           "shared_convs", "take_lock", "validation_split", "write_results"]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ------------------------------------------------------------------------------------------------ significance
+
+ABOVE, BELOW, TIE = "above", "below", "tie"
+
+
+def seed_range(values: Sequence[float]) -> tuple[float, float]:
+    """(worst, best) over the seeds."""
+    if not values:
+        raise ValueError("seed_range: no values (a row without finished seeds cannot be compared)")
+    return min(values), max(values)
+
+
+def compare(a: Sequence[float], b: Sequence[float]) -> str:
+    """The one significance rule: ABOVE when every value of ``a`` beats every value of ``b`` (the seed ranges
+    are disjoint, ``a`` on top), BELOW the reverse, TIE when the ranges touch or overlap.
+
+    With 3 seeds a side, disjoint ranges by chance (both samples from one distribution) happen with probability
+    2 / C(6, 3) = 0.1: a weak but stated test. One seed a side is a comparison of two numbers, reported as such.
+    """
+    lo_a, hi_a = seed_range(a)
+    lo_b, hi_b = seed_range(b)
+    if lo_a > hi_b:
+        return ABOVE
+    if hi_a < lo_b:
+        return BELOW
+    return TIE
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+
+
+class DirtyTreeError(KDNAError, RuntimeError):
+    """A study would record results from code that is not committed."""
+
+
+def run_provenance(argv: list[str] | None = None, *, force_dirty: bool = False,
+                   exclude: tuple[str, ...] = ("bench/results",)) -> dict[str, Any]:
+    """provenance() plus the git commit. Refuses a tree whose tracked files differ from the commit (outside
+    ``exclude``, the studies' own outputs) unless ``force_dirty``; a forced record carries ``"dirty": True``."""
+    git = git_commit(exclude=exclude, root=REPO)
+    if git["dirty"] and not force_dirty:
+        raise DirtyTreeError("the working tree has uncommitted changes: results must come from committed code. "
+                             "Commit first, or pass --force-dirty (the records are then marked dirty)")
+    return {**provenance(argv), "git": git}
+
+
+# ------------------------------------------------------------------------------------------------ locks
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def take_lock(directory: str) -> bool:
+    """Claim a job for this process; False when another live process holds it. A stale lock is taken over."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    holder = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                return False
+            os.remove(path)  # left by a process that is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release_lock(directory: str) -> None:
+    try:
+        os.remove(os.path.join(directory, "lock"))
+    except FileNotFoundError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def validation_split(n_train: int, n_val: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(the training indices left for a study to draw from, the held-out validation indices): a fixed seeded
+    split of the ``n_train`` training images, the same for every seed of a study."""
+    if not 0 < n_val < n_train:
+        raise ValueError(f"validation_split: need 0 < n_val < n_train, got {n_val} of {n_train}")
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[n_val:], order[:n_val]
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The model's last linear layer (kept whole by pruning)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def prune(model: nn.Module, ratio: float, example: Tensor) -> nn.Module:
+    """Torch-Pruning (MetaPruner, L2 magnitude importance, the same ratio in every layer, the classifier
+    kept) of a copy of ``model``; ``example`` is one input batch for its dependency graph."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    if ratio > 0:
+        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                      pruning_ratio=ratio, ignored_layers=[classifier(model)])
+        pruner.step()
+    return model
+
+
+class Factorised(nn.Sequential):
+    """A k x k conv to ``rank`` channels, then a 1x1 conv back: the truncated SVD of one conv."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int):
+        first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                          bias=False, padding_mode=conv.padding_mode)
+        second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+        u, s, vh = torch.linalg.svd(conv.weight.detach().flatten(1).double(), full_matrices=False)
+        root = s[:rank].sqrt()
+        with torch.no_grad():
+            first.weight.copy_((root[:, None] * vh[:rank]).reshape(first.weight.shape))
+            second.weight.copy_((u[:, :rank] * root).reshape(second.weight.shape))
+            if conv.bias is not None:
+                second.bias.copy_(conv.bias)
+        super().__init__(first, second)
+
+
+def shared_convs(model: nn.Module, config: kdna_fx.KDNAConfig) -> list[str]:
+    """The convs KernelDNA shares under ``config`` (every family member): what the SVD baseline factorises."""
+    plan = kdna_fx.plan(model, config)
+    return [name for family in plan.families for name in family.members]
+
+
+def factorise(model: nn.Module, names: list[str], fraction: float) -> nn.Module:
+    """A copy of ``model`` whose convs ``names`` become Factorised at ``fraction`` of their full rank (only
+    where that saves parameters; grouped convs are left alone)."""
+    model = copy.deepcopy(model)
+    for name in names:
+        conv = model.get_submodule(name)
+        if conv.groups != 1:
+            continue
+        full = min(conv.out_channels, conv.weight[0].numel())
+        rank = max(1, round(fraction * full))
+        if rank * (conv.weight[0].numel() + conv.out_channels) < conv.weight.numel():
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, Factorised(conv, rank))
+    return model
+
+
+def matched(build: Callable[[float], nn.Module], target: int, lo: float, hi: float) -> tuple[nn.Module, float]:
+    """The model ``build(knob)`` with knob in [lo, hi] whose parameter count is closest to ``target``
+    (bisection; the count may rise or fall with the knob), and that knob."""
+    f_lo, f_hi = n_params(build(lo)), n_params(build(hi))
+    increasing = f_hi > f_lo
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        above = n_params(build(mid)) > target
+        if above == increasing:
+            hi = mid
+        else:
+            lo = mid
+    best = min((lo, hi), key=lambda k: abs(n_params(build(k)) - target))
+    return build(best), best
+
+
+# ------------------------------------------------------------------------------------------------ tiny task
+
+BLOB_CENTRES = [(4, 4), (4, 12), (12, 4), (12, 12), (8, 8)]  # class = where the bright blob sits
+
+
+def blobs(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """16x16 one-channel noise with a bright 4x4 blob in one of 5 places (jittered); the class is the place."""
+    y = torch.randint(0, 5, (n,), generator=g)
+    x = torch.randn(n, 1, 16, 16, generator=g) * 0.5
+    jitter = torch.randint(-2, 3, (n, 2), generator=g)
+    for i in range(n):
+        r, c = BLOB_CENTRES[int(y[i])]
+        r, c = r + int(jitter[i, 0]), c + int(jitter[i, 1])
+        x[i, 0, max(0, r - 2):r + 2, max(0, c - 2):c + 2] += 2.0
+    return x, y
+
+
+def blob_task() -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """(a TinyResNet trained 60 steps on ``blobs``, 256 calibration images, 512 held-out images, their labels):
+    the small trained model of tests/test_calibrate.py and bench/conversion_tiny.py (about 2 s)."""
+    from kdna_fx.testing import TinyResNet
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = TinyResNet(width=8, in_chans=1, num_classes=5)
+    x, y = blobs(512, g)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(60):
+        idx = torch.randint(0, 512, (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    test_x, test_y = blobs(512, g)
+    calib_x, _ = blobs(256, g)
+    return model, calib_x, test_x, test_y
