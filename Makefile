@@ -33,7 +33,7 @@ test-slow: $(STAMP) data
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP) data
-	$(PY) bench/speed.py
+	$(PY) -m bench.speed
 
 # On a lent GPU machine (bench/gpu_check.py): its own python3 holds torch and nothing can be fetched there, so
 # kdna_fx alone is installed, without dependencies, into a temporary folder. Writes bench/results/gpu/.

@@ -7,7 +7,7 @@ statistics a MobileNetV2's logits come out near 1e-9), then exported by ``kdna_f
 runs) with a dynamic batch, folded where there is something to fold, and checked at batch 1 and 7: the largest
 |y - y_eager| / max |y_eager| over the logits, the file size and the time to export and check.
 
-    .venv/bin/python bench/export_check.py       # about 10 minutes on 2 cores
+    .venv/bin/python -m bench.export_check       # about 10 minutes on 2 cores
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Trains one step of a transformed TinyResNet compiled with Inductor and compares every gradient with a
 float64 eager copy. Run it under several hash seeds, since the failure depends on it:
 
-    for h in 0 1 2 3 4 5; do PYTHONHASHSEED=$h .venv/bin/python bench/inductor_cpu_grad_check.py; done
+    for h in 0 1 2 3 4 5; do PYTHONHASHSEED=$h .venv/bin/python -m bench.inductor_cpu_grad_check; done
 """
 from __future__ import annotations
 

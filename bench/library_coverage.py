@@ -8,7 +8,7 @@ parameters before and after, the families, and the largest output difference of 
 transform (every conv shared at full rank, init="trained") against the original. tests/test_thirdparty_sweep.py
 checks the same outcomes; docs/partial-tracing.md#coverage shows this table.
 
-    .venv/bin/python bench/library_coverage.py     # about 3 minutes on 2 cores
+    .venv/bin/python -m bench.library_coverage     # about 3 minutes on 2 cores
 
 It also lists torchvision's detection, segmentation and optical-flow builders, transformed without example
 inputs as tests/test_dense_sweep.py does.

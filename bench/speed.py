@@ -1,8 +1,8 @@
 """Speed suite (issue 8): KernelDNA against its baselines and its peers, eager and compiled, at every batch size.
 
-    .venv/bin/python bench/speed.py                                  # every group, CPU defaults
-    .venv/bin/python bench/speed.py --groups resnet18 --batches 1 8 32 --train
-    .venv/bin/python bench/speed.py --report                         # tables and plot from what is on disk
+    .venv/bin/python -m bench.speed                                  # every group, CPU defaults
+    .venv/bin/python -m bench.speed --groups resnet18 --batches 1 8 32 --train
+    .venv/bin/python -m bench.speed --report                         # tables and plot from what is on disk
 
 A *group* is one network and its variants, timed together in one process with the rows interleaved
 (kdna_fx.timing.time_interleaved), so that a slow phase of a shared machine lands on every row:
