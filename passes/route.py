@@ -70,15 +70,26 @@ def route(model: nn.Module, config: KDNAConfig, example: Example | None = None) 
     """Trace ``model`` and decide graph rewrite or module swap (see the module docstring)."""
     order, expected = _run_order(model, example) if example is not None else ([], None)
     name = type(model).__name__
+    checked = example is not None
     if config.rewrite == "swap":
-        return Route("swap", None, [Opaque("", name, "swap", ASKED)], order, example is not None)
+        return Route("swap", None, [Opaque("", name, "swap", ASKED)], order, checked)
+    gm, leaves, why, error = _trusted_graph(model, config, example, expected)
+    if not why:
+        return Route("graph", gm, leaves, order, checked)
     if config.rewrite == "graph":
-        gm = trace(model, config)
-        why = _untrusted(model, config, gm, [], example, expected)
-        if why is not None:
-            raise KDNAError(f"KDNAConfig(rewrite='graph') cannot rewrite {name} as a graph: {why}. Use "
-                            f"rewrite='auto' (the default) or 'swap': the module swap shares the same convs.")
-        return Route("graph", gm, [], order, example is not None)
+        if error is not None:
+            raise error  # names the line of the model that stopped tracing
+        raise KDNAError(f"KDNAConfig(rewrite='graph') cannot rewrite {name} as a graph: "
+                        f"{'; '.join(o.describe() for o in why)}. Use rewrite='auto' (the default) or 'swap': the "
+                        f"module swap shares the same convs.")
+    return Route("swap", None, why, order, checked)
+
+
+def _trusted_graph(model: nn.Module, config: KDNAConfig, example: Example | None,
+                   expected: Any) -> tuple[fx.GraphModule | None, list[Opaque], list[Opaque], KDNATraceError | None]:
+    """(the trace, its opaque leaves, why it cannot be used: empty when it can, the trace error behind that).
+    Parts torch.fx cannot trace are kept as opaque leaves, one by one, as long as none holds a conv to share."""
+    name = type(model).__name__
     leaves: dict[str, KDNATraceError] = {}
     while True:
         try:
@@ -88,18 +99,18 @@ def route(model: nn.Module, config: KDNAConfig, example: Example | None = None) 
             if err.module_name and err.module_name not in leaves:
                 leaves[err.module_name] = err  # keep that instance opaque and trace again
                 continue
-            return Route("swap", None, [_opaque("", name, err)], order, example is not None)
+            return None, [], [_opaque("", name, err)], err
     opaque = [_opaque(n, err.module_type, err, kept="leaf") for n, err in leaves.items()]
     shareable = [s.name for s in find_modules(model, config)[0]] if opaque else []
     holding = [o for o in opaque if any(n.startswith(o.path + ".") for n in shareable)]
     if holding:
-        return Route("swap", None, [dataclasses.replace(o, kept="swap", reason=f"it could not be traced ({o.reason}); "
-                                                        f"a graph would keep it opaque, its convs unshared")
-                                    for o in holding], order, example is not None)
+        return None, [], [dataclasses.replace(o, kept="swap", reason=f"it could not be traced ({o.reason}); a graph "
+                                              f"would keep it opaque, its convs unshared") for o in holding], \
+            leaves[holding[0].path]
     why = _untrusted(model, config, gm, [model.get_submodule(n) for n in leaves], example, expected)
     if why is not None:
-        return Route("swap", None, [Opaque("", name, "swap", why)], order, example is not None)
-    return Route("graph", gm, opaque, order, example is not None)
+        return None, [], [Opaque("", name, "swap", why)], None
+    return gm, opaque, [], None
 
 
 def _opaque(path: str, type_name: str, err: KDNATraceError, kept: str = "swap") -> Opaque:

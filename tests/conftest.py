@@ -81,6 +81,17 @@ class ModelSweep:
             assert after < before
 
 
+    @staticmethod
+    def reloads(kmodel: nn.Module, x: torch.Tensor, folder) -> None:
+        """kdna_fx.save then kdna_fx.load(path), with no model given (the file records how its model was built:
+        build it with kdna_fx.models.create_model), computes bit for bit what ``kmodel`` computes, in eval mode."""
+        path = folder / "model.safetensors"
+        kdna_fx.save(kmodel, path)
+        again = kdna_fx.load(path)
+        with torch.no_grad():
+            assert torch.equal(again.eval()(x), kmodel.eval()(x))
+
+
 @pytest.fixture
 def model_sweep() -> ModelSweep:
     return ModelSweep()

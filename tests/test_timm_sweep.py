@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+import kdna_fx
+
 timm = pytest.importorskip("timm")
 pytestmark = [pytest.mark.usefixtures("one_thread", "free_traced_models"),
               pytest.mark.filterwarnings("ignore::kdna_fx.PartialTraceWarning")]
@@ -82,9 +84,9 @@ INPUT_SIZE = {"efficientformer_l1": 224, "inception_v3": 96, "inception_v4": 96,
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ALL])
-def test_timm_model_is_shared_or_documented(name, model_sweep):
+def test_timm_model_is_shared_or_documented(name, model_sweep, tmp_path):
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=8, **CREATE_KWARGS.get(name, {}))
+    model = kdna_fx.models.create_model(f"timm/{name}", num_classes=8, **CREATE_KWARGS.get(name, {}))  # no weights
     kmodel, unchanged = model_sweep.transform(model)
     size = INPUT_SIZE.get(name, 64)
     x = torch.randn(2, 3, size, size)
@@ -94,6 +96,7 @@ def test_timm_model_is_shared_or_documented(name, model_sweep):
     assert torch.isfinite(loss)
     loss.backward()
     model_sweep.check(name, model, kmodel, unchanged, UNCHANGED)
+    model_sweep.reloads(kmodel, x, tmp_path)
 
 
 def test_the_lists_name_real_models():

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torchvision
 
+import kdna_fx
+
 pytestmark = pytest.mark.usefixtures("free_traced_models")
 
 NO_FAMILY_3X3 = "3x3 convs are depthwise or differ in shape within every stage"
@@ -48,15 +50,17 @@ ALL = torchvision.models.list_models(module=torchvision.models)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ALL])
-def test_zoo_model_is_shared_or_documented(name, model_sweep):
+def test_zoo_model_is_shared_or_documented(name, model_sweep, tmp_path):
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, **BUILD_KWARGS.get(name, {}))
+    model = kdna_fx.models.create_model(f"torchvision/{name}", **BUILD_KWARGS.get(name, {}))  # weights=None
     kmodel, unchanged = model_sweep.transform(model)
     size = INPUT_SIZE.get(name, 64)
-    out = kmodel(torch.randn(2, 3, size, size))
+    x = torch.randn(2, 3, size, size)
+    out = kmodel(x)
     assert torch.isfinite(out).all()
     out.square().mean().backward()
     model_sweep.check(name, model, kmodel, unchanged, UNCHANGED)
+    model_sweep.reloads(kmodel, x, tmp_path)
 
 
 def test_the_lists_name_real_models():
