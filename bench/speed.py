@@ -25,7 +25,10 @@ compiled. ``--variants channels_last bf16`` adds those inference variants at the
 Targets (issue 8) are evaluated in the report: replace mode (best of unfolded and folded) at >= 0.97 of the
 baseline in the same compiled mode; reference topologies at >= 0.95 of their MAC bound (the baseline's
 throughput times baseline MACs / model MACs); KernelDNA >= 3x ODConv 1x at batch 32 and >= 1.5x at batch 1;
-compiled training step faster than eager; no graph beyond the baseline's with a dynamic batch.
+compiled training step faster than eager; no graph beyond the baseline's with a dynamic batch. Issue 25 adds bf16:
+replace mode at >= 0.95 of the baseline under bf16 autocast (``--variants bf16``; bench/bf16_profile.py judges
+every batch with the same rule, ``bf16_target``), and with ``--train --train-amp bf16`` (meant for the GPU) a
+compiled training step of replace mode at >= 0.9 of the baseline's speed.
 
 Writes bench/results/speed/<group>_<device>.json (the timings), <group>_<device>_variants.json and _train.json
 (one file per part: rerunning a part replaces only it) and
@@ -322,6 +325,21 @@ def _best_replace(timing: dict[str, Any], rows: dict[str, Any]) -> tuple[str, fl
     return max(cands, key=lambda c: c[1])
 
 
+BF16_INFERENCE = 0.95
+"""Issue 25: in bf16, replace mode (best of unfolded and folded) at >= this share of the baseline's throughput."""
+BF16_TRAIN = 0.9
+"""Issue 25: a bf16-autocast training step of replace mode at >= this share of the baseline's speed."""
+
+
+def bf16_target(timing: dict[str, Any], rows: dict[str, Any], mode: str, batch: Any) -> list[Any]:
+    """The bf16 inference target as a [target, mode, batch, value, threshold, met] row, from one batch's bf16
+    images/s per row (the suite's --variants bf16, and bench/bf16_profile.py at every batch)."""
+    base = next(n for n, r in rows.items() if r["role"] == "baseline")
+    best, ips = _best_replace(timing, rows)
+    ratio = ips / timing[base]["images_per_s"]
+    return [f"replace mode ({best}) / {base}, bf16", mode, batch, ratio, BF16_INFERENCE, ratio >= BF16_INFERENCE]
+
+
 def targets(payload: dict[str, Any]) -> list[list[Any]]:
     """[target, mode, batch, value, threshold, met] rows evaluated from one group's numbers."""
     rows, out = payload["rows"], []
@@ -353,10 +371,19 @@ def targets(payload: dict[str, Any]) -> list[list[Any]]:
             extra = r["graphs_dynamic"] - rows[base]["graphs_dynamic"]
             out.append([f"{name}: graphs beyond {base}'s {rows[base]['graphs_dynamic']} (dynamic=True)", "inductor",
                         batches, extra, 0, extra <= 0])
+    variants = payload.get("variants", {}).get("variants", {})
+    bf16 = {n: v["bf16"] for n, v in variants.items() if "bf16" in v}
+    if base in bf16 and any(rows[n]["role"] in ("replace", "folded") for n in bf16):
+        out.append(bf16_target(bf16, rows, "freezing, bf16 autocast", payload["variants"]["batch"]))
     train = payload.get("train", {"train": {}})
     for name, t in train["train"].items():
         ratio = t["eager"]["median_s"] / t["inductor"]["median_s"]
         out.append([f"{name} train step: eager / compiled time", "inductor", train["batch"], ratio, 1.0, ratio > 1.0])
+    replace = next((n for n in train["train"] if rows[n]["role"] == "replace"), None)
+    if train.get("amp") == "bf16" and base in train["train"] and replace:
+        ratio = train["train"][base]["inductor"]["median_s"] / train["train"][replace]["inductor"]["median_s"]
+        out.append([f"{replace} / {base} bf16 train step speed", "inductor, bf16 autocast", train["batch"], ratio,
+                    BF16_TRAIN, ratio >= BF16_TRAIN])
     return out
 
 
