@@ -17,7 +17,7 @@ nothing in fp32. Rows are timed interleaved (kdna_fx.timing.time_interleaved). `
 at the largest batch, torch.profiler's top CPU ops of the bf16 replace-mode rows (Inductor's kernel profiling is
 then on for every row, so Inductor's own kernels are named in the profile).
 
-Writes bench/results/speed/bf16_<cast>_cpu.{json,md} with the command, machine, versions and load average.
+Writes bench/results/speed/bf16_<cast>_cpu[_<tag>].{json,md} with the command, machine, versions and load average.
 """
 from __future__ import annotations
 
@@ -77,20 +77,37 @@ def measure(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
                 calls[f"{name} | {dtype}"] = call
             repeat = max(1, args.repeat // b) if b > 1 else args.repeat
             timed = time_interleaved(calls, warmup=1, repeat=repeat, rounds=args.rounds)
-            if args.profile and b == max(args.batches):
-                out["profile"] = {k: _profile(calls[k]) for k in calls if k.startswith("replace") and "bf16" in k}
+            if args.profile:
+                out.setdefault("profile", {})[str(b)] = {k: _profile(calls[k]) for k in calls if k.endswith(" | bf16")}
         for key, t in timed.items():
             out.setdefault("timings", {}).setdefault(str(b), {})[key] = dict(t, images_per_s=b / t["median_s"])
     return out
 
 
-def _profile(call: Callable[[], Any], top: int = 25) -> str:
+GATE_KERNELS = ("cpp_fused_mean", "cpp_fused_mul_view", "mkldnn::_linear_pointwise", "batch_norm_legit_no_training")
+"""What a gate runs once compiled with freezing (its mean, the channel scaling, its two linears and, unfolded, its
+BatchNorm); the baseline runs some of these too (its global pooling and classifier), so it is subtracted."""
+
+
+def _profile(call: Callable[[], Any], calls: int = 3, top: int = 25) -> dict[str, Any]:
+    """torch.profiler over ``calls`` calls: the top ops by self CPU time, the total and the gate-like kernels' time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
+        for _ in range(calls):
             call()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    events = prof.key_averages()
+    ops = [e for e in events if "Compiled" not in e.key and "CompiledFxGraph" not in e.key]
+    total = sum(e.self_cpu_time_total for e in ops) / 1e6 / calls
+    gate = sum(e.self_cpu_time_total for e in ops if any(g in e.key for g in GATE_KERNELS)) / 1e6 / calls
+    return {"table": events.table(sort_by="self_cpu_time_total", row_limit=top), "total_s": total, "gate_like_s": gate}
+
+
+def gate_share(model_name: str, profiles: dict[str, Any]) -> dict[str, float]:
+    """Per KernelDNA row: (its gate-like kernels' time - the baseline's) / its total op time, from one batch's profiles."""
+    base = profiles[f"{model_name} | bf16"]
+    return {k.split(" | ")[0]: (p["gate_like_s"] - base["gate_like_s"]) / p["total_s"]
+            for k, p in profiles.items() if k != f"{model_name} | bf16"}
 
 
 def targets(model_name: str, result: dict[str, Any]) -> list[list[Any]]:
@@ -122,8 +139,17 @@ def markdown(payload: dict[str, Any]) -> str:
                markdown_table(["target", "dtype", "batch", "value", "needs", "met"],
                               [[t[0], "bf16", t[2], f"{t[3]:.3f}", f">= {t[4]}", "yes" if t[5] else "**no**"]
                                for t in targets(model_name, result)]), ""]
-        for key, text in result.get("profile", {}).items():
-            md += [f"Profile of `{key}` (3 calls, batch {max(map(int, batches))}):", "", "```", text, "```", ""]
+        profiles = result.get("profile", {})
+        if profiles:
+            share = {b: gate_share(model_name, profiles[b]) for b in profiles}
+            rows_ = list(next(iter(share.values())))
+            md += ["Share of each KernelDNA row's op time spent in its gates (torch.profiler, Inductor kernel profiling; "
+                   "gate-like kernels minus the baseline's own pooling and classifier):", "",
+                   markdown_table(["row", *[f"b{b}" for b in share]], [[r, *[f"{share[b][r]:.1%}" for b in share]]
+                                                                     for r in rows_]), ""]
+            b = max(profiles, key=int)
+            for key, prof in profiles[b].items():
+                md += [f"Profile of `{key}` (3 calls, batch {b}):", "", "```", prof["table"], "```", ""]
     prov = payload["provenance"]
     md += [f"Command: `{prov['command']}`  ", f"Machine: {prov['machine']['cpu']}, {prov['machine']['cores']} cores, "
            f"torch threads {prov['machine']['torch_threads']}; load average before / after "
@@ -145,9 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out", default=OUT)
+    p.add_argument("--tag", default="", help="suffix of the file names, to keep a repeated or narrower run apart")
     p.add_argument("--report", action="store_true", help="only rebuild the Markdown from the JSON on disk")
     args = p.parse_args(argv)
-    stem = os.path.join(args.out, f"bf16_{args.cast}_cpu")
+    stem = os.path.join(args.out, f"bf16_{args.cast}_cpu" + (f"_{args.tag}" if args.tag else ""))
     if args.report:
         with open(f"{stem}.json") as f:
             payload = json.load(f)

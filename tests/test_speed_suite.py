@@ -119,3 +119,8 @@ def test_bf16_profile_applies_the_suites_rule_at_every_batch(speed):
                                                "machine": {"cpu": "c", "cores": 2, "torch_threads": 1}}}
     md = bf16_profile.markdown(payload)
     assert "| replace folded | bf16 | 18.0 (0%) x0.900 | 28.0 (0%) x0.933 |" in md and "**no**" in md
+    # The gates' share of op time: a row's gate-like kernels less the baseline's own (its pooling, its classifier).
+    result["profile"] = {"32": {"resnet18 | bf16": {"total_s": 1.0, "gate_like_s": 0.01, "table": "t"},
+                                "replace | bf16": {"total_s": 1.05, "gate_like_s": 0.0625, "table": "t"}}}
+    assert bf16_profile.gate_share("resnet18", result["profile"]["32"]) == {"replace": pytest.approx(0.05)}
+    assert "| replace | 5.0% |" in bf16_profile.markdown(payload)
