@@ -84,9 +84,13 @@ def measure(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-GATE_KERNELS = ("cpp_fused_mean", "cpp_fused_mul_view", "mkldnn::_linear_pointwise", "batch_norm_legit_no_training")
-"""What a gate runs once compiled with freezing (its mean, the channel scaling, its two linears and, unfolded, its
-BatchNorm); the baseline runs some of these too (its global pooling and classifier), so it is subtracted."""
+def is_gate_kernel(name: str) -> bool:
+    """Whether a profiled op is what a gate runs once compiled with freezing: a generated kernel with its mean, its
+    scaling, its sigmoid or (unfolded) its BatchNorm in the name, or a linear layer (oneDNN's bf16 one, MKL's fp32
+    one). The baseline runs some of these too (its global pooling and classifier): gate_share subtracts them."""
+    if "cpp_fused" in name:
+        return any(part in name for part in ("mean", "mul", "sigmoid", "batch_norm"))
+    return any(op in name for op in ("_linear_pointwise", "_mkl_linear", "aten::addmm", "aten::linear"))
 
 
 def _profile(call: Callable[[], Any], calls: int = 3, top: int = 25) -> dict[str, Any]:
@@ -99,7 +103,7 @@ def _profile(call: Callable[[], Any], calls: int = 3, top: int = 25) -> dict[str
     events = prof.key_averages()
     ops = [e for e in events if "Compiled" not in e.key and "CompiledFxGraph" not in e.key]
     total = sum(e.self_cpu_time_total for e in ops) / 1e6 / calls
-    gate = sum(e.self_cpu_time_total for e in ops if any(g in e.key for g in GATE_KERNELS)) / 1e6 / calls
+    gate = sum(e.self_cpu_time_total for e in ops if is_gate_kernel(e.key)) / 1e6 / calls
     return {"table": events.table(sort_by="self_cpu_time_total", row_limit=top), "total_s": total, "gate_like_s": gate}
 
 
