@@ -66,9 +66,9 @@ def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | N
     if not torch.is_autocast_enabled(x.device.type):
         return _gate_mlp(m, fc1_weight, fc2_weight, fc2_bias, norm, scale, fc1_bias)
     # Under autocast the two tiny linears run in the weights' dtype (fp32), not in bf16: on a CPU without AMX a
-    # bf16 linear of one sample costs oneDNN about 0.3 ms against microseconds in fp32, and at batch 1 the 9 gates
-    # of a transformed ResNet-18 spent 5 % of its bf16 forward there (docs/speed.md). Values are cast back, so the
-    # scaling stays a pass in the activations' dtype.
+    # bf16 linear of one sample costs oneDNN 0.1-0.3 ms, and at batch 1 the 9 gates of an unfolded ResNet-18 spent
+    # about 6 % of its bf16 forward there (docs/speed.md). Values are cast back, so the scaling stays a pass in the
+    # activations' dtype.
     with torch.autocast(x.device.type, enabled=False):
         a = _gate_mlp(m.to(torch.promote_types(m.dtype, fc1_weight.dtype)), fc1_weight, fc2_weight, fc2_bias, norm,
                       scale, fc1_bias)
