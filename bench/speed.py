@@ -25,7 +25,10 @@ compiled. ``--variants channels_last bf16`` adds those inference variants at the
 Targets (issue 8) are evaluated in the report: replace mode (best of unfolded and folded) at >= 0.97 of the
 baseline in the same compiled mode; reference topologies at >= 0.95 of their MAC bound (the baseline's
 throughput times baseline MACs / model MACs); KernelDNA >= 3x ODConv 1x at batch 32 and >= 1.5x at batch 1;
-compiled training step faster than eager; no graph beyond the baseline's with a dynamic batch.
+compiled training step faster than eager; no graph beyond the baseline's with a dynamic batch. Issue 25 adds bf16:
+replace mode at >= 0.95 of the baseline under bf16 autocast (``--variants bf16``; bench/bf16_profile.py judges
+every batch with the same rule, ``bf16_target``), and with ``--train --train-amp bf16`` (meant for the GPU) a
+compiled training step of replace mode at >= 0.9 of the baseline's speed.
 
 Writes bench/results/speed/<group>_<device>.json (the timings), <group>_<device>_variants.json and _train.json
 (one file per part: rerunning a part replaces only it) and
@@ -121,7 +124,7 @@ GROUPS: dict[str, list[tuple[str, Builder, str]]] = {
 
 
 @contextlib.contextmanager
-def _freezing(on: bool):
+def inductor_freezing(on: bool):
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(freezing=on):
@@ -180,7 +183,7 @@ def run_group(group: str, args: argparse.Namespace,
     timings: dict[str, dict[str, Any]] = {}
     for mode in args.modes:
         torch._dynamo.reset()
-        with _freezing(mode == "freezing"), torch.inference_mode():
+        with inductor_freezing(mode == "freezing"), torch.inference_mode():
             for b in tqdm(args.batches, desc=f"{group}: {mode}", leave=False):
                 calls = {}
                 for name, model in models.items():
@@ -236,7 +239,7 @@ def _variants(models: dict[str, nn.Module], x: torch.Tensor, args: argparse.Name
     """fp32 against channels_last and bf16 (autocast) inference, compiled with freezing, at one batch."""
     out: dict[str, Any] = {}
     torch._dynamo.reset()
-    with _freezing(True), torch.inference_mode():
+    with inductor_freezing(True), torch.inference_mode():
         calls = {}
         for name, model in models.items():
             for variant in ("fp32", *args.variants):
@@ -321,6 +324,21 @@ def _best_replace(timing: dict[str, Any], rows: dict[str, Any]) -> tuple[str, fl
     return max(cands, key=lambda c: c[1])
 
 
+BF16_INFERENCE = 0.95
+"""Issue 25: in bf16, replace mode (best of unfolded and folded) at >= this share of the baseline's throughput."""
+BF16_TRAIN = 0.9
+"""Issue 25: a bf16-autocast training step of replace mode at >= this share of the baseline's speed."""
+
+
+def bf16_target(timing: dict[str, Any], rows: dict[str, Any], mode: str, batch: Any) -> list[Any]:
+    """The bf16 inference target as a [target, mode, batch, value, threshold, met] row, from one batch's bf16
+    images/s per row (the suite's --variants bf16, and bench/bf16_profile.py at every batch)."""
+    base = next(n for n, r in rows.items() if r["role"] == "baseline")
+    best, ips = _best_replace(timing, rows)
+    ratio = ips / timing[base]["images_per_s"]
+    return [f"replace mode ({best}) / {base}, bf16", mode, batch, ratio, BF16_INFERENCE, ratio >= BF16_INFERENCE]
+
+
 def targets(payload: dict[str, Any]) -> list[list[Any]]:
     """[target, mode, batch, value, threshold, met] rows evaluated from one group's numbers."""
     rows, out = payload["rows"], []
@@ -352,10 +370,19 @@ def targets(payload: dict[str, Any]) -> list[list[Any]]:
             extra = r["graphs_dynamic"] - rows[base]["graphs_dynamic"]
             out.append([f"{name}: graphs beyond {base}'s {rows[base]['graphs_dynamic']} (dynamic=True)", "inductor",
                         batches, extra, 0, extra <= 0])
+    variants = payload.get("variants", {}).get("variants", {})
+    bf16 = {n: v["bf16"] for n, v in variants.items() if "bf16" in v}
+    if base in bf16 and any(rows[n]["role"] in ("replace", "folded") for n in bf16):
+        out.append(bf16_target(bf16, rows, "freezing, bf16 autocast", payload["variants"]["batch"]))
     train = payload.get("train", {"train": {}})
     for name, t in train["train"].items():
         ratio = t["eager"]["median_s"] / t["inductor"]["median_s"]
         out.append([f"{name} train step: eager / compiled time", "inductor", train["batch"], ratio, 1.0, ratio > 1.0])
+    replace = next((n for n in train["train"] if rows[n]["role"] == "replace"), None)
+    if train.get("amp") == "bf16" and base in train["train"] and replace:
+        ratio = train["train"][base]["inductor"]["median_s"] / train["train"][replace]["inductor"]["median_s"]
+        out.append([f"{replace} / {base} bf16 train step speed", "inductor, bf16 autocast", train["batch"], ratio,
+                    BF16_TRAIN, ratio >= BF16_TRAIN])
     return out
 
 
@@ -468,7 +495,7 @@ def sync_of(device: torch.device) -> Callable[[], None] | None:
     return torch.cuda.synchronize if device.type == "cuda" else None
 
 
-def _save(path: str, payload: dict[str, Any]) -> None:
+def save_and_say(path: str, payload: dict[str, Any]) -> None:
     write_json(path, payload)
     print(f"wrote {path}", flush=True)
 
@@ -527,16 +554,16 @@ def _run_groups(args: argparse.Namespace, device: torch.device, meta: dict[str, 
         models = None
         if not args.no_timing:
             payload, models = run_group(group, args, device)
-            _save(f"{stem}.json", {**payload, **meta})
+            save_and_say(f"{stem}.json", {**payload, **meta})
         if args.variants:
             if models is None:
                 models = {name: build().eval().to(device) for name, build, _ in GROUPS[group]}
             x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
-            _save(f"{stem}_variants.json", {"batch": batch, "variants": _variants(models, x, args, sync_of(device)),
+            save_and_say(f"{stem}_variants.json", {"batch": batch, "variants": _variants(models, x, args, sync_of(device)),
                                             **meta})
         models = None
         if args.train:
-            _save(f"{stem}_train.json", {"batch": args.train_batch or batch, "amp": args.train_amp,
+            save_and_say(f"{stem}_train.json", {"batch": args.train_batch or batch, "amp": args.train_amp,
                                          "train": _train_steps(group, args, device, sync_of(device)), **meta})
 
 

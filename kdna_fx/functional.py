@@ -62,7 +62,22 @@ def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | N
     module (nn.BatchNorm1d, nn.LayerNorm, or a SyncBatchNorm converted from them), so module conversions
     and torch.func.functional_call reach it like any other layer. None skips the norm.
     """
-    h = F.linear(reduce(x, "b c h w -> b c", "mean"), fc1_weight, fc1_bias)
+    m = reduce(x, "b c h w -> b c", "mean")
+    if not torch.is_autocast_enabled(x.device.type):
+        return _gate_mlp(m, fc1_weight, fc2_weight, fc2_bias, norm, scale, fc1_bias)
+    # Under autocast the two tiny linears run in the weights' dtype (fp32), not in bf16: on a CPU without AMX a
+    # bf16 linear of one sample costs oneDNN 0.1-0.3 ms, and at batch 1 the 9 gates of an unfolded ResNet-18 spent
+    # about 6 % of its bf16 forward there (docs/speed.md). Values are cast back, so the scaling stays a pass in the
+    # activations' dtype.
+    with torch.autocast(x.device.type, enabled=False):
+        a = _gate_mlp(m.to(torch.promote_types(m.dtype, fc1_weight.dtype)), fc1_weight, fc2_weight, fc2_bias, norm,
+                      scale, fc1_bias)
+    return a.to(x.dtype)
+
+
+def _gate_mlp(m: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | None,
+              norm: Callable[[Tensor], Tensor] | None, scale: float, fc1_bias: Tensor | None) -> Tensor:
+    h = F.linear(m, fc1_weight, fc1_bias)
     if norm is not None:
         h = norm(h)
     a = torch.sigmoid(F.linear(F.relu(h), fc2_weight, fc2_bias))

@@ -121,3 +121,25 @@ def test_child_conv_gradients_match_the_naive_per_sample_formulation(dtype, tol)
     naive(leaves).backward()
     for k in params:
         torch.testing.assert_close(func_grads[k], leaves[k].grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gate_under_bf16_autocast_runs_its_linears_in_the_weights_dtype(dtype):
+    # A bf16 linear of one sample is slow on CPUs without AMX (docs/speed.md): the gate keeps its small MLP in the
+    # weights' dtype under autocast and returns values in the activations' dtype, so the scaling stays in bf16.
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5, 5, dtype=dtype).to(torch.bfloat16)
+    w1, w2, b2 = (torch.randn(2, 8, dtype=dtype), torch.randn(8, 2, dtype=dtype), torch.randn(8, dtype=dtype))
+    seen = []
+
+    def norm(h):
+        seen.append(h.dtype)
+        return h * 0.5
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = KF.gate(x, w1, w2, b2, norm, scale=2.0)
+    assert seen == [dtype] and a.dtype == torch.bfloat16
+    # The same math as outside autocast, up to bf16's rounding of the mean and of the result.
+    expected = KF.gate(x.to(dtype), w1, w2, b2, lambda h: h * 0.5, scale=2.0)
+    torch.testing.assert_close(a.to(dtype), expected, atol=2e-2, rtol=0)
+    assert KF.gate(x.to(dtype), w1, w2, b2, norm).dtype == dtype and seen[-1] == dtype  # no autocast: as before

@@ -75,3 +75,46 @@ def test_a_run_leaves_the_callers_dynamo_config_alone(speed, tmp_path):
         speed.main(["--groups", "mobilenet_v2", "--modes", "eager", "--batches", "1", "--image-size", "16",
                     "--repeat", "1", "--rounds", "1", "--threads", "1", "--out", str(tmp_path / "speed")])
         assert torch._dynamo.config.recompile_limit == 5 and not torch._dynamo.config.fail_on_recompile_limit_hit
+
+
+def test_bf16_targets_from_hand_made_numbers(speed):
+    rows = {"base": {"role": "baseline", "macs": 100}, "replace": {"role": "replace", "macs": 100},
+            "folded": {"role": "folded", "macs": 100}, "ODConv 1x": {"role": "peer", "macs": 101}}
+    bf16 = {"base": 100, "replace": 94, "folded": 96, "ODConv 1x": 30}
+    payload = {"rows": rows, "timings": {"freezing": {"32": _timing({"base": 50, "replace": 49, "folded": 48,
+                                                                     "ODConv 1x": 15})}},
+               "variants": {"batch": 32, "variants": {n: {"fp32": _timing({n: 1})[n], "bf16": _timing({n: v})[n]}
+                                                      for n, v in bf16.items()}},
+               "train": {"batch": 32, "amp": "bf16", "train": {
+                   "base": {"eager": {"median_s": 2.0}, "inductor": {"median_s": 1.0}},
+                   "replace": {"eager": {"median_s": 2.0}, "inductor": {"median_s": 1.2}}}}}
+    got = {(t[0], t[1], t[2]): (round(t[3], 4), t[5]) for t in speed.targets(payload)}
+    # bf16 inference: the better of unfolded and folded against the baseline, >= 0.95.
+    assert got["replace mode (folded) / base, bf16", "freezing, bf16 autocast", 32] == (0.96, True)
+    # bf16 training: the baseline's compiled step time over replace mode's, >= 0.9.
+    assert got["replace / base bf16 train step speed", "inductor, bf16 autocast", 32] == (round(1 / 1.2, 4), False)
+    # Without bf16 numbers (fp32 training, no variants) there is no bf16 row.
+    payload["train"]["amp"] = "none"
+    del payload["variants"]
+    assert not any("bf16" in t[0] for t in speed.targets(payload))
+
+
+def test_bf16_profile_applies_the_suites_rule_at_every_batch(speed):
+    from bench import bf16_profile
+    ips = {"1": (20, 19.5, 18), "32": (30, 27, 28)}
+    result = {"timings": {b: {f"{n} | {d}": _timing({"x": v * (2 if d == "fp32" else 1)})["x"]
+                              for n, v in zip(("resnet18", "replace", "replace folded"), vals) for d in ("fp32", "bf16")}
+                          for b, vals in ips.items()}}
+    got = {t[2]: (t[0], round(t[3], 4), t[5]) for t in bf16_profile.targets("resnet18", result)}
+    assert got == {"1": ("replace mode (replace) / resnet18, bf16", 0.975, True),
+                   "32": ("replace mode (replace folded) / resnet18, bf16", round(28 / 30, 4), False)}
+    payload = {"cast": "autocast", "models": {"resnet18": result}, "load_before": [1, 1, 1], "load_after": [2, 2, 2],
+               "commit": "abc", "provenance": {"command": "x", "date_utc": "d", "versions": {"torch": "t"},
+                                               "machine": {"cpu": "c", "cores": 2, "torch_threads": 1}}}
+    md = bf16_profile.markdown(payload)
+    assert "| replace folded | bf16 | 18.0 (0%) x0.900 | 28.0 (0%) x0.933 |" in md and "**no**" in md
+    # The gates' share of op time: a row's gate-like kernels less the baseline's own (its pooling, its classifier).
+    result["profile"] = {"32": {"resnet18 | bf16": {"total_s": 1.0, "gate_like_s": 0.01, "table": "t"},
+                                "replace | bf16": {"total_s": 1.05, "gate_like_s": 0.0625, "table": "t"}}}
+    assert bf16_profile.gate_share("resnet18", result["profile"]["32"]) == {"replace": pytest.approx(0.05)}
+    assert "| replace | 5.0% |" in bf16_profile.markdown(payload)
