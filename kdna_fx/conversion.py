@@ -4,7 +4,7 @@
     result.model            # the calibrated KernelDNA model
     result.stages           # {"converted": {...}, "calibrated": {...}}: seconds and top-1 / agreement per split
 
-``kdna convert`` (kdna_fx/convert_command.py) and bench/conversion_study.py both run this one function; the
+``kdna convert`` (kdna_fx/cli/convert.py) and bench/conversion_study.py both run this one function; the
 study passes its own ``student`` (a pruned or factorised model) to give every method the same steps.
 """
 from __future__ import annotations
