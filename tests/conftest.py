@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, settings
 from torch import nn
 
 import kdna_fx
+from kdna_fx.testing import output_tensors
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -82,14 +83,16 @@ class ModelSweep:
 
 
     @staticmethod
-    def reloads(kmodel: nn.Module, x: torch.Tensor, folder) -> None:
+    def reloads(kmodel: nn.Module, x: object, folder, **kwargs: object) -> None:
         """kdna_fx.save then kdna_fx.load(path), with no model given (the file records how its model was built:
-        build it with kdna_fx.models.create_model), computes bit for bit what ``kmodel`` computes, in eval mode."""
+        build it with kdna_fx.models.create_model), computes bit for bit what ``kmodel`` computes on ``x`` (and
+        ``kwargs``), in eval mode: every output tensor, for models that return dicts or lists too."""
         path = folder / "model.safetensors"
         kdna_fx.save(kmodel, path)
         again = kdna_fx.load(path)
         with torch.no_grad():
-            assert torch.equal(again.eval()(x), kmodel.eval()(x))
+            ours, theirs = (output_tensors(m.eval()(x, **kwargs)) for m in (again, kmodel))
+        assert ours and len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 @pytest.fixture
