@@ -152,6 +152,9 @@ SLOW_TESTS = {
     **{f"test_zoo_api.py::test_compile_does_not_recompile_across_batch_sizes[{n}]":
        "resnet18.kdna checks the same (no recompile across batch sizes) in 4 s; these take 4-12 s each"
        for n in ("convnext_tiny.kdna", "mobilenet_v2.kdna", "mobilenet_v2_050.kdna", "resnet50.kdna")},
+    **{f"test_compile.py::{t}": "Inductor in float64: the float32 twin compiles the same graph (2.6 s each)"
+       for t in ("test_compiled_fullgraph_matches_eager[fp64-train]", "test_compiled_fullgraph_matches_eager[fp64-eval]",
+                 "test_folded_model_compiles_and_matches[fp64]")},
     "test_peers.py::test_kernelwarehouse_traces_and_compiles_without_recompiling_on_temperature[fp64]":
         "the fp32 twin compiles the same graph (7 s each)",
     **{f"test_deploy.py::test_peer_compiles_fullgraph_without_recompiles[{n}]":
