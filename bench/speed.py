@@ -105,7 +105,7 @@ GROUPS: dict[str, list[tuple[str, Builder, str]]] = {
         ("replace folded", _replace("resnet50", fold=True), "folded"),
         ("kdna_resnet50 folded", _reference("kdna_resnet50"), "reference"),
     ],
-    # The module-swap path (passes/swap.py) on a model that traces whole, against its graph rewrite: the
+    # The module-swap path (passes/swapping.py) on a model that traces whole, against its graph rewrite: the
     # same children put in place as modules instead of graph nodes (role "swap" is compared with "replace",
     # "swap folded" with "folded").
     "swap": [

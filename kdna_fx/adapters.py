@@ -114,9 +114,9 @@ class ChildAdapter(nn.Module):
     It holds no kernel of its own; ``parent`` names the module whose weight it reuses. Two ways to run it,
     one computation (kdna_fx.functional.child_conv2d):
 
-    - in a rewritten graph (passes.rewrite) its tensors are read by get_attr nodes and the parent kernel is
+    - in a rewritten graph (passes.rewriting) its tensors are read by get_attr nodes and the parent kernel is
       a get_attr of the parent's weight; the module itself is never called;
-    - put in place of the conv by module swap (passes.swap) it is called like the conv it replaced,
+    - put in place of the conv by module swap (passes.swapping) it is called like the conv it replaced,
       ``child(x)``, and reads its parent's kernel through ``bind``: a reference to the parent *module*, kept
       out of the module tree, so the kernel stays one Parameter registered once (state dict, optimisers,
       safetensors, torch.export) and follows ``.to()``, ``load_state_dict`` and ``functional_call``.

@@ -134,7 +134,7 @@ def load_original(kmodel: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module
     """Load a state dict of the *original* architecture into ``kmodel`` (strict about missing and unexpected
     keys), then start its adapters from the loaded kernels as ``transform`` would have: with
     ``parent="centroid"`` the mean kernel, with ``init="trained"`` identity gates and SVD residuals
-    (passes.initialize)."""
+    (passes.initialization)."""
     record = record_of(kmodel)
     plan = record.plan
     own = kmodel.state_dict()

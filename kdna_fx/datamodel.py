@@ -3,7 +3,7 @@
     ConvSite, Skipped      a conv that may be shared (found by a handler of passes/sites.py), or one left alone
     Family, Plan           what the transform will do: parents, children, skipped convs (with its KDNAConfig)
     Opaque                 a part of the model that kept it off the graph path, or stayed a leaf in it
-    NodeTag                what a node inserted by passes.rewrite is (``tag``, ``tag_of``, ``child_nodes``)
+    NodeTag                what a node inserted by passes.rewriting is (``tag``, ``tag_of``, ``child_nodes``)
     TransformRecord        what a transformed model carries (``attach``, ``find_record``, ``record_of``)
     PeerRecord             the same for a model converted by kdna_fx.peers (``peer_record``)
 
@@ -252,7 +252,7 @@ ROLES = ("parent_weight", "gate", "filter_scale", "spatial_scale", "lowrank_b", 
 
 @dataclass(frozen=True)
 class NodeTag:
-    """What a node that passes.rewrite inserted is. Later passes (fold, calibrate, CKA) find their nodes
+    """What a node that passes.rewriting inserted is. Later passes (fold, calibrate, CKA) find their nodes
     through these tags, never by pattern matching."""
 
     role: str

@@ -3,7 +3,7 @@
     unwrap -> route (trace, and check the trace) -> find_convs | find_modules -> plan_families (or adopt a
            given plan) -> check_plan -> rewrite | swap -> (fold) -> (as_function)
 
-``kdna_fx.transform`` runs them in that order. ``route`` (passes/route.py) decides how children are put in
+``kdna_fx.transform`` runs them in that order. ``route`` (passes/routing.py) decides how children are put in
 place: ``rewrite`` turns a trusted whole-model trace into a GraphModule; ``swap`` replaces child conv
 modules in place where the graph cannot be trusted. Both leave the record that ``fold``, ``as_function``,
 ``kdna_fx.report`` and ``kdna_fx.save`` read, so a pipeline built from the passes directly works with all
@@ -15,16 +15,16 @@ F.conv2d call) lives in one handler per kind (passes/sites.py). The types the pa
 Plan, TransformRecord, ...) live in kdna_fx.datamodel.
 """
 from .find import find_convs, find_modules
-from .fold import fold
+from .folding import fold
 from .functionalize import FunctionalModel, as_function
-from .initialize import initialize
+from .initialization import initialize
 from .peers import swap_convs
 from .plan import adopt, plan_families
-from .rewrite import check_plan, rewrite
-from .route import Example, Route, route, warn_route
-from .swap import swap
-from .trace import trace
-from .unwrap import unwrap
+from .rewriting import check_plan, rewrite
+from .routing import Example, Route, route, warn_route
+from .swapping import swap
+from .tracing import trace
+from .unwrapping import unwrap
 
 __all__ = ["Example", "FunctionalModel", "Route", "adopt", "as_function", "check_plan", "find_convs", "find_modules",
            "fold", "initialize", "plan_families", "rewrite", "route", "swap", "swap_convs", "trace", "unwrap",

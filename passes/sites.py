@@ -3,7 +3,7 @@
 A handler knows everything that differs between kinds of conv: how its call looks in a graph (``site``),
 what of such a call the rewrite cannot take (``unsupported``), what the child conv reads from the graph
 (``graph_inputs``), where the parent kernel comes from for the children (``parent_weight``), and what is
-left to clean up (``finish``). passes.find, passes.rewrite and passes.peers ask ``handler_of(site)`` and never
+left to clean up (``finish``). passes.find, passes.rewriting and passes.peers ask ``handler_of(site)`` and never
 branch on the kind themselves; a new kind of conv (say, a registered custom conv type) is a new handler.
 
     ModuleConv    an ``nn.Conv2d`` module call: the child's adapter replaces the module at its path
@@ -170,7 +170,7 @@ def handler_of(site: ConvSite) -> ConvHandler:
 
 def conv_module_site(name: str, module: nn.Module, config: KDNAConfig, node: str = "") -> ConvSite | Skipped | None:
     """The site of the conv module ``module`` at path ``name`` (None: not a conv). ``node``: its graph node's
-    name, "" when the child is put in place by module swap (passes.swap)."""
+    name, "" when the child is put in place by module swap (passes.swapping)."""
     if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
         return Skipped(name, f"{type(module).__name__}: only 2-D convolutions (nn.Conv2d) are shared")
     if not isinstance(module, nn.Conv2d):

@@ -160,7 +160,7 @@ def test_transform_does_not_modify_the_callers_model(dtype):
 
 @given(stacks(), st.sampled_from(["first", "centroid"]), st.booleans(), st.integers(0, 2))
 def test_module_swap_computes_what_the_graph_rewrite_computes(dtype, tol, case, parent, share, rank):
-    """The two ways of putting a child in place (passes/rewrite.py, passes/swap.py) are one function: same state
+    """The two ways of putting a child in place (passes/rewriting.py, passes/swapping.py) are one function: same state
     dict, same outputs in train and eval mode, same gradients, same folded form, over random conv geometries."""
     model, x = _stack_and_input(case)
     assume(share or parent == "first")

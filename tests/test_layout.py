@@ -61,3 +61,22 @@ def test_no_test_imports_a_private_name_or_a_bench_script():
             if module.startswith(("kdna_fx", "bench")) and private:
                 offenders.append(f"{path.name}: from {module} import {names}")
     assert not offenders, offenders
+
+
+def test_every_package_directory_is_installed():
+    # pyproject lists the packages by hand (passes/ is mapped to kdna_fx.passes); a room left off the list
+    # imports from a checkout but not from a wheel.
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("kdna_fx",) + p.parent.relative_to(ROOT / "kdna_fx").parts) for p in (ROOT / "kdna_fx").rglob("__init__.py")}
+    found |= {"kdna_fx.passes"}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_no_pass_function_shadows_its_module():
+    # `from .fold import fold` in passes/__init__.py would make kdna_fx.passes.fold the function, so the module
+    # could only be reached through importlib; the modules are named for what they do (folding.py) instead.
+    from kdna_fx import passes
+    modules = {m.name for m in pkgutil.iter_modules(passes.__path__)}
+    clashes = sorted(name for name in passes.__all__ if name in modules)
+    assert not clashes, clashes

@@ -4,7 +4,6 @@ save/load, as_function, load_original, CKA plans) works on the result."""
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import os
 import warnings
@@ -16,14 +15,13 @@ from torch import fx, nn
 
 import kdna_fx
 from kdna_fx import KDNAConfig, PartialTraceWarning
-route_pass = importlib.import_module("kdna_fx.passes.route")
+from kdna_fx.passes import routing as route_pass, tracing as trace_pass
 from kdna_fx.datamodel import record_of
 from kdna_fx.reporting import count_macs
 from kdna_fx.testing import TinyResNet, randomize_adapters
 
 # The warning is checked where it is the subject (pytest.warns records it regardless of this filter).
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::kdna_fx.PartialTraceWarning")]
-trace_pass = importlib.import_module("kdna_fx.passes.trace")  # the module; kdna_fx.passes.trace is the function
 
 
 def _line_of(function: object, needle: str) -> str:

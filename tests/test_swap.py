@@ -1,4 +1,4 @@
-"""The module-swap path and the checks that decide it (passes/route.py, passes/swap.py; docs/partial-tracing.md).
+"""The module-swap path and the checks that decide it (passes/routing.py, passes/swapping.py; docs/partial-tracing.md).
 
 A model whose trace cannot be trusted (untraceable Python, a forward that reads self.training, a trace that
 differs from eager on the example inputs) keeps its own objects and forward; each child conv module is replaced in

@@ -39,7 +39,7 @@ def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterabl
     """Trace ``model`` with torch.fx; never raises a raw torch.fx error.
 
     Modules in kdna_fx.registry.NOT_TRACED and ``config.leaf_modules`` stay opaque, and so do the module
-    instances in ``opaque`` (passes.route puts the ones that failed to trace there). Parameters and
+    instances in ``opaque`` (passes.routing puts the ones that failed to trace there). Parameters and
     buffers the graph does not read (a BatchNorm's num_batches_tracked, an unused head) are copied on
     purpose, so the state dict keeps every entry of the original, and so are the modules' plain attributes
     (``hidden_state_size``, ``out_channels``): code outside the graph may read them.

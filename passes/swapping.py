@@ -1,6 +1,6 @@
 """Pass 4 (module form): put each child in place by swapping its conv module for a bound ChildAdapter.
 
-The graph rewrite (passes.rewrite) needs a trace of the whole model that computes what the model computes.
+The graph rewrite (passes.rewriting) needs a trace of the whole model that computes what the model computes.
 Where there is none (Python control flow on tensors, a forward that reads ``self.training``, a trace that
 differs from eager), the children are still shared: a KernelDNA child needs only its parent's kernel, its
 own adapters and its own input, all local to the conv module. So each child ``nn.Conv2d`` is replaced, at
@@ -8,7 +8,7 @@ the same path, by a ChildAdapter bound to its parent module; ``child(x)`` comput
 ``kdna_fx.functional.child_conv2d`` exactly as the rewritten graph does. Everything else (the user's module
 objects, their classes, attributes, methods, containers and Python forwards) stays as it was.
 
-Same plan, same adapters (``new_child``), same initialisation (passes.initialize), same record; only how a
+Same plan, same adapters (``new_child``), same initialisation (passes.initialization), same record; only how a
 child is put in place differs. The state dict of a swapped model equals that of a rewritten one.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from kdna_fx.adapters import ChildAdapter, Gate
 from kdna_fx.datamodel import ConvSite, Plan, TransformRecord, attach
 
 from .find import first_in_channels
-from .initialize import initialize
+from .initialization import initialize
 
 
 def new_child(site: ConvSite, *, parent: str, bias: nn.Parameter | None, weight: nn.Parameter,
@@ -58,7 +58,7 @@ def install(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def swap(model: nn.Module, plan: Plan, init: str = "copy") -> nn.Module:
     """Apply ``plan`` (module sites, names from ``model``'s root) to ``model`` in place by module swap and
-    return it carrying its TransformRecord (``how="swap"``). ``init`` as for passes.rewrite."""
+    return it carrying its TransformRecord (``how="swap"``). ``init`` as for passes.rewriting."""
     params_before = sum(p.numel() for p in model.parameters())
     in_channels = first_in_channels(model)
     kernels = {m: model.get_parameter(plan.sites[m].weight).detach().clone() for f in plan.families for m in f.members}

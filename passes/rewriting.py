@@ -29,13 +29,13 @@ from kdna_fx.errors import KDNAError, SkippedSiteWarning
 from kdna_fx.datamodel import ConvSite, Family, Plan, Skipped, TransformRecord, attach, refuse_converted, tag
 
 from .find import first_in_channels
-from .initialize import initialize
+from .initialization import initialize
 from .sites import handler_of
-from .swap import install, new_child
+from .swapping import install, new_child
 
 
 def check_plan(gm: fx.GraphModule | None, plan: Plan) -> Plan:
-    """The part of ``plan`` that ``rewrite`` can apply to ``gm`` exactly (``gm`` None: that passes.swap can).
+    """The part of ``plan`` that ``rewrite`` can apply to ``gm`` exactly (``gm`` None: that passes.swapping can).
 
     A family whose members do not share the parent's kernel shape is a user error (KDNAError). A conv
     whose call this pass does not recognise is left as it is, with a SkippedSiteWarning, rather than
@@ -88,7 +88,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan, init: str = "copy") -> fx.GraphModul
     carrying its TransformRecord. A plan without families changes nothing but the record.
 
     ``init="copy"``: every child starts as an exact copy of its parent kernel (the paper's from-scratch
-    init). ``init="trained"``: the adapters start from the model's own kernels (passes.initialize): gates
+    init). ``init="trained"``: the adapters start from the model's own kernels (passes.initialization): gates
     at the exact identity, low-rank residuals from a truncated SVD. With ``plan.config.parent ==
     "centroid"`` the first member's kernel becomes the mean of the family's kernels and it becomes a child
     too."""

@@ -3,10 +3,10 @@
 A rewritten graph is only as right as the trace it comes from. torch.fx symbolic tracing can fail (Python
 control flow on tensor values), can bake in the train/eval mode the model was traced in (Python that reads
 ``self.training``), and can silently compute something else (a Python check that is False for a Proxy,
-such as ``isinstance(x, torch.Tensor)``, drops a branch). So the graph path (passes.rewrite) is taken only
+such as ``isinstance(x, torch.Tensor)``, drops a branch). So the graph path (passes.rewriting) is taken only
 when the model traces as a whole, nothing that holds a shareable conv had to be kept opaque, the trace is
 the same in train and eval mode, and, given example inputs, the trace computes what the model computes.
-Otherwise the model takes the module-swap path (passes.swap): its own objects and Python forward stay, and
+Otherwise the model takes the module-swap path (passes.swapping): its own objects and Python forward stay, and
 its children are still shared. ``rewrite="graph"`` raises KDNATraceError instead; ``rewrite="swap"``
 always swaps.
 """
@@ -26,7 +26,7 @@ from kdna_fx.errors import KDNAError, KDNATraceError, PartialTraceWarning
 from kdna_fx.utils import KeptModes
 
 from .find import find_modules
-from .trace import trace
+from .tracing import trace
 
 ASKED = "KDNAConfig(rewrite='swap') asks for the module swap"
 """The reason recorded when the swap was asked for: recorded, but not warned about."""
