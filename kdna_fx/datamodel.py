@@ -21,6 +21,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .config import AdapterConfig, KDNAConfig
 from .errors import KDNAError
+from .functional import pair
 from .tables import format_table
 
 
@@ -54,7 +55,7 @@ class ConvSite:
     @property
     def family_key(self) -> tuple[Any, ...]:
         return (self.stage, self.in_channels, self.out_channels, self.kernel_size, self.groups,
-                _pair(self.dilation), self.padding_mode)
+                pair(self.dilation), self.padding_mode)
 
     @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
@@ -68,10 +69,6 @@ class Skipped:
 
     name: str
     reason: str
-
-
-def _pair(v: Any) -> Any:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v) if isinstance(v, int) else v
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError, ExportError
 from .datamodel import find_record
+from .peer_functional import per_sample_form
 from .tables import format_table
 from .utils import KeptModes, atomic_path, device_dtype
 
@@ -97,7 +98,10 @@ def export(model: nn.Module, path: str | os.PathLike[str], *, input_shape: Seque
         model.eval()
         start = time.perf_counter()
         deploy = _deploy_form(model, fold)
-        program = _capture(deploy, shape, batches[0], dynamic_batch, _dtype_device(model))
+        # ONNX fixes a Conv's group count in the file, so the peers' per-sample kernels (one grouped conv over the
+        # batch) cannot take a dynamic batch there: capture them as im2col and a batched matrix product instead.
+        with per_sample_form("matmul" if format == "onnx" and dynamic_batch else "grouped"):
+            program = _capture(deploy, shape, batches[0], dynamic_batch, _dtype_device(model))
         seconds["capture"] = time.perf_counter() - start
         # torch.export.load reads a file only by a name ending in .pt2
         with atomic_path(where, suffix=f".tmp.{format}") as tmp:

@@ -9,7 +9,7 @@ per-position scale S [k, k], gate values a [B, C_in].
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,11 @@ PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 IntOrPair = int | Sequence[int]
 
 
-def _pair(v: IntOrPair) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def pair(v: Any) -> Any:
+    """(v, v) for an int, a tuple of ints for a sequence; anything else (a padding string) as it is."""
+    if isinstance(v, int):
+        return (v, v)
+    return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else v
 
 
 def modulate(parent: Tensor, filter_scale: Tensor | None = None, spatial_scale: Tensor | None = None,
@@ -109,14 +112,14 @@ def scale_channels(x: Tensor, a: Tensor) -> Tensor:
 def explicit_padding(kernel_size: IntOrPair, padding: IntOrPair | str,
                      dilation: IntOrPair) -> tuple[int, int, int, int]:
     """Padding as F.pad wants it for a 2-D input: (left, right, top, bottom)."""
-    kh, kw = _pair(kernel_size)
-    dh, dw = _pair(dilation)
+    kh, kw = pair(kernel_size)
+    dh, dw = pair(dilation)
     if padding == "valid":
         return (0, 0, 0, 0)
     if padding == "same":
         total_h, total_w = dh * (kh - 1), dw * (kw - 1)
         return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
-    ph, pw = _pair(padding)  # type: ignore[arg-type]
+    ph, pw = pair(padding)  # type: ignore[arg-type]
     return (pw, pw, ph, ph)
 
 

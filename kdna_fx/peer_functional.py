@@ -15,7 +15,11 @@ run through the same ``per_sample_conv2d``.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
@@ -50,6 +54,26 @@ def dynamic_kernels(experts: Tensor, kernel_attention: Tensor | None = None, *,
     return weights
 
 
+# The form per_sample_conv2d takes: "grouped" (one grouped convolution, as the original implementations) or
+# "matmul" (im2col and a batched matrix product). ONNX's Conv takes its group count as a fixed attribute, so a
+# file with a dynamic batch cannot hold the grouped form; kdna_fx.export captures the matmul form for it. A
+# plain module global rather than a ContextVar: torch.compile guards on it without a graph break.
+_FORM = "grouped"
+
+
+@contextmanager
+def per_sample_form(form: str) -> Iterator[None]:
+    """Run ``per_sample_conv2d`` in ``form`` ("grouped" or "matmul") inside the block; both compute the same."""
+    global _FORM
+    if form not in ("grouped", "matmul"):
+        raise ValueError(f"per-sample convolution form must be 'grouped' or 'matmul', got {form!r}")
+    previous, _FORM = _FORM, form
+    try:
+        yield
+    finally:
+        _FORM = previous
+
+
 def per_sample_conv2d(x: Tensor, weights: Tensor, bias: Tensor | None = None, stride: IntOrPair = 1,
                       padding: IntOrPair | str = 0, dilation: IntOrPair = 1, groups: int = 1,
                       padding_mode: PaddingMode = "zeros") -> Tensor:
@@ -57,13 +81,31 @@ def per_sample_conv2d(x: Tensor, weights: Tensor, bias: Tensor | None = None, st
 
     The grouped-convolution trick: the batch becomes channel groups of one sample, x -> [1, B*C_in, H, W],
     kernels -> [B*C_out, C_in/g, k, k], groups = B*g. One convolution, but no kernel is shared across the
-    batch, which is what makes these peers slow next to a batch-shared convolution.
+    batch, which is what makes these peers slow next to a batch-shared convolution. Inside
+    ``per_sample_form("matmul")`` the same result comes from im2col and a batched matrix product.
     """
+    if _FORM == "matmul":
+        return _per_sample_matmul(x, weights, bias, stride, padding, dilation, groups, padding_mode)
     b = x.shape[0]
     y = KF.conv2d(rearrange(x, "b c h w -> 1 (b c) h w"), rearrange(weights, "b o i kh kw -> (b o) i kh kw"),
                   None if bias is None else rearrange(bias, "b o -> (b o)"),
                   stride, padding, dilation, groups * b, padding_mode)
     return rearrange(y, "1 (b o) h w -> b o h w", b=b)
+
+
+def _per_sample_matmul(x: Tensor, weights: Tensor, bias: Tensor | None, stride: IntOrPair, padding: IntOrPair | str,
+                       dilation: IntOrPair, groups: int, padding_mode: PaddingMode) -> Tensor:
+    _, out_ch, _, kh, kw = weights.shape
+    # Padding made explicit first, so "same"/"valid" and every padding mode take one path.
+    x = F.pad(x, KF.explicit_padding((kh, kw), padding, dilation),
+              mode="constant" if padding_mode == "zeros" else padding_mode)
+    (sh, sw), (dh, dw) = KF.pair(stride), KF.pair(dilation)
+    out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    columns = rearrange(F.unfold(x, (kh, kw), dilation=(dh, dw), stride=(sh, sw)), "b (g i) l -> b g i l", g=groups)
+    y = rearrange(weights, "b (g o) i kh kw -> b g o (i kh kw)", g=groups) @ columns
+    y = rearrange(y, "b g o (h w) -> b (g o) h w", h=out_h, w=out_w)
+    return y if bias is None else y + rearrange(bias, "b o -> b o 1 1")
 
 
 def dynamic_conv2d(x: Tensor, experts: Tensor, kernel_attention: Tensor | None = None, bias: Tensor | None = None,

@@ -21,7 +21,8 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from kdna_fx.config import KDNAConfig
-from kdna_fx.datamodel import ConvSite, Skipped, _pair, tag
+from kdna_fx.datamodel import ConvSite, Skipped, tag
+from kdna_fx.functional import pair
 
 _FUNCTIONAL_CONVS = (F.conv2d, torch.conv2d)
 _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -123,11 +124,11 @@ class FunctionConv(ConvHandler):
         if dynamic:
             return Skipped(weight.target, f"{', '.join(dynamic)} computed at run time")
         groups = int(args["groups"])
-        padding = args["padding"] if isinstance(args["padding"], str) else _pair(args["padding"])
+        padding = args["padding"] if isinstance(args["padding"], str) else pair(args["padding"])
         return ConvSite(
             name=weight.target, kind=self.kind, node=node.name, weight=weight.target,
             out_channels=tensor.shape[0], in_channels=tensor.shape[1] * groups, kernel_size=tuple(tensor.shape[2:]),
-            stride=_pair(args["stride"]), padding=padding, dilation=_pair(args["dilation"]), groups=groups,
+            stride=pair(args["stride"]), padding=padding, dilation=pair(args["dilation"]), groups=groups,
             padding_mode="zeros", has_bias=args["bias"] is not None, stage=config.stage_of(weight.target),
             adapter=config.adapter_for(weight.target, F.conv2d), adapter_path=f"{weight.target}_kdna")
 

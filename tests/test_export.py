@@ -78,6 +78,18 @@ def test_dynamic_batch_export_agrees_with_eager_at_batch_1_and_7(zoo_model, form
     torch.testing.assert_close(got, expected, rtol=TOLERANCE, atol=TOLERANCE * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("tag", ["condconv", "odconv", "kernelwarehouse"])
+def test_a_peer_exports_to_onnx_at_a_dynamic_batch(tag, tmp_path):
+    # ONNX's Conv fixes its group count, so the peers' grouped per-sample convolution could not take a dynamic
+    # batch; export captures their matmul form instead and the file must still agree at batch 1 and 7.
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = create_model(f"resnet18.{tag}", **SMALL).eval()
+    report = kdna_fx.export(model, tmp_path / "peer.onnx", input_shape=SHAPE, format="onnx", dynamic_batch=True)
+    assert sorted(report.differences) == [1, 7] and report.max_difference <= TOLERANCE
+    assert _leftovers(tmp_path) == ["peer.onnx"]
+
+
 def test_static_export_takes_its_one_batch_and_the_unfolded_form_is_smaller(zoo_model, tmp_path):
     folded = kdna_fx.export(zoo_model, tmp_path / "folded.pt2", input_shape=SHAPE, format="pt2", check_batches=[7])
     shared = kdna_fx.export(zoo_model, tmp_path / "shared.pt2", input_shape=SHAPE, format="pt2", fold=False)

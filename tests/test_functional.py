@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch.func import grad, vmap
 
 from kdna_fx import functional as KF
+from kdna_fx import peer_functional as PF
 from kdna_fx.adapters import Gate, gate_width
 
 
@@ -55,6 +56,41 @@ def test_conv2d_matches_nn_conv2d_padding_modes(dtype, tol, case):
     x = torch.randn(case["batch"], case["cin"], case["h"], case["w"], generator=g)
     ours = KF.conv2d(x, conv.weight, conv.bias, **case["conv"])
     torch.testing.assert_close(ours, conv(x), **tol)
+
+
+@given(conv_cases())
+def test_per_sample_conv_matmul_form_equals_grouped_form(dtype, tol, case):
+    # The peers' per-sample convolution in its two forms (kdna_fx.export writes the matmul form to ONNX at a
+    # dynamic batch): same numbers for every geometry and padding mode, each sample against its own kernel.
+    g = torch.Generator().manual_seed(case["seed"])
+    x = torch.randn(case["batch"], case["cin"], case["h"], case["w"], generator=g)
+    weights = torch.randn(case["batch"], case["cout"], case["cin"] // case["groups"], case["k"], case["k"], generator=g)
+    bias = torch.randn(case["batch"], case["cout"], generator=g)
+    grouped = PF.per_sample_conv2d(x, weights, bias, **case["conv"])
+    with PF.per_sample_form("matmul"):
+        matmul = PF.per_sample_conv2d(x, weights, bias, **case["conv"])
+    torch.testing.assert_close(matmul, grouped, **tol)
+    one = KF.conv2d(x[:1], weights[0], bias[0], **case["conv"])
+    torch.testing.assert_close(matmul[:1], one, **tol)
+
+
+def test_per_sample_form_is_restored_and_checked():
+    with pytest.raises(ValueError, match="'grouped' or 'matmul'"):
+        with PF.per_sample_form("unfold"):
+            pass
+    with pytest.raises(RuntimeError):
+        with PF.per_sample_form("matmul"):
+            raise RuntimeError
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 3, 3, 3)
+
+    def ops() -> set[str]:
+        with torch.profiler.profile() as prof:
+            PF.per_sample_conv2d(x, w)
+        return {e.key for e in prof.key_averages()}
+
+    assert "aten::im2col" not in ops()  # the grouped form again after the block, even one left by an error
+    with PF.per_sample_form("matmul"):
+        assert "aten::im2col" in ops()
 
 
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**16))
