@@ -179,7 +179,7 @@ def cost(row: Row) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build(row).eval()
     x = torch.randn(1, 1, 28, 28)
-    macs, extra = peers.peer_macs(model, x) if row.kind in PEERS else count_macs(model, x)
+    macs, extra = count_macs(model, x)
     return {"params": n_params(model), "macs": macs, "extra_macs": extra}
 
 

@@ -1,7 +1,7 @@
 """Thin nn.Module holders for adapter parameters. All the math lives in kdna_fx.functional."""
 from __future__ import annotations
 
-from typing import Any, Iterator, get_args
+from typing import Any, ClassVar, Iterator, get_args
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,9 @@ def adapter_cost(in_channels: int, out_channels: int, kernel_size: tuple[int, in
 class Gate(nn.Module):
     """Holds the gate's layers, fc1 (no bias) -> norm -> relu -> fc2 (bias) -> sigmoid; kdna_fx.functional.gate
     does the math. The norm is called as a module, so nn.SyncBatchNorm.convert_sync_batchnorm reaches it."""
+
+    kdna_adds_macs: ClassVar[bool] = True
+    """Its MACs other than convolutions are the conversion's overhead (kdna_fx.reporting.count_macs)."""
 
     def __init__(self, channels: int, reduction: int = 4, norm: KF.GateNorm = "batch", min_hidden: int = 1,
                  scale: float = 1.0):

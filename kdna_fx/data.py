@@ -246,55 +246,102 @@ def eval_images(dataset: str = "fashion-mnist", path: str | None = None, *,
 
 
 # ---- feeding images to a model (kdna_fx.cka, kdna_fx.calibrate) ---------------------------------------------------
-def as_images(item: Any) -> Tensor:
-    """The image batch [B, C, H, W] of one item of data: a batch, one image [C, H, W], or (images, labels)."""
+def as_images(item: Any, *, strict: bool = False, where: str = "data") -> Tensor:
+    """The image batch [B, C, H, W] of one item of data: a batch, one image [C, H, W], or (images, labels, ...)
+    whose labels are ignored.
+
+    ``strict`` (calibration's contract) takes the item exactly as given: one image [C, H, W], integer images,
+    a dict and an empty batch are refused, each with the fix in the message; ``where`` names the item there.
+    """
     x = item[0] if isinstance(item, (tuple, list)) and item else item
-    if not isinstance(x, Tensor) or x.ndim not in (3, 4):
-        what = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise DataError(f"data must give images [B, C, H, W] (or [C, H, W]), or (images, labels) pairs; got {what}")
-    return x if x.ndim == 4 else x[None]
+    if not strict:
+        if not isinstance(x, Tensor) or x.ndim not in (3, 4):
+            what = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise DataError(f"data must give images [B, C, H, W] (or [C, H, W]), or (images, labels) pairs; "
+                            f"got {what}")
+        return x if x.ndim == 4 else x[None]
+    if isinstance(x, dict):
+        raise DataError(f"{where} is a dict; data must yield image tensors [N, C, H, W] or (images, labels) tuples")
+    if not isinstance(x, Tensor):
+        raise DataError(f"{where} is a {type(x).__name__}, not a tensor of images [N, C, H, W] (nor an "
+                        f"(images, labels) tuple)")
+    if x.ndim != 4:
+        raise DataError(f"{where} has shape {tuple(x.shape)}; images must be a 4-D batch [N, C, H, W] (add the "
+                        f"batch dimension with x.unsqueeze(0))")
+    if not x.is_floating_point():
+        raise DataError(f"{where} has dtype {x.dtype}; images must be floating point (convert with x.float() and "
+                        f"the normalisation the model was trained with)")
+    if x.shape[0] == 0:
+        raise DataError(f"{where} is an empty batch (shape {tuple(x.shape)})")
+    return x
 
 
-def image_batches(data: Any, images: int, batch_size: int, generator: torch.Generator, *,
-                  min_batch: int = 1) -> tuple[Iterator[Tensor], int]:
-    """Batches of ``batch_size`` images from ``data``, ``images`` in all, and how many to expect (an upper bound).
+def image_batches(data: Any, images: int | None, batch_size: int, generator: torch.Generator | None, *,
+                  min_batch: int = 1, strict: bool = False) -> tuple[Iterator[Tensor], int]:
+    """Batches of ``batch_size`` images from ``data``, ``images`` in all (None: every image), and how many to
+    expect (an upper bound; 0 when unknown).
 
-    ``data``: images [N, C, H, W] or a map-style data set (``images`` drawn at random with ``generator``), or any
-    iterable such as a DataLoader (its first ``images``, in its order). A last batch smaller than ``min_batch``
-    joins the one before it.
+    ``data``: images [N, C, H, W] or a map-style data set (``images`` drawn at random with ``generator``, in
+    order without one), or any iterable such as a DataLoader (its first ``images``, in its order). A last batch
+    smaller than ``min_batch`` joins the one before it.
+
+    ``strict`` (calibration's contract: the data used exactly as given, every item checked by ``as_images``):
+    a tensor is cut into ``batch_size`` batches as above, but any other iterable, a list included, is read in
+    its own order with its batches as they come (not drawn from, not re-cut); anything else is refused.
     """
     if isinstance(data, Tensor):
-        if data.ndim != 4:
+        if strict:
+            as_images(data, strict=True)
+        elif data.ndim != 4:
             raise DataError(f"a tensor of images must be [N, C, H, W], got shape {tuple(data.shape)}")
-        order = torch.randperm(len(data), generator=generator)[:images]
+        order = _order(len(data), generator)[:images]
         stream: Iterable[Tensor] = (data[order[i:i + batch_size]] for i in range(0, len(order), batch_size))
+        if strict:  # already cut to batch_size: nothing to re-cut
+            return iter(stream), len(order)
         expected = len(order)
+    elif strict:
+        if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+            raise DataError(f"data must be a tensor of images [N, C, H, W] or an iterable (a DataLoader) of them, "
+                            f"got {type(data).__name__}")
+        checked = (as_images(x, strict=True, where=f"data item #{i}") for i, x in enumerate(data))
+        return _first(checked, images), images or 0
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, DataLoader):
-        drawn = torch.randperm(len(data), generator=generator)[:images].tolist()
+        drawn = _order(len(data), generator)[:images].tolist()
         stream, expected = (as_images(data[i]) for i in drawn), len(drawn)
     else:
-        stream, expected = (as_images(x) for x in data), images
+        stream, expected = (as_images(x) for x in data), images or 0
     return rebatch(stream, images, batch_size, min_batch), expected
 
 
-def rebatch(stream: Iterable[Tensor], images: int, batch_size: int, min_batch: int = 1) -> Iterator[Tensor]:
-    """Re-cut ``stream`` into batches of ``batch_size``, up to ``images`` images in all; a remainder smaller than
-    ``min_batch`` joins the batch before it."""
-    held: Tensor | None = None
-    buffer: list[Tensor] = []
+def _order(n: int, generator: torch.Generator | None) -> Tensor:
+    """0..n-1 shuffled by ``generator``, or in order without one (a pass that only measures)."""
+    return torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+
+
+def _first(stream: Iterable[Tensor], images: int | None) -> Iterator[Tensor]:
+    """The batches of ``stream`` up to ``images`` images in all (None: all of them), the last one cut short."""
     taken = 0
     for x in stream:
-        x = x[: images - taken]
-        buffer.append(x)
+        x = x if images is None else x[: images - taken]
         taken += len(x)
+        yield x
+        if images is not None and taken >= images:
+            return  # before reading another item: a DataLoader would load one more batch for nothing
+
+
+def rebatch(stream: Iterable[Tensor], images: int | None, batch_size: int, min_batch: int = 1) -> Iterator[Tensor]:
+    """Re-cut ``stream`` into batches of ``batch_size``, up to ``images`` images in all (None: all of them); a
+    remainder smaller than ``min_batch`` joins the batch before it."""
+    held: Tensor | None = None
+    buffer: list[Tensor] = []
+    for x in _first(stream, images):
+        buffer.append(x)
         while sum(len(b) for b in buffer) >= batch_size:
             whole = torch.cat(buffer)
             buffer = [whole[batch_size:]]
             if held is not None:
                 yield held
             held = whole[:batch_size]
-        if taken >= images:
-            break
     rest = torch.cat(buffer) if buffer else None
     if rest is not None and len(rest):
         if held is not None and len(rest) < min_batch:

@@ -16,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Hashable
-from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, ClassVar, Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +30,7 @@ from .adapters import gate_width
 from .config import KDNAConfig
 from .datamodel import peer_record
 from .errors import ConfigError, KDNAError, KDNATypeError
-from .reporting import cost_table, flop_counts
-from .utils import to_model
+from .reporting import Report, report
 
 Init = Literal["copy", "scratch"]
 Sharing = Union[Literal["input", "stage", "layer"], Callable[[str, nn.Module], Hashable]]
@@ -62,6 +60,9 @@ class PeerConv2d(nn.Module):
     ``init="copy"`` starts every expert from the conv's kernel and bias; ``"scratch"`` draws each expert
     independently (Kaiming normal, fan_out, as torchvision's ResNets initialise convs) with zero bias.
     """
+
+    kdna_adds_macs: ClassVar[bool] = True
+    """Its MACs other than convolutions are the conversion's overhead (kdna_fx.reporting.count_macs)."""
 
     def __init__(self, conv: nn.Conv2d, kernels: int, init: Init):
         super().__init__()
@@ -207,6 +208,9 @@ class KWConv2d(nn.Module):
     by the ``temperature`` buffer tau (1 at start, lowered to 0 early in training: ``set_temperature``).
     The conv's bias, if any, stays a static bias.
     """
+
+    kdna_adds_macs: ClassVar[bool] = True
+    """Its MACs other than convolutions are the conversion's overhead (kdna_fx.reporting.count_macs)."""
 
     def __init__(self, conv: nn.Conv2d, init: Init = "copy"):
         super().__init__()
@@ -455,62 +459,15 @@ def set_temperature(model: nn.Module, temperature: float) -> int:
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-@dataclass
-class PeerReport:
-    """Parameters and MACs of a converted model before and after; MACs of one eval forward of one input."""
-
-    method: str
-    input_shape: tuple[int, ...]
-    converted: list[str]
-    skipped: list[dict[str, str]]
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        shape = "x".join(map(str, self.input_shape))
-        table = cost_table(self.params_before, self.params_after, self.macs_before, self.macs_after, shape,
-                           f"kdna_fx.peers: {self.method}, {len(self.converted)} convs converted")
-        note = ("MACs: convolutions and matrix products (torch.utils.flop_counter), the attention heads and the "
-                "kernel mixture included; elementwise attention products are not counted.")
-        skipped = [f"  skipped {s['name']}: {s['reason']}" for s in self.skipped]
-        return "\n".join([table, note, *skipped])
-
-
-def peer_macs(model: nn.Module, example_input: Tensor) -> tuple[int, int]:
-    """(total MACs, MACs the peers add: heads and kernel mixtures) of one eval forward of ``example_input``.
-
-    A per-sample grouped convolution counts exactly as the conv it replaces at the same batch size (the
-    counter multiplies the grouped kernel [B*C_out, ...] by the input batch 1), so every MAC inside a peer
-    that is not its convolution is added by the peer.
-    """
-    total, by_module = flop_counts(model, example_input)
-    peers = {name for name, m in model.named_modules() if isinstance(m, (PeerConv2d, KWConv2d))}
-    added = sum(flops for name, ops in by_module.items() if name in peers
-                for op, flops in ops.items() if op is not torch.ops.aten.convolution)
-    return total // 2, added // 2
-
-
-def describe(model: nn.Module, example_input: Tensor | None = None) -> PeerReport:
-    """Parameters and MACs of a model converted by condconv/dyconv/odconv/kernelwarehouse, before and after
-    (print it for a table). ``example_input`` defaults to one 224x224 image."""
-    record = peer_record(model)
-    if record is None:
+def describe(model: nn.Module, example_input: Tensor | None = None) -> Report:
+    """Parameters and MACs of a model converted by condconv/dyconv/odconv/kernelwarehouse, before and after: the
+    kdna_fx.reporting.Report that kdna_fx.report gives for it (print it for a table), refusing any other model.
+    ``example_input`` defaults to one 224x224 image."""
+    if peer_record(getattr(model, "_orig_mod", model)) is None:
         raise KDNAError(f"{type(model).__name__} was not converted by kdna_fx.peers; call kdna_fx.peers.condconv, "
                         f"dyconv, odconv or kernelwarehouse first")
-    if example_input is None:
-        example_input = torch.randn(1, record.in_channels or 3, 224, 224)
-    example_input = to_model(example_input, model)
-    total, added = peer_macs(model, example_input)
-    return PeerReport(method=record.method, input_shape=tuple(example_input.shape), converted=list(record.converted),
-                      skipped=[{"name": s.name, "reason": s.reason} for s in record.skipped],
-                      params_before=record.params_before, params_after=sum(p.numel() for p in model.parameters()),
-                      macs_before=total - added, macs_after=total)
+    return report(model, example_input)
 
 
-__all__ = ["CondConv2d", "DynamicConv2d", "KWConv2d", "ODConv2d", "PeerConv2d", "PeerReport", "Warehouse", "condconv",
-           "describe", "dyconv", "kernelwarehouse", "odconv", "peer_macs", "set_temperature"]
+__all__ = ["CondConv2d", "DynamicConv2d", "KWConv2d", "ODConv2d", "PeerConv2d", "Warehouse", "condconv", "describe",
+           "dyconv", "kernelwarehouse", "odconv", "set_temperature"]

@@ -1,4 +1,5 @@
-"""report(): what transform() did, as readable tables and as data."""
+"""report(): what a conversion did and what it costs, as readable tables and as data; the one Report type and
+the one MAC counter (count_macs) for kdna_fx.transform and the kdna_fx.peers conversions alike."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -8,15 +9,22 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .adapters import Gate
 from .utils import KeptModes, to_model
 from .tables import format_table
-from .datamodel import Plan, record_of
+from .datamodel import Plan, peer_record, record_of
+
+KERNELDNA = "KernelDNA"
+"""``Report.method`` of a model made by kdna_fx.transform; a peer's report names its method ("ODConv 1x")."""
+ADDS_MACS = "kdna_adds_macs"
+"""Class attribute (True) of the modules a conversion adds around a convolution: KernelDNA's gates, the peers'
+layers. Their MACs other than convolutions are the conversion's overhead (count_macs)."""
 
 
 @dataclass
 class Report:
-    """Families, skipped convs, parameters and MACs before/after (shared kernels counted once)."""
+    """What a conversion did and what it costs: kdna_fx.report (any converted model) and kdna_fx.peers.describe
+    both give one. Families (KernelDNA only), skipped convs, parameters and MACs before/after (shared kernels
+    counted once); ``method`` says which conversion, ``converted`` which convs it changed."""
 
     model: str
     input_shape: tuple[int, ...]
@@ -26,19 +34,30 @@ class Report:
     params_after: int
     macs_before: int
     macs_after: int
-    folded: bool
+    folded: bool = False
     opaque: list[dict[str, Any]] = field(default_factory=list)
     """Why the model took the module-swap path (kept "swap"), or opaque leaves of its graph (kept "leaf"): path,
     type, kept, reason, source."""
     how: str = "graph"
     """How the children were put in place: "graph" (rewritten GraphModule) or "swap" (module swap)."""
+    method: str = KERNELDNA
+    """The conversion: "KernelDNA" (kdna_fx.transform) or the peer's name, e.g. "ODConv 1x"."""
+    converted: list[str] = field(default_factory=list)
+    """The convs the conversion changed (KernelDNA: the children; a peer: every conv it swapped)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __str__(self) -> str:
-        plan = Plan.from_dict({"families": self.families, "skipped": self.skipped})
         shape = "x".join(map(str, self.input_shape))
+        if self.method != KERNELDNA:
+            table = cost_table(self.params_before, self.params_after, self.macs_before, self.macs_after, shape,
+                               f"kdna_fx.peers: {self.method}, {len(self.converted)} convs converted")
+            note = ("MACs: convolutions and matrix products (torch.utils.flop_counter), the attention heads and "
+                    "the kernel mixture included; elementwise attention products are not counted.")
+            skipped = [f"  skipped {s['name']}: {s['reason']}" for s in self.skipped]
+            return "\n".join([table, note, *skipped])
+        plan = Plan.from_dict({"families": self.families, "skipped": self.skipped})
         summary = cost_table(self.params_before, self.params_after, self.macs_before, self.macs_after, shape,
                              f"kdna_fx report: {self.model}" + (" (folded for inference)" if self.folded else ""))
         note = ("MACs count convolutions and matrix products (torch.utils.flop_counter); elementwise gating and "
@@ -84,32 +103,40 @@ def flop_counts(model: nn.Module, example_input: Tensor | list[Tensor]) -> tuple
 
 
 def count_macs(model: nn.Module, example_input: Tensor | list[Tensor]) -> tuple[int, int]:
-    """(total MACs, MACs inside adapter gates) of one eval-mode forward pass."""
+    """(total MACs, MACs the conversion adds) of one eval-mode forward pass: the added MACs are those, other than
+    convolutions, inside the modules marked ``kdna_adds_macs`` (KernelDNA's gates; the peers' attention heads and
+    kernel mixtures). A peer's per-sample grouped conv counts exactly as the conv it replaced (the counter
+    multiplies the grouped kernel [B*C_out, ...] by the input batch 1), so total minus added is the original's."""
     total, by_module = flop_counts(model, example_input)
-    gates = {name for name, m in model.named_modules() if isinstance(m, Gate)}
-    gate_flops = sum(sum(ops.values()) for name, ops in by_module.items() if name in gates)
-    return total // 2, gate_flops // 2
+    marked = {name for name, m in model.named_modules() if getattr(m, ADDS_MACS, False)}
+    added = sum(flops for name, ops in by_module.items() if name in marked
+                for op, flops in ops.items() if op is not torch.ops.aten.convolution)
+    return total // 2, added // 2
 
 
 def report(model: nn.Module, example_input: Tensor | list[Tensor] | None = None) -> Report:
-    """Report on a transformed model. ``example_input`` defaults to one 224x224 image; a model whose forward
-    takes a list of images (torchvision's detection models) takes a list (its first image gives the shape).
+    """Report on a converted model: made by kdna_fx.transform, or by a kdna_fx.peers conversion.
+    ``example_input`` defaults to one 224x224 image; a model whose forward takes a list of images
+    (torchvision's detection models) takes a list (its first image gives the shape).
 
-    MACs before are those of the original graph: the transformed graph runs the same convolutions with
-    the same shapes, plus the gates, whose MACs are counted separately and subtracted.
+    MACs before are those of the original graph: the converted graph runs the same convolutions with the same
+    shapes, plus what the conversion adds (count_macs), which is subtracted.
     """
-    record = record_of(model)
+    peer = peer_record(getattr(model, "_orig_mod", model))
+    record = record_of(model) if peer is None else None
     model = getattr(model, "_orig_mod", model)
     if example_input is None:
-        example_input = torch.randn(1, record.in_channels or 3, 224, 224)
+        in_channels = (peer or record).in_channels  # type: ignore[union-attr]
+        example_input = torch.randn(1, in_channels or 3, 224, 224)
     example_input = to_model(example_input, model)
     shape = tuple((example_input if isinstance(example_input, Tensor) else example_input[0]).shape)
-    macs_after, gate_macs = count_macs(model, example_input)
+    macs_after, added = count_macs(model, example_input)
+    common = dict(model=type(model).__name__, input_shape=shape, params_after=sum(p.numel() for p in model.parameters()),
+                  macs_before=macs_after - added, macs_after=macs_after)
+    if peer is not None:
+        return Report(**common, families=[], skipped=[{"name": s.name, "reason": s.reason} for s in peer.skipped],
+                      params_before=peer.params_before, method=peer.method, converted=list(peer.converted))
     plan = record.plan.to_dict()
-    return Report(
-        model=type(model).__name__, input_shape=shape,
-        families=plan["families"], skipped=plan["skipped"],
-        params_before=record.params_before, params_after=sum(p.numel() for p in model.parameters()),
-        macs_before=macs_after - gate_macs, macs_after=macs_after, folded=record.folded,
-        opaque=[asdict(o) for o in record.opaque], how=record.how,
-    )
+    return Report(**common, families=plan["families"], skipped=plan["skipped"], params_before=record.params_before,
+                  folded=record.folded, opaque=[asdict(o) for o in record.opaque], how=record.how,
+                  converted=[c for f in record.plan.families for c in f.children])

@@ -132,13 +132,15 @@ def git_commit(exclude: tuple[str, ...] = (), root: str | None = None) -> dict[s
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
-def write_results(path_stem: str, payload: dict[str, Any], markdown_table: str) -> None:
-    """Write ``<stem>.json`` and ``<stem>.md`` (the table plus its provenance)."""
+def write_results(path_stem: str, payload: dict[str, Any], markdown_table: str, *, command: str | None = None) -> None:
+    """Write ``<stem>.json`` and ``<stem>.md`` (the table plus its provenance). ``command``: the command line the
+    Markdown shows, when the user typed another than the provenance's (``kdna convert ...``, not the Python
+    behind it)."""
     write_json(f"{path_stem}.json", payload)
     prov = payload["provenance"]
     machine = prov["machine"]
     host = f" (host {machine['host_id']})" if machine.get("host_id") else ""
-    text = (markdown_table.rstrip() + "\n\n" + f"Command: `{prov['command']}`  \n"
+    text = (markdown_table.rstrip() + "\n\n" + f"Command: `{command or prov['command']}`  \n"
             + f"Machine: {machine['cpu']}{host}, {machine['cores']} cores, "
               f"torch threads: {machine['torch_threads']}, GPU: {machine['gpu']}  \n"
             + "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + "  \n"

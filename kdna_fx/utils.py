@@ -1,6 +1,7 @@
 """Small helpers every room uses, one of each: atomic writes, train/eval modes kept, a model's device and dtype."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -53,8 +54,12 @@ class KeptModes:
 
 
 def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
-    """Where ``model``'s first parameter lives and its dtype (CPU and None for a model without parameters)."""
-    first = next(iter(model.parameters()), None)
+    """Where ``model``'s first floating-point tensor lives and its dtype: parameters first, then buffers (a
+    model of frozen buffers still says where it runs). CPU and None for a model without one; callers that need
+    a dtype take ``torch.get_default_dtype()`` then. Integer tensors (counters, indices) say nothing of the
+    dtype images should have, so they are skipped."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    first = next((t for t in tensors if t.is_floating_point()), None)
     return (first.device, first.dtype) if first is not None else (torch.device("cpu"), None)
 
 

@@ -8,7 +8,9 @@ import torch
 
 import kdna_fx
 from kdna_fx.calibration import CalibrationConfig, CalibrationError, CalibrationReport, calibrate, gram_loss
-from kdna_fx.errors import ConfigError, KDNAError, KDNATypeError
+from kdna_fx.data import image_batches
+from kdna_fx.errors import ConfigError, DataError, KDNAError, KDNATypeError
+from kdna_fx.utils import device_dtype
 from kdna_fx.testing import TinyResNet
 
 from bench.common import blob_task
@@ -145,6 +147,41 @@ def test_bad_inputs_raise_clear_errors(task):
             calibrate(kwargs.pop("kmodel"), kwargs.pop("data"), kwargs.pop("config"), **kwargs)
     with pytest.raises(KDNATypeError):
         calibrate(kmodel, calib_x, {"steps": 3}, reference=model)
+
+
+@pytest.mark.parametrize("data, words", [
+    (torch.empty(0, 1, 16, 16), "empty"), (torch.randn(8, 16, 16), "4-D.*unsqueeze"),
+    (torch.zeros(8, 1, 16, 16, dtype=torch.uint8), "floating point.*x.float"), ([{"x": 1}], "item #0 is a dict"),
+    (["not", "images"], "not a tensor"), (42, "iterable"), ([torch.randn(2, 1, 4, 4), torch.randn(3, 4, 4)], "#1"),
+])
+def test_the_data_rooms_feeder_holds_calibrations_checks(data, words):
+    """One feeder: calibrate's checks live in kdna_fx.data (strict), which raises DataError; calibrate says
+    CalibrationError with the same words (test_bad_inputs_raise_clear_errors)."""
+    with pytest.raises(DataError, match=words):
+        stream, _ = image_batches(data, None, 4, None, strict=True)
+        list(stream)
+
+
+def test_the_strict_feeder_keeps_the_data_as_given():
+    x = torch.randn(10, 1, 4, 4)
+    in_order = list(image_batches(x, None, 4, None, strict=True)[0])
+    assert [len(b) for b in in_order] == [4, 4, 2] and torch.equal(torch.cat(in_order), x)  # no generator: in order
+    shuffled = torch.cat(list(image_batches(x, None, 4, torch.Generator().manual_seed(0), strict=True)[0]))
+    assert not torch.equal(shuffled, x) and torch.equal(shuffled.sort(0).values, x.sort(0).values)
+    loader = [(x[:3], torch.zeros(3)), (x[3:],)]  # a list is an iterable of batches, not a data set to draw from
+    assert [len(b) for b in image_batches(loader, None, 4, None, strict=True)[0]] == [3, 7]
+
+
+def test_device_dtype_reads_the_first_floating_tensor_buffers_included():
+    class Buffers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+            self.register_buffer("scale", torch.ones(3, dtype=torch.float64))
+
+    assert device_dtype(Buffers()) == (torch.device("cpu"), torch.float64)
+    assert device_dtype(torch.nn.ReLU()) == (torch.device("cpu"), None)
+    assert device_dtype(torch.nn.Conv2d(1, 1, 1).half())[1] == torch.float16
 
 
 @pytest.mark.parametrize("fields, words", [

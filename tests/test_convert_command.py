@@ -10,6 +10,7 @@ import torch
 import kdna_fx
 from kdna_fx.testing import write_tiny_fashion_mnist
 from kdna_fx.cli import main
+from kdna_fx.cli.convert import reload_hint
 
 
 
@@ -33,10 +34,19 @@ def test_convert_a_run_end_to_end(run, capsys):
     assert set(report["steps"]) == {"original", "converted", "calibrated"}
     assert report["steps"]["original"]["agreement"] == 1.0
     assert report["params"]["converted"] < report["params"]["original"]
-    assert "top-1 %" in (root / "converted.md").read_text() and "wrote" in capsys.readouterr().out
-    fresh = kdna_fx.models.create_model("resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.125)
-    loaded = kdna_fx.load(out, fresh)
-    assert kdna_fx.plan_of(loaded).families and kdna_fx.datamodel.record_of(loaded).init == "trained"
+    markdown = (root / "converted.md").read_text()
+    assert "top-1 %" in markdown and "Command: `kdna convert " in markdown and "Versions: " in markdown
+    # A zoo model carries its builder into the file: the printed hint is the one that works, without a model.
+    assert "(reload: kdna_fx.load(path))" in capsys.readouterr().out
+    for loaded in (kdna_fx.load(out), kdna_fx.load(out, kdna_fx.models.create_model(
+            "resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.125))):
+        assert kdna_fx.plan_of(loaded).families and kdna_fx.datamodel.record_of(loaded).init == "trained"
+
+
+def test_the_reload_hint_follows_the_builder_stamp():
+    stamped = kdna_fx.models.create_model("resnet18", num_classes=10, width=0.125)
+    assert reload_hint(stamped, "resnet18") == "kdna_fx.load(path)"
+    assert reload_hint(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), "MyNet") == "kdna_fx.load(path, <fresh MyNet>)"
 
 
 def test_convert_a_state_dict_file(run, tmp_path):

@@ -170,6 +170,10 @@ def test_parameter_counts_and_macs(method, dtype):
     assert report.macs_after == count_macs(model, x)[0] > report.macs_before
     text = str(report)
     assert "parameters" in text and "MACs @ 1x3x16x16" in text and "layer2.0.down.0" in text
+    # One report type and one MAC counter: kdna_fx.report gives the same Report, count_macs the same overhead.
+    assert kdna_fx.report(model, x) == report and isinstance(report, kdna_fx.reporting.Report)
+    assert report.method == record.method and report.converted == list(record.converted) and not report.families
+    assert count_macs(model, x) == (report.macs_after, report.macs_after - report.macs_before)
 
 
 def test_odconv_resnet18_matches_the_papers_parameter_counts():

@@ -22,6 +22,8 @@ def test_resnet18_report_numbers():
     for needle in ("parameters", "11,689,512", "MACs @ 1x3x64x64", "layer1.0.conv1", "kernel 7x7"):
         assert needle in text
     assert report.to_dict()["params_after"] == report.params_after
+    assert report.method == "KernelDNA" and set(report.converted) == {c for f in report.families for c in f["children"]}
+    assert count_macs(kmodel, x) == (report.macs_after, report.macs_after - report.macs_before)  # the gates
 
 
 def test_parameter_counts_follow_from_the_plan_by_hand():

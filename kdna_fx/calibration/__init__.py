@@ -34,12 +34,12 @@ from torch import nn
 
 from kdna_fx.datamodel import record_of
 from kdna_fx.errors import CalibrationError, KDNAError, KDNATypeError
-from kdna_fx.utils import KeptModes
+from kdna_fx.utils import KeptModes, device_dtype
 
 from .bn import reestimate_bn
 from .config import LAYER_LOSSES, MODES, TRAIN, CalibrationConfig, CalibrationReport, ModeResult
 from .distill import distill_outputs, gram_loss
-from .feeder import Batches, Runner, floating_device_dtype, shared_tensors
+from .feeder import Batches, Runner, shared_tensors
 from .layerwise import children_of, fit_children
 
 
@@ -82,8 +82,8 @@ def calibrate(kmodel: nn.Module, data: Any, config: CalibrationConfig | None = N
                                f"{shared[:3]}), as after transform(..., inplace=True); calibrating would change "
                                f"the reference. Transform without inplace=True")
     order = [m for m in MODES if m in config.modes]
-    device, dtype = floating_device_dtype(inner)
-    feed = Batches(data, config.batch_size, device, dtype)
+    device, dtype = device_dtype(inner)
+    feed = Batches(data, config.batch_size, device, dtype or torch.get_default_dtype())
     from tqdm.auto import tqdm
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), KeptModes(reference):

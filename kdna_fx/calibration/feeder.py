@@ -1,72 +1,42 @@
-"""Feeding calibration: image batches from a tensor or an iterable, and the runner that runs the model and its
-reference on the same batch."""
+"""Feeding calibration: its passes over the data (through the data room's feeder), and the runner that runs the
+model and its reference on the same batch."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from kdna_fx.errors import CalibrationError
-from kdna_fx.utils import KeptModes
-
-
-def _images(item: Any, where: str) -> Tensor:
-    if isinstance(item, (tuple, list)) and item:
-        item = item[0]  # (images, labels, ...): labels are ignored
-    if isinstance(item, dict):
-        raise CalibrationError(f"calibrate: {where} is a dict; data must yield image tensors [N, C, H, W] or "
-                               f"(images, labels) tuples")
-    if not isinstance(item, Tensor):
-        raise CalibrationError(f"calibrate: {where} is a {type(item).__name__}, not a tensor of images "
-                               f"[N, C, H, W] (nor an (images, labels) tuple)")
-    if item.dim() != 4:
-        raise CalibrationError(f"calibrate: {where} has shape {tuple(item.shape)}; images must be a 4-D batch "
-                               f"[N, C, H, W] (add the batch dimension with x.unsqueeze(0))")
-    if not item.is_floating_point():
-        raise CalibrationError(f"calibrate: {where} has dtype {item.dtype}; images must be floating point "
-                               f"(convert with x.float() and the normalisation the model was trained with)")
-    if item.shape[0] == 0:
-        raise CalibrationError(f"calibrate: {where} is an empty batch (shape {tuple(item.shape)})")
-    return item
+from kdna_fx.data import image_batches
+from kdna_fx.errors import CalibrationError, DataError
+from kdna_fx.utils import KeptModes, device_dtype
 
 
 class Batches:
-    """Batches of images from a tensor (shuffled by our own generator) or from any iterable (its own order)."""
+    """Calibration's passes over its data, cut by the data room's one feeder (``kdna_fx.data.image_batches``,
+    strict): a tensor in ``batch_size`` batches (shuffled when a pass is given a generator), an iterable's batches
+    as they come, in its own order; every batch moved to the model's device and dtype."""
 
     def __init__(self, data: Any, batch_size: int, device: torch.device, dtype: torch.dtype):
-        self.batch_size, self.device, self.dtype = batch_size, device, dtype
-        if isinstance(data, Tensor):
-            self.tensor: Tensor | None = _images(data, "data")
-            self.iterable = None
-            self.count = self.tensor.shape[0]
-        else:
-            if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-                raise CalibrationError(f"calibrate: data must be a tensor of images [N, C, H, W] or an iterable "
-                                       f"(a DataLoader) of them, got {type(data).__name__}")
-            self.tensor, self.iterable = None, data
-            self.count = sum(b.shape[0] for b in self._iterate())
-            if self.count == 0:
-                raise CalibrationError("calibrate: data is empty (the iterable yielded no batch); pass at least "
-                                       "one image")
+        self.data, self.batch_size, self.device, self.dtype = data, batch_size, device, dtype
+        # One pass up front: every item is checked (and counted) before any mode changes the model.
+        self.count = sum(x.shape[0] for x in self._checked(None))
+        if self.count == 0:
+            raise CalibrationError("calibrate: data is empty (the iterable yielded no batch); pass at least "
+                                   "one image")
 
-    def _iterate(self) -> Iterator[Tensor]:
-        for i, item in enumerate(self.iterable):  # type: ignore[union-attr]
-            yield _images(item, f"data item #{i}")
-
-    def _prepare(self, x: Tensor) -> Tensor:
-        return x.to(device=self.device, dtype=self.dtype)
+    def _checked(self, generator: torch.Generator | None) -> Iterator[Tensor]:
+        """One pass of the data as given; the data room's DataError is calibrate's CalibrationError here."""
+        try:
+            stream, _ = image_batches(self.data, None, self.batch_size, generator, strict=True)
+            yield from stream
+        except DataError as exc:
+            raise CalibrationError(f"calibrate: {exc}") from None
 
     def batches(self, generator: torch.Generator | None = None) -> Iterator[Tensor]:
         """One pass over the data; a tensor is shuffled when ``generator`` is given."""
-        if self.tensor is not None:
-            order = (torch.randperm(self.count, generator=generator) if generator is not None
-                     else torch.arange(self.count))
-            for i in range(0, self.count, self.batch_size):
-                yield self._prepare(self.tensor[order[i:i + self.batch_size]])
-        else:
-            for x in self._iterate():
-                yield self._prepare(x)
+        for x in self._checked(generator):
+            yield x.to(device=self.device, dtype=self.dtype)
 
     def stream(self, generator: torch.Generator) -> Iterator[Tensor]:
         """Endless shuffled batches (epochs one after another), batches of one image skipped."""
@@ -74,13 +44,6 @@ class Batches:
             for x in self.batches(generator):
                 if x.shape[0] > 1:
                     yield x
-
-
-def floating_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
 
 
 def first_output(y: Any, who: str) -> Tensor:
@@ -95,7 +58,8 @@ def first_output(y: Any, who: str) -> Tensor:
 class Runner:
     def __init__(self, kmodel: nn.Module, reference: nn.Module, data: Batches):
         self.kmodel, self.reference, self.data = kmodel, reference, data
-        self.ref_device, self.ref_dtype = floating_device_dtype(reference)
+        self.ref_device, ref_dtype = device_dtype(reference)
+        self.ref_dtype = ref_dtype or torch.get_default_dtype()
 
     @torch.no_grad()
     def ref(self, x: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 SOURCE is a ``kdna train`` run directory (model options and data come from the run) or a state-dict file
 (.pt or .safetensors, with the model options given here). The converted model is written with
-kdna_fx.save (reload it with ``kdna_fx.load(path, fresh_original_model)``), and beside it a Markdown and a
+kdna_fx.save (reload it with ``kdna_fx.load(path)``; the command prints the call, which needs a fresh model
+only for one that kdna_fx.models.create_model did not build), and beside it a Markdown and a
 JSON report: parameters, top-1 and agreement with the original right after conversion, after
 calibration and after the optional fine-tune, and the time of each step. The work is kdna_fx.convert's;
 this module only reads the source and writes the files.
@@ -12,10 +13,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import kdna_fx
@@ -24,12 +25,12 @@ from kdna_fx.calibration import CalibrationConfig
 from kdna_fx.config import KDNAConfig
 from kdna_fx.data import build_data
 from kdna_fx.errors import ConfigError, StateError
-from kdna_fx.models import sharing_config
+from kdna_fx.models import builder_of, sharing_config
 from kdna_fx.source import build_original, load_source
 from kdna_fx.tables import format_table
-from kdna_fx.timing import provenance
+from kdna_fx.timing import provenance, write_results
 from kdna_fx.train import TrainConfig
-from kdna_fx.utils import atomic_path, write_json
+from kdna_fx.utils import atomic_path
 
 from .options import add_model_options, add_progress
 
@@ -124,15 +125,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          [[k, f"{v['top1']:.2f}", f"{v['agreement']:.3f}", f"{v['seconds']:.1f}"]
                           for k, v in steps.items()],
                          title=f"{spec['name']}: {params['original']:,} -> {params['converted']:,} parameters")
-    write_json(f"{stem}.json", json.loads(json.dumps(record, default=str)))
-    with atomic_path(f"{stem}.md") as tmp, open(tmp, "w") as f:
-        machine = record["provenance"]["machine"]
-        f.write(f"```\n{table}\n```\n\nCommand: `kdna convert {' '.join(args.argv)}`  \n"
-                f"Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {machine['gpu']}  \n"
-                f"Versions: {', '.join(f'{k} {v}' for k, v in record['provenance']['versions'].items())}\n")
+    write_results(stem, record, f"```\n{table}\n```", command=f"kdna convert {' '.join(args.argv)}")
     print(table)
-    print(f"wrote {out} (reload: kdna_fx.load(path, <fresh {spec['name']}>)), {stem}.md, {stem}.json")
+    print(f"wrote {out} (reload: {reload_hint(kmodel, spec['name'])}), {stem}.md, {stem}.json")
     return record
+
+
+def reload_hint(model: nn.Module, name: str) -> str:
+    """How to reload what kdna_fx.save wrote for ``model``: one that kdna_fx.models.create_model built carries
+    its builder (kdna_fx.models.builder_of), which the file keeps, so the path alone rebuilds it; any other
+    model needs a fresh instance of its architecture to load into."""
+    return "kdna_fx.load(path)" if builder_of(model) is not None else f"kdna_fx.load(path, <fresh {name}>)"
 
 
 def main(argv: list[str] | None = None) -> int:
