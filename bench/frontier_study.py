@@ -6,17 +6,21 @@
     .venv/bin/python -m bench.frontier_study --report          # tables and plots from the runs on disk
     .venv/bin/python -m bench.frontier_study --preset short    # the former accuracy_study: 10k images, 3 epochs
 
-Every row is a ResNet-18 with the same small stem (``create_model(..., in_chans=1, small_stem=True, width=w)``,
-a 3x3 stride-1 stem, no max-pool), named ``KIND-wWIDTH``:
+Every row is a ResNet-18 with the same small stem (a 3x3 stride-1 stem, no max-pool), built by the zoo's one
+resolver: a row is a name (the key of its records and timings) defined in ``ROW_TABLE`` as a zoo name with its tag
+and the ``create_model`` options beyond ``STUDY_OPTIONS`` (``num_classes=10, in_chans=1, small_stem=True``):
 
-- ``plain-w{W}``: torchvision's ResNet-18 at width W (the plain-net curve);
-- ``replace-w{W}``: ``replace_resnet18`` (kdna_fx.transform of the plain net, sharing within the original depth);
-- ``kdna-w{W}``: ``kdna_resnet18``, the paper's reference topology (stages 3-4 grow to 3 blocks);
-- ``relaxed-r{R}-w{W}``: ``replace_resnet18`` whose children carry a rank-R kernel residual, built by the same
-  transform with ``sharing_config("replace_resnet18")`` mapped to ``AdapterConfig(rank=R)``;
-- ``condconv-k{K}-w{W}``, ``dyconv-k{K}-w{W}``, ``odconv-k{K}-w{W}``: ``kdna_fx.peers`` applied to the plain net
-  (every non-stem 3x3 conv; experts drawn from scratch, as the papers train). DY-Conv's softmax temperature falls
+- ``plain-w{W}``: ``resnet18.plain``, torchvision's ResNet-18 at width W (the plain-net curve);
+- ``replace-w{W}``: ``resnet18.replace`` (kdna_fx.transform of the plain net, sharing within the original depth);
+- ``kdna-w{W}``: ``resnet18.kdna``, the paper's reference topology (stages 3-4 grow to 3 blocks);
+- ``relaxed-r{R}-w{W}``: ``resnet18.relaxed`` with ``rank=R``: replace mode whose children carry a rank-R kernel
+  residual (the same transform, the architecture's sharing config mapped to ``AdapterConfig(rank=R)``);
+- ``condconv-k{K}-w{W}``, ``dyconv-k{K}-w{W}``, ``odconv-k{K}-w{W}``: the peer tags (``resnet18.condconv`` with
+  ``experts=K``, ``.dyconv`` with ``kernels=K``, ``.odconv`` with ``kernel_num=K``), ``init="scratch"``: every
+  non-stem 3x3 conv, experts drawn from scratch, as the papers train. DY-Conv's softmax temperature falls
   linearly from 30 to 1 over the first ``--dyconv-anneal`` of the training steps, as in its paper.
+
+A new row is one ``define(name, model, **options)`` line; ``--rows`` picks rows of the table by name.
 
 One recipe for every row (``kdna_fx.train``): SGD momentum 0.9, peak lr 0.1 after a linear warm-up, cosine to 0,
 weight decay on conv/linear weights, label smoothing, batch 128, fp32, the training augmentation of
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import math
 import os
@@ -50,7 +53,7 @@ from tqdm import tqdm
 
 import kdna_fx
 from kdna_fx import peers
-from kdna_fx.models import create_model, sharing_config
+from kdna_fx.models import create_model
 from kdna_fx.reporting import count_macs
 from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_results
 from kdna_fx.train import TrainConfig, build_data, train
@@ -81,9 +84,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 KINDS = {"plain": "plain ResNet-18", "replace": "replace mode", "kdna": "reference topology",
          "relaxed": "relaxed children", "condconv": "CondConv", "dyconv": "DY-Conv", "odconv": "ODConv"}
+"""The tags a row may build, and how its label names them."""
 KERNELDNA = ("replace", "kdna", "relaxed")
 PEERS = ("condconv", "dyconv", "odconv")
-_ROW = re.compile(r"(plain|replace|kdna|relaxed-r(\d+)|(condconv|dyconv|odconv)-k(\d+))-w(\d*\.?\d+)")
+KERNELS = {"condconv": "experts", "dyconv": "kernels", "odconv": "kernel_num"}
+"""The option of each peer tag that sets its number of kernels (the K of the label)."""
+STUDY_OPTIONS: dict[str, Any] = dict(num_classes=10, in_chans=1, small_stem=True)
+"""The create_model options of every row: Fashion-MNIST's 10 classes and 1x28x28 images, the small stem."""
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -91,62 +98,85 @@ _ROW = re.compile(r"(plain|replace|kdna|relaxed-r(\d+)|(condconv|dyconv|odconv)-
 
 @dataclass(frozen=True)
 class Row:
-    """One row of the study, parsed from its name (``plain-w0.25``, ``relaxed-r4-w0.25``, ``odconv-k1-w0.25``)."""
+    """One row of the study: its name (the key of its records and timings), the zoo name it builds
+    (``<arch>.<tag>``) and its ``create_model`` options beyond ``STUDY_OPTIONS``, as sorted (key, value) pairs."""
 
     name: str
-    kind: str
-    width: float
-    rank: int = 0
-    kernels: int = 0
+    model: str
+    options: tuple[tuple[str, Any], ...]
 
     @classmethod
-    def parse(cls, name: str) -> "Row":
-        m = _ROW.fullmatch(name)
-        if m is None:
-            raise SystemExit(f"unknown row {name!r}: rows look like plain-w0.25, replace-w0.25, kdna-w0.25, "
-                             f"relaxed-r4-w0.25, condconv-k4-w0.25, dyconv-k4-w0.25, odconv-k1-w0.25")
-        width = float(m.group(5))
-        if not 0 < width <= 4:
-            raise SystemExit(f"row {name!r}: width must be in (0, 4], got {width:g}")
-        if m.group(2) is not None:
-            return cls(name, "relaxed", width, rank=int(m.group(2)))
-        if m.group(3) is not None:
-            if int(m.group(4)) < 1:
-                raise SystemExit(f"row {name!r}: the number of kernels must be >= 1")
-            return cls(name, m.group(3), width, kernels=int(m.group(4)))
-        return cls(name, m.group(1), width)
+    def of(cls, name: str) -> "Row":
+        """The row ``name`` of ``ROW_TABLE``."""
+        if name not in ROW_TABLE:
+            raise SystemExit(f"unknown row {name!r}: the rows are {', '.join(ROW_TABLE)} (a new row is one "
+                             f"define(name, model, **options) line in bench/frontier_study.py)")
+        return ROW_TABLE[name]
+
+    @property
+    def kind(self) -> str:
+        """The tag of the zoo name: plain, replace, kdna, relaxed or a peer."""
+        return self.model.rpartition(".")[2]
+
+    @property
+    def width(self) -> float:
+        return dict(self.options)["width"]
+
+    def kwargs(self) -> dict[str, Any]:
+        """Everything ``create_model(self.model, **...)`` gets."""
+        return {**STUDY_OPTIONS, **dict(self.options)}
 
     @property
     def label(self) -> str:
-        extra = f" rank {self.rank}" if self.kind == "relaxed" else f" K={self.kernels}" if self.kernels else ""
+        options = dict(self.options)
+        extra = (f" rank {options['rank']}" if self.kind == "relaxed"
+                 else f" K={options[KERNELS[self.kind]]}" if self.kind in KERNELS else "")
         return f"{KINDS[self.kind]}{extra}, width {self.width:g}"
 
     def spec(self) -> dict[str, Any]:
-        """What goes into TrainConfig.model (checked on resume) and the run record."""
-        zoo = {"plain": "resnet18", "kdna": "kdna_resnet18"}.get(self.kind, "replace_resnet18")
-        return {"row": self.name, "name": "resnet18" if self.kind in PEERS else zoo, "num_classes": 10,
-                "in_chans": 1, "small_stem": True, "width": self.width}
+        """What goes into TrainConfig.model (checked on resume) and the run record: the row and its zoo name
+        and options, so ``kdna_fx.models.create_model(spec["name"], **options)`` rebuilds the model."""
+        return {"row": self.name, "name": self.model, **self.kwargs()}
+
+
+ROW_TABLE: dict[str, Row] = {}
+
+
+def define(name: str, model: str, **options: Any) -> Row:
+    """Add the row ``name``: ``create_model(model, **STUDY_OPTIONS, **options)``. Checks the tag and the option
+    names (``kdna_fx.models.model_options``) here; the values are checked by create_model when it builds."""
+    from kdna_fx.models import model_options
+
+    tag = model.rpartition(".")[2]
+    if tag not in KINDS or "width" not in options:
+        raise ValueError(f"row {name!r}: the study's rows are {', '.join(f'resnet18.{k}' for k in KINDS)} "
+                         f"with a width, got {model!r} with {sorted(options)}")
+    unknown = sorted((set(STUDY_OPTIONS) | set(options)) - set(model_options(model)))
+    if unknown:
+        raise ValueError(f"row {name!r}: {model} does not take {unknown}; it takes {model_options(model)}")
+    if tag in PEERS and KERNELS[tag] not in options:
+        raise ValueError(f"row {name!r}: a peer row names its kernels ({KERNELS[tag]}=K)")
+    ROW_TABLE[name] = Row(name, model, tuple(sorted(options.items())))
+    return ROW_TABLE[name]
+
+
+SCRATCH = {"init": "scratch"}  # the peers' experts drawn from scratch, as their papers train
+for _w in (0.125, 0.1725, 0.1875, 0.25, 0.375, 0.5):
+    define(f"plain-w{_w:g}", "resnet18.plain", width=_w)
+for _w in (0.25, 0.375):
+    define(f"replace-w{_w:g}", "resnet18.replace", width=_w)
+    define(f"kdna-w{_w:g}", "resnet18.kdna", width=_w)
+define("relaxed-r4-w0.25", "resnet18.relaxed", width=0.25, rank=4)
+define("condconv-k4-w0.125", "resnet18.condconv", width=0.125, experts=4, **SCRATCH)
+define("dyconv-k4-w0.125", "resnet18.dyconv", width=0.125, kernels=4, **SCRATCH)
+define("odconv-k1-w0.125", "resnet18.odconv", width=0.125, kernel_num=1, **SCRATCH)
 
 
 def build(row: Row, *, anneal_steps: int = 0) -> nn.Module:
-    """A freshly initialised model for ``row`` (seed torch first). ``anneal_steps``: DY-Conv's temperature schedule."""
-    kwargs = dict(num_classes=10, in_chans=1, small_stem=True, width=row.width)
-    if row.kind == "plain":
-        return create_model("resnet18", **kwargs)
-    if row.kind == "replace":
-        return create_model("replace_resnet18", **kwargs)
-    if row.kind == "kdna":
-        return create_model("kdna_resnet18", **kwargs)
-    if row.kind == "relaxed":  # the same transform pass as replace mode, only the adapters' rank differs
-        config = sharing_config("replace_resnet18").map_adapters(lambda a: dataclasses.replace(a, rank=row.rank))
-        return create_model("replace_resnet18", config=config, **kwargs)
-    plain = create_model("resnet18", **kwargs)
-    if row.kind == "condconv":
-        return peers.condconv(plain, experts=row.kernels, init="scratch")
-    if row.kind == "odconv":
-        return peers.odconv(plain, kernel_num=row.kernels, init="scratch")
-    model = peers.dyconv(plain, kernels=row.kernels, init="scratch")
-    if anneal_steps:
+    """A freshly initialised model for ``row`` (seed torch first): ``create_model(row.model, **row.kwargs())``.
+    ``anneal_steps``: DY-Conv's temperature schedule (a training schedule, not a variant)."""
+    model = create_model(row.model, **row.kwargs())
+    if row.kind == "dyconv" and anneal_steps:
         anneal_temperature(model, start=30.0, end=1.0, steps=anneal_steps)
     return model
 
@@ -270,7 +300,7 @@ def run_one(row: Row, seed: int, args: argparse.Namespace, data: Any,
 
 
 def run_queue(args: argparse.Namespace) -> None:
-    rows = [Row.parse(name) for name in args.rows]
+    rows = [Row.of(name) for name in args.rows]
     data = build_data("fashion-mnist", args.data, train_subset=args.train_subset or None,
                       val_subset=args.test_subset or None, seed=args.subset_seed)
     args.git = study_commit(args)
@@ -304,7 +334,7 @@ def run_queue(args: argparse.Namespace) -> None:
 
 def estimate(args: argparse.Namespace) -> None:
     """Time ``--estimate-steps`` training steps of every row (eager, as the queue trains) and project the run time."""
-    rows = [Row.parse(name) for name in args.rows]
+    rows = [Row.of(name) for name in args.rows]
     n_train = 60_000 if not args.train_subset else min(args.train_subset, 60_000)
     n_test = args.test_subset or 10_000
     x = torch.randn(args.batch_size, 1, 28, 28)
@@ -384,7 +414,7 @@ def speed(args: argparse.Namespace) -> None:
     """Re-time every row in one process: batch-1 latency and batch-32 throughput of the deployable form, compiled
     (torch.compile, static shapes), rows interleaved (kdna_fx.timing.time_interleaved). Weights do not change the
     time, so each row is freshly built."""
-    rows = [Row.parse(name) for name in args.rows]
+    rows = [Row.of(name) for name in args.rows]
     one, batch = torch.randn(1, 1, 28, 28), torch.randn(32, 1, 28, 28)
     calls_b1: dict[str, Callable[[], Any]] = {}
     calls_b32: dict[str, Callable[[], Any]] = {}
@@ -458,7 +488,7 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
     timed = timings[0]["rows"] if timings else {}  # the table's and plots' own columns: the newest timing
     rows = []
     for name in tqdm(names, desc="costs", unit="row", disable=not args.progress):
-        row = Row.parse(name)
+        row = Row.of(name)
         entry: dict[str, Any] = {"row": name, "kind": row.kind, "width": row.width, "label": row.label,
                                  **cost(row), **timed.get(name, {})}
         mine = runs.get(name, [])
@@ -475,7 +505,7 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
     done = sum(len(v) for k, v in runs.items() if k in args.rows)
     trained_on = collections.Counter(r["provenance"]["machine"]["cpu"] for v in runs.values() for r in v)
     return {"rows": rows, "runs_done": done, "runs_total": len(args.rows) * len(args.seeds),
-            "in_progress": _in_progress(args, [Row.parse(n) for n in args.rows]),
+            "in_progress": _in_progress(args, [Row.of(n) for n in args.rows]),
             "trained_on": dict(trained_on.most_common()),
             "timings": [{**t, "rows": {n: {"latency_b1_ms": v["latency_b1_ms"]} for n, v in t["rows"].items()}}
                         for t in timings]}
@@ -860,7 +890,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     for name in args.rows:
-        Row.parse(name)  # a bad row name fails here, before any work
+        Row.of(name)  # a bad row name fails here, before any work
     if args.epochs < 1 or args.batch_size < 2:
         p.error(f"--epochs must be >= 1 and --batch-size >= 2, got {args.epochs} and {args.batch_size}")
     if not 0 < args.dyconv_anneal <= 1:

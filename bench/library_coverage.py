@@ -1,6 +1,6 @@
 """Coverage of models from other libraries: what kdna_fx.transform does to each, with example inputs.
 
-Each model of tests/thirdparty_models.py (segmentation-models-pytorch, MONAI, Ultralytics, Hugging Face
+Each model of kdna_fx.models.thirdparty (segmentation-models-pytorch, MONAI, Ultralytics, Hugging Face
 transformers, efficientnet-pytorch, torchvision quantizable and detection models, timm), built without weights,
 goes through ``kdna_fx.transform(model, example_inputs=...)`` with the default config. The table gives the
 outcome (shared or unchanged), the path its children took (graph rewrite or module swap) and why, the
@@ -29,15 +29,12 @@ from tqdm import tqdm
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
 from kdna_fx.datamodel import record_of
+from kdna_fx.models import thirdparty as catalogue
 from kdna_fx.testing import output_tensors
 from kdna_fx.timing import git_commit, markdown_table, provenance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "coverage")
-_spec = importlib.util.spec_from_file_location("thirdparty_models", os.path.join(HERE, "..", "tests",
-                                                                                 "thirdparty_models.py"))
-catalogue = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(catalogue)
 PRESERVING = KDNAConfig(only_if_smaller=False, adapter=AdapterConfig(rank="full"))
 
 

@@ -7,8 +7,11 @@
 A *group* is one network and its variants, timed together in one process with the rows interleaved
 (kdna_fx.timing.time_interleaved), so that a slow phase of a shared machine lands on every row:
 
+Every row's model is a zoo name with its tag and ``create_model`` options (``GROUPS``: ``torchvision/resnet18``,
+``torchvision/resnet18.replace``, ``resnet18.kdna``, ``torchvision/resnet18.odconv`` ...), folded where the row says so:
+
 - ``resnet18``: torchvision ResNet-18; ``kdna_fx.transform`` of it (replace mode) and its folded form; the
-  reference topology ``kdna_resnet18`` (folded); CondConv (K=4), DY-Conv (K=4), ODConv 1x and KernelWarehouse 1x
+  reference topology ``resnet18.kdna`` (folded); CondConv (K=4), DY-Conv (K=4), ODConv 1x and KernelWarehouse 1x
   (the paper's layers: 3x3 and 1x1 convs) on the same net.
 - ``resnet50``: ResNet-50, replace mode, folded, the reference ``kdna_resnet50`` (folded).
 - ``mobilenet_v2``: MobileNetV2, replace mode with its 1x1 sharing (kdna_fx.models.sharing_config), folded.
@@ -46,7 +49,6 @@ import time
 from typing import Any, Callable
 
 import torch
-import torchvision
 from torch import nn
 from tqdm import tqdm
 
@@ -61,64 +63,68 @@ from kdna_fx.utils import write_json
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "speed")
 MODES = ("eager", "inductor", "freezing", "cudagraphs")
 """cudagraphs: Inductor with CUDA graphs (``mode="reduce-overhead"``); on a CPU it is plain Inductor."""
-Builder = Callable[[], nn.Module]
 
 
-def _tv(name: str) -> Builder:
-    return lambda: torchvision.models.get_model(name, weights=None)
+@dataclasses.dataclass
+class Zoo:
+    """A row's model: ``kdna_fx.models.create_model(name, **options)``, the one resolver (a torchvision model as
+    ``torchvision/<name>[.<tag>]``), folded for deployment (eval mode, ``kdna_fx.fold``) when ``fold``."""
+
+    name: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fold: bool = False
+
+    def __call__(self) -> nn.Module:
+        model = create_model(self.name, **self.options)
+        return kdna_fx.fold(model.eval()) if self.fold else model
 
 
-def _replace(name: str, fold: bool, rewrite: str = "auto") -> Builder:
-    def build() -> nn.Module:
-        config = dataclasses.replace(sharing_config(name), rewrite=rewrite)
-        kmodel = kdna_fx.transform(torchvision.models.get_model(name, weights=None), config)
-        return kdna_fx.fold(kmodel.eval()) if fold else kmodel
-    return build
+def _zoo(name: str, *, fold: bool = False, **options: Any) -> Zoo:
+    return Zoo(name, options, fold)
 
 
-def _reference(name: str) -> Builder:
-    return lambda: kdna_fx.fold(create_model(name).eval())
-
-
-def _peer(convert: Callable[..., nn.Module], **kwargs: Any) -> Builder:
-    return lambda: convert(torchvision.models.resnet18(weights=None), **kwargs)
+def _sharing(name: str, rewrite: str = "auto") -> kdna_fx.KDNAConfig:
+    """The architecture's sharing config (kdna_fx.models.sharing_config) with the given rewrite path."""
+    return dataclasses.replace(sharing_config(name), rewrite=rewrite)
 
 
 # Each row: (name, builder, role). Roles: baseline (the group's reference), replace / folded (KernelDNA in
 # replace mode), swap / swap folded (the same, children put in place by module swap), reference (a KernelDNA
-# reference topology), peer.
-GROUPS: dict[str, list[tuple[str, Builder, str]]] = {
+# reference topology), peer. Every builder is a zoo name with its tag and create_model options.
+GROUPS: dict[str, list[tuple[str, Zoo, str]]] = {
     "resnet18": [
-        ("resnet18", _tv("resnet18"), "baseline"),
-        ("replace", _replace("resnet18", fold=False), "replace"),
-        ("replace folded", _replace("resnet18", fold=True), "folded"),
-        ("kdna_resnet18 folded", _reference("kdna_resnet18"), "reference"),
-        ("CondConv K=4", _peer(peers.condconv, experts=4), "peer"),
-        ("DY-Conv K=4", _peer(peers.dyconv, kernels=4), "peer"),
-        ("ODConv 1x", _peer(peers.odconv, kernel_num=1), "peer"),
-        ("KernelWarehouse 1x", _peer(peers.kernelwarehouse, ratio=1, config=kdna_fx.KDNAConfig(kernel_sizes=(1, 3))),
-         "peer"),
+        ("resnet18", _zoo("torchvision/resnet18"), "baseline"),
+        ("replace", _zoo("torchvision/resnet18.replace", config=_sharing("resnet18")), "replace"),
+        ("replace folded", _zoo("torchvision/resnet18.replace", fold=True, config=_sharing("resnet18")), "folded"),
+        ("kdna_resnet18 folded", _zoo("resnet18.kdna", fold=True), "reference"),
+        ("CondConv K=4", _zoo("torchvision/resnet18.condconv", experts=4), "peer"),
+        ("DY-Conv K=4", _zoo("torchvision/resnet18.dyconv", kernels=4), "peer"),
+        ("ODConv 1x", _zoo("torchvision/resnet18.odconv", kernel_num=1), "peer"),
+        ("KernelWarehouse 1x", _zoo("torchvision/resnet18.kernelwarehouse", ratio=1,
+                                    config=kdna_fx.KDNAConfig(kernel_sizes=(1, 3))), "peer"),
     ],
     "resnet50": [
-        ("resnet50", _tv("resnet50"), "baseline"),
-        ("replace", _replace("resnet50", fold=False), "replace"),
-        ("replace folded", _replace("resnet50", fold=True), "folded"),
-        ("kdna_resnet50 folded", _reference("kdna_resnet50"), "reference"),
+        ("resnet50", _zoo("torchvision/resnet50"), "baseline"),
+        ("replace", _zoo("torchvision/resnet50.replace", config=_sharing("resnet50")), "replace"),
+        ("replace folded", _zoo("torchvision/resnet50.replace", fold=True, config=_sharing("resnet50")), "folded"),
+        ("kdna_resnet50 folded", _zoo("resnet50.kdna", fold=True), "reference"),
     ],
     # The module-swap path (passes/swapping.py) on a model that traces whole, against its graph rewrite: the
     # same children put in place as modules instead of graph nodes (role "swap" is compared with "replace",
     # "swap folded" with "folded").
     "swap": [
-        ("resnet18", _tv("resnet18"), "baseline"),
-        ("replace", _replace("resnet18", fold=False), "replace"),
-        ("replace, module swap", _replace("resnet18", fold=False, rewrite="swap"), "swap"),
-        ("replace folded", _replace("resnet18", fold=True), "folded"),
-        ("replace folded, module swap", _replace("resnet18", fold=True, rewrite="swap"), "swap folded"),
+        ("resnet18", _zoo("torchvision/resnet18"), "baseline"),
+        ("replace", _zoo("torchvision/resnet18.replace", config=_sharing("resnet18")), "replace"),
+        ("replace, module swap", _zoo("torchvision/resnet18.replace", config=_sharing("resnet18", "swap")), "swap"),
+        ("replace folded", _zoo("torchvision/resnet18.replace", fold=True, config=_sharing("resnet18")), "folded"),
+        ("replace folded, module swap",
+         _zoo("torchvision/resnet18.replace", fold=True, config=_sharing("resnet18", "swap")), "swap folded"),
     ],
     "mobilenet_v2": [
-        ("mobilenet_v2", _tv("mobilenet_v2"), "baseline"),
-        ("replace", _replace("mobilenet_v2", fold=False), "replace"),
-        ("replace folded", _replace("mobilenet_v2", fold=True), "folded"),
+        ("mobilenet_v2", _zoo("torchvision/mobilenet_v2"), "baseline"),
+        ("replace", _zoo("torchvision/mobilenet_v2.replace", config=_sharing("mobilenet_v2")), "replace"),
+        ("replace folded", _zoo("torchvision/mobilenet_v2.replace", fold=True, config=_sharing("mobilenet_v2")),
+         "folded"),
     ],
 }
 
@@ -288,7 +294,7 @@ def _train_steps(group: str, args: argparse.Namespace, device: torch.device,
         if role in ("folded", "swap folded") or (args.train_rows and name not in args.train_rows):
             continue  # a folded model is for inference only
         if role == "reference":
-            build = (lambda n=name.split()[0]: create_model(n))  # the unfolded reference trains
+            build = dataclasses.replace(build, fold=False)  # the unfolded reference trains
         model = build().to(device).train()
         for mode in ("eager", "inductor"):
             step_model = _compile(model, args.backend) if mode == "inductor" else model

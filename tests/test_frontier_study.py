@@ -17,12 +17,26 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "train-ima
                                 reason="Fashion-MNIST is not installed (make data)")
 
 
+# Rows of the tiny smoke runs (and one the targets test judges), added to the study's table for this module only:
+# a row is a zoo name with its tag and create_model options, like every row of the study.
+TEST_ROWS = {"plain-w0.0625": ("resnet18.plain", dict(width=0.0625)),
+             "replace-w0.0625": ("resnet18.replace", dict(width=0.0625)),
+             "kdna-w0.0625": ("resnet18.kdna", dict(width=0.0625)),
+             "dyconv-k2-w0.0625": ("resnet18.dyconv", dict(width=0.0625, kernels=2, init="scratch")),
+             "relaxed-r4-w0.375": ("resnet18.relaxed", dict(width=0.375, rank=4))}
+
+
 @pytest.fixture(scope="module")
 def study():
     from bench import frontier_study as module
 
     before = torch.get_num_threads()
+    table = dict(module.ROW_TABLE)
+    for name, (model, options) in TEST_ROWS.items():
+        module.define(name, model, **options)
     yield module
+    module.ROW_TABLE.clear()
+    module.ROW_TABLE.update(table)
     torch.set_num_threads(before)
 
 
@@ -86,7 +100,7 @@ def test_mid_run_resume_is_exact(study, tmp_path):
     args = study.parse_args(tiny(split, [row]))
     data = study.build_data("fashion-mnist", None, train_subset=256, val_subset=256, seed=0)
     with pytest.raises(Stop):  # a session ending mid-run: the epoch-1 checkpoint is on disk, no record yet
-        study.run_one(study.Row.parse(row), 0, args, data, on_epoch_end=stop_after_first_epoch)
+        study.run_one(study.Row.of(row), 0, args, data, on_epoch_end=stop_after_first_epoch)
     assert not (split / "out" / "runs" / row / "seed0.json").exists()
     assert study.main(tiny(split, [row], "--report")) == 0
     assert "epoch 1/2 done" in (split / "out" / "frontier.md").read_text()
@@ -101,8 +115,8 @@ def test_mid_run_resume_is_exact(study, tmp_path):
 def test_bad_arguments(study, tmp_path):
     with pytest.raises(SystemExit, match="unknown row 'resnet-w0.25'"):
         study.parse_args(["--rows", "resnet-w0.25"])
-    with pytest.raises(SystemExit, match="width must be"):
-        study.parse_args(["--rows", "plain-w0"])
+    with pytest.raises(SystemExit, match="unknown row 'plain-w0'.*one define"):
+        study.parse_args(["--rows", "plain-w0"])  # rows come from the table, not from a grammar of names
     with pytest.raises(SystemExit):
         study.parse_args(["--rows", "plain-w0.25", "plain-w0.25"])
 
@@ -122,7 +136,7 @@ def test_lock_keeps_a_second_process_off(tmp_path):
 
 def test_targets_are_judged_against_the_plain_curve(study):
     def row(name, params, ms, seeds, lo, hi):
-        kind = study.Row.parse(name).kind
+        kind = study.Row.of(name).kind
         top1 = [lo, hi, (lo + hi) / 2][:seeds]  # one seed: lo == hi
         return {"row": name, "kind": kind, "params": params, "latency_b1_ms": ms, "seeds": list(range(seeds)),
                 "top1": top1, "top1_mean": (lo + hi) / 2, "top1_min": lo, "top1_max": hi}
@@ -236,3 +250,4 @@ def test_timings_per_cpu_newest_first_with_discarded_entries_left_out(study, tmp
     assert timings[1]["discarded"] == {"plain-w0.5": "ran uncompiled"} and timings[0]["discarded"] == {}
     summary = {"trained_on": {}, "timings": timings}
     assert "Left out: `plain-w0.5` in `speed/old-cpu-r-9.json`, which ran uncompiled" in study.machines_text(summary)
+

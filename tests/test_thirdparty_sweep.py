@@ -1,4 +1,4 @@
-"""Models from the libraries vision people build on (tests/thirdparty_models.py), each built without weights and
+"""Models from the libraries vision people build on (kdna_fx.models.thirdparty), each built without weights and
 offline, through kdna_fx with example inputs, as a new user would take them: every outcome is shared (every check
 passes) or unchanged with a warning that says why; never a crash at the first forward, never a different
 function. The expected outcome and path of each model is listed here, so a change in either direction fails.
@@ -9,8 +9,6 @@ rank with init="trained" gives the original's outputs. docs/partial-tracing.md#c
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 
 import pytest
@@ -20,12 +18,9 @@ from torch import nn
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
 from kdna_fx.datamodel import record_of
+from kdna_fx.models import thirdparty as catalogue
 from kdna_fx.testing import output_tensors
 
-_spec = importlib.util.spec_from_file_location("thirdparty_models",
-                                               os.path.join(os.path.dirname(__file__), "thirdparty_models.py"))
-catalogue = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(catalogue)
 
 pytestmark = [pytest.mark.usefixtures("free_traced_models")]
 

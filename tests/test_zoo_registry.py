@@ -31,7 +31,7 @@ def test_every_architecture_lists_its_tags() -> None:
     peers = [t for t, fn in zoo.PEERS.items() if hasattr(kdna_fx.peers, fn)]
     assert peers and set(peers) >= {"condconv", "dyconv", "odconv"}
     for arch in ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v2_050", "convnext_tiny"):
-        assert zoo.list_models(f"{arch}.*") == sorted(f"{arch}.{t}" for t in ["plain", "replace", "kdna", *peers])
+        assert zoo.list_models(f"{arch}.*") == sorted(f"{arch}.{t}" for t in ["plain", "replace", "relaxed", "kdna", *peers])
     assert set(zoo.list_models("*.kdna", aliases=True)) < set(zoo.list_models(aliases=True))
     assert "kdna_resnet18" in zoo.list_models("kdna_*", aliases=True) and not zoo.list_models("kdna_*")
 

@@ -6,6 +6,8 @@ once (``register_arch``); its variants are tags:
 
 - ``plain``: the ordinary network (the default: ``resnet18`` is ``resnet18.plain``);
 - ``replace``: ``kdna_fx.transform`` of it with the architecture's ``sharing_config``;
+- ``relaxed``: replace mode whose children carry a rank-``rank`` kernel residual (``AdapterConfig.rank``,
+  default ``RELAXED_RANK``);
 - ``kdna``: the KernelDNA reference topology (zoo architectures only);
 - one tag per peer of ``PEERS``: the ``kdna_fx.peers`` transform of the plain network.
 
@@ -33,6 +35,8 @@ PEERS: dict[str, str] = {
     "odconv": "odconv",
     "kernelwarehouse": "kernelwarehouse",
 }
+RELAXED_RANK = 4
+"""The default ``rank`` of the ``relaxed`` tag: each child's kernel residual B A, B [C_out, rank]."""
 SOURCES = ("torchvision", "timm")
 """Libraries ``create_model`` builds from by name: ``torchvision/<name>``, ``timm/<name>``."""
 
@@ -98,7 +102,7 @@ def peer_function(tag: str) -> Callable[..., nn.Module] | None:
 
 def tags(arch: Arch | None = None) -> list[str]:
     """The tags of a zoo architecture (``arch``) or of a torchvision/timm model (None), default first."""
-    own = ["plain", "replace"] + (["kdna"] if arch is not None and arch.reference is not None else [])
+    own = ["plain", "replace"] + (["kdna"] if arch is not None and arch.reference is not None else []) + ["relaxed"]
     return own + [t for t in PEERS if peer_function(t) is not None]
 
 
@@ -179,6 +183,8 @@ def _tag_options(resolved: Resolved) -> list[str]:
     """The options that belong to the tag (the rest go to the architecture)."""
     if resolved.tag == "replace":
         return ["config", "gate_norm"]
+    if resolved.tag == "relaxed":
+        return ["config", "gate_norm", "rank"]
     if resolved.tag in PEERS:
         return _params(peer_function(resolved.tag), skip=1)  # type: ignore[arg-type]  (after the model)
     return []
@@ -225,10 +231,13 @@ def recipe(name: str, kwargs: dict[str, Any], build_net: Callable[..., nn.Module
     if options is not None:
         unknown = sorted(set(kwargs) - set(options))
         if unknown:
-            raise KDNATypeError(f"{resolved.name} does not take option(s) {unknown}; it takes {options}")
+            raise KDNATypeError(f"{resolved.name} does not take option(s) {unknown}; it takes {options}"
+                                + _other_tags_hint(resolved, unknown))
     own = set(_tag_options(resolved))
     tag_kwargs = {k: v for k, v in kwargs.items() if k in own}
     net_kwargs = {k: v for k, v in kwargs.items() if k not in own}
+    if resolved.tag == "relaxed":  # checked before anything is built
+        tag_kwargs["rank"] = _relaxed_rank(resolved, tag_kwargs.get("rank", RELAXED_RANK))
     build_net = build_net or (lambda make, **kw: make(**kw))
 
     if resolved.tag == "kdna":
@@ -250,6 +259,10 @@ def recipe(name: str, kwargs: dict[str, Any], build_net: Callable[..., nn.Module
     config = _config(resolved, tag_kwargs.pop("config", None), tag_kwargs.pop("gate_norm", None))
     if resolved.tag == "replace":
         return Recipe(net, lambda model, base: _replace(model, base, config))
+    if resolved.tag == "relaxed":
+        rank = tag_kwargs.pop("rank")
+        relaxed = config.map_adapters(lambda a: dataclasses.replace(a, rank=rank))
+        return Recipe(net, lambda model, base: _replace(model, base, relaxed))
     peer = peer_function(resolved.tag)
     if "config" in _params(peer):  # type: ignore[arg-type]  (which convs it converts: the architecture's)
         tag_kwargs["config"] = config
@@ -263,7 +276,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     ``resnet18.kdna``), or ``torchvision/<name>[.<tag>]`` / ``timm/<name>[.<tag>]``.
 
     Zoo architectures take ``num_classes``, ``in_chans``, ``small_stem`` and ``width`` (see docs/models.md);
-    ``replace`` takes ``config`` and ``gate_norm``, a peer tag its ``kdna_fx.peers`` function's options.
+    ``replace`` takes ``config`` and ``gate_norm``, ``relaxed`` those and ``rank`` (default ``RELAXED_RANK``,
+    an integer >= 1 or ``"full"``), a peer tag its ``kdna_fx.peers`` function's options.
     The model records how it was built (``kdna_fx.models.builder_of``), so ``kdna_fx.load(path)`` can
     rebuild it.
     """
@@ -272,6 +286,25 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     resolved = resolve(name)
     net, finish = recipe(name, kwargs)
     return stamp(finish(net, net), resolved.name, kwargs)
+
+
+def _relaxed_rank(resolved: Resolved, rank: Any) -> int | str:
+    """The ``rank`` option of the ``relaxed`` tag, checked: a one-line ConfigError that names the fix."""
+    if rank == "full" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        return rank
+    replace = resolved.name.rpartition(".")[0] + ".replace"
+    raise ConfigError(f"{resolved.name}: rank must be an integer >= 1 or 'full' (each child's kernel residual "
+                      f"rank; default {RELAXED_RANK}), got {rank!r}; for no residual use {replace}")
+
+
+def _other_tags_hint(resolved: Resolved, unknown: list[str]) -> str:
+    """Where the unknown options belong, when another tag of the same architecture takes them all."""
+    arch = resolved.arch
+    if arch is None:
+        return ""
+    takers = [f"{arch.name}.{t}" for t in tags(arch) if t != resolved.tag
+              and set(unknown) <= set(model_options(f"{arch.name}.{t}"))]
+    return f" (use {' or '.join(takers)})" if takers else ""
 
 
 def _maker(resolved: Resolved) -> Callable[..., nn.Module]:

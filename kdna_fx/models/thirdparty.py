@@ -1,37 +1,35 @@
-"""Catalogue of small third-party CNNs, built offline and without weights, for sweeps over kdna_fx.
+"""A catalogue of small third-party CNNs, built offline and without weights, for sweeps over kdna_fx.
 
-Not a test module itself (no ``test_`` prefix): a sweep loads it and parametrises over ``BUILDERS``. pytest
-runs with ``--import-mode=importlib`` here, so tests/ is not on sys.path; load it by file location::
+    from kdna_fx.models import thirdparty
 
-    _spec = importlib.util.spec_from_file_location(
-        "thirdparty_models", os.path.join(os.path.dirname(__file__), "thirdparty_models.py"))
-    thirdparty_models = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(thirdparty_models)
-    BUILDERS, EXAMPLE_INPUTS, MODULE = (thirdparty_models.BUILDERS, thirdparty_models.EXAMPLE_INPUTS,
-                                        thirdparty_models.MODULE)
+    for name in sorted(thirdparty.BUILDERS):
+        model = thirdparty.BUILDERS[name]().eval()       # a clear ModuleNotFoundError if its library is missing
+        out = model(*thirdparty.EXAMPLE_INPUTS[name]())
 
-    @pytest.mark.parametrize("name", sorted(BUILDERS))
-    def test_sweep(name):
-        pytest.importorskip(MODULE[name])
-        model = BUILDERS[name]().eval()
-        out = model(*EXAMPLE_INPUTS[name]())
-
-Every library is imported inside its builder, so this module imports when any of them is missing.
+Models of segmentation-models-pytorch, MONAI, Ultralytics, Hugging Face transformers, efficientnet-pytorch,
+torchvision (quantizable and detection models) and timm; tests/test_thirdparty_sweep.py and
+bench/library_coverage.py sweep kdna_fx over them. ``import kdna_fx`` does not import this module, and this
+module imports none of those libraries: each builder imports its own, and a missing one raises a
+``ModuleNotFoundError`` that names the library and the pip extra (``pip install 'kdna_fx[thirdparty]'``; Ultralytics
+itself ``pip install --no-deps ultralytics``, as the Makefile does, since its requirements pull a GUI OpenCV).
 
 - ``BUILDERS[id]``: zero-argument function returning the model (random init, nothing downloaded).
 - ``EXAMPLE_INPUTS[id]``: zero-argument function returning the positional-argument tuple for ``forward``
   (small spatial sizes so a CPU forward is fast; a fresh tensor on every call, in the default dtype).
 - ``LIBRARY[id]``: the pip distribution name of the library the model comes from.
-- ``MODULE[id]``: its top-level import name, for ``pytest.importorskip`` (differs from the distribution name
-  for e.g. segmentation-models-pytorch -> segmentation_models_pytorch).
+- ``MODULE[id]``: its top-level import name, for ``pytest.importorskip`` or ``available`` (differs from the
+  distribution name for e.g. segmentation-models-pytorch -> segmentation_models_pytorch).
 - ``NOTES[id]``: one line on the model and anything unusual about its input or output.
 
-Environment: the module sets (setdefault, so an explicit value wins) the variables that keep Hugging Face
-and Ultralytics offline and keep Ultralytics' settings file under /tmp instead of the home directory; the
-Ultralytics builders also point its runs/weights/datasets directories at /tmp and turn its analytics sync off.
+Environment: a builder sets (setdefault, so an explicit value wins) the variables that keep Hugging Face and
+Ultralytics offline and keep Ultralytics' settings file under /tmp instead of the home directory, before it
+imports its library; the Ultralytics builders also point its runs/weights/datasets directories at /tmp and turn
+its analytics sync off. Importing this module changes nothing.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import tempfile
 from typing import Callable, NamedTuple
@@ -46,11 +44,28 @@ _OFFLINE_ENV = {
     "YOLO_CONFIG_DIR": os.path.join(tempfile.gettempdir(), "kdna_fx_ultralytics"),  # settings.json goes here
     "YOLO_VERBOSE": "False",
 }
-for _key, _value in _OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
+EXTRA = "thirdparty"
+"""The pip extra of kdna_fx that installs the catalogue's libraries: ``pip install 'kdna_fx[thirdparty]'``."""
 
 
-class Entry(NamedTuple):  # not a dataclass: loading by file location leaves the module out of sys.modules
+def _offline_env() -> None:
+    for key, value in _OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _missing(name: str, library: str, module: str) -> ModuleNotFoundError:
+    extra = ("pip install --no-deps ultralytics (its other requirements: " if module == "ultralytics" else "") + \
+        f"pip install 'kdna_fx[{EXTRA}]'" + (")" if module == "ultralytics" else "")
+    return ModuleNotFoundError(f"the catalogue model {name!r} needs {library} (import {module}), which is not "
+                               f"installed: {extra}", name=module)
+
+
+def available(name: str) -> bool:
+    """Whether the library of catalogue model ``name`` is installed (its builder will not fail to import it)."""
+    return importlib.util.find_spec(ENTRIES[name].module) is not None
+
+
+class Entry(NamedTuple):
     build: Callable[[], torch.nn.Module]
     example_inputs: Callable[[], tuple]
     library: str  # pip distribution name
@@ -65,8 +80,21 @@ def _register(name: str, library: str, module: str, note: str, example_inputs: C
     def decorator(build: Callable[[], torch.nn.Module]):
         if name in ENTRIES:
             raise ValueError(f"duplicate catalogue id {name!r}")
-        ENTRIES[name] = Entry(build, example_inputs, library, module, note)
-        return build
+
+        @functools.wraps(build)
+        def offline_build() -> torch.nn.Module:
+            if importlib.util.find_spec(module) is None:
+                raise _missing(name, library, module)
+            _offline_env()
+            try:
+                return build()
+            except ModuleNotFoundError as exc:  # a library the model's own library needs
+                if exc.name is None or importlib.util.find_spec(exc.name.partition(".")[0]) is not None:
+                    raise
+                raise _missing(name, exc.name.partition(".")[0], exc.name.partition(".")[0]) from exc
+
+        ENTRIES[name] = Entry(offline_build, example_inputs, library, module, note)
+        return offline_build
     return decorator
 
 
