@@ -160,7 +160,7 @@ SLOW_TESTS = {
     **{f"test_deploy.py::test_peer_compiles_fullgraph_without_recompiles[{n}]":
        "ODConv checks the peers' compile path; each peer takes 2-5 s" for n in ("condconv", "dyconv", "kernelwarehouse")},
     **{f"test_export.py::test_a_peer_exports_to_onnx_at_a_dynamic_batch[{n}]":
-       "ODConv checks the peers' ONNX form (it has every attention); each takes about 20 s" for n in ("condconv", "kernelwarehouse")},
+       "ODConv checks the peers' ONNX form (it has every attention); each takes about 8 s" for n in ("condconv", "kernelwarehouse")},
 }
 
 
