@@ -16,6 +16,14 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor
 
+# einops finds its backend by the tensor's type and caches it per type in a dict. Were a type's first use
+# inside torch.compile, dynamo would trace the cache being filled and guard on its size, so the first compiled
+# model of a process recompiled once on its second call (an nn.Parameter rearranged in the forward, as the
+# peers' experts are). Filled here, at import, for the two types a model's forward hands to einops.
+for _tensor in (torch.zeros(1), torch.nn.Parameter(torch.zeros(1))):
+    rearrange(_tensor, "a -> a")
+del _tensor
+
 GateNorm = Literal["batch", "layer", "none"]
 """The norm inside a gate: BatchNorm over the batch (the reference), LayerNorm per sample, or none."""
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]

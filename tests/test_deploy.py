@@ -289,6 +289,37 @@ def test_peer_exports_with_a_dynamic_batch(name, dtype, tol):
             torch.testing.assert_close(program.module()(x), model(x), **tol)
 
 
+_FRESH_PROCESS = """
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from kdna_fx import peers
+from kdna_fx.testing import ConvSpec, ConvStack
+model = peers.odconv(ConvStack(4, [ConvSpec(), ConvSpec(bias=True)]), kernel_num=4).eval()
+counter = CompileCounterWithBackend("aot_eager")
+compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+frames = []
+with torch.no_grad():
+    for n in (2, 3):
+        compiled(torch.randn(n, 4, 8, 8))
+        frames.append(counter.frame_count)
+print(frames)
+"""
+
+
+def test_the_first_compile_of_a_process_does_not_recompile():
+    # In a fresh process einops' per-type backend cache is empty; filling it inside the compiled forward (the
+    # experts, an nn.Parameter, go through einops) made dynamo guard on its size and recompile on the second
+    # call. kdna_fx.functional fills it at import. The suite's other compiles would hide this: a new process.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    frames = eval(done.stdout.strip().splitlines()[-1])
+    assert frames[0] >= 1 and frames[1] == frames[0], f"recompiled on the second call: frames {frames}"
+
+
 @pytest.mark.parametrize("name", list(PEERS))
 def test_peer_compiles_fullgraph_without_recompiles(name):
     # aot_eager: dynamo's capture and AOT functionalisation at a symbolic batch. Inductor itself compiles the
