@@ -56,6 +56,7 @@ MODELS: dict[str, Callable[[], Any]] = {
     "folded": lambda: kdna_fx.fold(_graph()),
     "folded-swap": lambda: kdna_fx.fold(_transformed(Untraceable())),
     "peer": lambda: kdna_fx.peers.odconv(TinyResNet()).eval(),
+    "peer-swap": lambda: kdna_fx.peers.odconv(Untraceable()).eval(),
     "zoo": lambda: kdna_fx.models.create_model("resnet18.kdna", num_classes=10, width=0.25, small_stem=True).eval(),
     "as_function": lambda: kdna_fx.as_function(_graph()),
 }
