@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 from torch import fx, nn
-from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from .carried import keep, kept
 from .config import AdapterConfig, KDNAConfig
 from .errors import KDNAError
 from .functional import pair
@@ -328,11 +328,10 @@ class TransformRecord:
 
 
 def attach(model: nn.Module, record: TransformRecord) -> None:
-    """Leave ``record`` on ``model``; on a GraphModule it also survives deepcopy (torch.fx's preserved
-    attributes) and pickle (a plain attribute is restored; its node tags by ``store_tags``)."""
-    object.__setattr__(model, RECORD_ATTR, record)
+    """Leave ``record`` on ``model``, to travel with it (kdna_fx/carried.py); on a GraphModule with its node tags
+    (``store_tags``), which torch.fx drops when it rebuilds a pickled GraphModule from its code."""
+    keep(model, RECORD_ATTR, record)
     if isinstance(model, fx.GraphModule):
-        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[RECORD_ATTR] = record
         store_tags(model)
 
 
@@ -355,11 +354,7 @@ def find_record(model: object) -> TransformRecord | None:
     """The record of a transformed model (or of the model inside a torch.compile wrapper), else None."""
     if not isinstance(model, nn.Module):
         return None
-    # vars(): a plain attribute, never a parameter or submodule (nn.Module.__getattr__ would look there).
-    record = vars(model).get(RECORD_ATTR)
-    if record is not None and isinstance(model, fx.GraphModule):
-        # A GraphModule rebuilt from pickle has the attribute but a fresh meta: keep deepcopy carrying it.
-        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).setdefault(RECORD_ATTR, record)
+    record = kept(model, RECORD_ATTR)
     if record is None and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         return find_record(model._orig_mod)
     return record
@@ -396,20 +391,13 @@ PEER_ATTR = "_kdna_peer"
 
 
 def attach_peer(model: nn.Module, record: PeerRecord) -> None:
-    """Leave ``record`` on a model converted by a peer (in a GraphModule's meta, which deepcopy keeps)."""
-    if isinstance(model, fx.GraphModule):
-        model.meta["kdna_peer"] = record
-    else:
-        object.__setattr__(model, PEER_ATTR, record)
+    """Leave ``record`` on a model converted by a peer, to travel with it (kdna_fx/carried.py)."""
+    keep(model, PEER_ATTR, record)
 
 
 def peer_record(model: nn.Module) -> PeerRecord | None:
-    """The PeerRecord of a converted model: in a GraphModule's meta (kept by deepcopy), else a plain attribute."""
-    if isinstance(model, fx.GraphModule) and "kdna_peer" in model.meta:
-        return model.meta["kdna_peer"]
-    return vars(model).get(PEER_ATTR)
-
-
+    """The PeerRecord of a converted model, else None."""
+    return kept(model, PEER_ATTR)
 
 
 def converted_by(model: object) -> str | None:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import fx, nn
 
+from kdna_fx.carried import KDNAGraphModule
 from kdna_fx.config import KDNAConfig
 from kdna_fx.errors import KDNATraceError
 from kdna_fx import datamodel
@@ -50,7 +51,7 @@ def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterabl
         graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one documented error
         raise _trace_error(tracer, model, exc) from exc
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = KDNAGraphModule(tracer.root, graph, type(model).__name__)  # what kdna_fx leaves on it travels with it
     _copy_untraced_state(model, gm)
     _copy_plain_attributes(model, gm)
     gm.train(model.training)

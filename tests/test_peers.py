@@ -12,6 +12,7 @@ from torch import nn
 
 import kdna_fx
 from kdna_fx import peer_functional as PF
+from kdna_fx.datamodel import peer_record
 from kdna_fx.functional import explicit_padding
 from kdna_fx.peers import CondConv2d, DynamicConv2d, KWConv2d, ODConv2d, PeerConv2d
 from kdna_fx.reporting import count_macs
@@ -157,7 +158,7 @@ def test_parameter_counts_and_macs(method, dtype):
     torch.manual_seed(0)
     original = TinyResNet(width=4).eval()
     model = PEERS[method](original)
-    record = model.meta["kdna_peer"]
+    record = peer_record(model)
     family, k = KERNELS[method]
     added = sum(_expected_added(original.get_submodule(n), family, k) for n in record.converted)
     before = sum(p.numel() for p in original.parameters())
@@ -219,9 +220,9 @@ def test_eligibility_is_transforms():
     config = kdna_fx.KDNAConfig(leaf_modules=(Block,), exclude=r"^2$")
     converted = kdna_fx.peers.dyconv(model, config=config)
     assert isinstance(converted.get_submodule("0"), DynamicConv2d)
-    assert converted.meta["kdna_peer"].converted == ("0",)
+    assert peer_record(converted).converted == ("0",)
     assert isinstance(converted.get_submodule("1.conv"), nn.Conv2d)  # opaque leaf: not traced into
-    reasons = {s.name: s.reason for s in converted.meta["kdna_peer"].skipped}
+    reasons = {s.name: s.reason for s in peer_record(converted).skipped}
     assert "exclude" in reasons["2"] and "kernel 1x1" in reasons["3"]
     assert isinstance(model[0], nn.Conv2d)  # the caller's model is untouched
 
@@ -238,8 +239,8 @@ def test_functional_convs_are_left_with_a_reason():
     with pytest.warns(kdna_fx.SkippedSiteWarning, match="nn.Conv2d modules only"), \
             pytest.warns(kdna_fx.NoEligibleConvWarning, match="CondConv"):
         converted = kdna_fx.peers.condconv(Functional())
-    assert converted.meta["kdna_peer"].converted == ()
-    assert [s.name for s in converted.meta["kdna_peer"].skipped] == ["weight"]
+    assert peer_record(converted).converted == ()
+    assert [s.name for s in peer_record(converted).skipped] == ["weight"]
 
 
 def test_temperature_is_a_buffer_and_settable():
@@ -477,7 +478,7 @@ def test_kernelwarehouse_resnet18_parameter_counts(ratio, cell_fraction, paper):
     assert count == _kw_expected_params(resnet, ratio, cell_fraction)
     # The paper's 1/2x, 1x and 4x exactly (to its two decimals); 1/4x comes out 4.03 M, 1.2 % under its 4.08 M.
     assert abs(count / 1e6 - paper) <= (0.05 if ratio == 0.25 else 0.005)
-    record = model.meta["kdna_peer"]
+    record = peer_record(model)
     assert len(record.converted) == 19 and record.converted[0] == "layer1.0.conv1"  # every conv but the 7x7 stem
 
 

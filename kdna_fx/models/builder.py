@@ -1,8 +1,9 @@
 """The builder stamp: how a model was built, so that a checkpoint can rebuild it (``kdna_fx.load(path)``).
 
 Every model ``create_model`` returns carries ``{"name": <canonical name>, "kwargs": {...}}`` (JSON-able: a
-KDNAConfig is stored as its dict) in one plain attribute. It survives ``kdna_fx.transform`` (both paths),
-``copy.deepcopy`` and pickle. Options that JSON cannot hold (a class, a module) leave the model unstamped.
+KDNAConfig is stored as its dict) in one attribute that travels with the model (kdna_fx/carried.py): it survives
+``kdna_fx.transform`` (both paths), pickle, torch.save, ``copy.deepcopy`` and ``copy.copy``. Options that JSON
+cannot hold (a class, a module) leave the model unstamped.
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import copy
 import json
 from typing import Any
 
-from torch import fx, nn
-from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+from torch import nn
 
+from ..carried import keep, kept
 from ..config import KDNAConfig
 from ..errors import StateError
 
@@ -51,20 +52,8 @@ def stamp(model: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Module:
         json.dumps(builder)
     except (TypeError, ValueError):
         return model
-    _attach(model, builder)
+    keep(model, BUILDER_ATTR, builder)
     return model
-
-
-def preserve(model: nn.Module, name: str, value: Any) -> None:
-    """Set the plain attribute ``name`` on ``model`` so that it survives deepcopy and pickle: a GraphModule
-    keeps only the attributes torch.fx is told to preserve through deepcopy."""
-    object.__setattr__(model, name, value)
-    if isinstance(model, fx.GraphModule):
-        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
-
-
-def _attach(model: nn.Module, builder: dict[str, Any]) -> None:
-    preserve(model, BUILDER_ATTR, builder)
 
 
 def builder_of(model: object) -> dict[str, Any] | None:
@@ -73,12 +62,10 @@ def builder_of(model: object) -> dict[str, Any] | None:
     None for a model ``create_model`` did not build. Looks inside a ``torch.compile`` wrapper."""
     if not isinstance(model, nn.Module):
         return None
-    builder = vars(model).get(BUILDER_ATTR)  # a plain attribute, never a submodule
+    builder = kept(model, BUILDER_ATTR)
     if builder is None:
         inner = vars(model).get("_modules", {}).get("_orig_mod")
         return builder_of(inner) if inner is not None else None
-    if isinstance(model, fx.GraphModule):  # a GraphModule rebuilt from pickle has a fresh meta
-        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).setdefault(BUILDER_ATTR, builder)
     return copy.deepcopy(builder)
 
 
@@ -86,7 +73,7 @@ def carry(source: nn.Module, target: nn.Module) -> None:
     """Give ``target`` (built from ``source``: by kdna_fx.transform, say) ``source``'s stamp, if any."""
     builder = builder_of(source)
     if builder is not None:
-        _attach(target, builder)
+        keep(target, BUILDER_ATTR, builder)
 
 
 def rebuild(builder: dict[str, Any]) -> nn.Module:

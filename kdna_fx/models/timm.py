@@ -22,9 +22,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ..carried import keep
 from ..errors import ConfigError
 from ._registry import Arch, architectures, model_options, recipe, tags
-from .builder import preserve, stamp
+from .builder import stamp
 
 _PROBE = 64
 """Side of the input the feature stages are measured on (divisible by every reduction)."""
@@ -98,9 +99,9 @@ def _entrypoint(arch: Arch, tag: str) -> Callable[..., nn.Module]:
         model = finish(built, nets[-1])
         for attr in _KEPT:
             if attr in vars(built):
-                preserve(model, attr, vars(built)[attr])
+                keep(model, attr, vars(built)[attr])
         if not kwargs.get("features_only"):
-            preserve(model, "num_classes", options.get("num_classes", 1000))  # timm's train script reads it
+            keep(model, "num_classes", options.get("num_classes", 1000))  # timm's train script reads it
             if not timm_kwargs.keys() - {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}:
                 stamp(model, zoo_name, options)  # the same model as create_model(zoo_name, **options)
         return model
