@@ -148,9 +148,12 @@ def prune(model: nn.Module, ratio: float, example: Tensor) -> nn.Module:
 
     model = copy.deepcopy(model)
     if ratio > 0:
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, ignored_layers=[classifier(model)])
-        pruner.step()
+        # Torch-Pruning traces its dependency graph through autograd (and asserts grad mode), so a caller's
+        # torch.no_grad() must not reach it.
+        with torch.enable_grad():
+            pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                          pruning_ratio=ratio, ignored_layers=[classifier(model)])
+            pruner.step()
     return model
 
 

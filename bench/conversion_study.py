@@ -213,9 +213,7 @@ def make_recipe(row: str, original: nn.Module, spec: dict[str, Any], calib: torc
     if m:
         ratio = int(m.group(1)) / 100
         config, init, options, _ = kdna_config(spec, m.group(2))
-        with torch.no_grad():
-            student = kdna_fx.transform(prune(original, ratio, EXAMPLE), config, init=init,
-                                        example_inputs=(calib[:8],))
+        student = kdna_fx.transform(prune(original, ratio, EXAMPLE), config, init=init, example_inputs=(calib[:8],))
         return Recipe(calibration.replace(**options), student=student, made={"pruning_ratio": ratio})
     raise SystemExit(f"unknown row {row!r}; rows look like {ROWS + ABLATION}")
 

@@ -267,3 +267,15 @@ def test_matched_parameter_baselines(dtype, tol):
     torch.testing.assert_close(full.eval()(x), model(x), **tol)
     small, fraction = matched(lambda f: factorise(model, names, f), target, 0.02, 1.0)
     assert n_params(small) < n_params(model) and 0.02 <= fraction <= 1.0
+
+
+def test_pruning_works_under_no_grad():
+    # Torch-Pruning asserts grad mode while it traces; the prune-then-share row called it under no_grad and
+    # failed (protocol 2's first run of prune30+kdna-r4).
+    pytest.importorskip("torch_pruning")
+    from bench.common import prune
+
+    model = TinyResNet()
+    with torch.no_grad():
+        pruned = prune(model, 0.3, torch.randn(2, 3, 16, 16))
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
