@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .api import plan_of, transform
 from .calibration import CalibrationConfig, CalibrationReport, calibrate
 from .config import KDNAConfig
+from .datamodel import find_record
 from .errors import ConfigError, KDNAError, KDNATypeError
 
 STAGES: tuple[str, ...] = ("converted", "calibrated", "fine-tuned")
@@ -92,7 +93,7 @@ def convert(original: nn.Module, images: Tensor, config: KDNAConfig | None = Non
     if student is not None and (config is not None or plan is not None):
         raise ConfigError("convert: pass either student (a model you made) or config/plan (for the transform), "
                           "not both")
-    if student is not None and run_calibration and calibration.train != "all":
+    if student is not None and run_calibration and calibration.train != "all" and find_record(student) is None:
         raise ConfigError(f"convert: a student that is not a kdna_fx transform has no adapters; calibrate it with "
                           f"CalibrationConfig(train='all'), not train={calibration.train!r}")
     original.eval()

@@ -181,6 +181,18 @@ def test_convert_takes_a_student_made_elsewhere(blob):
     assert list(skipped.stages) == ["converted"] and skipped.calibration is None
 
 
+def test_convert_calibrates_a_transformed_student_made_elsewhere_with_its_adapters(blob):
+    # prune, then share: the student is a kdna_fx transform of another net, so calibrate's default
+    # (train="parents": adapters and norms, parents at their own rate) applies; only a plain student needs "all".
+    model, calib_x, test_x, test_y = blob
+    torch.manual_seed(0)
+    student = kdna_fx.transform(TinyResNet(width=4, in_chans=1, num_classes=5))
+    quiet = kdna_fx.CalibrationConfig(steps=3, progress=False)
+    result = kdna_fx.convert(model, calib_x, calibration=quiet, student=student, evaluate={"t": [(test_x, test_y)]})
+    assert result.model is student and list(result.stages) == ["converted", "calibrated"]
+    assert result.calibration.config.train == "parents"
+
+
 def test_convert_bad_inputs_are_clear(blob):
     model, calib_x, _, _ = blob
     student = TinyResNet(width=4, in_chans=1, num_classes=5)
