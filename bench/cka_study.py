@@ -38,7 +38,7 @@ from kdna_fx.cka import LayerSimilarity, layer_similarity
 from kdna_fx.train import build_data
 
 from bench import conversion_study as cs  # the same originals, images and pipeline
-from bench.common import markdown_table, write_json, write_results
+from bench.common import compare, markdown_table, verdict_cell, write_json, write_results
 from kdna_fx.timing import provenance
 
 ARCH = "resnet18_w025"
@@ -132,8 +132,9 @@ def report(args: argparse.Namespace) -> None:
             ["plan", "params", "seeds", "calibrated: top-1 % / agreement", "fine-tuned"],
             [[f"`{r['row']}`", f"{r['params']:,}", len(r["seeds"]), cs.cell(r, "calibrated"),
               cs.cell(r, "fine-tuned")] for r in rows]))
+        sections.append(verdicts_text(plan_verdicts(rows)))
     standin = _load(os.path.join(args.out, "parts", "stand_in.json"))
-    result: dict[str, Any] = {"plans": rows}
+    result: dict[str, Any] = {"plans": rows, "verdicts": plan_verdicts(rows)}
     if standin is not None:
         pairs = standin["pairs"]
         rho, p_value = spearmanr([p["cka"] for p in pairs], [p["error_after"] for p in pairs])
@@ -147,6 +148,31 @@ def report(args: argparse.Namespace) -> None:
     write_results(os.path.join(args.out, "cka_study"), {**result, "provenance": provenance()},
                   "\n\n".join(sections) or "no results yet")
     print("\n\n".join(sections))
+
+
+def plan_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The CKA plan against each other plan, by bench.common.compare on the test top-1 of their seeds."""
+    found = {r["row"]: r for r in rows}
+    cka = found.get("kdna-r4-pairs-cka")
+    out = []
+    for other in (r for r in rows if cka is not None and r is not cka):
+        entry: dict[str, Any] = {"row": cka["row"], "baseline": other["row"],
+                                 "seeds": [len(cka["seeds"]), len(other["seeds"])]}
+        for stage in ("calibrated", "fine-tuned"):
+            if stage in cka and stage in other:
+                a, b = cka[stage]["test"], other[stage]["test"]
+                entry[stage] = {"outcome": compare(a["top1"], b["top1"]), "difference": a["top1_mean"] - b["top1_mean"]}
+        out.append(entry)
+    return out
+
+
+def verdicts_text(verdicts: list[dict[str, Any]]) -> str:
+    return ("The CKA plan against each other plan, by bench.common.compare (the one rule: above only when every "
+            "seed beats every seed of the other; one seed a side is only reported):\n\n"
+            + markdown_table(["plan", "against", "seeds", "after calibration", "after fine-tune"],
+                             [[f"`{v['row']}`", f"`{v['baseline']}`", f"{v['seeds'][0]} / {v['seeds'][1]}",
+                               verdict_cell(v.get("calibrated"), v["seeds"]), verdict_cell(v.get("fine-tuned"), v["seeds"])]
+                              for v in verdicts]))
 
 
 def _scatter(pairs: list[dict[str, Any]], rho: float, path: str) -> None:

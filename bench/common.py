@@ -26,7 +26,7 @@ from kdna_fx.errors import KDNAError
 from kdna_fx.timing import git_commit, markdown_table, provenance, write_results
 from kdna_fx.utils import write_json
 
-__all__ = ["ABOVE", "BELOW", "TIE", "DirtyTreeError", "Factorised", "compare", "factorise", "markdown_table",
+__all__ = ["ABOVE", "BELOW", "TIE", "DirtyTreeError", "Factorised", "compare", "factorise", "markdown_table", "verdict_cell",
            "matched", "n_params", "prune", "release_lock", "run_provenance", "write_json", "score", "seed_range",
            "shared_convs", "take_lock", "validation_split", "write_results"]
 
@@ -58,6 +58,17 @@ def compare(a: Sequence[float], b: Sequence[float]) -> str:
     if hi_a < lo_b:
         return BELOW
     return TIE
+
+
+def verdict_cell(verdict: dict[str, Any] | None, seeds: Sequence[int]) -> str:
+    """One stage of a comparison as a table cell: ``verdict`` holds compare's ``outcome`` and the mean
+    ``difference``; ``seeds`` the two seed counts. One seed on a side is reported, never judged."""
+    if verdict is None:
+        return "-"
+    if min(seeds) < 2:
+        return f"{'ahead' if verdict['difference'] > 0 else 'behind'} on one seed (no test), {verdict['difference']:+.2f}"
+    word = {ABOVE: "**above**", BELOW: "**below**"}.get(verdict["outcome"], "tie (ranges overlap)")
+    return f"{word}, mean {verdict['difference']:+.2f}"
 
 
 # ------------------------------------------------------------------------------------------------ provenance

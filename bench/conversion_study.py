@@ -71,9 +71,9 @@ from kdna_fx.train import TrainConfig, build_data
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from kdna_fx.train.models import build_model
 
-from bench.common import (ABOVE, BELOW, REPO, DirtyTreeError, compare, factorise, markdown_table, matched, n_params,
-                          prune, release_lock, run_provenance, write_json, shared_convs, take_lock,
-                          validation_split, write_results)
+from bench.common import (REPO, DirtyTreeError, compare, factorise, markdown_table, matched, n_params, prune,
+                          release_lock, run_provenance, shared_convs, take_lock, validation_split, verdict_cell,
+                          write_json, write_results)
 
 
 ORIGINALS = {
@@ -407,16 +407,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def verdicts_text(summary: dict[str, Any]) -> str:
-    def cell(v: dict[str, Any] | None, seeds: list[int]) -> str:
-        if v is None:
-            return "-"
-        if min(seeds) < 2:  # one number against another: reported, never called significant
-            return f"{'ahead' if v['difference'] > 0 else 'behind'} on one seed (no test), {v['difference']:+.2f}"
-        word = {ABOVE: "**above**", BELOW: "**below**"}.get(v["outcome"], "tie (ranges overlap)")
-        return f"{word}, mean {v['difference']:+.2f}"
-
     lines = [[v["arch"], f"`{v['row']}`", f"`{v['baseline']}`", f"{v['seeds'][0]} / {v['seeds'][1]}",
-              cell(v.get("calibrated"), v["seeds"]), cell(v.get("fine-tuned"), v["seeds"])]
+              verdict_cell(v.get("calibrated"), v["seeds"]), verdict_cell(v.get("fine-tuned"), v["seeds"])]
              for v in summary["verdicts"]]
     head = ("Verdicts (bench.common.compare, the one rule of every study): a row is above (below) its baseline only "
             "when every seed of it beats (trails) every seed of the baseline on the test top-1; otherwise a tie, "

@@ -291,3 +291,12 @@ def test_pruning_works_under_no_grad():
     with torch.no_grad():
         pruned = prune(model, 0.3, torch.randn(2, 3, 16, 16))
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_a_verdict_cell_judges_only_with_two_seeds_a_side():
+    from bench.common import ABOVE, TIE, verdict_cell
+
+    assert verdict_cell({"outcome": ABOVE, "difference": 0.38}, [2, 2]) == "**above**, mean +0.38"
+    assert verdict_cell({"outcome": TIE, "difference": 0.06}, [3, 3]) == "tie (ranges overlap), mean +0.06"
+    assert verdict_cell({"outcome": ABOVE, "difference": 0.75}, [2, 1]).startswith("ahead on one seed (no test)")
+    assert verdict_cell(None, [3, 3]) == "-"
