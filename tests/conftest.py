@@ -161,6 +161,18 @@ SLOW_TESTS = {
        "ODConv checks the peers' compile path; each peer takes 2-5 s" for n in ("condconv", "dyconv", "kernelwarehouse")},
     **{f"test_export.py::test_a_peer_exports_to_onnx_at_a_dynamic_batch[{n}]":
        "ODConv checks the peers' ONNX form (it has every attention); each takes about 8 s" for n in ("condconv", "kernelwarehouse")},
+    **{f"test_zoo_api.py::test_torch_export_with_a_dynamic_batch[{n}.kdna]":
+       "resnet18.kdna and mobilenet_v2.kdna check the capture here, bench/export_check.py every zoo name at 224 px "
+       "(2-3 s each)" for n in ("convnext_tiny", "resnet50", "mobilenet_v2_050")},
+    **{f"test_timm_zoo.py::{t}[kdna_{a}_{p}]": "the peer tags go through the same timm path as plain, replace, "
+       "relaxed and kdna, which stay in the default tier (about 0.3 s each, 40 in all)"
+       for t in ("test_features_only", "test_timm_builds_what_create_model_builds")
+       for a in ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v2_050", "convnext_tiny")
+       for p in ("condconv", "dyconv", "odconv", "kernelwarehouse")},
+    "test_thirdparty_sweep.py::test_a_library_model_is_shared_or_unchanged_and_never_wrong"
+    "[tv-fasterrcnn-mobilenet_v3_large_320_fpn]": "tv-fasterrcnn-resnet18-fpn checks torchvision's detection path (4 s)",
+    "test_thirdparty_sweep.py::test_a_library_model_is_shared_or_unchanged_and_never_wrong[smp-unetplusplus-resnet18]":
+        "smp's Unet, FPN and DeepLabV3+ on the same encoder stay in the default tier (4 s)",
 }
 
 
