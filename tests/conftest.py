@@ -173,6 +173,11 @@ SLOW_TESTS = {
     "[tv-fasterrcnn-mobilenet_v3_large_320_fpn]": "tv-fasterrcnn-resnet18-fpn checks torchvision's detection path (4 s)",
     "test_thirdparty_sweep.py::test_a_library_model_is_shared_or_unchanged_and_never_wrong[smp-unetplusplus-resnet18]":
         "smp's Unet, FPN and DeepLabV3+ on the same encoder stay in the default tier (4 s)",
+    **{f"test_metadata_travels.py::test_kdna_fx_metadata_travels_with_the_model[{kind}-{a}-deepcopy-{b}-deepcopy]":
+       "pickle then deepcopy, and the two mixed sequences, stay in the default tier for every model; the other "
+       "pickle / torch.save pairings repeat them (0.2 s each)"
+       for kind in ("graph", "swap", "folded", "folded-swap", "peer", "peer-swap", "zoo", "as_function")
+       for a, b in (("pickle", "torch.save"), ("torch.save", "pickle"), ("torch.save", "torch.save"))},
 }
 
 
