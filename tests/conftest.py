@@ -134,7 +134,7 @@ FILE_TIERS = {
 
 
 # The model sweeps run a sample of cheap models of each kind in the default tier (9 torchvision classifiers) (the rest are marked `sweep`);
-# tests/test_thirdparty_sweep.py (the libraries users bring: smp, MONAI, Ultralytics, Hugging Face, ...) runs whole.
+# tests/test_thirdparty_sweep.py (the libraries users bring: smp, MONAI, Ultralytics, Hugging Face, ...) runs whole but for two models in SLOW_TESTS whose path a sibling checks.
 SWEEP_SAMPLES = {
     "test_zoo_sweep.py": {"resnet18", "squeezenet1_1", "googlenet", "swin_v2_t", "mobilenet_v3_large",
                           "inception_v3", "shufflenet_v2_x0_5", "regnet_y_400mf", "efficientnet_b0"},
