@@ -37,9 +37,13 @@ def keep(model: nn.Module, name: str, value: Any) -> None:
 
 
 def kept(model: nn.Module, name: str) -> Any:
-    """The attribute ``keep`` set, or None. vars(): a plain attribute, never a parameter or submodule."""
+    """The attribute ``keep`` set on ``model``, or on the module inside a torch.compile wrapper; else None.
+    vars(): a plain attribute, never a parameter or submodule."""
     value = vars(model).get(name)
-    if value is not None and isinstance(model, fx.GraphModule):
+    if value is None:
+        inner = vars(model).get("_modules", {}).get("_orig_mod")  # torch.compile's OptimizedModule
+        return kept(inner, name) if isinstance(inner, nn.Module) else None
+    if isinstance(model, fx.GraphModule):
         # A GraphModule pickled as torch's own class (by a kdna_fx that had no KDNAGraphModule) comes back with
         # the attribute but an empty meta: keep a later deepcopy carrying it.
         model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).setdefault(name, value)

@@ -354,10 +354,7 @@ def find_record(model: object) -> TransformRecord | None:
     """The record of a transformed model (or of the model inside a torch.compile wrapper), else None."""
     if not isinstance(model, nn.Module):
         return None
-    record = kept(model, RECORD_ATTR)
-    if record is None and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        return find_record(model._orig_mod)
-    return record
+    return kept(model, RECORD_ATTR)
 
 
 def record_of(model: nn.Module) -> TransformRecord:
@@ -396,7 +393,7 @@ def attach_peer(model: nn.Module, record: PeerRecord) -> None:
 
 
 def peer_record(model: nn.Module) -> PeerRecord | None:
-    """The PeerRecord of a converted model, else None."""
+    """The PeerRecord of a converted model (or of the model inside a torch.compile wrapper), else None."""
     return kept(model, PEER_ATTR)
 
 
@@ -405,7 +402,6 @@ def converted_by(model: object) -> str | None:
     the kdna_fx.peers method, or None."""
     if not isinstance(model, nn.Module):
         return None
-    model = getattr(model, "_orig_mod", model)
     if find_record(model) is not None:
         return "kdna_fx.transform"
     peer = peer_record(model)

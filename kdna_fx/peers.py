@@ -463,7 +463,7 @@ def describe(model: nn.Module, example_input: Tensor | None = None) -> Report:
     """Parameters and MACs of a model converted by condconv/dyconv/odconv/kernelwarehouse, before and after: the
     kdna_fx.reporting.Report that kdna_fx.report gives for it (print it for a table), refusing any other model.
     ``example_input`` defaults to one 224x224 image."""
-    if peer_record(getattr(model, "_orig_mod", model)) is None:
+    if peer_record(model) is None:
         raise KDNAError(f"{type(model).__name__} was not converted by kdna_fx.peers; call kdna_fx.peers.condconv, "
                         f"dyconv, odconv or kernelwarehouse first")
     return report(model, example_input)

@@ -122,7 +122,7 @@ def report(model: nn.Module, example_input: Tensor | list[Tensor] | None = None)
     MACs before are those of the original graph: the converted graph runs the same convolutions with the same
     shapes, plus what the conversion adds (count_macs), which is subtracted.
     """
-    peer = peer_record(getattr(model, "_orig_mod", model))
+    peer = peer_record(model)
     record = record_of(model) if peer is None else None
     model = getattr(model, "_orig_mod", model)
     if example_input is None:

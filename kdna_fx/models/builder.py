@@ -63,10 +63,7 @@ def builder_of(model: object) -> dict[str, Any] | None:
     if not isinstance(model, nn.Module):
         return None
     builder = kept(model, BUILDER_ATTR)
-    if builder is None:
-        inner = vars(model).get("_modules", {}).get("_orig_mod")
-        return builder_of(inner) if inner is not None else None
-    return copy.deepcopy(builder)
+    return None if builder is None else copy.deepcopy(builder)
 
 
 def carry(source: nn.Module, target: nn.Module) -> None:
