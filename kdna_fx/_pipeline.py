@@ -1,9 +1,9 @@
 """The one private pipeline behind every conversion (kdna_fx.transform, kdna_fx.plan and the peers):
-check the config, unwrap, copy, route (graph or module swap), find the convs.
+check the config, unwrap, copy, order the convs (passes.routing), find them.
 
 The public phases are thin layers over it, as torch.ao.quantization's FX mode is over its ``_prepare``:
 what the transform and the peers do alike is done here once, so a peer converts exactly the convs the
-transform would share, on the graph or by module swap.
+transform would share.
 """
 from __future__ import annotations
 
@@ -22,19 +22,14 @@ from .errors import KDNAError, KDNATypeError
 
 @dataclass
 class Prepared:
-    """A model ready for a conversion: its (copied) module, the config with the path taken, the route and
-    its convs, eligible and skipped."""
+    """A model ready for a conversion: its (copied) module, the config, the route (conv order) and its convs,
+    eligible and skipped."""
 
     module: nn.Module
     config: KDNAConfig
     route: passes.Route
     sites: list[ConvSite]
     skipped: list[Skipped]
-
-    @property
-    def target(self) -> nn.Module:
-        """What the conversion changes: the traced graph on the graph path, else the module itself."""
-        return self.route.gm if self.route.gm is not None else self.module
 
 
 def prepare(model: object, config: KDNAConfig | None, *, inplace: bool = False, example_inputs: Any = None,
@@ -57,13 +52,8 @@ def prepare(model: object, config: KDNAConfig | None, *, inplace: bool = False, 
     if gates:
         config = _resolve_gates(config, module)
     route = passes.route(module, config, passes.Example.of(example_inputs, example_kwargs))
-    # The record's config holds the path taken, so a saved model is rebuilt the same way (kdna_fx.load).
-    config = dataclasses.replace(config, rewrite=route.how)
-    if route.gm is not None:
-        sites, skipped = passes.find_convs(route.gm, config)
-    else:
-        sites, skipped = passes.find_modules(module, config, order=route.order)
-    return Prepared(module, config, route, sites, skipped)
+    sites, skipped = passes.find_modules(module, config, order=route.order)
+    return Prepared(module, config, route, sites, skipped + route.functional)
 
 
 def _resolve_gates(config: KDNAConfig, module: nn.Module) -> KDNAConfig:

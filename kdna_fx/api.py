@@ -33,7 +33,7 @@ def _plan(prepared: Prepared, data: object, given: Plan | None) -> Plan:
         plan = passes.plan_families(sites, skipped, config)
     else:
         plan = passes.plan_families(sites, skipped, config, _similarity(prepared.module, sites, data))
-    return passes.check_plan(prepared.route.gm, plan)
+    return passes.check_plan(plan)
 
 
 def _similarity(module: nn.Module, sites: list[ConvSite], data: object) -> Callable[[str, str], float]:
@@ -58,10 +58,9 @@ def plan(model: nn.Module, config: KDNAConfig | None = None, *, data: object = N
     Edit the result with ``Plan.without`` / ``Plan.with_family`` (or ``to_dict`` -> ``Plan.from_dict``) and
     pass it back as ``transform(model, config, plan=...)``. ``data``: calibration images for
     ``KDNAConfig(policy="cka")`` (the convs' outputs are compared on them with linear CKA). Names run from the
-    model's root, whichever path (graph or swap) the model takes; ``example_inputs`` as for transform.
+    model's root; ``example_inputs`` as for transform.
     """
     prepared = prepare(model, config, inplace=True, example_inputs=example_inputs, example_kwargs=example_kwargs)
-    passes.warn_route(prepared.module, prepared.route.opaque, stacklevel=2)
     return _plan(prepared, data, None)
 
 
@@ -70,17 +69,15 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: Plan 
               example_kwargs: dict[str, Any] | None = None, inplace: bool = False) -> nn.Module:
     """Turn same-shaped 3x3 convs of each stage of ``model`` into KernelDNA families.
 
-    Returns a rewritten GraphModule when torch.fx traces the model as a whole and the trace can be trusted;
-    otherwise (untraceable Python, a forward that reads ``self.training``, a trace that differs from the
-    model on ``example_inputs``) the model itself, each child conv module replaced in place by a
-    ChildAdapter bound to its parent (module swap): the model keeps its class, attributes, methods and
-    Python forward, and its convs are still shared. One PartialTraceWarning says why. Both paths share the
-    plan, the adapters and their initialisation; ``KDNAConfig(rewrite=...)`` forces one (docs/partial-tracing.md).
+    Returns the user's model: each child conv module replaced in place by a ChildAdapter bound to its parent,
+    so the model keeps its class, attributes, methods, hooks and Python forward (docs/design.md).
+    ``KDNAConfig(rewrite="graph")`` returns its graph form instead (passes.lower: a GraphModule, checked
+    against the model on ``example_inputs`` or inferred inputs).
 
     ``example_inputs``: what the model's forward takes, as for torch.export: a tuple of positional arguments
     (a single tensor or list is taken as the one argument), ``example_kwargs`` for keywords. With them the
-    trace is checked against the model before it is used, and swapped families follow the order in which
-    the convs run. Without them a model that traces whole is rewritten from its unchecked trace.
+    families follow the order in which the convs run on them; without them, the order of a torch.fx trace
+    (only read), else registration order.
 
     ``model`` is deep-copied first, so it stays untouched; ``inplace=True`` skips the copy (for very large
     models). ``plan`` replaces the automatic planning with a given plan (edited, hand-written or saved plan);
@@ -105,27 +102,21 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: Plan 
         config = (config if config is not None else KDNAConfig()).map_adapters(
             lambda a: dataclasses.replace(a, gate_scale=2.0))
     prepared = prepare(model, config, inplace=inplace, example_inputs=example_inputs, example_kwargs=example_kwargs)
-    module, route = prepared.module, prepared.route
+    module = prepared.module
     checked = _plan(prepared, data, plan)
-    if route.gm is not None:
-        kmodel = passes.rewrite(route.gm, checked, init=init)
-    else:
-        kmodel = passes.swap(module, checked, init=init)
-    record = record_of(kmodel)
-    record.opaque = tuple(route.opaque)
-    if record.plan.families:
-        passes.warn_route(module, route.opaque, stacklevel=2)
-    else:
-        reasons = Counter(s.reason.split(":")[0] for s in record.plan.skipped)  # (and nothing swapped to warn of)
+    kmodel = passes.swap(module, checked, init=init, order=prepared.route.by)
+    if not checked.families:
+        reasons = Counter(s.reason.split(":")[0] for s in checked.skipped)
         summary = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "the model has no 2-D convolution"
-        how = "traced" if route.gm is not None else "not traced"
         warnings.warn(
             f"kdna_fx found no convolutions to share in {type(module).__name__} ({summary}); the model is "
-            f"returned unchanged ({how}). kdna_fx.report(model) lists each conv with its reason; "
+            f"returned unchanged. kdna_fx.report(model) lists each conv with its reason; "
             f"KDNAConfig(kernel_sizes=(1, 3), depthwise=True, stage_depth=0) widens the search.",
             NoEligibleConvWarning, stacklevel=2)
     from .models.builder import carry  # late: kdna_fx.models builds on this module
 
+    if checked.config.rewrite == "graph":
+        kmodel = passes.lower(kmodel, example_inputs, example_kwargs)
     carry(model, kmodel)  # how the original was built (create_model), so kdna_fx.load(path) can rebuild it
     return kmodel
 

@@ -2,9 +2,8 @@
 
     ConvSite, Skipped      a conv that may be shared (found by a handler of passes/sites.py), or one left alone
     Family, Plan           what the transform will do: parents, children, skipped convs (with its KDNAConfig)
-    Opaque                 a part of the model that kept it off the graph path, or stayed a leaf in it
-    NodeTag                what a node inserted by passes.rewriting is (``tag``, ``tag_of``, ``child_nodes``)
     TransformRecord        what a transformed model carries (``attach``, ``find_record``, ``record_of``)
+    children               the one view of a transformed model's children: (path, ChildAdapter, parent module)
     PeerRecord             the same for a model converted by kdna_fx.peers (``peer_record``)
 
 Every other module reads these types from here; the passes create them, the public face reads them.
@@ -12,12 +11,12 @@ Every other module reads these types from here; the passes create them, the publ
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
-from torch import fx, nn
+from torch import nn
 
+from .adapters import ChildAdapter
 from .carried import keep, kept
 from .config import AdapterConfig, KDNAConfig
 from .errors import KDNAError
@@ -220,85 +219,6 @@ class Plan:
         return self.table()
 
 
-# ---- what kept a model off the graph path ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Opaque:
-    """A part of the model that kept it off the graph path, or ran as an opaque leaf in the graph, and why."""
-
-    path: str
-    """Module path from the model's root; "" is the model's own forward."""
-    type: str
-    kept: str
-    """One of KEPT's keys."""
-    reason: str
-    source: str = ""
-    """Where tracing broke in the model's code ("file.py:12 `if x.sum() > 0:`"), when it did."""
-
-    def describe(self) -> str:
-        where = f" at {self.source}" if self.source else ""
-        return f"'{self.path or '<model>'}' ({self.type}): {self.reason}{where}"
-
-
-
-# ---- what the rewrite inserts: typed node tags -------------------------------------------------------------
-TAG_KEY = "kdna"
-"""The key of ``node.meta`` under which a NodeTag is stored."""
-ROLES = ("parent_weight", "gate", "filter_scale", "spatial_scale", "lowrank_b", "lowrank_a", "bias",
-         "child_conv", "folded_weight")
-
-
-@dataclass(frozen=True)
-class NodeTag:
-    """What a node that passes.rewriting inserted is. Later passes (fold, calibrate, CKA) find their nodes
-    through these tags, never by pattern matching."""
-
-    role: str
-    """One of ROLES."""
-    child: str
-    """The child conv (its name in the plan) the node belongs to."""
-    adapter: str | None = None
-    """For "child_conv" and "folded_weight": the path of the child's ChildAdapter."""
-
-
-def tag(node: fx.Node, role: str, child: str, adapter: str | None = None) -> fx.Node:
-    """Mark ``node`` as inserted by kdna_fx (see NodeTag); returns it."""
-    if role not in ROLES:
-        raise KDNAError(f"unknown node role {role!r}; one of {ROLES}")
-    node.meta[TAG_KEY] = NodeTag(role, child, adapter)
-    if node.op == "call_function":
-        node.meta["is_wrapped"] = True  # generated code re-registers it with torch.fx.wrap: re-tracing keeps it a leaf
-    return node
-
-
-def tag_of(node: fx.Node) -> NodeTag | None:
-    """The NodeTag of ``node``, or None for a node kdna_fx did not insert."""
-    return node.meta.get(TAG_KEY)
-
-
-def child_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """The child-conv nodes of a rewritten graph (folded or not), in graph order."""
-    return [n for n in gm.graph.nodes if (t := tag_of(n)) is not None and t.role == "child_conv"]
-
-
-@contextmanager
-def interpreted(gm: fx.GraphModule, interpreter: fx.Interpreter) -> Iterator[None]:
-    """Within the block, every call of ``gm`` runs node by node through ``interpreter`` (to watch or stop at
-    a node): ``gm.forward`` is shadowed on the instance, and restored on exit."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        # Interpreter.run takes positional arguments only: bind keywords (and defaults) by placeholder.
-        rest = [kwargs[n.target] if n.target in kwargs else n.args[0] for n in placeholders[len(args):]
-                if n.target in kwargs or n.args]
-        return interpreter.run(*args, *rest)
-
-    vars(gm)["forward"] = forward
-    try:
-        yield
-    finally:
-        vars(gm).pop("forward", None)
-
-
 # ---- what a transformed or converted model carries ---------------------------------------------------------
 RECORD_ATTR = "_kdna_record"
 
@@ -313,13 +233,11 @@ class TransformRecord:
     folded: bool = False
     init: str = "copy"
     """How the adapters started: 'copy' (children are copies of their parent) or 'trained' (converted)."""
-    how: str = "graph"
-    """How the children were put in place: 'graph' (rewritten GraphModule) or 'swap' (module swap)."""
-    opaque: tuple[Opaque, ...] = ()
-    """What kept the model off the graph path, or stayed an opaque leaf in it."""
-    node_tags: tuple[tuple[int, NodeTag], ...] = ()
-    """(position in the graph, tag) of every tagged node: restores the tags when a pickled GraphModule is
-    rebuilt from its code (torch.fx keeps no node metadata through pickle)."""
+    order: str = "registration"
+    """What ordered the convs (the first of a family is its parent): "example inputs" (the order they ran in),
+    "trace" (a torch.fx trace, only read) or "registration"."""
+    checked: str = ""
+    """For a graph form (passes.lower): what its trace was checked on ("example inputs", "inferred inputs ...")."""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -328,26 +246,27 @@ class TransformRecord:
 
 
 def attach(model: nn.Module, record: TransformRecord) -> None:
-    """Leave ``record`` on ``model``, to travel with it (kdna_fx/carried.py); on a GraphModule with its node tags
-    (``store_tags``), which torch.fx drops when it rebuilds a pickled GraphModule from its code."""
+    """Leave ``record`` on ``model``, to travel with it (kdna_fx/carried.py)."""
     keep(model, RECORD_ATTR, record)
-    if isinstance(model, fx.GraphModule):
-        store_tags(model)
 
 
-def store_tags(gm: fx.GraphModule) -> None:
-    """Write the graph's node tags into its record (after every pass that changes the graph)."""
-    record = find_record(gm)
-    if record is not None:
-        record.node_tags = tuple((i, n.meta[TAG_KEY]) for i, n in enumerate(gm.graph.nodes) if TAG_KEY in n.meta)
+SOURCE_ATTR = "_kdna_module_form"
 
 
-def restore_tags(graph: fx.Graph, record: TransformRecord) -> None:
-    """Put the record's node tags back on a graph rebuilt from the same code (same nodes, same order)."""
-    nodes = list(graph.nodes)
-    for i, tag in record.node_tags:
-        if i < len(nodes):
-            nodes[i].meta[TAG_KEY] = tag
+def module_form(model: nn.Module) -> nn.Module:
+    """The transformed model whose module tree holds the children: ``model`` itself (inside a torch.compile
+    wrapper: the wrapped model), or for a graph form (passes.lower) the model it was lowered from."""
+    model = getattr(model, "_orig_mod", model)
+    source = kept(model, SOURCE_ATTR)
+    return source if source is not None else model
+
+
+def children(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
+    """(path, ChildAdapter, the module whose kernel it reads, None when it holds its own) of every child of the
+    transformed ``model`` (its module form), in module order. The one view fold, calibrate, CKA and report read."""
+    for path, module in module_form(model).named_modules():
+        if isinstance(module, ChildAdapter):
+            yield path, module, module.__dict__["_parent_module"]
 
 
 def find_record(model: object) -> TransformRecord | None:
@@ -365,12 +284,6 @@ def record_of(model: nn.Module) -> TransformRecord:
                         f"call kdna_fx.transform(model) first")
     return record
 
-
-def graph_of(model: nn.Module) -> fx.GraphModule | None:
-    """The rewritten graph of a transformed model (``how == "graph"``), else None (swapped, or not transformed)."""
-    model = getattr(model, "_orig_mod", model)
-    record = find_record(model)
-    return model if record is not None and record.how == "graph" and isinstance(model, fx.GraphModule) else None
 
 @dataclass
 class PeerRecord:

@@ -290,7 +290,7 @@ def _convert(model: nn.Module, config: KDNAConfig | None, init: str, method: str
     config = dataclasses.replace(config or KDNAConfig(), only_if_smaller=False)
     # The transform's own pipeline: the same convs, on a trusted graph or by module swap.
     prepared = prepare(model, config, gates=False)
-    return passes.swap_convs(prepared.target, prepared.sites, prepared.skipped, make, method)
+    return passes.swap_convs(prepared.module, prepared.sites, prepared.skipped, make, method)
 
 
 def condconv(model: nn.Module, experts: int = 4, config: KDNAConfig | None = None, *,

@@ -35,11 +35,8 @@ class Report:
     macs_before: int
     macs_after: int
     folded: bool = False
-    opaque: list[dict[str, Any]] = field(default_factory=list)
-    """Why the model took the module-swap path (kept "swap"), or opaque leaves of its graph (kept "leaf"): path,
-    type, kept, reason, source."""
-    how: str = "graph"
-    """How the children were put in place: "graph" (rewritten GraphModule) or "swap" (module swap)."""
+    order: str = "registration"
+    """What ordered the convs, so which member of a family is its parent (TransformRecord.order)."""
     method: str = KERNELDNA
     """The conversion: "KernelDNA" (kdna_fx.transform) or the peer's name, e.g. "ODConv 1x"."""
     converted: list[str] = field(default_factory=list)
@@ -62,14 +59,7 @@ class Report:
                              f"kdna_fx report: {self.model}" + (" (folded for inference)" if self.folded else ""))
         note = ("MACs count convolutions and matrix products (torch.utils.flop_counter); elementwise gating and "
                 "modulation are not counted.")
-        text = f"{summary}\n{note}\n\n{plan.table()}"
-        for kept, title in (("swap", "children put in place by module swap, not graph rewrite, because"),
-                            ("leaf", "opaque calls in the traced graph (no conv to share inside)")):
-            rows = [[o["path"] or "<model>", o["type"], o["reason"], o["source"] or "-"] for o in self.opaque
-                    if o["kept"] == kept]
-            if rows:
-                text += "\n\n" + format_table(["part", "type", "why", "where"], rows, title=title)
-        return text
+        return f"{summary}\n{note}\nconvs ordered by: {self.order}\n\n{plan.table()}"
 
 
 def _change(before: int, after: int) -> str:
@@ -138,5 +128,5 @@ def report(model: nn.Module, example_input: Tensor | list[Tensor] | None = None)
                       params_before=peer.params_before, method=peer.method, converted=list(peer.converted))
     plan = record.plan.to_dict()
     return Report(**common, families=plan["families"], skipped=plan["skipped"], params_before=record.params_before,
-                  folded=record.folded, opaque=[asdict(o) for o in record.opaque], how=record.how,
+                  folded=record.folded, order=record.order,
                   converted=[c for f in record.plan.families for c in f.children])

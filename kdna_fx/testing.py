@@ -7,11 +7,11 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from .adapters import Gate, adapter_parameters
 from .errors import KDNAError
-from .datamodel import child_nodes, record_of, tag_of
+from .datamodel import children, record_of
 
 
 class BasicBlock(nn.Module):
@@ -106,7 +106,7 @@ def randomize_adapters(model: nn.Module, scale: float = 0.3, generator: torch.Ge
                 stats.running_var.copy_(torch.rand(stats.running_var.shape, generator=generator) + 0.5)
 
 
-def untie_parents(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list[str]]]:
+def untie_parents(kmodel: nn.Module) -> tuple[nn.Module, dict[str, list[str]]]:
     """A copy of a transformed model in which every child reads its own copy of its parent's kernel.
 
     Returns the copy and, for each parent weight name, the names of the untied copies. Used to check
@@ -114,23 +114,20 @@ def untie_parents(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, list[st
     """
     import copy
 
-    gm = copy.deepcopy(gm)
-    plan = record_of(gm).plan
+    kmodel = copy.deepcopy(kmodel)
+    plan = record_of(kmodel).plan
     copies: dict[str, list[str]] = {}
-    for node in child_nodes(gm):
-        child = tag_of(node).child
-        family = plan.family_of(child)
-        if family is None or family.self_adapted:
+    for path, child, parent in list(children(kmodel)):
+        family = plan.family_of(path)
+        if parent is None or family is None or family.self_adapted:
             continue
-        parent_name = plan.parent_weight(family)
-        untied = f"untied_{child.replace('.', '_')}"
-        gm.register_parameter(untied, nn.Parameter(gm.get_parameter(parent_name).detach().clone()))
-        with gm.graph.inserting_before(node):
-            node.replace_input_with(node.args[1], gm.graph.get_attr(untied))
-        copies.setdefault(parent_name, []).append(untied)
-    gm.graph.lint()
-    gm.recompile()
-    return gm, copies
+        holder = nn.Module()
+        holder.weight = nn.Parameter(parent.weight.detach().clone())
+        untied = f"untied_{path.replace('.', '_')}"
+        kmodel.add_module(untied, holder)
+        child.bind(holder)
+        copies.setdefault(plan.parent_weight(family), []).append(f"{untied}.weight")
+    return kmodel, copies
 
 
 @dataclass

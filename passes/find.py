@@ -1,29 +1,20 @@
-"""Pass 2: find the 2-D convolutions of a traced graph (or of a model's modules) and decide which may be shared.
+"""Pass 2: find the 2-D conv modules of a model and decide which may be shared.
 
-What a conv call looks like is each handler's business (passes/sites.py); this pass applies the config's
-rules of eligibility, which are the same for every kind."""
+What a conv module is is passes/sites.py's business; this pass applies the config's rules of eligibility."""
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
 from typing import Iterable
 
-from torch import fx, nn
+from torch import nn
 
 from kdna_fx.adapters import adapter_cost
 from kdna_fx.config import KDNAConfig
 from kdna_fx.datamodel import ConvSite, Skipped
 from kdna_fx.registry import NOT_TRACED
 
-from .sites import HANDLERS, conv2d_arguments, conv_module_site, is_conv_call
-
-
-def find_convs(gm: fx.GraphModule, config: KDNAConfig) -> tuple[list[ConvSite], list[Skipped]]:
-    """Every 2-D conv node in graph order, split into eligible sites and skipped ones (with a reason)."""
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    found = [next((s for h in HANDLERS.values() if (s := h.site(gm, node, config, calls)) is not None), None)
-             for node in gm.graph.nodes]
-    return _split(found, gm, config)
+from .sites import conv_module_site
 
 
 def _split(found: list[ConvSite | Skipped | None], model: nn.Module,
@@ -67,15 +58,8 @@ def find_modules(model: nn.Module, config: KDNAConfig,
 
 
 def first_in_channels(model: nn.Module) -> int | None:
-    """Input channels of the first convolution (in graph order for a GraphModule, else registration order):
-    the default example input of kdna_fx.report."""
-    if isinstance(model, fx.GraphModule):
-        for node in (n for n in model.graph.nodes if is_conv_call(model, n)):
-            if node.op == "call_module":
-                return model.get_submodule(node.target).in_channels
-            args = conv2d_arguments(node)
-            if isinstance(args["weight"], fx.Node) and args["weight"].op == "get_attr":
-                return model.get_parameter(args["weight"].target).shape[1] * int(args["groups"])
+    """Input channels of the first convolution in registration order: the default example input of
+    kdna_fx.report and of passes.lower's inferred inputs."""
     return next((m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
 
 

@@ -1,25 +1,45 @@
-"""Pass 4 (module form): put each child in place by swapping its conv module for a bound ChildAdapter.
+"""Pass 4: put each child in place by swapping its conv module for a ChildAdapter bound to its parent.
 
-The graph rewrite (passes.rewriting) needs a trace of the whole model that computes what the model computes.
-Where there is none (Python control flow on tensors, a forward that reads ``self.training``, a trace that
-differs from eager), the children are still shared: a KernelDNA child needs only its parent's kernel, its
-own adapters and its own input, all local to the conv module. So each child ``nn.Conv2d`` is replaced, at
-the same path, by a ChildAdapter bound to its parent module; ``child(x)`` computes
-``kdna_fx.functional.child_conv2d`` exactly as the rewritten graph does. Everything else (the user's module
-objects, their classes, attributes, methods, containers and Python forwards) stays as it was.
-
-Same plan, same adapters (``new_child``), same initialisation (passes.initialization), same record; only how a
-child is put in place differs. The state dict of a swapped model equals that of a rewritten one.
+A KernelDNA child needs only its parent's kernel, its own adapters and its own input, all local to the conv
+module. So each child ``nn.Conv2d`` is replaced, at the same path, by a ChildAdapter bound to its parent module;
+``child(x)`` computes ``kdna_fx.functional.child_conv2d``. Everything else (the user's module objects, their
+classes, attributes, methods, hooks, containers and Python forwards) stays as it was: the transformed model is
+the user's model. This is the only way children are put in place; the graph form is a lowering of the result
+(passes.lowering), made when asked.
 """
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
 from kdna_fx.adapters import ChildAdapter, Gate
-from kdna_fx.datamodel import ConvSite, Plan, TransformRecord, attach
+from kdna_fx.datamodel import ConvSite, Plan, TransformRecord, attach, refuse_converted
+from kdna_fx.errors import KDNAError
 
 from .find import first_in_channels
 from .initialization import initialize
+
+
+def check_plan(plan: Plan) -> Plan:
+    """``plan`` after checking that every child shares its parent's kernel shape (else a KDNAError)."""
+    if plan.config is None:
+        raise KDNAError("the plan does not belong to a model yet; pass it through passes.adopt (or build it with "
+                        "passes.plan_families) before checking it")
+    for family in plan.families:
+        parent = plan.sites[family.parent]
+        for child in family.children:
+            mine, theirs = _geometry(plan.sites[child]), _geometry(parent)
+            if mine != theirs:
+                diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k])
+                raise KDNAError(f"{child!r} cannot be a child of {family.parent!r}: their kernels differ "
+                                f"({diff}, child vs parent)")
+    return plan
+
+
+def _geometry(site: ConvSite) -> dict[str, Any]:
+    return {"out_channels": site.out_channels, "in_channels": site.in_channels, "kernel": site.kernel_size,
+            "groups": site.groups}
 
 
 def new_child(site: ConvSite, *, parent: str, bias: nn.Parameter | None, weight: nn.Parameter,
@@ -56,9 +76,18 @@ def install(model: nn.Module, path: str, module: nn.Module) -> None:
         setattr(model.get_submodule(owner_path), field, module)
 
 
-def swap(model: nn.Module, plan: Plan, init: str = "copy") -> nn.Module:
-    """Apply ``plan`` (module sites, names from ``model``'s root) to ``model`` in place by module swap and
-    return it carrying its TransformRecord (``how="swap"``). ``init`` as for passes.rewriting."""
+def swap(model: nn.Module, plan: Plan, init: str = "copy", order: str = "registration") -> nn.Module:
+    """Apply ``plan`` (module sites, names from ``model``'s root) to ``model`` in place and return it carrying
+    its TransformRecord (``order``: what ordered its convs, passes.routing).
+
+    ``init="copy"``: every child starts as an exact copy of its parent kernel (the paper's from-scratch
+    init). ``init="trained"``: the adapters start from the model's own kernels (passes.initialization): gates
+    at the exact identity, low-rank residuals from a truncated SVD. With ``plan.config.parent ==
+    "centroid"`` the first member's kernel becomes the mean of the family's kernels and it becomes a child
+    too."""
+    if init not in ("copy", "trained"):
+        raise KDNAError(f"init must be 'copy' or 'trained', got {init!r}")
+    refuse_converted(model)
     params_before = sum(p.numel() for p in model.parameters())
     in_channels = first_in_channels(model)
     kernels = {m: model.get_parameter(plan.sites[m].weight).detach().clone() for f in plan.families for m in f.members}
@@ -80,5 +109,5 @@ def swap(model: nn.Module, plan: Plan, init: str = "copy") -> nn.Module:
                                 training=old.training)
             install(model, child, adapter.bind(conv))
     attach(model, TransformRecord(plan=plan, params_before=params_before, in_channels=in_channels, init=init,
-                                  how="swap"))
+                                  order=order))
     return initialize(model, kernels)

@@ -13,7 +13,6 @@ from kdna_fx.carried import KDNAGraphModule
 from kdna_fx.config import KDNAConfig
 from kdna_fx.errors import KDNATraceError
 from kdna_fx import datamodel
-from kdna_fx.datamodel import RECORD_ATTR, restore_tags
 from kdna_fx.registry import NOT_TRACED
 
 
@@ -27,13 +26,6 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (id(m) in self.leaves or isinstance(m, self.leaf_types)
                 or super().is_leaf_module(m, module_qualified_name))
-
-    def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        graph = super().trace(root, concrete_args)
-        record = vars(root).get(RECORD_ATTR) if isinstance(root, nn.Module) else None
-        if record is not None:  # a pickled, transformed GraphModule being rebuilt from its code
-            restore_tags(graph, record)
-        return graph
 
 
 def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterable[nn.Module] = ()) -> fx.GraphModule:
@@ -54,7 +46,7 @@ def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterabl
     gm = KDNAGraphModule(tracer.root, graph, type(model).__name__)  # what kdna_fx leaves on it travels with it
     _copy_untraced_state(model, gm)
     _copy_plain_attributes(model, gm)
-    gm.train(model.training)
+    gm.training = model.training  # gm.train() would set the mode of every module it shares with the model
     return gm
 
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from kdna_fx.adapters import ChildAdapter
-from kdna_fx.datamodel import child_nodes, graph_of, interpreted, tag_of
+from kdna_fx.datamodel import children
 from kdna_fx.errors import KDNAError
 from kdna_fx.utils import KeptModes
 
@@ -21,69 +21,36 @@ from .feeder import Batches, Runner
 class _Stop(Exception):
     def __init__(self, value: Tensor):
         super().__init__("stop")
-        self.value = value  # not in args: fx.Interpreter rewrites the args of exceptions it passes on
-
-
-class _Capture(fx.Interpreter):
-    """Runs a GraphModule up to one child_conv node and returns that node's input."""
-
-    def __init__(self, gm: fx.GraphModule, node: fx.Node):
-        super().__init__(gm)
-        self.target_node = node
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n is self.target_node:
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            raise _Stop(args[0])
-        return super().run_node(n)
+        self.value = value
 
 
 @dataclass
 class _Child:
-    """One child conv of a transformed model: a node of its graph, or a module-swapped ChildAdapter."""
+    """One child conv of a transformed model."""
 
     name: str
     adapter: ChildAdapter
     weight: Tensor
     """The parent kernel it reads."""
-    gm: fx.GraphModule | None = None
-    node: fx.Node | None = None
 
     def input(self, kmodel: nn.Module, x: Tensor) -> Tensor:
         """The child's input when ``kmodel`` runs on x."""
         def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
             raise _Stop(args[0])
 
+        handle = self.adapter.register_forward_pre_hook(stop)
         try:
-            if self.gm is not None:
-                with interpreted(self.gm, _Capture(self.gm, self.node)):  # type: ignore[arg-type]
-                    kmodel(x)
-            else:
-                handle = self.adapter.register_forward_pre_hook(stop)
-                try:
-                    kmodel(x)
-                finally:
-                    handle.remove()
+            kmodel(x)
         except _Stop as stopped:
             return stopped.value
+        finally:
+            handle.remove()
         raise KDNAError(f"calibrate: the child conv {self.name} was not reached")
 
 
 def children_of(kmodel: nn.Module) -> list[_Child]:
-    """Every child conv in graph order (rewritten graph) or module order (module swap)."""
-    gm = graph_of(kmodel)
-    if gm is not None:
-        return [_Child(tag_of(n).child, gm.get_submodule(tag_of(n).adapter), _parent_weight(gm, n), gm, n)
-                for n in child_nodes(gm)]
-    return [_Child(name, m, m.parent_kernel) for name, m in getattr(kmodel, "_orig_mod", kmodel).named_modules()
-            if isinstance(m, ChildAdapter) and m.folded_weight is None]
-
-
-def _parent_weight(gm: fx.GraphModule, node: fx.Node) -> Tensor:
-    weight = node.args[1]
-    if isinstance(weight, fx.Node) and weight.op == "get_attr":
-        return gm.get_parameter(weight.target) if isinstance(weight.target, str) else weight.target
-    raise KDNAError(f"calibrate: cannot find the parent kernel of child node {node.name}")  # pragma: no cover
+    """Every unfolded child conv of ``kmodel``, in module order."""
+    return [_Child(name, m, m.parent_kernel) for name, m, _ in children(kmodel) if m.folded_weight is None]
 
 
 def fit_children(kmodel: nn.Module, runner: Runner, data: Batches, *, steps: int, lr: float,

@@ -1,16 +1,16 @@
 """Measuring a model: run it on images and collect the Gram matrix of every conv's output, transformed models
-included (a child conv of a rewritten graph is a node, watched by an interpreter; a swapped child is a module)."""
+included (a child is a ChildAdapter module, watched by a hook like any conv)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from kdna_fx.adapters import ChildAdapter
 from kdna_fx.data import image_batches
-from kdna_fx.datamodel import child_nodes, graph_of, interpreted, tag_of
+from kdna_fx.datamodel import module_form
 from kdna_fx.errors import CKAError
 from kdna_fx.utils import KeptModes, device_dtype
 
@@ -21,44 +21,9 @@ Pool = Literal["flatten", "mean"]
 POOLS = ("flatten", "mean")
 
 
-def _graph(model: nn.Module) -> fx.GraphModule | None:
-    """The rewritten graph of ``model`` when it holds child convs (their calls are graph nodes, not modules)."""
-    gm = graph_of(model)
-    return gm if gm is not None and child_nodes(gm) else None
-
-
-def _conv_modules(model: nn.Module, gm: fx.GraphModule | None) -> list[tuple[str, nn.Module]]:
-    """The convs that run as modules: nn.Conv2d, and swapped children (in a rewritten graph ``gm`` a child is a
-    node, its ChildAdapter never called)."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) or (gm is None and isinstance(m, ChildAdapter))]
-
-
-def _conv_names(model: nn.Module) -> list[str]:
-    """Every conv the model runs: conv modules (swapped children included), and in a rewritten graph its child
-    convs, named from the model's root."""
-    gm = _graph(model)
-    names = [n for n, _ in _conv_modules(model, gm)]
-    names += [tag_of(n).child for n in child_nodes(gm)] if gm is not None else []
-    return names
-
-
-class _ConvInterpreter(fx.Interpreter):
-    """Runs a transformed GraphModule node by node and hands each child conv's output to ``record``.
-
-    A child conv is a call to kdna_fx.functional.child_conv2d, not a module, so a hook cannot see it.
-    """
-
-    def __init__(self, gm: fx.GraphModule, record: Callable[[str, Tensor], None]):
-        super().__init__(gm)
-        self.record = record
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        tag = tag_of(n)
-        if tag is not None and tag.role == "child_conv":
-            self.record(tag.child, out)
-        return out
+def _conv_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The convs the model runs: nn.Conv2d modules and, in a transformed model, its children."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, ChildAdapter))]
 
 
 def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None = None, *, images: int = 512,
@@ -78,7 +43,8 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
     if images < 4 or batch_size < 4:
         raise CKAError(f"images ({images}) and batch_size ({batch_size}) must both be >= 4: the unbiased HSIC "
                        f"estimator divides by n - 3")
-    available = _conv_names(model)
+    model = module_form(model)  # a graph form (passes.lower) is measured through the model it shares tensors with
+    available = [n for n, _ in _conv_modules(model)]
     if not available:
         raise CKAError(f"{type(model).__name__} has no nn.Conv2d (nor kdna_fx child conv) to compare")
     wanted = None if layers is None else list(layers)
@@ -102,15 +68,11 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
 
     device, dtype = device_dtype(model)
     watched = contextlib.ExitStack()
-    gm = _graph(model)
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(name, o))
-             for name, m in _conv_modules(model, gm)]
+             for name, m in _conv_modules(model)]
     watched.enter_context(KeptModes(model))
     estimator, names, count = MinibatchCKA(), None, 0
     try:
-        # A child conv is a function call in a graph, not a module: such a graph runs node by node.
-        if gm is not None:
-            watched.enter_context(interpreted(gm, _ConvInterpreter(gm, record)))
         from tqdm.auto import tqdm
 
         model.eval()
