@@ -114,15 +114,13 @@ class Gate(nn.Module):
 class ChildAdapter(nn.Module):
     """Everything a KernelDNA child owns: F, S, its gate, its bias, and the conv's geometry.
 
-    It holds no kernel of its own; ``parent`` names the module whose weight it reuses. Two ways to run it,
-    one computation (kdna_fx.functional.child_conv2d):
-
-    - in a rewritten graph (passes.rewriting) its tensors are read by get_attr nodes and the parent kernel is
-      a get_attr of the parent's weight; the module itself is never called;
-    - put in place of the conv by module swap (passes.swapping) it is called like the conv it replaced,
-      ``child(x)``, and reads its parent's kernel through ``bind``: a reference to the parent *module*, kept
-      out of the module tree, so the kernel stays one Parameter registered once (state dict, optimisers,
-      safetensors, torch.export) and follows ``.to()``, ``load_state_dict`` and ``functional_call``.
+    It holds no kernel of its own; ``parent`` names the module whose weight it reuses. Put in place of the
+    conv (passes.swapping), it is called like the conv it replaced, ``child(x)``, computes
+    kdna_fx.functional.child_conv2d, and reads its parent's kernel through ``bind``: a reference to the parent
+    *module*, kept out of the module tree, so the kernel stays one Parameter registered once (state dict,
+    optimisers, safetensors, torch.export) and follows ``.to()``, ``load_state_dict`` and ``functional_call``.
+    Traced (passes.lower), its forward becomes the design card's nodes: a get_attr of the parent's weight and
+    one child_conv2d call.
     """
 
     def __init__(
@@ -171,7 +169,7 @@ class ChildAdapter(nn.Module):
         self.__dict__["_parent_module"] = None  # not a submodule: see bind()
 
     def bind(self, parent: nn.Module | None) -> "ChildAdapter":
-        """Read the shared kernel from ``parent.weight`` when called as ``child(x)`` (module swap). The
+        """Read the shared kernel from ``parent.weight`` when called as ``child(x)``. The
         reference lives outside the module tree (no second registration of the parent); deepcopy, pickle and
         ``.to()`` keep it pointing at the same parent as the rest of the model."""
         self.__dict__["_parent_module"] = parent
@@ -207,7 +205,7 @@ class ChildAdapter(nn.Module):
         parent = self.__dict__["_parent_module"]
         if parent is None:
             raise KDNAError(f"this ChildAdapter (a child of {self.parent!r}) is not bound to its parent module: "
-                            f"it runs inside a rewritten graph, which passes the kernel in (child(x, kernel))")
+                            f"pass the kernel in (child(x, kernel))")
         return parent.weight
 
     def conv_kwargs(self) -> dict[str, Any]:

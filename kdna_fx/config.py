@@ -112,12 +112,9 @@ class KDNAConfig:
     leaf_modules: tuple[type, ...] = ()
     """Module types kept opaque by tracing (added to kdna_fx.registry.NOT_TRACED)."""
     rewrite: str = "auto"
-    """How children are put in place. 'auto': as a rewritten graph (a GraphModule) when torch.fx traces the
-    model as a whole and the trace can be trusted (the same in train and eval mode; with example inputs, equal
-    to the model on them), else by module swap: each child conv module is replaced in place by a ChildAdapter,
-    and the model keeps its own objects and Python forward (docs/partial-tracing.md). 'graph': the graph or a
-    KDNATraceError / KDNAError pointing at what stops it. 'swap': always the module swap. The record's config
-    holds the path taken, so save/load replays it."""
+    """What transform returns. 'auto' (and 'swap', its old name): the user's model, each child conv module
+    replaced in place by a ChildAdapter (docs/design.md). 'graph': that model's graph form (passes.lower, the
+    design card's FX graph), checked against the model, or a KDNAError saying why there is none."""
 
     def __post_init__(self) -> None:
         self.kernel_sizes = tuple(self.kernel_sizes)
@@ -129,8 +126,8 @@ class KDNAConfig:
             raise ConfigError(f"KDNAConfig.policy must be 'position' (families by graph order) or 'cka' (by "
                               f"measured output similarity, needs data), got {self.policy!r}")
         if self.rewrite not in ("auto", "graph", "swap"):
-            raise ConfigError(f"KDNAConfig.rewrite must be 'auto' (a graph where the trace can be trusted, else "
-                              f"module swap), 'graph' (a graph or an error) or 'swap', got {self.rewrite!r}")
+            raise ConfigError(f"KDNAConfig.rewrite must be 'auto' (the user's model, its convs shared in place), "
+                              f"'graph' (its checked FX graph form) or 'swap' (as 'auto'), got {self.rewrite!r}")
         if self.parent not in ("first", "centroid"):
             raise ConfigError(f"KDNAConfig.parent must be 'first' or 'centroid', got {self.parent!r}")
         if self.stage_depth < 0:

@@ -40,14 +40,7 @@ class StateError(KDNAError, ValueError):
 
 
 class NoEligibleConvWarning(UserWarning):
-    """transform() found nothing to share; the model is returned unchanged (traced, or as it was)."""
-
-
-class PartialTraceWarning(UserWarning):
-    """transform() could not use a trusted graph of the whole model (untraceable Python, a forward that reads
-    self.training, a trace that differs from the model on the example inputs) and shared its convs by module swap
-    instead: the model keeps its own objects and forward. kdna_fx.report lists the reasons;
-    KDNAConfig(rewrite="graph") raises instead (docs/partial-tracing.md)."""
+    """transform() found nothing to share; the model is returned unchanged."""
 
 
 class SkippedSiteWarning(UserWarning):

@@ -288,7 +288,7 @@ def _convert(model: nn.Module, config: KDNAConfig | None, init: str, method: str
         raise KDNATypeError(f"config must be a kdna_fx.KDNAConfig, got {type(config).__name__}")
     # The adapter-cost rule compares a KernelDNA adapter with a kernel; it means nothing for a peer.
     config = dataclasses.replace(config or KDNAConfig(), only_if_smaller=False)
-    # The transform's own pipeline: the same convs, on a trusted graph or by module swap.
+    # The transform's own pipeline: the same convs, swapped in the model's own module tree.
     prepared = prepare(model, config, gates=False)
     return passes.swap_convs(prepared.module, prepared.sites, prepared.skipped, make, method)
 

@@ -54,8 +54,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
 def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, fold: bool = False) -> nn.Module:
     """The model saved at ``path``, rebuilt on ``model``: a fresh, untransformed instance of the saved
     architecture (transformed here with the saved config and plan), or a transformed one whose plan is the
-    saved plan, such as ``kdna_fx.models.create_model(name)``. A model that took the module swap reloads
-    the same way: the saved config names the path (``rewrite="swap"``) and the plan names convs from its root.
+    saved plan, such as ``kdna_fx.models.create_model(name)``. The saved config says whether the graph form
+    was asked for (``rewrite="graph"``) and the plan names convs from its root.
 
     Without ``model``, the original is rebuilt from the builder stored with it (a model made by
     ``kdna_fx.models.create_model``: zoo, torchvision or timm); a file without one needs ``model``.

@@ -33,9 +33,8 @@ def functional_conv(gm: fx.GraphModule, node: fx.Node) -> Skipped | None:
     return Skipped(weight.target, FUNCTIONAL)
 
 
-def conv_module_site(name: str, module: nn.Module, config: KDNAConfig, node: str = "") -> ConvSite | Skipped | None:
-    """The site of the conv module ``module`` at path ``name`` (None: not a conv). ``node``: its graph node's
-    name, "" when the child is put in place by module swap (passes.swapping)."""
+def conv_module_site(name: str, module: nn.Module, config: KDNAConfig) -> ConvSite | Skipped | None:
+    """The site of the conv module ``module`` at path ``name`` (None: not a conv)."""
     if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
         return Skipped(name, f"{type(module).__name__}: only 2-D convolutions (nn.Conv2d) are shared")
     if not isinstance(module, nn.Conv2d):
@@ -51,7 +50,7 @@ def conv_module_site(name: str, module: nn.Module, config: KDNAConfig, node: str
         return Skipped(name, "its weight is computed at every call (weight_norm, spectral_norm or another "
                              "parametrization), not a stored kernel to share")
     return ConvSite(
-        name=name, kind="module", node=node, weight=f"{name}.weight",
+        name=name, kind="module", node="", weight=f"{name}.weight",
         out_channels=module.out_channels, in_channels=module.in_channels, kernel_size=tuple(module.kernel_size),
         stride=tuple(module.stride),
         padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),

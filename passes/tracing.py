@@ -92,7 +92,7 @@ def _trace_error(tracer: _Tracer, model: nn.Module, exc: Exception) -> KDNATrace
                f"torch.fx symbolic tracing cannot follow Python control flow that depends on tensor values "
                f"(if/while on a tensor, len() of a tensor, calling .item()).\n"
                f"Fix: {fix}, or make that forward free of data-dependent Python control flow; "
-               f"KDNAConfig(rewrite='auto') (the default) shares such a model's convs by module swap instead.")
+               f"KDNAConfig(rewrite='auto') (the default) shares such a model's convs without a graph.")
     return KDNATraceError(message, module_name=name, module_type=type_name, operation=operation, source=source)
 
 

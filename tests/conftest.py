@@ -66,7 +66,15 @@ class ModelSweep:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             kmodel = kdna_fx.transform(model)
+        ModelSweep.keeps_its_class(model, kmodel)
         return kmodel, any(issubclass(w.category, kdna_fx.NoEligibleConvWarning) for w in caught)
+
+    @staticmethod
+    def keeps_its_class(model: nn.Module, kmodel: nn.Module) -> None:
+        """The transformed model is the user's model (issue 31): its class, and every public name of it."""
+        assert type(kmodel) is type(model), f"{type(kmodel).__name__} is not the user's {type(model).__name__}"
+        missing = [n for n in dir(type(model)) if not n.startswith("_") and n not in dir(kmodel)]
+        assert not missing, f"the transformed {type(model).__name__} lost {missing}"
 
     @staticmethod
     def check(name: str, model: nn.Module, kmodel: nn.Module, unchanged: bool, listed: dict[str, str]) -> None:

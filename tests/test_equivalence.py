@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
-from kdna_fx.testing import ConvSpec, ConvStack, FunctionalConvNet, TinyResNet, randomize_adapters, untie_parents
+from kdna_fx.testing import ConvSpec, ConvStack, TinyResNet, randomize_adapters, untie_parents
 
 IDENTITY = AdapterConfig(gate=False)  # F = S = 0 at init, so with no gate a child is its parent
 SIZE = 8  # input height and width
@@ -73,7 +73,9 @@ def test_fold_equals_unfolded_in_eval(dtype, tol, case):
     randomize_adapters(kmodel, generator=torch.Generator().manual_seed(case[-1]))
     kmodel.eval()
     folded = kdna_fx.fold(kmodel)
-    assert not any(n.target is kdna_fx.functional.modulate for n in folded.graph.nodes)
+    assert all(m.folded_weight is not None for _, m, _ in kdna_fx.datamodel.children(folded))
+    lowered = kdna_fx.passes.lower(folded, (x,))
+    assert not any(n.target is kdna_fx.functional.modulate for n in lowered.graph.nodes)
     # fp32 tolerance 1e-5 relative, as the issue asks.
     torch.testing.assert_close(folded(x), kmodel(x), rtol=1e-5 if dtype == torch.float32 else tol["rtol"],
                                atol=tol["atol"])
@@ -105,7 +107,7 @@ def test_eval_output_of_a_sample_does_not_depend_on_the_batch(dtype, tol, batch,
         torch.testing.assert_close(kmodel(x[i:i + 1])[0], whole[i], **tol)
 
 
-@pytest.mark.parametrize("build", [TinyResNet, FunctionalConvNet], ids=["modules", "functional"])
+@pytest.mark.parametrize("build", [TinyResNet])
 def test_parent_gradient_is_the_sum_through_all_users(dtype, tol, build):
     torch.manual_seed(0)
     model = build()
@@ -159,15 +161,15 @@ def test_transform_does_not_modify_the_callers_model(dtype):
 
 
 @given(stacks(), st.sampled_from(["first", "centroid"]), st.booleans(), st.integers(0, 2))
-def test_module_swap_computes_what_the_graph_rewrite_computes(dtype, tol, case, parent, share, rank):
-    """The two ways of putting a child in place (passes/rewriting.py, passes/swapping.py) are one function: same state
+def test_the_graph_form_computes_what_the_model_computes(dtype, tol, case, parent, share, rank):
+    """The transformed model and its graph form (passes.lower, rewrite="graph") are one function: same state
     dict, same outputs in train and eval mode, same gradients, same folded form, over random conv geometries."""
     model, x = _stack_and_input(case)
     assume(share or parent == "first")
     config = KDNAConfig(parent=parent, share=share, adapter=AdapterConfig(rank=rank, gate_norm="layer"),
                         **EVERY_GEOMETRY)
-    graph = kdna_fx.transform(model, config)
-    swapped = kdna_fx.transform(model, dataclasses.replace(config, rewrite="swap"))
+    graph = kdna_fx.transform(model, dataclasses.replace(config, rewrite="graph"), example_inputs=(x,))
+    swapped = kdna_fx.transform(model, config, example_inputs=(x,))
     assert kdna_fx.plan_of(graph).families == kdna_fx.plan_of(swapped).families
     assert graph.state_dict().keys() == swapped.state_dict().keys()
     randomize_adapters(graph)

@@ -17,40 +17,39 @@ from torch import nn
 
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
-from kdna_fx.datamodel import record_of
 from kdna_fx.models import thirdparty as catalogue
 from kdna_fx.testing import output_tensors
 
 
 pytestmark = [pytest.mark.usefixtures("free_traced_models")]
 
-# model -> the path its children take: "graph" (rewritten GraphModule), "swap" (module swap), or "unchanged"
-# (nothing to share, with the reason NoEligibleConvWarning gives).
+# model -> "shared" (its convs shared in the model itself, which keeps its class) or "unchanged" (nothing to share,
+# with the reason NoEligibleConvWarning gives).
 EXPECTED = {
-    "smp-unet-resnet18": "graph",
-    "smp-fpn-resnet18": "swap",  # its forward checks the input shape in Python (torch.fx cannot follow)
-    "smp-deeplabv3plus-resnet18": "swap",
-    "smp-unetplusplus-resnet18": "swap",
+    "smp-unet-resnet18": "shared",
+    "smp-fpn-resnet18": "shared",
+    "smp-deeplabv3plus-resnet18": "shared",
+    "smp-unetplusplus-resnet18": "shared",
     "smp-unet-mobilenet_v2": "unchanged",  # 3x3 convs depthwise, the rest 1x1
-    "smp-fpn-efficientnet-b0": "swap",
-    "monai-basicunet": "swap",  # its trace silently drops the skip connections (checked on the example inputs)
-    "monai-unet": "graph",
+    "smp-fpn-efficientnet-b0": "shared",
+    "monai-basicunet": "shared",
+    "monai-unet": "shared",
     "monai-dynunet": "unchanged",  # every 3x3 conv differs in shape from the others of its stage
-    "monai-segresnet": "graph",
-    "ultralytics-yolov8n": "swap",  # _predict_once loops over self.model in Python
-    "ultralytics-yolo11n": "swap",
-    "ultralytics-yolov8n-cls": "swap",
-    "hf-resnet": "swap",  # transformers' forwards branch on config flags and return ModelOutput objects
-    "hf-resnet-cls": "swap",
+    "monai-segresnet": "shared",
+    "ultralytics-yolov8n": "shared",
+    "ultralytics-yolo11n": "shared",
+    "ultralytics-yolov8n-cls": "shared",
+    "hf-resnet": "shared",
+    "hf-resnet-cls": "shared",
     "hf-convnext-cls": "unchanged",  # depthwise 7x7 and patchify convs only
-    "hf-regnet-cls": "swap",
+    "hf-regnet-cls": "shared",
     "hf-mobilenetv2-cls": "unchanged",  # 3x3 convs depthwise, the rest 1x1
     "effnet-pytorch-b0": "unchanged",  # depthwise and 1x1 convs only
-    "tv-quant-resnet18": "graph",
+    "tv-quant-resnet18": "shared",
     "tv-quant-mobilenet_v2": "unchanged",
-    "tv-fasterrcnn-mobilenet_v3_large_320_fpn": "swap",
-    "tv-fasterrcnn-resnet18-fpn": "swap",
-    "timm-resnet18": "graph",
+    "tv-fasterrcnn-mobilenet_v3_large_320_fpn": "shared",
+    "tv-fasterrcnn-resnet18-fpn": "shared",
+    "timm-resnet18": "shared",
 }
 
 PRESERVING = KDNAConfig(only_if_smaller=False, adapter=AdapterConfig(rank="full"))
@@ -84,7 +83,7 @@ def _train_step(name: str, kmodel: nn.Module, inputs: tuple) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_a_library_model_is_shared_or_unchanged_and_never_wrong(name, tmp_path):
+def test_a_library_model_is_shared_or_unchanged_and_never_wrong(name, tmp_path, model_sweep):
     pytest.importorskip(catalogue.MODULE[name])
     model = _build(name).eval()
     inputs = catalogue.EXAMPLE_INPUTS[name]()
@@ -99,8 +98,7 @@ def test_a_library_model_is_shared_or_unchanged_and_never_wrong(name, tmp_path):
         assert _close(_eval(kmodel, inputs), expected_out, rtol=0)
         return
     assert not unchanged and after < before, f"{name}: kdna_fx found nothing to share"
-    assert record_of(kmodel).how == EXPECTED[name]
-    assert type(kmodel) is type(model) or record_of(kmodel).how == "graph"
+    model_sweep.keeps_its_class(model, kmodel)
 
     out = _eval(kmodel, inputs)
     assert out and all(torch.isfinite(t).all() for t in out)

@@ -1,4 +1,5 @@
-"""The rewritten graph itself: one parent reference, children without kernels, re-traceable."""
+"""The transformed model and its graph form (passes.lower): one parent reference, children without kernels,
+re-traceable."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,9 @@ from kdna_fx.testing import TinyResNet, randomize_adapters
 
 
 def test_resnet18_graph_structure():
-    kmodel = kdna_fx.transform(torchvision.models.resnet18())
+    kmodel = kdna_fx.transform(torchvision.models.resnet18(), kdna_fx.KDNAConfig(rewrite="graph"))
+    assert isinstance(kmodel, fx.GraphModule)
+    assert kdna_fx.datamodel.record_of(kmodel).checked == "inferred inputs (2, 3, 64, 64)"
     kmodel.graph.lint()
     plan = kdna_fx.plan_of(kmodel)
     get_attrs = [n.target for n in kmodel.graph.nodes if n.op == "get_attr"]
@@ -152,40 +155,46 @@ def test_a_model_built_from_an_edited_plan_saves_and_reloads(tmp_path, dtype, to
 
 
 def test_the_passes_compose_without_transform(dtype, tol):
-    """rewrite leaves the record, so fold, as_function, report and save work on a hand-run pipeline."""
+    """swap leaves the record, so fold, lower, as_function, report and save work on a hand-run pipeline."""
     from kdna_fx import passes
 
     model = TinyResNet().eval()
     config = kdna_fx.KDNAConfig()
-    gm = passes.trace(model, config)
-    plan = passes.check_plan(gm, passes.plan_families(*passes.find_convs(gm, config), config))
-    gm = passes.rewrite(gm, plan)
-    randomize_adapters(gm)
+    plan = passes.check_plan(passes.plan_families(*passes.find_modules(model, config), config))
+    kmodel = passes.swap(model, plan)
+    randomize_adapters(kmodel)
     x = torch.randn(2, 3, 12, 12)
-    torch.testing.assert_close(passes.fold(gm)(x), gm(x), **tol)
+    torch.testing.assert_close(passes.fold(kmodel)(x), kmodel(x), **tol)
+    gm = passes.lower(kmodel, (x,))
+    torch.testing.assert_close(gm(x), kmodel(x), **tol)
+    torch.testing.assert_close(passes.fold(gm)(x), kmodel(x), **tol)
     fn = passes.as_function(gm)
     torch.testing.assert_close(fn(fn.parents, fn.params, fn.buffers, x), gm(x), **tol)
-    assert kdna_fx.report(gm, x).params_before == sum(p.numel() for p in model.parameters())
+    assert kdna_fx.report(gm, x).params_before == kdna_fx.report(kmodel, x).params_before
     with pytest.raises(kdna_fx.KDNAError, match="already converted by kdna_fx.transform"):
-        passes.rewrite(gm, plan)
+        passes.swap(kmodel, plan)
 
 
-def test_check_plan_leaves_unrecognised_sites_alone_with_a_warning():
-    import dataclasses
+def test_a_lowering_that_differs_from_the_model_is_refused():
+    """A Python check that is False for an fx Proxy drops a branch from the trace: lower says so, never a
+    different graph (with example inputs, and with the inputs it infers)."""
+    class Guarded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
 
-    from kdna_fx import passes
+        def forward(self, x):
+            y = self.b(self.a(x))
+            return y + 1 if isinstance(x, torch.Tensor) else y
 
-    config = kdna_fx.KDNAConfig()
-    gm = passes.trace(TinyResNet(), config)
-    plan = passes.plan_families(*passes.find_convs(gm, config), config)
-    child = plan.families[0].children[0]
-    broken = dataclasses.replace(plan, sites={**plan.sites, child: dataclasses.replace(plan.sites[child],
-                                                                                      node="no_such_node")})
-    with pytest.warns(kdna_fx.SkippedSiteWarning, match=child):
-        checked = passes.check_plan(gm, broken)
-    assert child not in checked.children and any(s.name == child for s in checked.skipped)
-    passes.rewrite(gm, checked)  # the rest still rewrites into a valid graph
-    gm.graph.lint()
+    config = kdna_fx.KDNAConfig(only_if_smaller=False)
+    kmodel = kdna_fx.transform(Guarded(), config)
+    assert isinstance(kmodel, Guarded)
+    for inputs in ((torch.randn(2, 8, 8, 8),), None):
+        with pytest.raises(kdna_fx.KDNAError, match="cannot lower Guarded to a graph: output differs"):
+            kdna_fx.passes.lower(kmodel, inputs)
+    with pytest.raises(kdna_fx.KDNAError, match="cannot lower Guarded"):
+        kdna_fx.transform(Guarded(), kdna_fx.KDNAConfig(only_if_smaller=False, rewrite="graph"))
 
 
 @pytest.mark.parametrize("method", ["transform", "condconv", "odconv"])
