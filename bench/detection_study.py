@@ -86,10 +86,9 @@ def build(row: str, args: argparse.Namespace, seed: int) -> nn.Module:
         box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), box_batch_size_per_image=64,
         box_head=TwoMLPHead(args.fpn * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, len(SCENE_CLASSES)))
     if row == "kdna":
-        with _quiet_warnings():
-            # stage_depth=3: stages inside the backbone (backbone.body.layer1, backbone.fpn.layer_blocks), the
-            # families the study ran with (then counted from the rewritten backbone by partial tracing).
-            return kdna_fx.transform(model, kdna_fx.KDNAConfig(stage_depth=3), inplace=True)
+        # stage_depth=3: stages inside the backbone (backbone.body.layer1, backbone.fpn.layer_blocks), the
+        # families the study ran with (then counted from the rewritten backbone by partial tracing).
+        return kdna_fx.transform(model, kdna_fx.KDNAConfig(stage_depth=3), inplace=True)
     return model
 
 
@@ -115,23 +114,8 @@ def narrow_width(args: argparse.Namespace) -> float:
     return _narrow_width(args.width, args.fpn, args.size)
 
 
-@contextlib.contextmanager
-def _quiet_warnings() -> Any:
-    # The PartialTraceWarning (which parts stayed opaque) is expected here; the run JSON records them.
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kdna_fx.errors.PartialTraceWarning)
-        yield
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() lists a shared kernel once
-
-
-def opaque_parts(model: nn.Module) -> list[str]:
-    record = getattr(model, "_kdna_record", None)
-    return [o.path or "<model>" for o in record.opaque] if record is not None else []
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -239,7 +223,7 @@ def run_one(row: str, seed: int, args: argparse.Namespace, path: str) -> None:
         "row": row, "seed": seed, "width": narrow_width(args) if row == "plain-narrow" else args.width, **metrics,
         "params": n_params(model), "macs": macs, "gate_macs": gate_macs,
         "train_s": train_s, "eval_s": eval_s, "steps": args.steps, "batch": args.batch, "losses": losses,
-        "opaque": opaque_parts(model), "examples": examples, "recipe": recipe(args), "provenance": provenance()})
+        "examples": examples, "recipe": recipe(args), "provenance": provenance()})
     print(f"{row} seed {seed}: mAP {metrics['map']:.4f}, mAP@.5 {metrics['map50']:.4f}, "
           f"train {train_s / 60:.1f} min", flush=True)
 
@@ -291,7 +275,7 @@ def summarise(out: str) -> dict[str, Any]:
                 values = [r[key] for r in runs]
                 rows[row][key] = {"mean": statistics.mean(values),
                                   "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-            for key in ("params", "macs", "gate_macs", "opaque"):
+            for key in ("params", "macs", "gate_macs"):
                 rows[row][key] = runs[0][key]
             rows[row]["width"] = runs[0].get("width", runs[0]["recipe"]["width"])
     speeds = []

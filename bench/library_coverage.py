@@ -3,7 +3,7 @@
 Each model of kdna_fx.models.thirdparty (segmentation-models-pytorch, MONAI, Ultralytics, Hugging Face
 transformers, efficientnet-pytorch, torchvision quantizable and detection models, timm), built without weights,
 goes through ``kdna_fx.transform(model, example_inputs=...)`` with the default config. The table gives the
-outcome (shared or unchanged), the path its children took (graph rewrite or module swap) and why, the
+outcome (shared or unchanged, and why nothing was shared), the
 parameters before and after, the families, and the largest output difference of the function-preserving
 transform (every conv shared at full rank, init="trained") against the original. tests/test_thirdparty_sweep.py
 checks the same outcomes; docs/partial-tracing.md#coverage shows this table.
@@ -44,20 +44,14 @@ def _eval(model: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
 
 
 def _why(record: Any) -> str:
-    """Why the model took the module swap (its first reason, paths shortened), or, when nothing was shared, the
-    two commonest reasons its convs were left alone."""
-    if not record.plan.families:
-        reasons: dict[str, int] = {}
-        for s in record.plan.skipped:
-            key = s.reason.split(":")[0]
-            reasons[key] = reasons.get(key, 0) + 1
-        return "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:2])
-    swap = [o for o in record.opaque if o.kept == "swap"]
-    if not swap:
+    """When nothing was shared, the two commonest reasons its convs were left alone."""
+    if record.plan.families:
         return ""
-    text = swap[0].describe()
-    return text.split("site-packages/", 1)[0].rsplit(" at ", 1)[0] + (
-        " at " + text.split("site-packages/", 1)[1] if "site-packages/" in text else "")
+    reasons: dict[str, int] = {}
+    for s in record.plan.skipped:
+        key = s.reason.split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    return "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:2])
 
 
 def _image(size: int = 64) -> tuple:
@@ -168,7 +162,6 @@ def measure(name: str, build: Any = None, example: Any = None, library: str | No
     plan = record.plan
     unchanged = not plan.families
     row = {"model": name, "library": library or catalogue.LIBRARY[name], "outcome": "unchanged" if unchanged else "shared",
-           "path": "-" if unchanged else record.how,
            "params_before": sum(p.numel() for p in model.parameters()),
            "params_after": sum(p.numel() for p in kmodel.parameters()),
            "families": len(plan.families), "children": len(plan.children), "transform_s": seconds,
@@ -204,7 +197,7 @@ def measure_torchvision_dense() -> list[dict[str, Any]]:
         record = record_of(kmodel)
         shared = bool(record.plan.families)
         rows.append({"model": name, "library": "torchvision", "outcome": "shared" if shared else "unchanged",
-                     "path": record.how if shared else "-", "params_before": sum(p.numel() for p in model.parameters()),
+                     "params_before": sum(p.numel() for p in model.parameters()),
                      "params_after": sum(p.numel() for p in kmodel.parameters()), "families": len(record.plan.families),
                      "children": len(record.plan.children), "why": _why(record)})
         del model, kmodel
@@ -228,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "libraries.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    table = [[r["model"] + (" (held out)" if r.get("held_out") else ""), r["outcome"], r.get("path", "-"), f"{r.get('params_before', 0):,}",
+    table = [[r["model"] + (" (held out)" if r.get("held_out") else ""), r["outcome"], f"{r.get('params_before', 0):,}",
               f"{r.get('params_after', 0):,}",
               f"{100 * (r['params_after'] / r['params_before'] - 1):+.1f} %" if r.get("params_before") else "-",
               f"{r.get('families', 0)} / {r.get('children', 0)}",
@@ -238,14 +231,14 @@ def main(argv: list[str] | None = None) -> None:
           f"Command: `{meta['command']}`; commit {meta['commit']['commit']}"
           f"{' (with uncommitted changes)' if meta['commit']['dirty'] else ''}; {meta['machine']['cpu']}; torch "
           f"{meta['versions']['torch']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions_libraries"].items()), "",
-          "Default config, `transform(model, example_inputs=...)`. *path*: how the children were put in place "
-          "(graph = rewritten GraphModule, swap = module swap, with the reason in *why*). *preserving*: largest "
+          "Default config, `transform(model, example_inputs=...)`, which returns the model itself (its class "
+          "kept), children in its module tree; *why*: the reason nothing was shared. *preserving*: largest "
           "output difference, relative to the largest output, of `transform(model, KDNAConfig(only_if_smaller="
           "False, adapter=AdapterConfig(rank='full')), init='trained')` against the original (float32). "
           "*(held out)*: models kept out of tests/test_thirdparty_sweep.py, run once here; the torchvision "
           "detection, segmentation and flow rows are transformed without example inputs, as tests/test_dense_sweep.py "
           "does, and have no preserving check.", "",
-          markdown_table(["model", "outcome", "path", "params before", "after", "change", "families / children",
+          markdown_table(["model", "outcome", "params before", "after", "change", "families / children",
                           "preserving", "why"], table)]
     with open(os.path.join(OUT, "libraries.md"), "w") as f:
         f.write("\n".join(md) + "\n")

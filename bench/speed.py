@@ -89,7 +89,7 @@ def _sharing(name: str, rewrite: str = "auto") -> kdna_fx.KDNAConfig:
 
 
 # Each row: (name, builder, role). Roles: baseline (the group's reference), replace / folded (KernelDNA in
-# replace mode), swap / swap folded (the same, children put in place by module swap), reference (a KernelDNA
+# replace mode), graph / graph folded (the same model's graph form, passes.lower), reference (a KernelDNA
 # reference topology), peer. Every builder is a zoo name with its tag and create_model options.
 GROUPS: dict[str, list[tuple[str, Zoo, str]]] = {
     "resnet18": [
@@ -109,16 +109,16 @@ GROUPS: dict[str, list[tuple[str, Zoo, str]]] = {
         ("replace folded", _zoo("torchvision/resnet50.replace", fold=True, config=_sharing("resnet50")), "folded"),
         ("kdna_resnet50 folded", _zoo("resnet50.kdna", fold=True), "reference"),
     ],
-    # The module-swap path (passes/swapping.py) on a model that traces whole, against its graph rewrite: the
-    # same children put in place as modules instead of graph nodes (role "swap" is compared with "replace",
-    # "swap folded" with "folded").
+    # The transformed model (children are modules in the user's tree) against its graph form (passes.lower,
+    # rewrite="graph": the design card's FX graph): "replace" is compared with role "graph", "folded" with
+    # "graph folded".
     "swap": [
         ("resnet18", _zoo("torchvision/resnet18"), "baseline"),
         ("replace", _zoo("torchvision/resnet18.replace", config=_sharing("resnet18")), "replace"),
-        ("replace, module swap", _zoo("torchvision/resnet18.replace", config=_sharing("resnet18", "swap")), "swap"),
+        ("replace, graph form", _zoo("torchvision/resnet18.replace", config=_sharing("resnet18", "graph")), "graph"),
         ("replace folded", _zoo("torchvision/resnet18.replace", fold=True, config=_sharing("resnet18")), "folded"),
-        ("replace folded, module swap",
-         _zoo("torchvision/resnet18.replace", fold=True, config=_sharing("resnet18", "swap")), "swap folded"),
+        ("replace folded, graph form",
+         _zoo("torchvision/resnet18.replace", fold=True, config=_sharing("resnet18", "graph")), "graph folded"),
     ],
     "mobilenet_v2": [
         ("mobilenet_v2", _zoo("torchvision/mobilenet_v2"), "baseline"),
@@ -291,7 +291,7 @@ def _train_steps(group: str, args: argparse.Namespace, device: torch.device,
     out: dict[str, Any] = {}
     torch._dynamo.reset()
     for name, build, role in GROUPS[group]:
-        if role in ("folded", "swap folded") or (args.train_rows and name not in args.train_rows):
+        if role in ("folded", "graph folded") or (args.train_rows and name not in args.train_rows):
             continue  # a folded model is for inference only
         if role == "reference":
             build = dataclasses.replace(build, fold=False)  # the unfolded reference trains
@@ -361,11 +361,11 @@ def targets(payload: dict[str, Any]) -> list[list[Any]]:
                     bound = base_ips * rows[base]["macs"] / r["macs"]
                     ratio = timing[name]["images_per_s"] / bound
                     out.append([f"{name} / MAC bound", mode, b, ratio, 0.95, ratio >= 0.95])
-                if r["role"] in ("swap", "swap folded") and compiled:
-                    graph = next(n for n, g in rows.items() if g["role"] == r["role"].replace("swap folded", "folded")
-                                 .replace("swap", "replace"))
-                    ratio = timing[name]["images_per_s"] / timing[graph]["images_per_s"]
-                    out.append([f"{name} / {graph}", mode, b, ratio, 0.97, ratio >= 0.97])
+                if r["role"] in ("graph", "graph folded") and compiled:
+                    model = next(n for n, g in rows.items() if g["role"] == {"graph": "replace",
+                                                                              "graph folded": "folded"}[r["role"]])
+                    ratio = timing[model]["images_per_s"] / timing[name]["images_per_s"]
+                    out.append([f"{model} / {name}", mode, b, ratio, 0.97, ratio >= 0.97])
                 if name == "ODConv 1x":
                     need = 3.0 if int(b) >= 32 else 1.5
                     ratio = ips / timing[name]["images_per_s"]

@@ -14,7 +14,7 @@ from kdna_fx.calibration import calibrate
 from kdna_fx.cka import layer_similarity
 from kdna_fx.testing import TinyResNet
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::kdna_fx.PartialTraceWarning")]
+pytestmark = [pytest.mark.usefixtures("one_thread")]
 
 
 class Checked(nn.Module):

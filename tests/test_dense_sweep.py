@@ -20,8 +20,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 import kdna_fx
 
-pytestmark = [pytest.mark.usefixtures("one_thread", "free_traced_models"),
-              pytest.mark.filterwarnings("ignore::kdna_fx.PartialTraceWarning")]
+pytestmark = [pytest.mark.usefixtures("one_thread", "free_traced_models")]
 
 MBV3 = "MobileNetV3 backbone: its 3x3 convs are depthwise or differ in shape within every stage"
 CONV3D = "video model: only 3-D convolutions (kdna_fx shares 2-D convs)"

@@ -17,7 +17,7 @@ from torch import nn
 
 import kdna_fx
 from kdna_fx import KDNAConfig
-from kdna_fx.datamodel import child_nodes, find_record, peer_record
+from kdna_fx.datamodel import find_record, module_form, peer_record
 from kdna_fx.models import builder_of
 from kdna_fx.testing import TinyResNet, randomize_adapters
 
@@ -27,7 +27,7 @@ X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 class Untraceable(nn.Module):
-    """Data-dependent control flow: kdna_fx.transform takes the module-swap path."""
+    """Data-dependent control flow: the model has no graph form."""
 
     def __init__(self):
         super().__init__()
@@ -47,10 +47,12 @@ def _transformed(model: nn.Module) -> nn.Module:
 
 
 def _graph() -> nn.Module:
-    return _transformed(TinyResNet())
+    """The graph form (passes.lower), which keeps the model it was lowered from as its module form."""
+    return kdna_fx.passes.lower(_transformed(TinyResNet()), (X,))
 
 
 MODELS: dict[str, Callable[[], Any]] = {
+    "model": lambda: _transformed(TinyResNet()),
     "graph": _graph,
     "swap": lambda: _transformed(Untraceable()),
     "folded": lambda: kdna_fx.fold(_graph()),
@@ -98,13 +100,17 @@ def _report(model: nn.Module) -> dict[str, Any]:
 
 
 def _facts(obj: Any) -> dict[str, Any]:
-    """What must travel: kdna_fx's records and stamp, node tags, outputs, and what fold and report make of it."""
+    """What must travel: kdna_fx's records and stamp, a graph's module form, outputs, and what fold and report make
+    of it."""
     model = _module(obj)
     record = find_record(model)
     facts = {"output": _run(obj, X), "record": record, "builder": builder_of(model), "peer": peer_record(model),
              "report": _report(model)}
     if isinstance(model, torch.fx.GraphModule) and record is not None:
-        facts["tags"] = [n.meta["kdna"] for n in child_nodes(model)]
+        source = module_form(model)
+        assert source is not model and source.layer1[0].conv2 is model.get_submodule("layer1.0.conv2")
+        assert model.get_parameter("layer1.0.conv1.weight") is source.layer1[0].conv1.weight  # still one model
+        facts["module form output"] = _run(source, X)
     if record is not None and not record.folded:
         facts["folded output"] = _run(kdna_fx.fold(model), X)
     return facts

@@ -7,6 +7,7 @@ place by a bound ChildAdapter. Every test here runs in float32 and float64 where
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 import warnings
 
@@ -92,9 +93,8 @@ def _eval_equal(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 
 def test_parts_keep_their_python_api_and_are_shared(dtype):
     model = UsesItsParts().to(dtype)
-    with pytest.warns(kdna_fx.PartialTraceWarning, match="module swap"):
-        kmodel = kdna_fx.transform(model)
-    assert type(kmodel) is UsesItsParts and type(kmodel.body) is Stage and record_of(kmodel).how == "swap"
+    kmodel = kdna_fx.transform(model)
+    assert type(kmodel) is UsesItsParts and type(kmodel.body) is Stage
     plan = kdna_fx.plan_of(kmodel)
     # whole-model planning: the stage is 'body' (from the model's root), so three of the four blocks share
     assert [(f.parent, f.children) for f in plan.families] == [("body.blocks.0.0", ("body.blocks.1.0",
@@ -111,18 +111,16 @@ def test_parts_keep_their_python_api_and_are_shared(dtype):
 def test_swapped_init_trained_at_full_rank_preserves_the_function(dtype):
     model = UsesItsParts().to(dtype).eval()
     x = torch.randn(3, 3, 8, 8, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kdna_fx.PartialTraceWarning)
-        kmodel = kdna_fx.transform(model, PRESERVING, init="trained", example_inputs=(x,))
+    kmodel = kdna_fx.transform(model, PRESERVING, init="trained", example_inputs=(x,))
     assert kdna_fx.plan_of(kmodel).families
     assert _eval_equal(model, kmodel, x) < _tol(dtype)
     assert _eval_equal(model, kdna_fx.fold(kmodel), x) < _tol(dtype)
 
 
-def test_swap_equals_graph_rewrite_with_the_same_state(dtype):
+def test_the_graph_form_equals_the_model_with_the_same_state(dtype):
     model = torchvision.models.resnet18(num_classes=4).to(dtype)
-    graph = kdna_fx.transform(model)
-    swapped = kdna_fx.transform(model, KDNAConfig(rewrite="swap"))
+    graph = kdna_fx.transform(model, KDNAConfig(rewrite="graph"))
+    swapped = kdna_fx.transform(model)
     assert isinstance(graph, torch.fx.GraphModule) and type(swapped) is torchvision.models.ResNet
     assert graph.state_dict().keys() == swapped.state_dict().keys()
     kdna_fx.testing.randomize_adapters(graph)
@@ -136,16 +134,12 @@ def test_swap_equals_graph_rewrite_with_the_same_state(dtype):
 
 def test_swapped_model_saves_loads_and_pickles(tmp_path, dtype):
     model = UsesItsParts().to(dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kdna_fx.PartialTraceWarning)
-        kmodel = kdna_fx.transform(model)
+    kmodel = kdna_fx.transform(model)
     kdna_fx.testing.randomize_adapters(kmodel)
     x = torch.randn(2, 3, 8, 8, dtype=dtype)
     kdna_fx.save(kmodel, tmp_path / "m.safetensors")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kdna_fx.PartialTraceWarning)
-        loaded = kdna_fx.load(tmp_path / "m.safetensors", UsesItsParts().to(dtype))
-    assert record_of(loaded).how == "swap"
+    loaded = kdna_fx.load(tmp_path / "m.safetensors", UsesItsParts().to(dtype))
+    assert type(loaded) is UsesItsParts
     assert _eval_equal(kmodel, loaded, x) == 0.0
     for copied in (pickle.loads(pickle.dumps(kmodel)), copy.deepcopy(kmodel)):
         assert _eval_equal(kmodel, copied, x) == 0.0
@@ -154,7 +148,7 @@ def test_swapped_model_saves_loads_and_pickles(tmp_path, dtype):
         assert child.__dict__["_parent_module"] is copied.body.blocks[0][0]
 
 
-@pytest.mark.parametrize("rewrite", ["graph", "swap"])
+@pytest.mark.parametrize("rewrite", ["graph", "auto"])
 def test_whole_object_torch_save_round_trips(tmp_path, rewrite):
     model = torchvision.models.resnet18(num_classes=3)
     kmodel = kdna_fx.transform(model, KDNAConfig(rewrite=rewrite))
@@ -163,10 +157,10 @@ def test_whole_object_torch_save_round_trips(tmp_path, rewrite):
     loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
     x = torch.randn(2, 3, 32, 32)
     assert _eval_equal(kmodel, loaded, x) == 0.0
-    # the record and (for a graph) its node tags survive, so fold and report still work on the loaded copy
-    assert record_of(loaded).how == rewrite
+    # the record and (for a graph) its module form survive, so fold and report still work on the loaded copy
+    assert type(loaded) is type(kmodel) or rewrite == "graph"
     assert _eval_equal(kdna_fx.fold(kmodel), kdna_fx.fold(loaded), x) == 0.0
-    assert _eval_equal(copy.deepcopy(loaded), loaded, x) == 0.0 and record_of(copy.deepcopy(loaded)).how == rewrite
+    assert _eval_equal(copy.deepcopy(loaded), loaded, x) == 0.0 and record_of(copy.deepcopy(loaded)).plan.families
 
 
 # ---- the training mode stays live ----------------------------------------------------------------------
@@ -188,9 +182,10 @@ class NoisyInTraining(nn.Module):
 def test_a_forward_that_reads_the_training_mode_follows_the_mode_it_runs_in(mode):
     model = NoisyInTraining()
     model.train(mode == "train")
-    with pytest.warns(kdna_fx.PartialTraceWarning, match="training mode"):
-        kmodel = kdna_fx.transform(model)
-    assert record_of(kmodel).how == "swap" and kdna_fx.plan_of(kmodel).families
+    kmodel = kdna_fx.transform(model)
+    assert type(kmodel) is NoisyInTraining and kdna_fx.plan_of(kmodel).families
+    with pytest.raises(kdna_fx.KDNAError, match="reads the training mode"):
+        kdna_fx.transform(model, KDNAConfig(rewrite="graph"))
     x = torch.randn(2, 4, 6, 6)
     kmodel.eval()
     assert torch.equal(kmodel(x), kmodel(x))  # no noise in eval
@@ -207,7 +202,7 @@ def test_auxiliary_heads_follow_the_mode(build):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kmodel = kdna_fx.transform(model, KDNAConfig(kernel_sizes=(1, 3), stage_depth=0, only_if_smaller=False))
-    assert record_of(kmodel).how == "swap" and kdna_fx.plan_of(kmodel).families
+    assert type(kmodel) is type(model) and kdna_fx.plan_of(kmodel).families
     size = 96 if "GoogLeNet" in type(model).__name__ else 299
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
@@ -233,18 +228,16 @@ class TraceDropsASkip(nn.Module):
         return self.convs[2](y)
 
 
-def test_a_trace_that_differs_from_eager_is_never_rewritten(dtype):
+def test_a_trace_that_differs_from_eager_never_builds_the_model(dtype):
     model = TraceDropsASkip().to(dtype).eval()
     x = torch.randn(2, 4, 5, 5, dtype=dtype)
-    with pytest.warns(kdna_fx.PartialTraceWarning, match="computes something else"):
-        kmodel = kdna_fx.transform(model, PRESERVING, init="trained", example_inputs=(x,))
-    assert record_of(kmodel).how == "swap"
-    assert _eval_equal(model, kmodel, x) < _tol(dtype)
-    # without example inputs the trace is not checked (documented): the graph is built from the trace
-    unchecked = kdna_fx.transform(model, PRESERVING, init="trained")
-    assert record_of(unchecked).how == "graph" and _eval_equal(model, unchecked, x) > 1e-3
-    with pytest.raises(kdna_fx.KDNAError, match="rewrite='graph'"):
-        kdna_fx.transform(model, KDNAConfig(rewrite="graph"), example_inputs=(x,))
+    for inputs in ((x,), None):  # with and without example inputs: no trace builds the result
+        kmodel = kdna_fx.transform(model, PRESERVING, init="trained", example_inputs=inputs)
+        assert type(kmodel) is TraceDropsASkip and _eval_equal(model, kmodel, x) < _tol(dtype)
+        # the graph form is checked, on the example inputs or on inputs it infers
+        with pytest.raises(kdna_fx.KDNAError, match="output differs"):
+            kdna_fx.transform(model, dataclasses.replace(PRESERVING, rewrite="graph"), init="trained",
+                              example_inputs=inputs)
 
 
 def test_example_inputs_that_do_not_fit_the_model_are_a_clear_error():
@@ -262,7 +255,7 @@ def test_example_inputs_order_swapped_families_by_call_order():
             return self.a(self.b(x))
 
     config = KDNAConfig(rewrite="swap", stage_depth=0, only_if_smaller=False)
-    assert kdna_fx.plan(Reversed(), config).families[0].parent == "a"  # registration order
+    assert kdna_fx.plan(Reversed(), config).families[0].parent == "b"  # the order of the calls in a trace
     planned = kdna_fx.plan(Reversed(), config, example_inputs=(torch.randn(2, 4, 5, 5),))
     assert planned.families[0].parent == "b"  # the order the convs ran in
 
@@ -281,9 +274,7 @@ def test_a_swapped_model_adds_no_graph_break():
 
 def test_a_swapped_model_has_the_graph_breaks_of_the_original_and_no_more():
     model = UsesItsParts().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kdna_fx.PartialTraceWarning)
-        kmodel = kdna_fx.transform(model).eval()
+    kmodel = kdna_fx.transform(model).eval()
     x = torch.randn(2, 3, 8, 8)
     counts = []
     for m in (model, kmodel):

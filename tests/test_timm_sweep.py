@@ -16,8 +16,7 @@ from torch import nn
 import kdna_fx
 
 timm = pytest.importorskip("timm")
-pytestmark = [pytest.mark.usefixtures("one_thread", "free_traced_models"),
-              pytest.mark.filterwarnings("ignore::kdna_fx.PartialTraceWarning")]
+pytestmark = [pytest.mark.usefixtures("one_thread", "free_traced_models")]
 
 # timm module (family) -> a small representative; a few modules hold several families worth a name of their
 # own (tinynet, fbnet, lcnet). Left out: nasnet and pnasnet (88 M parameters), mobilenetv5 (294 M parameters);
