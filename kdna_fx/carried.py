@@ -14,8 +14,7 @@ survives pickle, torch.save, copy.deepcopy and copy.copy. A torch.fx GraphModule
 
 So ``keep`` writes both: the plain attribute and meta's preserved attributes; and every GraphModule kdna_fx traces
 (passes/tracing.py) is a ``KDNAGraphModule``, whose pickling restores ``meta`` and its own class (a second round
-trip works too) and whose copy.copy sets the preserved attributes again. Node tags (``node.meta``) come back from
-the TransformRecord when torch.fx re-traces the code (passes.tracing._Tracer). A GraphModule kdna_fx did not trace
+trip works too) and whose copy.copy sets the preserved attributes again. A GraphModule kdna_fx did not trace
 (one a caller stamps, say) keeps torch's behaviour: pickle and deepcopy each carry the attribute, but a deepcopy
 after a pickle round trip keeps it only if ``kept`` read it in between, and copy.copy drops it.
 """

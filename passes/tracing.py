@@ -1,10 +1,10 @@
-"""Pass 1: symbolic tracing into a GraphModule that keeps every parameter and buffer of the model."""
+"""Symbolic tracing into a GraphModule that keeps every parameter and buffer of the model: read for the order of
+the convs (passes.routing) and lowered to the graph form (passes.lowering)."""
 from __future__ import annotations
 
 import inspect
 import os
 import traceback
-from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
@@ -18,27 +18,24 @@ from kdna_fx.registry import NOT_TRACED
 
 class _Tracer(fx.Tracer):
     # Defaults: torch.fx rebuilds a pickled GraphModule by tracing its code with ``_Tracer()``.
-    def __init__(self, leaf_types: tuple[type, ...] = (), leaves: Iterable[nn.Module] = ()):
+    def __init__(self, leaf_types: tuple[type, ...] = ()):
         super().__init__()
         self.leaf_types = leaf_types
-        self.leaves = {id(m) for m in leaves}  # instances, not types: another instance of the class still traces
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (id(m) in self.leaves or isinstance(m, self.leaf_types)
-                or super().is_leaf_module(m, module_qualified_name))
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module, config: KDNAConfig | None = None, *, opaque: Iterable[nn.Module] = ()) -> fx.GraphModule:
+def trace(model: nn.Module, config: KDNAConfig | None = None) -> fx.GraphModule:
     """Trace ``model`` with torch.fx; never raises a raw torch.fx error.
 
-    Modules in kdna_fx.registry.NOT_TRACED and ``config.leaf_modules`` stay opaque, and so do the module
-    instances in ``opaque`` (passes.routing puts the ones that failed to trace there). Parameters and
+    Modules in kdna_fx.registry.NOT_TRACED and ``config.leaf_modules`` stay opaque. Parameters and
     buffers the graph does not read (a BatchNorm's num_batches_tracked, an unused head) are copied on
     purpose, so the state dict keeps every entry of the original, and so are the modules' plain attributes
     (``hidden_state_size``, ``out_channels``): code outside the graph may read them.
     """
     config = config or KDNAConfig()
-    tracer = _Tracer(tuple(NOT_TRACED) + tuple(config.leaf_modules), opaque)
+    tracer = _Tracer(tuple(NOT_TRACED) + tuple(config.leaf_modules))
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one documented error
