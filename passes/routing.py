@@ -58,7 +58,11 @@ def route(model: nn.Module, config: KDNAConfig, example: Example | None = None) 
             gm = trace(model, config)
         except KDNATraceError:
             gm = None
-    functional = [] if gm is None else [s for node in gm.graph.nodes if (s := functional_conv(gm, node)) is not None]
+    modules = dict(model.named_modules())
+    # An F.conv2d inside a conv module's own forward (a subclass that overrides it) is that module's site.
+    functional = [] if gm is None else [
+        s for node in gm.graph.nodes if (s := functional_conv(gm, node)) is not None
+        and not isinstance(modules.get(s.name.rpartition(".")[0]), nn.modules.conv._ConvNd)]
     if example is not None:
         return Route(_run_order(model, example)[0], "example inputs", functional)
     if gm is None:

@@ -4,17 +4,17 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from torch import fx, nn
+from torch import nn
 
 from ..config import AdapterConfig, KDNAConfig
 from ..errors import ConfigError
 from ..functional import GateNorm
 
 
-def with_plan(model: nn.Module, families: Sequence[dict[str, Any]], config: KDNAConfig) -> fx.GraphModule:
-    """A reference topology: the plain ``model`` rewritten by kdna_fx.transform with the given families.
+def with_plan(model: nn.Module, families: Sequence[dict[str, Any]], config: KDNAConfig) -> nn.Module:
+    """A reference topology: the plain ``model`` transformed by kdna_fx.transform with the given families.
 
-    Each family is ``{"parent": conv name, "children": [conv names]}``; the rewrite is the one every user
+    Each family is ``{"parent": conv name, "children": [conv names]}``; the transform is the one every user
     model goes through, so report, fold, save/load, as_function and export work on zoo models too.
     """
     from ..api import transform  # late: kdna_fx imports this package while it is being set up
