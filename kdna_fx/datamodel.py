@@ -27,14 +27,10 @@ from .tables import format_table
 # ---- what the passes find ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ConvSite:
-    """One convolution of the graph that may take part in sharing."""
+    """One conv module of the model that may take part in sharing."""
 
     name: str
-    """Module path for an nn.Conv2d; the weight's qualified name for an F.conv2d call."""
-    kind: str
-    """Which handler (passes/sites.py) found it and puts its child in place: "module" (an nn.Conv2d) or
-    "function" (an F.conv2d call)."""
-    node: str
+    """Its module path from the model's root."""
     weight: str
     out_channels: int
     in_channels: int
@@ -49,7 +45,7 @@ class ConvSite:
     adapter: AdapterConfig | None
     """None when the config skips this conv; eligible sites always have one."""
     adapter_path: str
-    """Where the child's adapter module lives: in place of the conv module, or beside the weight."""
+    """Where the child's ChildAdapter lives: in place of the conv module (its ``name``)."""
 
     @property
     def family_key(self) -> tuple[Any, ...]:

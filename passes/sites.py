@@ -50,7 +50,7 @@ def conv_module_site(name: str, module: nn.Module, config: KDNAConfig) -> ConvSi
         return Skipped(name, "its weight is computed at every call (weight_norm, spectral_norm or another "
                              "parametrization), not a stored kernel to share")
     return ConvSite(
-        name=name, kind="module", node="", weight=f"{name}.weight",
+        name=name, weight=f"{name}.weight",
         out_channels=module.out_channels, in_channels=module.in_channels, kernel_size=tuple(module.kernel_size),
         stride=tuple(module.stride),
         padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
