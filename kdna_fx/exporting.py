@@ -3,7 +3,7 @@
     report = kdna_fx.export(kmodel, "model.onnx", input_shape=(3, 224, 224), dynamic_batch=True)
     print(report)      # file size, and the largest relative difference from eager at batches 1 and 7
 
-One exporter: the model (folded by default) is captured with ``torch.export.export``; pt2 saves that program,
+One exporter: the model (in its shared form by default, ``fold=True`` for the folded one) is captured with ``torch.export.export``; pt2 saves that program,
 ONNX converts it with the dynamo exporter (``torch.onnx.export(program, dynamo=True)``). The file is written
 under a temporary name, reloaded (onnxruntime for ONNX, ``torch.export.load`` for pt2) and compared with the
 model in eager mode; only a file that agrees is renamed to ``path``, so a failure leaves nothing there.
@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError, ExportError
-from .datamodel import find_record
+from .datamodel import find_record, peer_record
 from .peer_functional import per_sample_form
 from .tables import format_table
 from .utils import KeptModes, atomic_path, device_dtype
@@ -40,7 +40,9 @@ _DYNAMIC_EXAMPLE_BATCH = 2
 @dataclass
 class ExportReport:
     """What ``export`` wrote and how it compares with eager: ``differences`` maps each checked batch size to
-    max |y - y_eager| / max |y_eager| over all outputs."""
+    max |y - y_eager| / max |y_eager| over all outputs. ``original_bytes``: the parameter bytes of the model
+    before ``kdna_fx.transform`` (or the peer conversion; the model's own for a plain one), what the file
+    stands against."""
 
     path: str
     format: str
@@ -51,6 +53,7 @@ class ExportReport:
     opset: int | None
     differences: dict[int, float]
     tolerance: float
+    original_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -67,18 +70,21 @@ class ExportReport:
         rows = [[str(b), f"{d:.2e}"] for b, d in self.differences.items()]
         table = format_table(["batch", "max |y - eager| / max |eager|"], rows)
         return (f"{self.path}: {kind}, {'folded' if self.folded else 'not folded'}, {batch}, input "
-                f"{'x'.join(map(str, self.input_shape))}, {self.bytes / 1e6:.1f} MB\n{table}\n"
+                f"{'x'.join(map(str, self.input_shape))}, {self.bytes / 1e6:.1f} MB ({self.bytes / self.original_bytes:.2f}"
+                f" x the untransformed model's parameters, {self.original_bytes / 1e6:.1f} MB)\n{table}\n"
                 f"largest relative difference {self.max_difference:.2e} (tolerance {self.tolerance:.0e})")
 
 
 def export(model: nn.Module, path: str | os.PathLike[str], *, input_shape: Sequence[int] = (3, 224, 224),
-           format: str = "onnx", fold: bool = True, dynamic_batch: bool = False, opset: int | None = None,
+           format: str = "onnx", fold: bool = False, dynamic_batch: bool = False, opset: int | None = None,
            check_batches: Sequence[int] | None = None, tolerance: float = TOLERANCE,
            seed: int = 0) -> ExportReport:
     """Export ``model`` (one image-batch input of per-sample shape ``input_shape``) to ``path`` and check the
     file against the model in eager mode.
 
-    ``fold``: export ``kdna_fx.fold``'s deploy form of a transformed model (a plain model has nothing to fold).
+    ``fold``: export ``kdna_fx.fold``'s copy of a transformed model, a kernel per child, instead of its shared
+    form, which stores each parent kernel once and which onnxruntime and Inductor freezing fold when they load
+    it: the same speed in a smaller file (bench/results/export/deploy_forms.md). A plain model has nothing to fold.
     ``dynamic_batch``: a file for every batch size, checked at each of ``check_batches`` (default 1 and 7).
     Without it the file takes one batch size, ``check_batches``' only entry (default 1), and is checked at it.
     ``opset``: the ONNX operator set (default: the exporter's). The model is compared in eval mode, unfolded,
@@ -121,7 +127,7 @@ def export(model: nn.Module, path: str | os.PathLike[str], *, input_shape: Seque
             size = os.path.getsize(tmp)
     return ExportReport(path=where, format=format, bytes=size, input_shape=shape, dynamic_batch=dynamic_batch,
                         folded=deploy is not model, opset=saved_opset, differences=differences,
-                        tolerance=tolerance, seconds=seconds)
+                        tolerance=tolerance, original_bytes=_original_bytes(model), seconds=seconds)
 
 
 def _check_batches(check_batches: Sequence[int] | None, dynamic_batch: bool) -> list[int]:
@@ -143,6 +149,14 @@ def _deploy_form(model: nn.Module, fold: bool) -> nn.Module:
     from .api import fold as fold_model
 
     return fold_model(model)
+
+
+def _original_bytes(model: nn.Module) -> int:
+    """Parameter bytes of ``model`` before it was transformed or converted (its own if it was not)."""
+    record = find_record(model) or peer_record(model)
+    dtype, _ = _dtype_device(model)
+    count = record.params_before if record is not None else sum(p.numel() for p in model.parameters())
+    return count * dtype.itemsize
 
 
 def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -66,7 +66,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, fold: 
     from safetensors.torch import load_file
 
     from .api import transform
-    from .models.builder import rebuild
+    from .models.builder import input_of, rebuild, record_input
 
     where = os.fspath(path)
     try:
@@ -86,6 +86,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, fold: 
         builder = json.loads(metadata["builder"])
         try:
             model = rebuild(builder)
+            record_input(model, **input_of(builder))  # what the saved model was trained or calibrated on
         except KDNAError as exc:
             raise StateError(f"{where!r} was saved from {builder.get('name')!r}, which cannot be built here "
                              f"({exc}); pass a fresh instance of it, kdna_fx.load(path, model)") from None

@@ -5,8 +5,10 @@ Every zoo model at full size is measured by bench/export_check.py (bench/results
 """
 from __future__ import annotations
 
-import torchvision
+import copy
 import os
+
+import torchvision
 
 import pytest
 import torch
@@ -55,11 +57,14 @@ def test_dynamic_batch_export_agrees_with_eager_at_batch_1_and_7(zoo_model, form
     report = kdna_fx.export(zoo_model, path, input_shape=SHAPE, format=format, dynamic_batch=True)
     assert sorted(report.differences) == [1, 7]
     assert 0 <= report.max_difference < TOLERANCE, report
-    assert report.folded and report.dynamic_batch
+    assert not report.folded and report.dynamic_batch  # the shared form by default: the small file
     assert report.bytes == os.path.getsize(path) > 0
     assert _leftovers(tmp_path) == [f"model.{format}"]  # no temporary file beside it
     assert (report.opset is not None) == (format == "onnx")
     assert "largest relative difference" in str(report) and f"{report.bytes / 1e6:.1f} MB" in str(report)
+    # against the untransformed model's parameters: the reference topology before sharing, in float32
+    assert report.original_bytes == 4 * kdna_fx.datamodel.record_of(zoo_model).params_before
+    assert f"x the untransformed model's parameters, {report.original_bytes / 1e6:.1f} MB" in str(report)
     # the model given is left as it was: same tensors, eval mode kept, not folded
     assert all(torch.equal(v, before[k]) for k, v in zoo_model.state_dict().items())
     assert not kdna_fx.datamodel.record_of(zoo_model).folded
@@ -92,8 +97,9 @@ def test_a_peer_exports_to_onnx_at_a_dynamic_batch(tag, tmp_path):
 
 
 def test_static_export_takes_its_one_batch_and_the_unfolded_form_is_smaller(zoo_model, tmp_path):
-    folded = kdna_fx.export(zoo_model, tmp_path / "folded.pt2", input_shape=SHAPE, format="pt2", check_batches=[7])
-    shared = kdna_fx.export(zoo_model, tmp_path / "shared.pt2", input_shape=SHAPE, format="pt2", fold=False)
+    folded = kdna_fx.export(zoo_model, tmp_path / "folded.pt2", input_shape=SHAPE, format="pt2", fold=True,
+                            check_batches=[7])
+    shared = kdna_fx.export(zoo_model, tmp_path / "shared.pt2", input_shape=SHAPE, format="pt2")
     assert list(folded.differences) == [7] and list(shared.differences) == [1]  # static default: batch 1
     assert folded.folded and not shared.folded
     assert shared.bytes < folded.bytes  # the shared form stores each parent kernel once
@@ -108,6 +114,7 @@ def test_a_plain_model_exports_unfolded_and_train_mode_is_restored(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()).train()
     report = kdna_fx.export(model, tmp_path / "plain.pt2", input_shape=(3, 8, 8), format="pt2")
     assert not report.folded and report.max_difference < TOLERANCE
+    assert report.original_bytes == 4 * sum(p.numel() for p in model.parameters())
     assert all(m.training for m in model.modules())
 
 
@@ -166,6 +173,7 @@ def test_command_exports_a_zoo_model_by_name(tmp_path, capsys):
     assert code == 0, err
     assert out.exists() and f"wrote {out}" in printed and "batch" in printed and "7" in printed
     assert '"num_classes": 10' in printed and _leftovers(tmp_path) == ["k18.onnx"]
+    assert "not folded" in printed and "channels: default; image size: --image-size" in printed
     import onnxruntime as ort
 
     (feed,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()
@@ -186,8 +194,9 @@ def test_command_exports_a_kdna_fx_save_file(zoo_model, tmp_path, capsys):
     torch.testing.assert_close(got, expected, rtol=TOLERANCE, atol=TOLERANCE * expected.abs().max().item())
 
     alone = tmp_path / "alone.pt2"  # the file records its builder (create_model): it rebuilds its own model
-    code, _, err = _export([str(path), "--format", "pt2", "--out", str(alone), *SMALL_ARGS], capsys)
+    code, printed, err = _export([str(path), "--format", "pt2", "--out", str(alone), *SMALL_ARGS], capsys)
     assert code == 0 and alone.exists(), err
+    assert "input 3x16x16 (channels: the builder stamp's; image size: --image-size)" in printed
     torch.testing.assert_close(torch.export.load(str(alone)).module()(x), expected, rtol=TOLERANCE,
                                atol=TOLERANCE * expected.abs().max().item())
 
@@ -195,6 +204,23 @@ def test_command_exports_a_kdna_fx_save_file(zoo_model, tmp_path, capsys):
     kdna_fx.save(kdna_fx.transform(torchvision.models.resnet18(num_classes=10)), anonymous)
     code, _, err = _export([str(anonymous), "--format", "pt2", "--out", str(tmp_path / "no.pt2")], capsys)
     assert code == 2 and "needs --model NAME" in err and not (tmp_path / "no.pt2").exists()
+
+
+def test_command_exports_a_saved_file_at_the_input_it_records(zoo_model, tmp_path, capsys):
+    # a small-stem model records no image size until its data says which (kdna convert records it); a file
+    # without one, as every file written before inputs were recorded, is exported at 224 px and says so
+    recorded, unrecorded = tmp_path / "recorded.safetensors", tmp_path / "unrecorded.safetensors"
+    kdna_fx.save(zoo_model, unrecorded)
+    kmodel = copy.deepcopy(zoo_model)
+    kdna_fx.models.record_input(kmodel, image_size=SHAPE[-1])
+    kdna_fx.save(kmodel, recorded)
+    code, printed, err = _export([str(recorded), "--format", "pt2", "--out", str(tmp_path / "a.pt2")], capsys)
+    assert code == 0, err
+    assert "input 3x16x16 (channels: the builder stamp's; image size: the builder stamp's)" in printed
+    torch.export.load(str(tmp_path / "a.pt2")).module()(torch.randn(1, *SHAPE))
+    code, printed, err = _export([str(unrecorded), "--format", "pt2", "--out", str(tmp_path / "b.pt2")], capsys)
+    assert code == 0, err
+    assert "input 3x224x224 (channels: the builder stamp's; image size: not recorded: the default" in printed
 
 
 def test_command_exports_a_run_directory_at_its_image_size(tmp_path, capsys):
@@ -206,7 +232,7 @@ def test_command_exports_a_run_directory_at_its_image_size(tmp_path, capsys):
     out = tmp_path / "run.pt2"
     code, printed, err = _export([run_dir, "--format", "pt2", "--out", str(out)], capsys)
     assert code == 0, err
-    assert "input 1x28x28" in printed  # Fashion-MNIST: the run's channels and image size
+    assert "input 1x28x28" in printed and "image size: the run's" in printed  # Fashion-MNIST's, from the run
     torch.export.load(str(out)).module()(torch.randn(1, 1, 28, 28))
 
 
@@ -229,7 +255,7 @@ def test_command_bad_inputs_are_one_line_and_leave_nothing(tmp_path, capsys):
         ([str(tmp_path / "nowhere"), "--format", "onnx"], "neither a `kdna train` run directory"),
         ([str(cut_run), "--format", "onnx"], "truncated or corrupt"),
         (["kdna_resnet18", "--format", "pt2", "--opset", "18", *SMALL_ARGS], "applies to ONNX only"),
-        (["kdna_resnet18", "--format", "pt2", "--batch", "1", "7", *SMALL_ARGS], "--dynamic-batch"),
+        (["kdna_resnet18", "--format", "pt2", "--batch-size", "1", "7", *SMALL_ARGS], "--dynamic-batch"),
     ]  # a model that does not export, or disagrees with its file: the library tests above (every zoo model exports)
     for argv, needle in cases:
         code, _, err = _export([*argv, "--out", str(out)], capsys)

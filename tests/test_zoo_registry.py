@@ -128,7 +128,8 @@ def test_build_model_of_a_run_spec_is_a_thin_call() -> None:
     spec = dict(name="replace_mobilenet_v2", num_classes=10, in_chans=1, small_stem=True, width=0.25, gate_norm="layer")
     model = build_model(spec)
     assert zoo.builder_of(model) == {"name": "mobilenet_v2.replace",
-                                     "kwargs": {k: v for k, v in spec.items() if k != "name"}}
+                                     "kwargs": {k: v for k, v in spec.items() if k != "name"},
+                                     "input": {"in_chans": 1, "image_size": None}}
     with pytest.raises(kdna_fx.ConfigError, match="gate_norm"):
         build_model(dict(spec, name="resnet18"))
     assert n_params(build_model({"name": "torchvision/resnet18", "num_classes": 3})) == \
@@ -148,6 +149,20 @@ def test_every_zoo_model_is_stamped_with_json_data() -> None:
     assert builder["kwargs"]["config"] == {"__kdna_config__": config.to_dict()}
     assert zoo.builder_of(torchvision.models.resnet18()) is None
     assert zoo.builder_of("resnet18") is None
+
+
+def test_the_stamp_records_the_input_a_model_is_made_for() -> None:
+    # ImageNet form: 224 px; a small stem is for small images of no one size until record_input says which
+    assert zoo.input_of(zoo.builder_of(zoo.create_model("resnet18", in_chans=1))) == \
+        {"in_chans": 1, "image_size": 224}
+    assert zoo.input_of(zoo.builder_of(zoo.create_model("torchvision/resnet18"))) == \
+        {"in_chans": 3, "image_size": 224}
+    model = zoo.create_model("resnet18", **SMALL)
+    assert zoo.input_of(zoo.builder_of(model)) == {"in_chans": 1, "image_size": None}
+    zoo.record_input(model, image_size=28)
+    assert zoo.input_of(zoo.builder_of(model)) == {"in_chans": 1, "image_size": 28}
+    # a stamp from before inputs were recorded says nothing
+    assert zoo.input_of({"name": "resnet18", "kwargs": {}}) == {"in_chans": None, "image_size": None}
 
 
 def test_options_json_cannot_hold_leave_no_stamp() -> None:
@@ -170,7 +185,8 @@ def test_the_stamp_survives_transform_deepcopy_and_pickle(rewrite: str) -> None:
 def test_the_stamp_of_a_zoo_graph_module_survives_deepcopy_and_pickle() -> None:
     model = zoo.create_model("resnet18.kdna", **small("resnet18.kdna"))
     for again in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert zoo.builder_of(again) == {"name": "resnet18.kdna", "kwargs": small("resnet18.kdna")}
+        assert zoo.builder_of(again) == {"name": "resnet18.kdna", "kwargs": small("resnet18.kdna"),
+                                         "input": {"in_chans": 1, "image_size": None}}
 
 
 def test_rebuilding_from_the_stamp_gives_the_same_architecture() -> None:

@@ -25,7 +25,7 @@ from kdna_fx.calibration import CalibrationConfig
 from kdna_fx.config import KDNAConfig
 from kdna_fx.data import build_data
 from kdna_fx.errors import ConfigError, StateError
-from kdna_fx.models import builder_of, sharing_config
+from kdna_fx.models import builder_of, record_input, sharing_config
 from kdna_fx.source import build_original, load_source
 from kdna_fx.tables import format_table
 from kdna_fx.timing import provenance, write_results
@@ -107,10 +107,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finetune_config = TrainConfig(epochs=max(1, round(args.finetune_epochs)), batch_size=128, lr=0.01,
                                       warmup_epochs=0, seed=args.seed, amp="none", progress=args.progress,
                                       compile=args.compile)
-    result = kdna_fx.convert(original, _images(data.train, args.calib_images, args.seed), config,
+    images = _images(data.train, args.calib_images, args.seed)
+    result = kdna_fx.convert(original, images, config,
                              calibration=calibration, finetune=finetune, finetune_config=finetune_config,
                              evaluate={"val": val})
     kmodel = result.model
+    record_input(kmodel, image_size=images.shape[-1], in_chans=images.shape[1])  # `kdna export` reads it
     steps = {"original": {**kdna_fx.conversion.score(original, original, val), "seconds": 0.0}}
     steps.update({stage: {**v["val"], "seconds": v["seconds"]} for stage, v in result.stages.items()})
     params = result.params

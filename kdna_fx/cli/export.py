@@ -2,9 +2,11 @@
 
 SOURCE is a ``kdna train`` run directory, a state-dict file (.pt / .safetensors, with --model and its options), a
 file written by kdna_fx.save / ``kdna convert`` (with --model: the original architecture), or a model name
-(kdna_fx.models or torchvision; random weights seeded by --seed). The model, folded by default, is exported,
-reloaded (onnxruntime for ONNX, torch.export.load for pt2) and compared with eager; the file appears at --out
-only when it agrees (kdna_fx.export, docs/deployment.md).
+(kdna_fx.models or torchvision; random weights seeded by --seed). The model is exported in its shared form (each
+parent kernel once: about the size of its kdna_fx.save file), reloaded (onnxruntime for ONNX, torch.export.load
+for pt2) and compared with eager; the file appears at --out only when it agrees (kdna_fx.export,
+docs/deployment.md). The input size is --image-size / --in-chans, else the run's data, else what the model's
+builder stamp records, else 224 x 224 with 3 channels; the command says which it used.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from torch import nn
 
 from kdna_fx.errors import ConfigError
 from kdna_fx.exporting import FORMATS, TOLERANCE, ExportReport, export
-from kdna_fx.source import build_source, resolve_source
+from kdna_fx.models import builder_of, input_of
+from kdna_fx.source import build_source, resolve_source, saved_builder
 
 # Sources that carry no options of their own (a name, a weights file) are built in the zoo's ImageNet form
 # unless told otherwise: what create_model(name) builds.
@@ -29,16 +32,23 @@ DEFAULT_CLASSES, DEFAULT_CHANNELS, DEFAULT_IMAGE_SIZE = 1000, 3, 224
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdna export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="kdna export", description=__doc__.splitlines()[0],
+                                epilog="The shared form keeps the method's parameter saving in the file and runs "
+                                       "at the folded form's speed in onnxruntime and with Inductor freezing, which "
+                                       "fold the children's kernels when they load it "
+                                       "(bench/results/export/deploy_forms.md). --fold suits a runtime that does not "
+                                       "constant-fold, or a pt2 program run without compiling: faster there, about "
+                                       "twice the file.")
     p.add_argument("source", help="a `kdna train` run directory, a state dict (.pt / .safetensors), a kdna_fx.save "
                                   "file, or a model name (random weights)")
     p.add_argument("--format", required=True, help=f"file format: {' or '.join(FORMATS)}")
     p.add_argument("--out", required=True, help="the file to write (written only once it agrees with eager)")
-    p.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
-                   help="export the folded deploy form (kdna_fx.fold) of a transformed model (default: fold)")
+    p.add_argument("--fold", action="store_true",
+                   help="export the folded form (kdna_fx.fold: a kernel per child, about twice the file) instead of "
+                        "the shared form (default; see below)")
     p.add_argument("--dynamic-batch", action="store_true",
-                   help="a file for every batch size (checked at each --batch); default: one batch size")
-    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="a file for every batch size (checked at each --batch-size); default: one batch size")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None,
                    help="batch size(s) the file is checked at: with --dynamic-batch default 1 7; without it, the "
                         "one batch size the file is made for, default 1")
     p.add_argument("--opset", type=int, default=None, help="ONNX operator set (default: the exporter's)")
@@ -51,9 +61,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None,
                    help=f"classes of the model (files and names; default {DEFAULT_CLASSES})")
     p.add_argument("--in-chans", type=int, default=None,
-                   help=f"input channels (files and names; default {DEFAULT_CHANNELS})")
+                   help=f"input channels (default: the run's, else the builder stamp's, else {DEFAULT_CHANNELS})")
     p.add_argument("--image-size", type=int, default=None,
-                   help=f"input height and width (default: the run's, else {DEFAULT_IMAGE_SIZE})")
+                   help=f"input height and width (default: the run's, else the builder stamp's, else "
+                        f"{DEFAULT_IMAGE_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="the weights of a model given by name, and the check's inputs")
     return p
 
@@ -72,36 +83,50 @@ def _image_size(data: dict[str, Any]) -> int | None:
     return {"fashion-mnist": 28, "imagenet": 224, "folder": 64}.get(data.get("dataset", ""))
 
 
-def source_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int], dict[str, Any] | None]:
-    """(model, input shape without the batch, model spec or None) of SOURCE."""
+def _pick(given: int | None, flag: str, recorded: int | None, where: str, default: int,
+          otherwise: str) -> tuple[int, str]:
+    """The value to use and where it came from: the option given, else the one recorded, else the default."""
+    if given:
+        return given, flag
+    return (recorded, where) if recorded else (default, otherwise)
+
+
+def source_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int], dict[str, Any] | None, str]:
+    """(model, input shape without the batch, model spec or None, where the input shape came from) of SOURCE."""
     kind, spec, data, state = resolve_source(args.source, model=args.model, width=args.width,
                                              small_stem=args.small_stem, num_classes=args.num_classes)
-    if kind == "saved":  # a self-describing kdna_fx.save file: it rebuilds its own model (kdna_fx.load(path))
-        model = build_source(kind, args.source, spec, state, args.seed)
-        channels = args.in_chans or _first_conv_channels(model)
-        size = args.image_size or DEFAULT_IMAGE_SIZE
-        return model, (channels, size, size), spec
-    if kind != "run":  # a run's spec is complete; the other sources are built in the ImageNet form by default
-        spec = {**spec, "num_classes": args.num_classes or DEFAULT_CLASSES,
-                "in_chans": args.in_chans or DEFAULT_CHANNELS}
+    saved = kind in ("saved", "kdna")  # a kdna_fx.save file: its builder stamp records its input
+    if kind not in ("run", "saved"):  # a run's spec is complete; names and state dicts get the ImageNet form
+        channels = args.in_chans or (input_of(saved_builder(args.source))["in_chans"] if saved else None)
+        spec = {**spec, "num_classes": args.num_classes or DEFAULT_CLASSES, "in_chans": channels or DEFAULT_CHANNELS}
     model = build_source(kind, args.source, spec, state, args.seed)
-    size = args.image_size or _image_size(data) or DEFAULT_IMAGE_SIZE
-    return model, (int(spec.get("in_chans", DEFAULT_CHANNELS)), size, size), spec
+    if kind == "run":
+        recorded = {"in_chans": spec.get("in_chans"), "image_size": _image_size(data)}
+    else:
+        recorded = input_of(saved_builder(args.source) if saved else builder_of(model))
+    where = "the run's" if kind == "run" else "the builder stamp's"
+    fallback = (_first_conv_channels(model), "the first conv's") if kind == "saved" else (DEFAULT_CHANNELS, "default")
+    channels, channels_from = _pick(args.in_chans, "--in-chans", recorded["in_chans"], where, *fallback)
+    size, size_from = _pick(args.image_size, "--image-size", recorded["image_size"], where, DEFAULT_IMAGE_SIZE,
+                            "not recorded: the default, pass --image-size for another")
+    origin = f"channels: {channels_from}; image size: {size_from}"
+    return model, (int(channels), size, size), spec, origin
 
 
 def run_export(args: argparse.Namespace) -> ExportReport:
     if args.format not in FORMATS:  # before building the model: the cheap mistake first
         raise ConfigError(f"unknown --format {args.format!r}: use {' or '.join(FORMATS)}")
-    model, shape, spec = source_model(args)
+    model, shape, spec, origin = source_model(args)
     # torch.export and torch.onnx print graphs and warnings on their way to an error; the error's one line says
     # why, so their output is shown only when the export succeeds.
     torch_output = io.StringIO()
     with contextlib.redirect_stderr(torch_output):
         report = export(model, args.out, input_shape=shape, format=args.format, fold=args.fold,
-                        dynamic_batch=args.dynamic_batch, opset=args.opset, check_batches=args.batch,
+                        dynamic_batch=args.dynamic_batch, opset=args.opset, check_batches=args.batch_size,
                         tolerance=args.tolerance, seed=args.seed)
     sys.stderr.write(torch_output.getvalue())
     print(report)
+    print(f"input {'x'.join(map(str, shape))} ({origin})")
     if spec is not None:
         print(f"model: {json.dumps(spec)}")
     print(f"wrote {os.path.abspath(report.path)}")

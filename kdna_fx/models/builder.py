@@ -1,7 +1,8 @@
 """The builder stamp: how a model was built, so that a checkpoint can rebuild it (``kdna_fx.load(path)``).
 
-Every model ``create_model`` returns carries ``{"name": <canonical name>, "kwargs": {...}}`` (JSON-able: a
-KDNAConfig is stored as its dict) in one attribute that travels with the model (kdna_fx/carried.py): it survives
+Every model ``create_model`` returns carries ``{"name": <canonical name>, "kwargs": {...}, "input": {...}}``
+(JSON-able: a KDNAConfig is stored as its dict; ``input``: the channels and image size it is made for, see
+``input_of``) in one attribute that travels with the model (kdna_fx/carried.py): it survives
 ``kdna_fx.transform`` (both paths), pickle, torch.save, ``copy.deepcopy`` and ``copy.copy``. Options that JSON
 cannot hold (a class, a module) leave the model unstamped.
 """
@@ -19,6 +20,8 @@ from ..errors import StateError
 
 BUILDER_ATTR = "_kdna_builder"
 _CONFIG_KEY = "__kdna_config__"
+# The ImageNet form's input: what a zoo model without a small stem, and a torchvision classifier, are made for.
+IMAGENET_SIZE, IMAGENET_CHANNELS = 224, 3
 
 
 def _encode(value: Any) -> Any:
@@ -47,8 +50,11 @@ def _decode(value: Any) -> Any:
 def stamp(model: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Module:
     """Record on ``model`` that it is ``create_model(name, **kwargs)`` (nothing when JSON cannot hold the
     kwargs); returns ``model``."""
+    # A small stem is for small images of no one size (Fashion-MNIST's 28, CIFAR's 32): left to record_input.
+    size = None if kwargs.get("small_stem") else IMAGENET_SIZE
     try:
-        builder = {"name": name, "kwargs": _encode(kwargs)}
+        builder = {"name": name, "kwargs": _encode(kwargs),
+                   "input": {"in_chans": int(kwargs.get("in_chans", IMAGENET_CHANNELS)), "image_size": size}}
         json.dumps(builder)
     except (TypeError, ValueError):
         return model
@@ -64,6 +70,24 @@ def builder_of(model: object) -> dict[str, Any] | None:
         return None
     builder = kept(model, BUILDER_ATTR)
     return None if builder is None else copy.deepcopy(builder)
+
+
+def record_input(model: nn.Module, *, image_size: int | None = None, in_chans: int | None = None) -> None:
+    """Record on ``model``'s stamp the input it is made for (the data it was trained or calibrated on), so that
+    a ``kdna_fx.save`` file of it exports at that size (``kdna export``); nothing for an unstamped model."""
+    builder = builder_of(model)
+    if builder is None:
+        return
+    given = {"image_size": image_size, "in_chans": in_chans}
+    builder["input"] = {**builder.get("input", {}), **{k: int(v) for k, v in given.items() if v is not None}}
+    keep(model, BUILDER_ATTR, builder)
+
+
+def input_of(builder: dict[str, Any] | None) -> dict[str, int | None]:
+    """``{"in_chans": ..., "image_size": ...}`` a stamp (``builder_of``, or a saved file's) records; None where it
+    does not say (a stamp written before inputs were recorded, or a small-stem model never trained)."""
+    recorded = (builder or {}).get("input") or {}
+    return {"in_chans": recorded.get("in_chans"), "image_size": recorded.get("image_size")}
 
 
 def carry(source: nn.Module, target: nn.Module) -> None:
