@@ -38,7 +38,7 @@ from kdna_fx.cka import LayerSimilarity, layer_similarity
 from kdna_fx.train import build_data
 
 from bench import conversion_study as cs  # the same originals, images and pipeline
-from bench.common import compare, markdown_table, verdict_cell, write_json, write_results
+from bench.common import markdown_table, paired, paired_cell, write_json, write_results
 from kdna_fx.timing import provenance
 
 ARCH = "resnet18_w025"
@@ -151,28 +151,27 @@ def report(args: argparse.Namespace) -> None:
 
 
 def plan_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The CKA plan against each other plan, by bench.common.compare on the test top-1 of their seeds."""
+    """The CKA plan against each other plan, by bench.common.paired on the test top-1 of the seeds both ran."""
     found = {r["row"]: r for r in rows}
     cka = found.get("kdna-r4-pairs-cka")
     out = []
     for other in (r for r in rows if cka is not None and r is not cka):
-        entry: dict[str, Any] = {"row": cka["row"], "baseline": other["row"],
-                                 "seeds": [len(cka["seeds"]), len(other["seeds"])]}
+        entry: dict[str, Any] = {"row": cka["row"], "baseline": other["row"]}
         for stage in ("calibrated", "fine-tuned"):
-            if stage in cka and stage in other:
-                a, b = cka[stage]["test"], other[stage]["test"]
-                entry[stage] = {"outcome": compare(a["top1"], b["top1"]), "difference": a["top1_mean"] - b["top1_mean"]}
+            a, b = cs.by_seed(cka, stage), cs.by_seed(other, stage)
+            if a and b:
+                entry[stage] = paired(a, b)
         out.append(entry)
     return out
 
 
 def verdicts_text(verdicts: list[dict[str, Any]]) -> str:
-    return ("The CKA plan against each other plan, by bench.common.compare (the one rule: above only when every "
-            "seed beats every seed of the other; one seed a side is only reported):\n\n"
-            + markdown_table(["plan", "against", "seeds", "after calibration", "after fine-tune"],
-                             [[f"`{v['row']}`", f"`{v['baseline']}`", f"{v['seeds'][0]} / {v['seeds'][1]}",
-                               verdict_cell(v.get("calibrated"), v["seeds"]), verdict_cell(v.get("fine-tuned"), v["seeds"])]
-                              for v in verdicts]))
+    return ("The CKA plan against each other plan, by bench.common.paired (the one rule where arms share seeds: "
+            "the mean of the seed-by-seed differences and its 95 % t interval; above or below only when the "
+            "interval excludes 0; fewer than 3 pairs are reported, never judged):\n\n"
+            + markdown_table(["plan", "against", "after calibration", "after fine-tune"],
+                             [[f"`{v['row']}`", f"`{v['baseline']}`", paired_cell(v.get("calibrated")),
+                               paired_cell(v.get("fine-tuned"))] for v in verdicts]))
 
 
 def _scatter(pairs: list[dict[str, Any]], rho: float, path: str) -> None:
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args.data, args.val_images, args.force_dirty = None, 5_000, False
     torch.set_num_threads(args.threads)
     if not args.report:
-        original, spec = cs.load_original(ARCH)
+        original, spec, _ = cs.load_original(ARCH)
         if "maps" in args.parts or "stand-in" in args.parts:
             started = time.perf_counter()
             maps = heat_maps(args, original, spec)
