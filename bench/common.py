@@ -104,12 +104,15 @@ class DirtyTreeError(KDNAError, RuntimeError):
     """A study would record results from code that is not committed."""
 
 
-def run_provenance(argv: list[str] | None = None, *, force_dirty: bool = False) -> dict[str, Any]:
-    """kdna_fx.timing.provenance (commit read now, dirty flag, machine, command): call it when a study starts.
-    Refuses a tree whose tracked files differ from the commit (bench/results aside) unless ``force_dirty``; a
-    forced record carries ``"dirty": True`` and tools/records_check.py lists it."""
+def run_provenance(argv: list[str] | None = None, *, out: str | None = None, force_dirty: bool = False
+                   ) -> dict[str, Any]:
+    """The one provenance of every study, speed suite and profile: kdna_fx.timing.provenance (the commit read
+    now, the dirty flag, machine, command), so call it when the run starts. Refuses a tree whose tracked files
+    differ from the commit (bench/results aside) when the records go into bench/results (``out`` None: assume
+    they do), unless ``force_dirty``; a forced record carries ``"dirty": True`` and bench.records_check lists it."""
     prov = provenance(argv)
-    if prov["git"]["dirty"] and not force_dirty:
+    into_results = out is None or os.path.abspath(out).startswith(os.path.join(REPO, "bench", "results"))
+    if prov["git"]["dirty"] and into_results and not force_dirty:
         raise DirtyTreeError("the working tree has uncommitted changes: results must come from committed code. "
                              "Commit first, or pass --force-dirty (the records are then marked dirty)")
     return prov
