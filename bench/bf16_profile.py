@@ -30,8 +30,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.speed import GROUPS, OUT, bf16_target, inductor_freezing, save_and_say  # the suite's rows and bf16 rule
-from kdna_fx.timing import git_commit, markdown_table, provenance, time_interleaved
+from bench.common import run_provenance
+from bench.speed import GROUPS, OUT, bf16_target, commit_of, inductor_freezing, save_and_say  # the suite's rows and bf16 rule
+from kdna_fx.timing import markdown_table, time_interleaved
 
 ROLES = ("baseline", "replace", "folded")
 
@@ -156,7 +157,7 @@ def markdown(payload: dict[str, Any]) -> str:
            f"torch threads {prov['machine']['torch_threads']}; load average before / after "
            f"{payload['load_before']} / {payload['load_after']}  ",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + "  ",
-           f"Date (UTC): {prov['date_utc']}, commit {payload['commit']}", ""]
+           f"Date (UTC): {prov['date_utc']}, commit {commit_of(payload)}", ""]
     return "\n".join(md)
 
 
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     import torch._inductor.config as inductor_config
 
     torch.set_num_threads(args.threads)
-    payload: dict[str, Any] = {"provenance": provenance(argv), "commit": git_commit()["commit"], "cast": args.cast,
+    payload: dict[str, Any] = {"provenance": run_provenance(argv, out=args.out), "cast": args.cast,
                                "load_before": os.getloadavg()}
     # Kernel profiling is read when the code is generated: on for every row alike, so the timings stay comparable.
     with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096,

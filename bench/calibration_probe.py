@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
         return 0
     provenance = run_provenance(["python", "-m", "bench.calibration_probe", *argv])  # refuses a dirty tree first
     torch.set_num_threads(1)
-    original, spec = cs.load_original(arch)
+    original, spec, _ = cs.load_original(arch)
     split = cs.Split.make(build_data("fashion-mnist"), 5_000)
     calib = split.calibration_images(1024, seed=0)[0]
     recipe = cs.make_recipe(row, original, spec, calib, CalibrationConfig(progress=False), 1e-3)

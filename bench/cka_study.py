@@ -27,6 +27,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -38,8 +39,7 @@ from kdna_fx.cka import LayerSimilarity, layer_similarity
 from kdna_fx.train import build_data
 
 from bench import conversion_study as cs  # the same originals, images and pipeline
-from bench.common import compare, markdown_table, verdict_cell, write_json, write_results
-from kdna_fx.timing import provenance
+from bench.common import markdown_table, paired, paired_cell, write_json, write_results
 
 ARCH = "resnet18_w025"
 PLAN_ROWS = ["kdna-r4-pairs", "kdna-r4-pairs-cka", "kdna-r4-pairs-random1", "kdna-r4-pairs-random2",
@@ -73,7 +73,7 @@ def heat_maps(args: argparse.Namespace, original: torch.nn.Module, spec: dict[st
     student = recipe.convert(original, calib).model
     converted = layer_similarity(student, images, images=args.cka_images, pool="flatten", progress=args.progress)
     result = {"original": {p: m.to_dict() for p, m in maps.items()}, "converted_flatten": converted.to_dict(),
-              "provenance": provenance()}
+              "provenance": args.provenance}
     write_json(path, result)
     return result
 
@@ -101,7 +101,7 @@ def stand_in(args: argparse.Namespace, original: torch.nn.Module, spec: dict[str
                           "error_after": after, "agreement_after": report.agreement_after})
             print(f"    stand-in {a} -> {b}: CKA {similarity[a, b]:.3f}, error {before:.3f} -> {after:.3f}",
                   flush=True)
-    write_json(path, {"pairs": pairs, "layerwise_steps": args.layerwise_steps, "provenance": provenance()})
+    write_json(path, {"pairs": pairs, "layerwise_steps": args.layerwise_steps, "provenance": args.provenance})
     return pairs
 
 
@@ -137,42 +137,59 @@ def report(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {"plans": rows, "verdicts": plan_verdicts(rows)}
     if standin is not None:
         pairs = standin["pairs"]
-        rho, p_value = spearmanr([p["cka"] for p in pairs], [p["error_after"] for p in pairs])
-        result["stand_in"] = {"pairs": pairs, "spearman_rho": float(rho), "p_value": float(p_value)}
-        sections.append(f"Stand-in: {len(pairs)} ordered pairs; Spearman rank correlation between CKA(parent, "
-                        f"child) and the child's output error after layer-wise calibration: rho = {rho:.3f} "
-                        f"(p = {p_value:.3g}).")
+        distinct = distinct_pairs(pairs)
+        rho, p_value = spearmanr([p["cka"] for p in distinct], [p["error_after"] for p in distinct])
+        result["stand_in"] = {"pairs": pairs, "distinct": distinct, "spearman_rho": float(rho),
+                              "p_value": float(p_value)}
+        sections.append(f"Stand-in: {len(distinct)} distinct pairs ({len(pairs)} ordered ones, each pair's two "
+                        f"directions averaged: CKA is symmetric, so counting both would count each pair twice); "
+                        f"Spearman rank correlation between CKA(a, b) and the child's output error after layer-wise "
+                        f"calibration: rho = {rho:.2f} (p = {p_value:.2f}).")
         _scatter(pairs, rho, os.path.join(args.out, "cka_standin.png"))
     if maps is not None:
         result["heat_maps"] = maps
-    write_results(os.path.join(args.out, "cka_study"), {**result, "provenance": provenance()},
+    try:  # the report names the commit that wrote it, so only committed code writes it
+        prov = cs.run_provenance(out=args.out)
+    except cs.DirtyTreeError as exc:
+        print(f"(not written: {exc})")
+        return
+    write_results(os.path.join(args.out, "cka_study"), {**result, "provenance": prov},
                   "\n\n".join(sections) or "no results yet")
     print("\n\n".join(sections))
 
 
+def distinct_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per unordered pair {a, b}: its CKA and the mean error after calibration of its two directions."""
+    grouped: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for p in pairs:
+        grouped.setdefault(frozenset((p["parent"], p["child"])), []).append(p)
+    return [{"layers": sorted(key), "cka": both[0]["cka"],
+             "error_after": sum(p["error_after"] for p in both) / len(both), "directions": len(both)}
+            for key, both in grouped.items()]
+
+
 def plan_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The CKA plan against each other plan, by bench.common.compare on the test top-1 of their seeds."""
+    """The CKA plan against each other plan, by bench.common.paired on the test top-1 of the seeds both ran."""
     found = {r["row"]: r for r in rows}
     cka = found.get("kdna-r4-pairs-cka")
     out = []
     for other in (r for r in rows if cka is not None and r is not cka):
-        entry: dict[str, Any] = {"row": cka["row"], "baseline": other["row"],
-                                 "seeds": [len(cka["seeds"]), len(other["seeds"])]}
+        entry: dict[str, Any] = {"row": cka["row"], "baseline": other["row"]}
         for stage in ("calibrated", "fine-tuned"):
-            if stage in cka and stage in other:
-                a, b = cka[stage]["test"], other[stage]["test"]
-                entry[stage] = {"outcome": compare(a["top1"], b["top1"]), "difference": a["top1_mean"] - b["top1_mean"]}
+            a, b = cs.by_seed(cka, stage), cs.by_seed(other, stage)
+            if a and b:
+                entry[stage] = paired(a, b)
         out.append(entry)
     return out
 
 
 def verdicts_text(verdicts: list[dict[str, Any]]) -> str:
-    return ("The CKA plan against each other plan, by bench.common.compare (the one rule: above only when every "
-            "seed beats every seed of the other; one seed a side is only reported):\n\n"
-            + markdown_table(["plan", "against", "seeds", "after calibration", "after fine-tune"],
-                             [[f"`{v['row']}`", f"`{v['baseline']}`", f"{v['seeds'][0]} / {v['seeds'][1]}",
-                               verdict_cell(v.get("calibrated"), v["seeds"]), verdict_cell(v.get("fine-tuned"), v["seeds"])]
-                              for v in verdicts]))
+    return ("The CKA plan against each other plan, by bench.common.paired (the one rule where arms share seeds: "
+            "the mean of the seed-by-seed differences and its 95 % t interval; above or below only when the "
+            "interval excludes 0; fewer than 3 pairs are reported, never judged):\n\n"
+            + markdown_table(["plan", "against", "after calibration", "after fine-tune"],
+                             [[f"`{v['row']}`", f"`{v['baseline']}`", paired_cell(v.get("calibrated")),
+                               paired_cell(v.get("fine-tuned"))] for v in verdicts]))
 
 
 def _scatter(pairs: list[dict[str, Any]], rho: float, path: str) -> None:
@@ -216,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     args.data, args.val_images, args.force_dirty = None, 5_000, False
     torch.set_num_threads(args.threads)
     if not args.report:
-        original, spec = cs.load_original(ARCH)
+        try:  # read at the start: the commit that runs is the one checked out now
+            args.provenance = cs.run_provenance(["-m", "bench.cka_study", *(argv or sys.argv[1:])], out=args.out)
+        except cs.DirtyTreeError as exc:
+            raise SystemExit(str(exc)) from None
+        original, spec, _ = cs.load_original(ARCH)
         if "maps" in args.parts or "stand-in" in args.parts:
             started = time.perf_counter()
             maps = heat_maps(args, original, spec)
@@ -224,13 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             if "stand-in" in args.parts:
                 stand_in(args, original, spec, LayerSimilarity.from_dict(maps["original"]["flatten"]))
         if "plans" in args.parts:
-            for seed in args.seeds:
-                for row in args.rows:
-                    path = os.path.join(args.out, "runs", ARCH, row, f"seed{seed}.json")
-                    if not os.path.exists(path):
-                        print(f"{row} seed {seed}", flush=True)
-                        args.provenance = cs.run_provenance(force_dirty=args.force_dirty)
-                        cs.run_one(ARCH, row, seed, args, path)
+            cs.run_jobs([(ARCH, row, seed) for seed in args.seeds for row in args.rows], args)
     report(args)
     return 0
 

@@ -6,8 +6,10 @@ The protocol a study follows through it:
 
 - **Tuning never sees test images.** ``validation_split`` holds a fixed set of *training* images out; any
   choice (calibrate's defaults, a learning rate) is scored there. Test images are only reported.
-- **One significance rule** (``compare``): A is above B only when every seed of A beats every seed of B (the
-  seed ranges are disjoint); below, the reverse; otherwise a tie. Every "met" a study prints comes from it.
+- **One paired rule** (``paired``): where arms share seeds (images, order), A is above (below) B only when the
+  95 % t interval of the paired differences lies above (below) 0; otherwise "not distinguishable at n seeds";
+  under 3 pairs a difference is reported, never judged. Arms that share no seeds (the frontier's curves) fall
+  back on ``compare`` (seed ranges disjoint).
 - **Results from committed code only** (``run_provenance``): a tree with uncommitted changes outside the
   results is refused unless the study was started with ``--force-dirty``, and then the record says so.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 from typing import Any, Callable, Sequence
 
 import torch
@@ -23,11 +26,11 @@ from torch import Tensor, nn
 import kdna_fx
 from kdna_fx.conversion import n_params, score
 from kdna_fx.errors import KDNAError
-from kdna_fx.timing import git_commit, markdown_table, provenance, write_results
+from kdna_fx.timing import markdown_table, provenance, write_results
 from kdna_fx.utils import write_json
 
-__all__ = ["ABOVE", "BELOW", "TIE", "DirtyTreeError", "Factorised", "compare", "factorise", "markdown_table", "verdict_cell",
-           "matched", "n_params", "prune", "release_lock", "run_provenance", "write_json", "score", "seed_range",
+__all__ = ["ABOVE", "BELOW", "NOT_DISTINGUISHABLE", "TIE", "DirtyTreeError", "Factorised", "compare", "factorise",
+           "markdown_table", "paired", "paired_cell", "matched", "n_params", "prune", "release_lock", "run_provenance", "write_json", "score", "seed_range",
            "shared_convs", "take_lock", "validation_split", "write_results"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +48,7 @@ def seed_range(values: Sequence[float]) -> tuple[float, float]:
 
 
 def compare(a: Sequence[float], b: Sequence[float]) -> str:
-    """The one significance rule: ABOVE when every value of ``a`` beats every value of ``b`` (the seed ranges
+    """The rule for arms that share no seeds: ABOVE when every value of ``a`` beats every value of ``b`` (the seed ranges
     are disjoint, ``a`` on top), BELOW the reverse, TIE when the ranges touch or overlap.
 
     With 3 seeds a side, disjoint ranges by chance (both samples from one distribution) happen with probability
@@ -60,15 +63,38 @@ def compare(a: Sequence[float], b: Sequence[float]) -> str:
     return TIE
 
 
-def verdict_cell(verdict: dict[str, Any] | None, seeds: Sequence[int]) -> str:
-    """One stage of a comparison as a table cell: ``verdict`` holds compare's ``outcome`` and the mean
-    ``difference``; ``seeds`` the two seed counts. One seed on a side is reported, never judged."""
-    if verdict is None:
+NOT_DISTINGUISHABLE = "not distinguishable"
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+    """The paired rule, for arms that share seeds (the same images, in the same order, for the same seed):
+    the differences ``a[s] - b[s]`` over the seeds both have, their mean and 95 % Student-t interval, and the
+    ``outcome``: ABOVE (BELOW) when the interval lies above (below) 0, else NOT_DISTINGUISHABLE. Fewer than 3
+    pairs are reported, never judged: no ``outcome`` key (and no interval under 2)."""
+    from scipy.stats import t
+
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    out: dict[str, Any] = {"seeds": seeds, "n": len(diffs), "differences": diffs,
+                           "mean": statistics.mean(diffs) if diffs else None}
+    if len(diffs) >= 2:
+        half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
+        out["interval"] = [out["mean"] - half, out["mean"] + half]
+    if len(diffs) >= 3:
+        lo, hi = out["interval"]
+        out["outcome"] = ABOVE if lo > 0 else BELOW if hi < 0 else NOT_DISTINGUISHABLE
+    return out
+
+
+def paired_cell(p: dict[str, Any] | None) -> str:
+    """One paired comparison as a table cell: verdict, mean difference, 95 % interval, n."""
+    if p is None or not p["n"]:
         return "-"
-    if min(seeds) < 2:
-        return f"{'ahead' if verdict['difference'] > 0 else 'behind'} on one seed (no test), {verdict['difference']:+.2f}"
-    word = {ABOVE: "**above**", BELOW: "**below**"}.get(verdict["outcome"], "tie (ranges overlap)")
-    return f"{word}, mean {verdict['difference']:+.2f}"
+    if "outcome" not in p:
+        spread = f" [{p['interval'][0]:+.2f}, {p['interval'][1]:+.2f}]" if "interval" in p else ""
+        return f"{p['mean']:+.2f}{spread}, n={p['n']} (reported, not judged: fewer than 3 pairs)"
+    word = {ABOVE: "**above**", BELOW: "**below**"}.get(p["outcome"], f"not distinguishable at {p['n']} seeds")
+    return f"{word}: {p['mean']:+.2f} [{p['interval'][0]:+.2f}, {p['interval'][1]:+.2f}], n={p['n']}"
 
 
 # ------------------------------------------------------------------------------------------------ provenance
@@ -78,15 +104,18 @@ class DirtyTreeError(KDNAError, RuntimeError):
     """A study would record results from code that is not committed."""
 
 
-def run_provenance(argv: list[str] | None = None, *, force_dirty: bool = False,
-                   exclude: tuple[str, ...] = ("bench/results",)) -> dict[str, Any]:
-    """provenance() plus the git commit. Refuses a tree whose tracked files differ from the commit (outside
-    ``exclude``, the studies' own outputs) unless ``force_dirty``; a forced record carries ``"dirty": True``."""
-    git = git_commit(exclude=exclude, root=REPO)
-    if git["dirty"] and not force_dirty:
+def run_provenance(argv: list[str] | None = None, *, out: str | None = None, force_dirty: bool = False
+                   ) -> dict[str, Any]:
+    """The one provenance of every study, speed suite and profile: kdna_fx.timing.provenance (the commit read
+    now, the dirty flag, machine, command), so call it when the run starts. Refuses a tree whose tracked files
+    differ from the commit (bench/results aside) when the records go into bench/results (``out`` None: assume
+    they do), unless ``force_dirty``; a forced record carries ``"dirty": True`` and bench.records_check lists it."""
+    prov = provenance(argv)
+    into_results = out is None or os.path.abspath(out).startswith(os.path.join(REPO, "bench", "results"))
+    if prov["git"]["dirty"] and into_results and not force_dirty:
         raise DirtyTreeError("the working tree has uncommitted changes: results must come from committed code. "
                              "Commit first, or pass --force-dirty (the records are then marked dirty)")
-    return {**provenance(argv), "git": git}
+    return prov
 
 
 # ------------------------------------------------------------------------------------------------ locks
@@ -137,11 +166,15 @@ def release_lock(directory: str) -> None:
 
 def validation_split(n_train: int, n_val: int, seed: int = 0) -> tuple[list[int], list[int]]:
     """(the training indices left for a study to draw from, the held-out validation indices): a fixed seeded
-    split of the ``n_train`` training images, the same for every seed of a study."""
+    split of the ``n_train`` training images, the same for every seed of a study.
+
+    The pool is the first ``n_train - n_val`` indices of ``randperm(n_train)`` under ``seed``: exactly the images
+    ``kdna train --train-subset {n_train - n_val} --seed {seed}`` trains on (kdna_fx.data keeps that prefix), so an
+    original trained that way never saw the validation images (protocol 3)."""
     if not 0 < n_val < n_train:
         raise ValueError(f"validation_split: need 0 < n_val < n_train, got {n_val} of {n_train}")
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).tolist()
-    return order[n_val:], order[:n_val]
+    return order[:n_train - n_val], order[n_train - n_val:]
 
 
 # ------------------------------------------------------------------------------------------------ baselines

@@ -71,17 +71,22 @@ from kdna_fx.train import TrainConfig, build_data
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from kdna_fx.train.models import build_model
 
-from bench.common import (REPO, DirtyTreeError, compare, factorise, markdown_table, matched, n_params, prune,
-                          release_lock, run_provenance, shared_convs, take_lock, validation_split, verdict_cell,
-                          write_json, write_results)
+from bench.common import (REPO, DirtyTreeError, factorise, markdown_table, matched, n_params, paired, paired_cell,
+                          prune, release_lock, run_provenance, shared_convs, take_lock, validation_split, write_json,
+                          write_results)
 
 
+# Protocol 3: the originals train on the 55,000 images left once the validation split is held out
+# (bench.common.validation_split keeps exactly the prefix --train-subset keeps), then freeze into ORIGINALS_DIR.
 ORIGINALS = {
     "resnet18_w025": "kdna train --model resnet18 --width 0.25 --epochs 5 --batch-size 128 --lr 0.1 "
-                     "--warmup-epochs 0.25 --run-dir runs/conversion_original_resnet18_w025 --no-progress",
+                     "--warmup-epochs 0.25 --train-subset 55000 --seed 0 "
+                     "--run-dir runs/conversion_original3_resnet18_w025 --no-progress",
     "mobilenet_v2_w050": "kdna train --model mobilenet_v2 --width 0.5 --epochs 5 --batch-size 128 --lr 0.1 "
-                         "--warmup-epochs 0.25 --run-dir runs/conversion_original_mobilenet_v2_w050 --no-progress",
+                         "--warmup-epochs 0.25 --train-subset 55000 --seed 0 "
+                         "--run-dir runs/conversion_original3_mobilenet_v2_w050 --no-progress",
 }
+ORIGINALS_DIR = os.path.join(REPO, "bench", "results", "conversion", "originals")  # committed weights + hashes
 ROWS = ["original", "kdna-r4", "prune@kdna-r4", "svd@kdna-r4", "kdna-r0", "prune@kdna-r0", "svd@kdna-r0",
         "kdna-r8", "prune@kdna-r8", "svd@kdna-r8", "kdna-r4-centroid", "kdna-copy-r0", "prune30+kdna-r4",
         "prune@prune30+kdna-r4"]
@@ -91,7 +96,16 @@ ABLATION = ["kdna-r4-adapters-logits", "kdna-r4-logits", "kdna-r4-adapters", "kd
 HEADLINE = [("kdna-r4", "prune@kdna-r4"), ("kdna-r4", "svd@kdna-r4"), ("kdna-r0", "prune@kdna-r0"),
             ("kdna-r0", "svd@kdna-r0"), ("kdna-r8", "prune@kdna-r8"), ("kdna-r8", "svd@kdna-r8"),
             ("prune30+kdna-r4", "prune@prune30+kdna-r4")]
-PROTOCOL = 2  # 1: the issue-6 records (test-tuned defaults, pruned students on logits only), in runs_protocol1/
+# Protocol 3's validation grid (issue 33): the same number of probes for every arm, 3 seeds each, calibration
+# only, chosen on the validation split. KernelDNA: its defaults, what trains, the adapters' and norms' rate, the
+# kernels' rate; the pruned and SVD students: the rates of their weights and of their norms (protocol 2 gave both
+# 1e-3, where KernelDNA's norms learn at 1e-2). Steps and losses are the budget, the same for every arm.
+BASELINE_PROBES = ["", ":lr=0.01", ":lr=0.01,weight_lr=0.003", ":lr=0.003,weight_lr=0.003"]
+GRID = {"kdna-r4": ["", ":train=all", ":lr=0.003", ":weight_lr=0.003"],
+        "prune@kdna-r4": BASELINE_PROBES, "svd@kdna-r4": BASELINE_PROBES}
+GRID_SEEDS = [0, 1, 2]
+PLANS = ("grid", "headline", "loss-form")
+PROTOCOL = 3  # 1: runs_protocol1/ (test-tuned defaults); 2: runs/ (originals trained on the validation images too)
 STAGES = ("converted", "calibrated", "fine-tuned")
 
 
@@ -102,15 +116,61 @@ def run_dir(arch: str) -> str:
     return re.search(r"--run-dir (\S+)", ORIGINALS[arch]).group(1)  # type: ignore[union-attr]
 
 
-def load_original(arch: str) -> tuple[nn.Module, dict[str, Any]]:
-    path = os.path.join(run_dir(arch), CHECKPOINT_NAME)
+def freeze_original(arch: str, val_images: int) -> None:
+    """Copy the trained original's weights out of its run dir into ORIGINALS_DIR (committed, so later sessions
+    distil from the very same weights), with their sha256 and the training record."""
+    run = run_dir(arch)
+    ckpt = read_checkpoint(os.path.join(run, CHECKPOINT_NAME))
+    data = ckpt["config"]["data"]
+    if data.get("train_subset") != 60_000 - val_images or ckpt["config"]["seed"] != 0:
+        raise SystemExit(f"{run} was not trained without the validation split: train it with\n  .venv/bin/{ORIGINALS[arch]}")
+    path = os.path.join(ORIGINALS_DIR, f"{arch}.pt")
+    os.makedirs(ORIGINALS_DIR, exist_ok=True)
+    torch.save({"model": ckpt["model"], "config": ckpt["config"]}, path)
+    with open(os.path.join(run, "metrics.json")) as f:
+        metrics = json.load(f)
+    write_json(os.path.join(ORIGINALS_DIR, f"{arch}.json"),
+               {"arch": arch, "sha256": sha256(path), "command": ORIGINALS[arch], **metrics})
+
+
+def sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_original(arch: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """(the frozen original, its model spec, {"sha256", "val_top1"}): refuses weights whose hash differs from the
+    one recorded beside them."""
+    path = os.path.join(ORIGINALS_DIR, f"{arch}.pt")
     if not os.path.exists(path):
-        raise SystemExit(f"{path} is missing: train the original first with\n  .venv/bin/{ORIGINALS[arch]}")
-    ckpt = read_checkpoint(path)
+        raise SystemExit(f"{path} is missing: train the original with\n  .venv/bin/{ORIGINALS[arch]}\nthen "
+                         f"freeze it with  .venv/bin/python -m bench.conversion_study --freeze-original {arch}")
+    with open(os.path.join(ORIGINALS_DIR, f"{arch}.json")) as f:
+        info = json.load(f)
+    digest = sha256(path)
+    if digest != info["sha256"]:
+        raise SystemExit(f"{path}: sha256 {digest} differs from the recorded {info['sha256']}; restore it with git")
+    ckpt = torch.load(path, map_location="cpu")
     spec = ckpt["config"]["model"]
     model = build_model(spec)
     model.load_state_dict(ckpt["model"])
-    return model.eval(), spec
+    return model.eval(), spec, {"sha256": digest, "test_top1": info["epochs"][-1]["val_top1"]}
+
+
+def split_row(row: str) -> tuple[str, dict[str, Any]]:
+    """``ROW:key=value,...`` -> (ROW, calibration options the probe sets on top of the row's own): the
+    validation grid's probes, e.g. ``prune@kdna-r4:lr=0.01,weight_lr=0.003`` or ``kdna-r4:train=all``."""
+    base, _, probe = row.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, probe.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return base, options
 
 
 def kdna_config(spec: dict[str, Any], row: str) -> tuple[kdna_fx.KDNAConfig, str, dict[str, Any], int | None]:
@@ -187,7 +247,16 @@ EXAMPLE = torch.zeros(2, 1, 28, 28)  # one Fashion-MNIST batch: Torch-Pruning's 
 
 def make_recipe(row: str, original: nn.Module, spec: dict[str, Any], calib: torch.Tensor,
                 calibration: CalibrationConfig, all_lr: float) -> Recipe:
-    """The recipe of one row; ``calibration`` is the study's (steps, seed), the row adds its own options."""
+    """The recipe of one row; ``calibration`` is the study's (steps, seed), the row adds its own options and a
+    probe (``ROW:key=value``) its own on top."""
+    base, probe = split_row(row)
+    if probe:
+        recipe = make_recipe(base, original, spec, calib, calibration, all_lr)
+        if recipe.calibration is None:
+            raise SystemExit(f"{row!r}: the original row is not calibrated, so it takes no probe")
+        recipe.calibration = recipe.calibration.replace(**probe)
+        recipe.made["probe"] = probe
+        return recipe
     if row == "original":
         return Recipe(None, student=original)
     if row.startswith("kdna"):
@@ -275,10 +344,10 @@ class Split:
 
 def run_one(arch: str, row: str, seed: int, args: argparse.Namespace, path: str) -> None:
     torch.manual_seed(seed)
-    original, spec = load_original(arch)
+    original, spec, frozen = load_original(arch)
     split = Split.make(build_data("fashion-mnist", args.data), args.val_images)
     calib, rest = split.calibration_images(args.calib_images, seed)
-    labelled = Subset(split.data.train, rest[:args.finetune_images])
+    labelled = Subset(split.data.train, rest[:args.finetune_images]) if args.finetune_images else None
     calibration = CalibrationConfig(steps=args.steps, seed=seed, progress=args.progress)
     recipe = make_recipe(row, original, spec, calib, calibration, args.all_lr)
     finetune = TrainConfig(epochs=1, batch_size=128, lr=0.01, warmup_epochs=0, seed=seed, amp="none",
@@ -292,7 +361,7 @@ def run_one(arch: str, row: str, seed: int, args: argparse.Namespace, path: str)
                               "cost": cost(result.model), "data": {"val_images": args.val_images,
                                                                    "calib_images": args.calib_images,
                                                                    "finetune_images": args.finetune_images},
-                              "provenance": args.provenance}
+                              "original": frozen, "provenance": args.provenance}
     write_json(path, record)
 
 
@@ -304,7 +373,7 @@ def speed(args: argparse.Namespace) -> None:
     change the time: each row is rebuilt uncalibrated), median over ``--speed-rounds`` rounds."""
     summary = summarise(args.out)
     for arch in sorted({r["arch"] for r in summary["rows"]}):
-        original, spec = load_original(arch)
+        original, spec, _ = load_original(arch)
         calib = torch.randn(64, 1, 28, 28)  # only for policy="cka" rows: which convs pair up, not the time
         calibration = CalibrationConfig(progress=False)
         models = {r["row"]: deployable(make_recipe(r["row"], original, spec, calib, calibration, args.all_lr)
@@ -349,6 +418,7 @@ def summarise(out: str) -> dict[str, Any]:
                                  "calibration_s": statistics.mean((r.get("calibration") or {}).get("seconds", 0.0)
                                                                   for r in rs),
                                  "dirty": any(r["provenance"].get("git", {}).get("dirty") for r in rs),
+                                 "protocol": rs[0].get("protocol", 1), "original": rs[0].get("original"),
                                  "machines": sorted({f"{r['provenance']['machine']['cpu']} "
                                                      f"(host {r['provenance']['machine'].get('host_id', '?')})"
                                                      for r in rs})}
@@ -385,37 +455,102 @@ def _upgrade(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def by_seed(entry: dict[str, Any], stage: str, split: str = "test") -> dict[int, float]:
+    """{seed: top-1} of one row at one stage (empty when the stage is missing)."""
+    if stage not in entry or split not in entry[stage]:
+        return {}
+    return dict(zip(entry["seeds"], entry[stage][split]["top1"]))
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each HEADLINE pair present, judged by bench.common.compare on the test top-1 of its seeds, after
-    calibration and after the fine-tune (with the mean difference, which alone decides nothing)."""
-    found = {(r["arch"], r["row"]): r for r in rows}
+    """Each HEADLINE pair present (any probes of the two rows, ``ROW:...``), judged by bench.common.paired on
+    the test top-1 of the seeds both ran (a seed's rows share images and order), after calibration and after
+    the fine-tune."""
     out = []
-    for arch in sorted({r["arch"] for r in rows}):
-        for mine, other in HEADLINE:
-            a, b = found.get((arch, mine)), found.get((arch, other))
-            if a is None or b is None:
-                continue
-            entry: dict[str, Any] = {"arch": arch, "row": mine, "baseline": other,
-                                     "seeds": [len(a["seeds"]), len(b["seeds"])]}
-            for stage in ("calibrated", "fine-tuned"):
-                if stage in a and stage in b:
-                    ta, tb = a[stage]["test"], b[stage]["test"]
-                    entry[stage] = {"outcome": compare(ta["top1"], tb["top1"]),
-                                    "difference": ta["top1_mean"] - tb["top1_mean"]}
-            out.append(entry)
-    return out
+    for mine, other in HEADLINE:
+        for a in (r for r in rows if split_row(r["row"])[0] == mine):
+            for b in (r for r in rows if split_row(r["row"])[0] == other and r["arch"] == a["arch"]):
+                entry: dict[str, Any] = {"arch": a["arch"], "row": a["row"], "baseline": b["row"]}
+                for stage in ("calibrated", "fine-tuned"):
+                    if by_seed(a, stage) and by_seed(b, stage):
+                        entry[stage] = paired(by_seed(a, stage), by_seed(b, stage))
+                out.append(entry)
+    return sorted(out, key=lambda v: v["arch"])
+
+
+def winners(summary: dict[str, Any], arch: str, seeds: list[int]) -> dict[str, str]:
+    """{arm: the probe suffix with the best mean validation top-1 after calibration over ``seeds``}; refuses a
+    grid with runs missing."""
+    found = {r["row"]: r for r in summary["rows"] if r["arch"] == arch}
+    best = {}
+    for arm, probes in GRID.items():
+        scores = {}
+        for probe in probes:
+            r = found.get(arm + probe)
+            if r is None or sorted(by_seed(r, "calibrated", "validation")) != sorted(seeds):
+                raise SystemExit(f"the validation grid lacks {arm + probe} on seeds {seeds}: run --plan grid first")
+            scores[probe] = statistics.mean(by_seed(r, "calibrated", "validation").values())
+        best[arm] = max(scores, key=scores.get)  # type: ignore[arg-type]
+    return best
+
+
+def grid_text(summary: dict[str, Any]) -> str:
+    """Each arm's probes by mean validation top-1 after calibration, the winner first."""
+    lines = []
+    for arm, probes in GRID.items():
+        rows = [r for r in summary["rows"] if split_row(r["row"])[0] == arm and r["row"][len(arm):] in probes]
+        rows.sort(key=lambda r: -r["calibrated"]["validation"]["top1_mean"] if "calibrated" in r else 0)
+        lines += [[f"`{arm}`", f"`{r['row'][len(arm) + 1:] or 'as in protocol 2'}`", len(r["seeds"]),
+                   cell(r, "calibrated", "validation"), cell(r, "calibrated")] for r in rows]
+    return ("Validation grid: the same number of probes per arm, chosen on the validation split (the test column is "
+            "reported, never used)\n\n" + markdown_table(["arm", "probe", "seeds", "calibrated, validation top-1 % / "
+                                                          "agreement", "calibrated, test"], lines))
+
+
+def plan_jobs(plan: str, args: argparse.Namespace) -> None:
+    """Set rows, seeds and out of one protocol-3 plan on ``args``: the grid, then the headline rows and the
+    loss-form control with the grid's winners (``<out>/grid``, ``<out>``, ``<out>/loss_form``)."""
+    arch = "resnet18_w025"
+    args.arch = [arch]
+    if plan == "grid":
+        args.rows = [arm + probe for arm, probes in GRID.items() for probe in probes]
+        args.seeds, args.finetune_images, args.out = GRID_SEEDS, 0, os.path.join(args.out, "grid")
+        return
+    best = winners(summarise(os.path.join(args.out, "grid")), arch, GRID_SEEDS)
+
+    def probe(row: str, extra: str = "") -> str:
+        suffix = best[row] + extra
+        return row + (":" + suffix.lstrip(":,") if suffix else "")
+
+    if plan == "headline":
+        args.rows = ["original"] + [probe(row) for row in ("kdna-r4", "prune@kdna-r4", "svd@kdna-r4")] + \
+                    [probe(row).replace("kdna-r4", "kdna-r8") for row in ("kdna-r4", "prune@kdna-r4", "svd@kdna-r4")]
+        args.seeds = [0, 1, 2, 3, 4]
+    else:
+        args.rows = [probe(row, ",layer_loss=gram") for row in ("kdna-r4", "prune@kdna-r4", "svd@kdna-r4")]
+        args.rows.append(probe("prune@kdna-r4", ",features=0"))
+        args.seeds, args.out = [0, 1, 2], os.path.join(args.out, "loss_form")
+
+
+def range_text(entry: dict[str, Any], stage: str) -> str:
+    s = entry.get(stage, {}).get("test")
+    return f"{s['top1_min']:.2f}-{s['top1_max']:.2f}" if s else "-"
 
 
 def verdicts_text(summary: dict[str, Any]) -> str:
-    lines = [[v["arch"], f"`{v['row']}`", f"`{v['baseline']}`", f"{v['seeds'][0]} / {v['seeds'][1]}",
-              verdict_cell(v.get("calibrated"), v["seeds"]), verdict_cell(v.get("fine-tuned"), v["seeds"])]
-             for v in summary["verdicts"]]
-    head = ("Verdicts (bench.common.compare, the one rule of every study): a row is above (below) its baseline only "
-            "when every seed of it beats (trails) every seed of the baseline on the test top-1; otherwise a tie, "
-            "whatever the mean difference. A pair with one seed on a side is only reported (ahead or behind), "
-            "never judged.")
-    return head + "\n\n" + markdown_table(["arch", "row", "baseline (same parameters)", "seeds",
-                                            "after calibration", "after fine-tune"], lines)
+    found = {(r["arch"], r["row"]): r for r in summary["rows"]}
+    lines = [[v["arch"], f"`{v['row']}`", f"`{v['baseline']}`",
+              f"{range_text(found[v['arch'], v['row']], stage)} vs {range_text(found[v['arch'], v['baseline']], stage)}",
+              paired_cell(v.get(stage)), stage]
+             for v in summary["verdicts"] for stage in ("calibrated", "fine-tuned")]
+    if not summary["verdicts"]:
+        return ""
+    head = ("Verdicts (bench.common.paired, the one rule where arms share seeds): the test top-1 differences row - "
+            "baseline, seed by seed (both ran the same images in the same order), their mean and 95 % t interval; "
+            "above (below) only when the interval excludes 0, else not distinguishable at n seeds; fewer than 3 "
+            "pairs are reported, never judged. The seed ranges (min-max) are shown beside.")
+    return head + "\n\n" + markdown_table(["arch", "row", "baseline (same parameters)", "test top-1 ranges",
+                                            "paired difference [95 % interval], n", "stage"], lines)
 
 
 def cell(entry: dict[str, Any], stage: str, split: str = "test") -> str:
@@ -482,16 +617,54 @@ def report(out: str, argv: list[str] | None = None) -> None:
         print(f"no runs under {out}/runs yet")
         return
     archs = sorted({r["arch"] for r in summary["rows"]})
-    md = "\n\n".join(f"### {a}\n\nOriginal: `{ORIGINALS[a]}`\n\n{table(summary, a)}" for a in archs)
+    md = "\n\n".join(f"### {a}\n\nOriginal: {original_text(summary, a)}\n\n{table(summary, a)}" for a in archs)
     machines = sorted({m for r in summary["rows"] for m in r["machines"]})
-    md += (f"\n\n{verdicts_text(summary)}\n\nRuns on: {', '.join(machines)}. Protocol {PROTOCOL}: any tuning only "
-           f"on a validation split held out from the training images, every student with the same losses (the "
-           f"per-layer one included) and steps (module docstring). Latency and throughput: the interleaved "
-           f"`--speed` timing where one exists (speed_<arch>.json), else the in-run reading.")
-    write_results(os.path.join(out, "conversion_study"),
-                  {**summary, "provenance": run_provenance(argv, force_dirty=True)}, md)
-    plot(summary, os.path.join(out, "conversion_study.png"))
+    grid = any(split_row(r["row"])[0] in GRID and ":" in r["row"] for r in summary["rows"])
+    md += "\n\n" + (grid_text(summary) if grid else verdicts_text(summary))  # a grid chooses, it judges nothing
+    protocols = ", ".join(str(p) for p in sorted({r["protocol"] for r in summary["rows"]}))
+    md += (f"\n\nRuns on: {', '.join(machines)}. Protocol {protocols} (the study's "
+           f"README says what each one changed). Latency and throughput: the interleaved `--speed` timing where one "
+           f"exists (speed_<arch>.json), else the in-run reading.")
     print(md)
+    try:  # the report names the commit that wrote it, so only committed code writes it
+        prov = run_provenance(argv, out=out)
+    except DirtyTreeError as exc:
+        print(f"\n(not written: {exc})")
+        return
+    write_results(os.path.join(out, "conversion_study"), {**summary, "provenance": prov}, md)
+    plot(summary, os.path.join(out, "conversion_study.png"))
+
+
+def original_text(summary: dict[str, Any], arch: str) -> str:
+    """The original the rows distil from: its sha256 and test top-1 (protocol 3), else the study's README."""
+    frozen = {(r["original"] or {}).get("sha256") for r in summary["rows"] if r["arch"] == arch}
+    if None in frozen or len(frozen) != 1:
+        return "trained as the study's README says for this protocol (no hash in the records)"
+    info = next(r["original"] for r in summary["rows"] if r["arch"] == arch)
+    return (f"`{ORIGINALS[arch]}` ({info['test_top1']:.2f} % on the test images), frozen in "
+            f"originals/{arch}.pt, sha256 `{info['sha256'][:16]}...` in every record")
+
+
+def run_jobs(todo: list[tuple[str, str, int]], args: argparse.Namespace) -> bool:
+    """Run every job not on disk and not held by another live process; True while some are still missing."""
+    missing = False
+    for i, (arch, row, seed) in enumerate(todo):
+        path = os.path.join(args.out, "runs", arch, row, f"seed{seed}.json")
+        lock = os.path.join(REPO, "runs", "conversion_locks", os.path.normpath(args.out).replace(os.sep, "_"),
+                            arch, row, f"seed{seed}")  # gitignored
+        if os.path.exists(path):
+            continue
+        if not take_lock(lock):
+            missing = True  # another process runs it
+            continue
+        try:
+            print(f"[{i + 1}/{len(todo)}] {arch} {row} seed {seed}", flush=True)
+            started = time.perf_counter()
+            run_one(arch, row, seed, args, path)
+            print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
+        finally:
+            release_lock(lock)
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--all-lr", type=float, default=1e-3, help="distillation lr when every parameter trains")
-    p.add_argument("--finetune-images", type=int, default=10_000)
+    p.add_argument("--finetune-images", type=int, default=10_000, help="0: no fine-tune (the validation grid)")
     p.add_argument("--val-images", type=int, default=5_000,
                    help="training images held out as the validation split (never calibrated or fine-tuned on)")
     p.add_argument("--test-images", type=int, default=0, help="score on the first N test images (0: all 10,000)")
@@ -515,12 +688,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force-dirty", action="store_true",
                    help="run from a tree with uncommitted changes (the records are marked dirty)")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--plan", choices=PLANS, help="a protocol-3 plan: its rows, seeds and folder under --out "
+                   "(headline and loss-form take the grid's winners); waits for jobs other processes hold")
+    p.add_argument("--freeze-original", metavar="ARCH", choices=list(ORIGINALS),
+                   help="copy ARCH's trained original into bench/results/conversion/originals/ with its sha256")
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     torch.set_num_threads(args.threads)
+    if args.freeze_original:
+        freeze_original(args.freeze_original, args.val_images)
+        return 0
     if args.speed:
         speed(args)
     elif not args.report:
+        if args.plan:
+            plan_jobs(args.plan, args)
         try:
             args.provenance = run_provenance(["-m", "bench.conversion_study", *args.argv],
                                              force_dirty=args.force_dirty)
@@ -528,18 +710,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(exc)) from None
         todo = [(a, r, s) for s in args.seeds for a in args.arch for r in args.rows  # seed-major: spread noise
                 if r not in ABLATION or s == args.seeds[0]]
-        for i, (arch, row, seed) in enumerate(todo):
-            path = os.path.join(args.out, "runs", arch, row, f"seed{seed}.json")
-            lock = os.path.join(REPO, "runs", "conversion_locks", arch, row, f"seed{seed}")  # gitignored
-            if os.path.exists(path) or not take_lock(lock):
-                continue  # done, or another process runs it
-            try:
-                print(f"[{i + 1}/{len(todo)}] {arch} {row} seed {seed}", flush=True)
-                started = time.perf_counter()
-                run_one(arch, row, seed, args, path)
-                print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
-            finally:
-                release_lock(lock)
+        while run_jobs(todo, args) and args.plan:
+            time.sleep(60)  # the next plan needs this one whole: wait for (or take over) other processes' jobs
     report(args.out, ["-m", "bench.conversion_study", *args.argv])
     return 0
 

@@ -56,9 +56,10 @@ import kdna_fx
 from kdna_fx import peers
 from kdna_fx.models import create_model, sharing_config
 from kdna_fx.reporting import count_macs
-from kdna_fx.timing import git_commit, markdown_table, provenance, time_interleaved
-
+from kdna_fx.timing import markdown_table, time_interleaved
 from kdna_fx.utils import write_json
+
+from bench.common import run_provenance
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "speed")
 MODES = ("eager", "inductor", "freezing", "cudagraphs")
@@ -465,7 +466,7 @@ def _group_markdown(p: dict[str, Any]) -> list[str]:
     md += [f"Command: `{prov['command']}`  ", f"Machine: {prov['machine']['cpu']}, {prov['machine']['cores']} cores, "
            f"torch threads {prov['machine']['torch_threads']}, GPU: {prov['machine']['gpu']}; load average during "
            f"the run {p['load_average']}  ", "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
-           + f"  ", f"Date (UTC): {prov['date_utc']}, commit {p.get('commit', '?')}", ""]
+           + f"  ", f"Date (UTC): {prov['date_utc']}, commit {commit_of(p)}", ""]
     return md
 
 
@@ -542,14 +543,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    meta = {"provenance": provenance(sys.argv if argv is None else ["bench/speed.py", *argv]),
-            "commit": git_commit()["commit"]}
+    meta = {"provenance": run_provenance(sys.argv if argv is None else ["bench/speed.py", *argv], out=args.out)}
     # Every row of a group is compiled at every batch size: more graphs than Dynamo's default limit, and a row
     # that hit it would silently run eagerly. Patched, not set, so a caller (the tests) keeps its own config.
     with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096,
                                     fail_on_recompile_limit_hit=True):
         _run_groups(args, device, meta)
     print(report(args.out, device.type))
+
+
+def commit_of(record: dict[str, Any]) -> str:
+    """A record's commit, marked when its tree was dirty (older records kept a bare commit beside the provenance,
+    with no dirty flag)."""
+    git = record["provenance"].get("git") or {"commit": record.get("commit", "?"), "dirty": "unknown"}
+    return f"{git['commit']}" + {True: " (dirty tree)", "unknown": " (dirty flag not recorded)"}.get(git["dirty"], "")
 
 
 def _run_groups(args: argparse.Namespace, device: torch.device, meta: dict[str, Any]) -> None:

@@ -94,7 +94,9 @@ def cpu_model() -> str:
 
 
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
-    """The exact command, machine (CPU model and host id) and versions behind a set of numbers."""
+    """The exact command, machine (CPU model, host id, platform), versions and the git commit with its dirty
+    flag (bench/results aside: the studies' own outputs) behind a set of numbers: the one provenance every
+    record carries. Call it when a run *starts*: the commit that ran is the one checked out then."""
     import einops
     import torchvision
 
@@ -107,6 +109,7 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "einops": einops.__version__},
+        "git": git_commit(exclude=("bench/results",)),
     }
 
 

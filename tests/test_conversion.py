@@ -233,15 +233,16 @@ def test_validation_split_is_fixed_and_disjoint():
 
 def test_results_only_from_committed_code(monkeypatch):
     from bench import common
+    from kdna_fx import timing
 
-    monkeypatch.setattr(common, "git_commit", lambda **_: {"commit": "abc", "dirty": True})
+    monkeypatch.setattr(timing, "git_commit", lambda **_: {"commit": "abc", "dirty": True})
     with pytest.raises(common.DirtyTreeError, match="--force-dirty"):
         common.run_provenance()
     forced = common.run_provenance(force_dirty=True)
     assert forced["git"] == {"commit": "abc", "dirty": True}  # a forced record says so
     machine = forced["machine"]
     assert machine["cpu"] and len(machine["host_id"]) == 10  # machines named by CPU model and a host id
-    monkeypatch.setattr(common, "git_commit", lambda **_: {"commit": "abc", "dirty": False})
+    monkeypatch.setattr(timing, "git_commit", lambda **_: {"commit": "abc", "dirty": False})
     assert common.run_provenance()["git"]["dirty"] is False
 
 
@@ -293,10 +294,30 @@ def test_pruning_works_under_no_grad():
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
-def test_a_verdict_cell_judges_only_with_two_seeds_a_side():
-    from bench.common import ABOVE, TIE, verdict_cell
+def test_the_paired_rule_judges_only_from_three_pairs():
+    from bench.common import ABOVE, BELOW, NOT_DISTINGUISHABLE, paired, paired_cell
 
-    assert verdict_cell({"outcome": ABOVE, "difference": 0.38}, [2, 2]) == "**above**, mean +0.38"
-    assert verdict_cell({"outcome": TIE, "difference": 0.06}, [3, 3]) == "tie (ranges overlap), mean +0.06"
-    assert verdict_cell({"outcome": ABOVE, "difference": 0.75}, [2, 1]).startswith("ahead on one seed (no test)")
-    assert verdict_cell(None, [3, 3]) == "-"
+    # the seed ranges overlap, yet a trails b by about 0.3 on every seed: the pairs decide
+    a, b = {0: 90.98, 1: 90.61, 2: 90.36}, {0: 91.30, 1: 90.88, 2: 90.70}
+    p = paired(a, b)
+    assert p["n"] == 3 and p["outcome"] == BELOW and p["interval"][1] < 0
+    assert paired(b, a)["outcome"] == ABOVE
+    assert paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 1.5, 2: 2.5})["outcome"] == NOT_DISTINGUISHABLE
+    assert "not distinguishable at 3 seeds" in paired_cell(paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 1.5, 2: 2.5}))
+    # only the seeds both arms ran are paired; two pairs get an interval but no verdict, one pair neither
+    two = paired({0: 2.0, 1: 3.0, 5: 9.0}, {0: 1.0, 1: 1.0})
+    assert two["n"] == 2 and "outcome" not in two and "interval" in two and "not judged" in paired_cell(two)
+    one = paired({0: 2.0}, {0: 1.0})
+    assert one["mean"] == 1.0 and "interval" not in one and "outcome" not in one
+    assert paired_cell(paired({}, {0: 1.0})) == "-"
+
+
+def test_the_paired_interval_is_the_t_interval():
+    import statistics
+
+    from bench.common import paired
+
+    d = [0.3, 0.1, 0.5, 0.2]
+    p = paired({i: v for i, v in enumerate(d)}, {i: 0.0 for i in range(4)})
+    half = 3.182446305284263 * statistics.stdev(d) / 2  # t(0.975, 3) * s / sqrt(4)
+    assert p["interval"] == pytest.approx([statistics.mean(d) - half, statistics.mean(d) + half])

@@ -193,11 +193,12 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config
                             warmup_steps=round(config.warmup_epochs * steps), min_lr=config.min_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
+    started = provenance()  # the commit at the start, not whatever is checked out when an epoch ends
     start_epoch, history = 0, []
     if resume:
         start_epoch, history = _restore(ckpt_path, model, optimizer, schedule, scaler, config, ctx)
     elif ctx.is_main:
-        _write_metrics(run_dir, config, [])
+        _write_metrics(run_dir, config, [], started)
 
     net = D.wrap_ddp(model, ctx)
     if config.compile:
@@ -225,7 +226,7 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rngs, "epoch": epoch + 1, "world_size": ctx.world_size,
                 "config": config.to_dict(), "signature": model_signature(model), "history": history})
-            _write_metrics(run_dir, config, history)
+            _write_metrics(run_dir, config, history, started)
             _print_record(record, config.epochs)
         D.barrier(ctx)
         if on_epoch_end is not None:
@@ -352,9 +353,10 @@ def _restore(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, sche
     return int(ckpt["epoch"]), list(ckpt.get("history", []))
 
 
-def _write_metrics(run_dir: str, config: TrainConfig, history: list[dict[str, Any]]) -> None:
+def _write_metrics(run_dir: str, config: TrainConfig, history: list[dict[str, Any]],
+                   started: dict[str, Any]) -> None:
     write_json(os.path.join(run_dir, METRICS_NAME),
-               {"provenance": provenance(), "config": config.to_dict(), "epochs": history})
+               {"provenance": started, "config": config.to_dict(), "epochs": history})
 
 
 def _print_record(record: dict[str, Any], epochs: int) -> None:
