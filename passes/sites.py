@@ -130,7 +130,8 @@ class FunctionConv(ConvHandler):
             out_channels=tensor.shape[0], in_channels=tensor.shape[1] * groups, kernel_size=tuple(tensor.shape[2:]),
             stride=pair(args["stride"]), padding=padding, dilation=pair(args["dilation"]), groups=groups,
             padding_mode="zeros", has_bias=args["bias"] is not None, stage=config.stage_of(weight.target),
-            adapter=config.adapter_for(weight.target, F.conv2d), adapter_path=f"{weight.target}_kdna")
+            adapter=config.adapter_for(weight.target, F.conv2d), adapter_path=f"{weight.target}_kdna",
+            frozen=not tensor.requires_grad)
 
     def unsupported(self, node: fx.Node) -> str | None:
         if not isinstance(conv2d_arguments(node)["input"], fx.Node):
@@ -193,7 +194,7 @@ def conv_module_site(name: str, module: nn.Module, config: KDNAConfig, node: str
         padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
         dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode,
         has_bias=module.bias is not None, stage=config.stage_of(name),
-        adapter=config.adapter_for(name, type(module)), adapter_path=name)
+        adapter=config.adapter_for(name, type(module)), adapter_path=name, frozen=not module.weight.requires_grad)
 
 
 def conv2d_arguments(node: fx.Node) -> dict[str, Any]:
