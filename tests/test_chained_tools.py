@@ -212,11 +212,13 @@ def test_a_parent_kernel_no_tool_explains_raises() -> None:
 
 # ---- saving, loading, re-initialising ----------------------------------------------------------------------
 RANKED = KDNAConfig(rewrite="swap", adapter=AdapterConfig(rank=2))
+LAYER1 = Plan((Family("layer1.0.conv1", ("layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2")),))
+"""One small family keeps init="trained" (an SVD per child) fast on a shared CPU."""
 
 
 @pytest.mark.parametrize("init", ["copy", "trained"])
 def test_the_state_dict_recipe_rebuilds_the_same_model(init: str, dtype) -> None:
-    kmodel = kdna_fx.transform(_resnet(), RANKED, init=init).eval()
+    kmodel = kdna_fx.transform(_resnet(), RANKED, plan=LAYER1, init=init).eval()
     _perturb_adapters(kmodel)  # as training or kdna_fx.calibrate would
     assert all(k in kmodel.state_dict() for k in (f"{n}.gate.scale" for n, m in kmodel.named_modules()
                                                    if isinstance(m, ChildAdapter)))
@@ -227,17 +229,17 @@ def test_the_state_dict_recipe_rebuilds_the_same_model(init: str, dtype) -> None
 
 
 def test_a_state_dict_saved_before_the_scale_was_stored_loads_with_the_scale_it_was_built_with() -> None:
-    kmodel = kdna_fx.transform(_resnet(), RANKED, init="trained").eval()
+    kmodel = kdna_fx.transform(_resnet(), RANKED, plan=LAYER1, init="trained").eval()
     _perturb_adapters(kmodel)
     old = {k: v for k, v in kmodel.state_dict().items() if not k.endswith(".gate.scale")}
-    rebuilt = kdna_fx.transform(_resnet(), RANKED, init="trained")
+    rebuilt = kdna_fx.transform(_resnet(), RANKED, plan=LAYER1, init="trained")
     rebuilt.load_state_dict(old, strict=True)
     x = _images()
     torch.testing.assert_close(rebuilt.eval()(x), kmodel(x))
 
 
 def test_save_and_load_keep_a_trained_conversion(tmp_path) -> None:
-    kmodel = kdna_fx.transform(_resnet(), RANKED, init="trained").eval()
+    kmodel = kdna_fx.transform(_resnet(), RANKED, plan=LAYER1, init="trained").eval()
     _perturb_adapters(kmodel)
     kdna_fx.save(kmodel, tmp_path / "m.safetensors")
     loaded = kdna_fx.load(tmp_path / "m.safetensors", _resnet()).eval()
@@ -248,10 +250,10 @@ def test_save_and_load_keep_a_trained_conversion(tmp_path) -> None:
 @pytest.mark.parametrize("init", ["copy", "trained"])
 def test_a_model_transformed_on_the_meta_device_is_the_model_built_on_the_cpu(init: str) -> None:
     original = _resnet()
-    on_cpu = kdna_fx.transform(original, RANKED, init=init).eval()
+    on_cpu = kdna_fx.transform(original, RANKED, plan=LAYER1, init=init).eval()
     with torch.device("meta"):
         skeleton = torchvision.models.resnet18(weights=None, num_classes=10)
-    on_meta = kdna_fx.transform(skeleton, RANKED, init=init)
+    on_meta = kdna_fx.transform(skeleton, RANKED, plan=LAYER1, init=init)
     x = _images()
     by_state = copy.deepcopy(on_meta).to_empty(device="cpu")
     by_state.load_state_dict(on_cpu.state_dict(), strict=True)
