@@ -252,17 +252,13 @@ class ChildAdapter(nn.Module):
                 f"torch.ao prepare_fx / prepare_qat_fx) would rescale or drop the kernel the children share. Fold "
                 f"first (kdna_fx.fold(model), each child then holds its own kernel), or fuse and prepare before "
                 f"kdna_fx.transform.")
-        if parametrize.is_parametrized(parent, "weight"):
-            return kernel  # recomputed at each access from the parametrization: the children follow it exactly
         orig, mask = getattr(parent, "weight_orig", None), getattr(parent, "weight_mask", None)
-        if isinstance(orig, nn.Parameter) and isinstance(mask, Tensor):
+        if not parametrize.is_parametrized(parent, "weight") and isinstance(orig, Tensor) and isinstance(mask, Tensor):
             # torch.nn.utils.prune: parent.weight is what the parent's last forward pre-hook computed, stale
             # for a child that runs first and freed after a backward; the mask applied here is the same.
             return orig * mask
-        raise ParentKernelError(
-            f"the kernel of {self.parent!r}, which KernelDNA children reuse, is a {type(kernel).__name__} set by "
-            f"something other than a parametrization or torch.nn.utils.prune, so the children cannot follow it. "
-            f"Use torch.nn.utils.parametrize on the parent, or change its kernel before kdna_fx.transform.")
+        # A parametrization recomputes the kernel at each access; functional_call substitutes a tensor: follow both.
+        return kernel
 
     def freeze_adapters(self) -> None:
         """Stop F, S, the low-rank residual and the gate from training (the child of a frozen conv)."""

@@ -200,14 +200,15 @@ def test_children_follow_a_parametrized_parent_exactly(dtype) -> None:
     torch.testing.assert_close(kmodel(x), reference(x), **TOLERANCES[dtype])
 
 
-def test_a_parent_kernel_no_tool_explains_raises() -> None:
+def test_children_follow_a_parent_kernel_substituted_by_functional_call(dtype) -> None:
     kmodel = kdna_fx.transform(_resnet(), SWAP).eval()
-    parent = kmodel.layer1[0].conv1
-    kernel = parent.weight.detach().clone()
-    del parent.weight
-    parent.weight = kernel  # a plain tensor: not a parameter, a parametrization nor a pruning mask
-    with pytest.raises(ParentKernelError, match="torch.nn.utils.parametrize"):
-        kmodel(_images())
+    _perturb_adapters(kmodel)
+    reference = copy.deepcopy(kmodel)
+    with torch.no_grad():
+        reference.layer1[0].conv1.weight.mul_(0.5)
+    x = _images()
+    halved = {"layer1.0.conv1.weight": kmodel.layer1[0].conv1.weight.detach() * 0.5}  # a plain tensor
+    torch.testing.assert_close(torch.func.functional_call(kmodel, halved, (x,)), reference(x), **TOLERANCES[dtype])
 
 
 # ---- saving, loading, re-initialising ----------------------------------------------------------------------
