@@ -18,7 +18,7 @@ from .exporting import export
 from .datamodel import Family, Plan
 from .errors import (CalibrationError, CheckpointError, CKAError, ChildWeightError, CompiledGradientWarning, ConfigError,
                      DataError, ExportError, GateBatchSizeError, KDNAError, KDNATraceError, KDNATypeError, NoEligibleConvWarning,
-                     NonFiniteLossError, SkippedSiteWarning, StateError, UnwrappedModelWarning,
+                     NonFiniteLossError, ParentKernelError, SkippedSiteWarning, StateError, UnwrappedModelWarning,
                      WrappedModelError)
 from .registry import register_not_traced
 from .reporting import report
@@ -38,6 +38,7 @@ __all__ = [
     # errors and warnings
     "KDNAError", "ConfigError", "KDNATypeError", "KDNATraceError", "StateError", "GateBatchSizeError",
     "ChildWeightError", "CalibrationError", "CheckpointError", "CKAError", "DataError", "ExportError", "NonFiniteLossError", "WrappedModelError",
+    "ParentKernelError",
     "NoEligibleConvWarning", "SkippedSiteWarning", "UnwrappedModelWarning",
     "CompiledGradientWarning",
 ]

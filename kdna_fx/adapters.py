@@ -4,10 +4,12 @@ from __future__ import annotations
 from typing import Any, ClassVar, Iterator, get_args
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from . import functional as KF
-from .errors import ChildWeightError, ConfigError, KDNAError
+from .errors import ChildWeightError, ConfigError, KDNAError, ParentKernelError
 
 GATE_NORMS: tuple[str, ...] = get_args(KF.GateNorm)
 ADAPTER_TENSORS = ("filter_scale", "spatial_scale", "lowrank_b", "lowrank_a")
@@ -68,17 +70,40 @@ class Gate(nn.Module):
                  scale: float = 1.0):
         super().__init__()
         hidden = gate_width(channels, reduction, min_hidden)
-        self.scale = float(scale)
+        # A buffer, not a float: it defines the function (2 for init="trained"), so the state dict must hold it.
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.built_scale = float(scale)
         self.norm_kind = check_gate_norm(norm)
         self.fc1 = nn.Linear(channels, hidden, bias=False)
         self.norm: nn.Module = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}.get(norm, nn.Identity)(hidden)
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        norm = None if self.norm_kind == "none" else self.norm
         if self.training and self.norm_kind == "batch":
-            x = KF.require_batch_statistics(x)
-        return KF.gate(x, self.fc1.weight, self.fc2.weight, self.fc2.bias,
-                       None if self.norm_kind == "none" else self.norm, self.scale, self.fc1.bias)
+            if self.frozen and self.norm.running_mean is not None:
+                norm = self._frozen_norm
+            else:
+                x = KF.require_batch_statistics(x)
+        return KF.gate(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, norm, self.scale, self.fc1.bias)
+
+    @property
+    def frozen(self) -> bool:
+        """No parameter of the gate trains (a frozen conv's child, timm's ``freeze``): its BatchNorm then
+        normalises with its running statistics and never updates them, as a frozen BatchNorm2d would."""
+        return not any(p.requires_grad for p in self.parameters())
+
+    def _frozen_norm(self, h: Tensor) -> Tensor:
+        bn = self.norm
+        return F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fresh layers and the scale it was built with (the config's gate_scale), as ``__init__`` makes them."""
+        for layer in (self.fc1, self.norm, self.fc2):
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+        self.scale.fill_(self.built_scale)
 
     def fold_norm(self) -> bool:
         """Fold an eval-mode BatchNorm into fc1 (a weight and a bias) and drop it: one op less per gate at
@@ -105,10 +130,16 @@ class Gate(nn.Module):
             self.fc2.weight.zero_()
             if self.fc2.bias is not None:
                 self.fc2.bias.zero_()
-        self.scale = 2.0
+            self.scale.fill_(2.0)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        # State dicts saved before the scale was a buffer lack it: they keep the scale the gate was built with
+        # (the config's gate_scale, 2 for init="trained"), which is what the old model computed.
+        state_dict.setdefault(f"{prefix}scale", self.scale.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
-        return f"norm={self.norm_kind!r}, scale={self.scale:g}"
+        return f"norm={self.norm_kind!r}"
 
 
 class ChildAdapter(nn.Module):
@@ -206,7 +237,46 @@ class ChildAdapter(nn.Module):
         if parent is None:
             raise KDNAError(f"this ChildAdapter (a child of {self.parent!r}) is not bound to its parent module: "
                             f"pass the kernel in (child(x, kernel))")
-        return parent.weight
+        kernel = parent.weight
+        if isinstance(kernel, nn.Parameter):
+            return kernel
+        if isinstance(kernel, fx.Proxy) and not getattr(kernel.tracer, "reads_children", False):
+            # A symbolic trace would read the parent's kernel by its path, and graph passes run on such traces
+            # (torch.fx fuse, torch.ao prepare_fx / prepare_qat_fx) fuse the parent's BatchNorm into that kernel
+            # or move it: every child would then silently compute with another kernel, or with none.
+            raise ParentKernelError(
+                f"torch.fx is tracing a KernelDNA child of {self.parent!r}, which reuses its parent's kernel; a "
+                f"graph pass that fuses BatchNorms into convs (torch.fx.experimental.optimization.fuse, "
+                f"torch.ao prepare_fx / prepare_qat_fx) would rescale or drop the kernel the children share. Fold "
+                f"first (kdna_fx.fold(model), each child then holds its own kernel), or fuse and prepare before "
+                f"kdna_fx.transform.")
+        orig, mask = getattr(parent, "weight_orig", None), getattr(parent, "weight_mask", None)
+        if not parametrize.is_parametrized(parent, "weight") and isinstance(orig, Tensor) and isinstance(mask, Tensor):
+            # torch.nn.utils.prune: parent.weight is what the parent's last forward pre-hook computed, stale
+            # for a child that runs first and freed after a backward; the mask applied here is the same.
+            return orig * mask
+        # A parametrization recomputes the kernel at each access; functional_call substitutes a tensor: follow both.
+        return kernel
+
+    def freeze_adapters(self) -> None:
+        """Stop F, S, the low-rank residual and the gate from training (the child of a frozen conv)."""
+        for name in ADAPTER_TENSORS:
+            if getattr(self, name) is not None:
+                getattr(self, name).requires_grad_(False)
+        if self.gate is not None:
+            self.gate.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset_adapters(self) -> None:
+        """F, S and B back to zero, A and the gate freshly drawn, as ``__init__`` builds them: after
+        ``to_empty`` (a model transformed on the meta device) they hold uninitialised memory."""
+        for t in (self.filter_scale, self.spatial_scale, self.lowrank_b):
+            if t is not None:
+                t.zero_()
+        if self.lowrank_a is not None:
+            self.lowrank_a.normal_().div_(self.lowrank_a.shape[1] ** 0.5)
+        if self.gate is not None:
+            self.gate.reset_parameters()
 
     def conv_kwargs(self) -> dict[str, Any]:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import passes
 from ._pipeline import Prepared, prepare
-from .adapters import adapter_parameters
+from .adapters import ChildAdapter, adapter_parameters
 from .config import KDNAConfig
 from .datamodel import ConvSite, Plan, record_of
 from .errors import ConfigError, KDNATypeError, NoEligibleConvWarning, StateError
@@ -146,6 +146,9 @@ def load_original(kmodel: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module
         for key, value in own.items():
             if key in state_dict:
                 value.copy_(state_dict[key])
+    for module in kmodel.modules():  # fresh adapters, never what to_empty left (a model transformed on meta)
+        if isinstance(module, ChildAdapter):
+            module.reset_adapters()
     return passes.initialize(kmodel, {m: state_dict[w] for m, w in kernels.items()})
 
 

@@ -46,11 +46,16 @@ class ConvSite:
     """None when the config skips this conv; eligible sites always have one."""
     adapter_path: str
     """Where the child's ChildAdapter lives: in place of the conv module (its ``name``)."""
+    frozen: bool = False
+    """Its kernel does not train (``requires_grad=False``): it only shares with frozen convs, and as a child
+    gets frozen adapters."""
 
     @property
     def family_key(self) -> tuple[Any, ...]:
+        # Frozen and trainable convs never share: a shared kernel either trains or not, and a frozen part of
+        # the model must stay as it was (transfer learning).
         return (self.stage, self.in_channels, self.out_channels, self.kernel_size, self.groups,
-                pair(self.dilation), self.padding_mode)
+                pair(self.dilation), self.padding_mode, self.frozen)
 
     @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
@@ -82,6 +87,8 @@ class Family:
     groups: int = 1
     similarity: tuple[float, ...] | None = None
     """policy='cka': each child's measured CKA to the parent (in ``children`` order)."""
+    frozen: bool = False
+    """Its convs were frozen (``requires_grad=False``): the shared kernel and the children's adapters do not train."""
 
     def __post_init__(self) -> None:
         if isinstance(self.children, str):
@@ -173,7 +180,8 @@ class Plan:
         return {
             "families": [{"stage": f.stage, "parent": f.parent, "children": list(f.children),
                           "shape": list(f.shape) if f.shape is not None else None, "groups": f.groups,
-                          **({"similarity": list(f.similarity)} if f.similarity is not None else {})}
+                          **({"similarity": list(f.similarity)} if f.similarity is not None else {}),
+                          **({"frozen": True} if f.frozen else {})}
                          for f in self.families],
             "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
         }
@@ -186,10 +194,11 @@ class Plan:
             raise KDNAError(f"a plan dict has the keys 'families' (required) and 'skipped'; got {sorted(data)}")
         families = []
         for i, entry in enumerate(data["families"]):
-            extra = sorted(set(entry) - {"parent", "children", "stage", "shape", "groups", "similarity"})
+            extra = sorted(set(entry) - {"parent", "children", "stage", "shape", "groups", "similarity", "frozen"})
             if extra or "parent" not in entry or "children" not in entry:
                 raise KDNAError(f"plan family #{i} {dict(entry)!r}: needs 'parent' and 'children' (optional: "
-                                f"'stage', 'shape', 'groups', 'similarity'){f'; unknown keys {extra}' if extra else ''}")
+                                f"'stage', 'shape', 'groups', 'similarity', 'frozen')"
+                                f"{f'; unknown keys {extra}' if extra else ''}")
             families.append(Family(**entry))
         skipped = tuple(Skipped(s["name"], s["reason"]) for s in data.get("skipped", ()))
         return cls(tuple(families), skipped)
@@ -198,12 +207,14 @@ class Plan:
     def table(self) -> str:
         """The plan as readable text tables."""
         measured = any(f.similarity is not None for f in self.families)
+        frozen = any(f.frozen for f in self.families)
         rows = [[f.stage or "-", f.parent, "(self)" if f.self_adapted else ", ".join(f.children),
                  "x".join(map(str, f.shape or ("?",))), str(f.groups)]
                 + ([", ".join(f"{v:.2f}" for v in f.similarity or ()) or "-"] if measured else [])
+                + (["yes" if f.frozen else "-"] if frozen else [])
                 for f in self.families]
         text = format_table(["stage", "parent", "children", "kernel", "groups"]
-                            + (["CKA child-parent"] if measured else []), rows,
+                            + (["CKA child-parent"] if measured else []) + (["frozen"] if frozen else []), rows,
                             title=f"{len(self.families)} families, {len(self.children)} children")
         if self.skipped:
             text += "\n\n" + format_table(["conv", "why it is left alone"],

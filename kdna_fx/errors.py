@@ -35,6 +35,11 @@ class ChildWeightError(KDNAError, AttributeError):
     input, so no single kernel computes it). An AttributeError too, so ``hasattr(child, "weight")`` is False."""
 
 
+class ParentKernelError(KDNAError, RuntimeError):
+    """A tool traced or rewrote the kernel a KernelDNA child reuses from its parent conv (conv-BN fusion,
+    torch.ao quantization, a kernel hook); the message says how to apply it safely."""
+
+
 class StateError(KDNAError, ValueError):
     """A saved kdna_fx model does not match the model it is loaded into."""
 

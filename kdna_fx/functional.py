@@ -60,7 +60,7 @@ def modulate(parent: Tensor, filter_scale: Tensor | None = None, spatial_scale: 
 
 
 def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | None,
-         norm: Callable[[Tensor], Tensor] | None = None, scale: float = 1.0, fc1_bias: Tensor | None = None) -> Tensor:
+         norm: Callable[[Tensor], Tensor] | None = None, scale: float | Tensor = 1.0, fc1_bias: Tensor | None = None) -> Tensor:
     """Dynamic routing a(x) = scale * sigmoid(fc2(relu(norm(fc1(mean_hw(x)))))), shape [B, C_in].
 
     ``fc1_bias`` is None in a trainable gate; a folded gate (kdna_fx.fold) has its eval-mode BatchNorm
@@ -87,12 +87,13 @@ def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | N
 
 
 def _gate_mlp(m: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | None,
-              norm: Callable[[Tensor], Tensor] | None, scale: float, fc1_bias: Tensor | None) -> Tensor:
+              norm: Callable[[Tensor], Tensor] | None, scale: float | Tensor, fc1_bias: Tensor | None) -> Tensor:
     h = F.linear(m, fc1_weight, fc1_bias)
     if norm is not None:
         h = norm(h)
     a = torch.sigmoid(F.linear(F.relu(h), fc2_weight, fc2_bias))
-    return a if scale == 1.0 else a * scale
+    # A tensor scale (the Gate's buffer) always multiplies: testing its value would break a compiled graph.
+    return a if isinstance(scale, float) and scale == 1.0 else a * scale
 
 
 def require_batch_statistics(x: Tensor) -> Tensor:

@@ -24,6 +24,8 @@ def initialize(gm: fx.GraphModule, kernels: dict[str, Tensor]) -> fx.GraphModule
     """Initialise ``gm`` from ``kernels``: original kernel by conv name (plan member names)."""
     record = record_of(gm)
     plan = record.plan
+    if any(k.is_meta for k in kernels.values()):
+        return gm  # a model built on the meta device holds no values yet: kdna_fx.load_original starts it later
     for family in plan.families:
         shared = gm.get_parameter(plan.parent_weight(family))
         if plan.config.parent == "centroid":

@@ -20,7 +20,7 @@ Similarity = Callable[[str, str], float]
 
 def plan_families(sites: list[ConvSite], skipped: list[Skipped], config: KDNAConfig,
                   similarity: Similarity | None = None) -> Plan:
-    """Families by identical (stage, C_in, C_out, kernel, groups, dilation, padding mode).
+    """Families by identical (stage, C_in, C_out, kernel, groups, dilation, padding mode, frozen or not).
 
     ``config.policy == "position"``: in graph order, the first member of a family is its parent; with
     ``max_children`` a family is split into runs of at most that many children, each led by a parent of
@@ -92,6 +92,11 @@ def adopt(plan: Plan, sites: list[ConvSite], skipped: list[Skipped], config: KDN
     if repeated:
         raise KDNAError(f"{repeated} appear in more than one family (or twice in one); a conv belongs to one "
                         f"family at most")
+    mixed = [f.parent for f in plan.families if len({by_name[m].frozen for m in f.members}) > 1]
+    if mixed:
+        raise KDNAError(f"the families of {mixed[:3]} mix frozen convs (weight.requires_grad=False) with trainable "
+                        f"ones; a shared kernel either trains or not. Freeze all of a family's convs or none "
+                        f"before transform, or take the frozen ones out of the plan (Plan.without).")
     families = tuple(dataclasses.replace(_family(by_name[f.parent], [by_name[c] for c in f.children]),
                                          similarity=f.similarity) for f in plan.families)
     in_family = set(named)
@@ -132,7 +137,8 @@ def _representative_family(run: list[ConvSite], similarity: Similarity) -> Famil
 
 
 def _family(parent: ConvSite, children: Iterable[ConvSite]) -> Family:
-    return Family(parent.name, tuple(c.name for c in children), parent.stage, parent.kernel_shape, parent.groups)
+    return Family(parent.name, tuple(c.name for c in children), parent.stage, parent.kernel_shape, parent.groups,
+                  frozen=parent.frozen)
 
 
 def _describe(site: ConvSite) -> str:
@@ -142,4 +148,5 @@ def _describe(site: ConvSite) -> str:
     # (DeepLabV3's ASPP) would otherwise read as the same shape, yet sit in families of their own.
     text += f" groups={site.groups}" if site.groups > 1 else ""
     text += f" dilation={tuple(site.dilation)}" if tuple(site.dilation) != (1, 1) else ""
-    return text + (f" padding_mode={site.padding_mode}" if site.padding_mode != "zeros" else "")
+    text += f" padding_mode={site.padding_mode}" if site.padding_mode != "zeros" else ""
+    return text + (" frozen" if site.frozen else "")

@@ -56,7 +56,7 @@ def conv_module_site(name: str, module: nn.Module, config: KDNAConfig) -> ConvSi
         padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
         dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode,
         has_bias=module.bias is not None, stage=config.stage_of(name),
-        adapter=config.adapter_for(name, type(module)), adapter_path=name)
+        adapter=config.adapter_for(name, type(module)), adapter_path=name, frozen=not module.weight.requires_grad)
 
 
 def conv2d_arguments(node: fx.Node) -> dict[str, Any]:

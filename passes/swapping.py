@@ -60,6 +60,8 @@ def new_child(site: ConvSite, *, parent: str, bias: nn.Parameter | None, weight:
     # A new module is in training mode; the child of a model in eval mode must not normalise its gate with
     # batch statistics (nor update them) until someone calls .train().
     adapter.train(training)
+    if site.frozen:  # a frozen part of the model stays frozen: its adapters do not train either
+        adapter.freeze_adapters()
     return adapter
 
 

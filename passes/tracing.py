@@ -18,6 +18,10 @@ from kdna_fx.registry import NOT_TRACED
 
 class _Tracer(fx.Tracer):
     # Defaults: torch.fx rebuilds a pickled GraphModule by tracing its code with ``_Tracer()``.
+    reads_children = True
+    """kdna_fx's own trace keeps each child's parent-kernel reference exact (ChildAdapter.parent_kernel refuses
+    any other torch.fx trace: graph passes such as BatchNorm fusion would rewrite that kernel under the children)."""
+
     def __init__(self, leaf_types: tuple[type, ...] = ()):
         super().__init__()
         self.leaf_types = leaf_types

@@ -138,6 +138,7 @@ FILE_TIERS = {
     "test_dense_sweep.py": ("integration", "torchvision detection, segmentation, flow and video models"),
     "test_timm_sweep.py": ("integration", "one model per timm family"),
     "test_thirdparty_sweep.py": ("integration", "smp, MONAI, Ultralytics, transformers, efficientnet-pytorch"),
+    "test_chained_tools.py": ("integration", "ResNet-18s through fusion, quantization, pruning, compile and saving"),
 }
 
 
