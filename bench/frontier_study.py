@@ -75,7 +75,7 @@ ROWS = ["plain-w0.25", "replace-w0.25", "kdna-w0.25", "plain-w0.125", "plain-w0.
 PRESETS: dict[str, dict[str, Any]] = {
     "frontier": dict(rows=ROWS, seeds=[0, 1, 2], epochs=15, train_subset=0, warmup_epochs=1.0,
                      out="bench/results/frontier", run_root="runs/frontier"),
-    # The former bench/accuracy_study.py (results in bench/results/accuracy_fashion_mnist.md): 10k images,
+    # The former bench/accuracy_study.py (results, retired for want of a commit, in bench/results/retired/accuracy_fashion_mnist.md): 10k images,
     # 3 epochs; width 0.1725 is the plain net whose parameter count is closest to replace-w0.25's.
     "short": dict(rows=["plain-w0.25", "replace-w0.25", "kdna-w0.25", "plain-w0.1725"], seeds=[0, 1, 2], epochs=3,
                   train_subset=10_000, warmup_epochs=0.25, out="bench/results/frontier_short",
