@@ -43,7 +43,10 @@ batch 1 and throughput at batch 32 of the deployable form (KernelDNA rows folded
 Each (arch, row, seed) is one JSON file under ``<out>/runs/``; present files are skipped, so the study resumes,
 and a lock per job lets several processes share the queue. Records are written only from committed code
 (``--force-dirty`` overrides, and marks them). ``--report`` (also run at the end) writes
-``<out>/conversion_study.{json,md,png}`` with the verdicts of bench.common.compare (seed ranges disjoint).
+``<out>/conversion_study.{json,md,png}`` with the verdicts of bench.common.paired (the seeds of two rows pair up).
+
+Protocol 3 (issue 33): ``--plan grid|headline|loss-form`` sets rows, seeds and folder (bench/protocol3.sh runs
+them in order); a row ``ROW:key=value,...`` is ROW with those CalibrationConfig fields on top (a grid probe).
 """
 from __future__ import annotations
 

@@ -58,3 +58,13 @@ def test_resolve_selects_by_fields():
     assert resolve(record, "rows/row=a/v/1") == 2.5
     with pytest.raises(AssertionError, match="selects 0"):
         resolve(record, "rows/row=c/v")
+
+
+def test_records_check_reads_every_writer_s_commit():
+    from bench.records_check import git_state
+
+    assert git_state({"provenance": {"git": {"commit": "abc", "dirty": False}}}) == ("abc", False)
+    assert git_state({"git": {"commit": "abc", "dirty": True}, "provenance": {}}) == ("abc", True)
+    assert git_state({"commit": "abc", "provenance": {}}) == ("abc", None)  # a bare commit: dirty flag unknown
+    assert git_state({"meta": {"commit": {"commit": "abc", "dirty": False}}}) == ("abc", False)
+    assert git_state({"provenance": {"command": "x"}}) == (None, None)
