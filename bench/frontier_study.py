@@ -59,8 +59,8 @@ from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_r
 from kdna_fx.train import TrainConfig, build_data, train
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME
 
-from bench.common import (ABOVE, BELOW, REPO, TIE, DirtyTreeError, compare, release_lock, run_provenance,
-                          write_json, take_lock)
+from bench.common import (ABOVE, BELOW, REPO, TIE, DirtyTreeError, compare, paired, paired_cell, release_lock,
+                          run_provenance, write_json, take_lock)
 
 # Queue order, most informative first: the width-0.25 head-to-head and the cheap end of the plain curve, then
 # the relaxed children and the peers, then the expensive width-0.375 rows. Seeds are the outer loop.
@@ -652,6 +652,26 @@ def _with_timing(rows: list[dict[str, Any]], timing: dict[str, Any]) -> list[dic
     return out
 
 
+def paired_text(summary: dict[str, Any]) -> str:
+    """Each row against the plain net of its width, seed by seed (a seed fixes the data order and augmentation
+    for every row): bench.common.paired beside the seed ranges. The targets above read rows against the plain
+    curve, which no seed pairs with; this table is the comparison the seeds allow."""
+    found = {r["row"]: r for r in summary["rows"] if "top1" in r}
+    lines = []
+    for r in found.values():
+        plain = next((p for p in found.values() if p["kind"] == "plain" and p["width"] == r["width"]), None)
+        if r["kind"] == "plain" or plain is None:
+            continue
+        p = paired(dict(zip(r["seeds"], r["top1"])), dict(zip(plain["seeds"], plain["top1"])))
+        lines.append([f"`{r['row']}`", f"`{plain['row']}`", f"{min(r['top1']):.2f}-{max(r['top1']):.2f} vs "
+                      f"{min(plain['top1']):.2f}-{max(plain['top1']):.2f}", paired_cell(p)])
+    if not lines:
+        return ""
+    return ("Against the plain net of the same width, paired by seed (bench.common.paired: mean and 95 % t interval "
+            "of the differences; fewer than 3 pairs reported, not judged):\n\n"
+            + markdown_table(["row", "plain", "top-1 ranges", "paired difference [95 % interval], n"], lines))
+
+
 def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
     """The issue's three targets, judged for each KernelDNA row from what is on disk, every "met" by the one
     rule of bench.common.compare (seed ranges disjoint):
@@ -829,7 +849,7 @@ def report(args: argparse.Namespace) -> None:
                    "gates or the peers' attention heads and kernel mixtures.")
     md = "\n\n".join([f"### Fashion-MNIST frontier: ResNet-18 family, {n_train} training images, {args.epochs} epochs",
                       status, recipe_text(args, n_train), table(summary, args), timing_note, machines_text(summary),
-                      targets_text(summary["targets"], len(args.seeds)),
+                      targets_text(summary["targets"], len(args.seeds)), paired_text(summary),
                       "![top-1 against parameters, MACs and batch-1 latency](frontier.png)"])
     prov = provenance(["-m", "bench.frontier_study", *args.argv])
     git = study_commit(args)
