@@ -74,8 +74,8 @@ from kdna_fx.train import TrainConfig, build_data
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from kdna_fx.train.models import build_model
 
-from bench.common import (REPO, DirtyTreeError, factorise, markdown_table, matched, n_params, paired, paired_cell,
-                          prune, release_lock, run_provenance, shared_convs, take_lock, validation_split, write_json,
+from bench.common import (REPO, DirtyTreeError, factorise, machine_label, markdown_table, matched, n_params, paired,
+                          paired_cell, prune, release_lock, run_provenance, shared_convs, take_lock, validation_split, write_json,
                           write_results)
 
 
@@ -422,9 +422,7 @@ def summarise(out: str) -> dict[str, Any]:
                                                                   for r in rs),
                                  "dirty": any(r["provenance"].get("git", {}).get("dirty") for r in rs),
                                  "protocol": rs[0].get("protocol", 1), "original": rs[0].get("original"),
-                                 "machines": sorted({f"{r['provenance']['machine']['cpu']} "
-                                                     f"(host {r['provenance']['machine'].get('host_id', '?')})"
-                                                     for r in rs})}
+                                 "machines": sorted({machine_label(r["provenance"]["machine"]) for r in rs})}
         for stage in STAGES:
             if not all(stage in r["stages"] for r in rs):
                 continue

@@ -59,8 +59,8 @@ from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_r
 from kdna_fx.train import TrainConfig, build_data, train
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME
 
-from bench.common import (ABOVE, BELOW, REPO, TIE, DirtyTreeError, compare, paired, paired_cell, release_lock,
-                          run_provenance, write_json, take_lock)
+from bench.common import (ABOVE, BELOW, REPO, TIE, DirtyTreeError, compare, machine_label, paired, paired_cell,
+                          release_lock, run_provenance, write_json, take_lock)
 
 # Queue order, most informative first: the width-0.25 head-to-head and the cheap end of the plain curve, then
 # the relaxed children and the peers, then the expensive width-0.375 rows. Seeds are the outer loop.
@@ -503,7 +503,7 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
                          train_s_per_epoch=statistics.fmean(r["train_seconds"] / r["epochs"] for r in mine))
         rows.append(entry)
     done = sum(len(v) for k, v in runs.items() if k in args.rows)
-    trained_on = collections.Counter(r["provenance"]["machine"]["cpu"] for v in runs.values() for r in v)
+    trained_on = collections.Counter(machine_label(r["provenance"]["machine"]) for v in runs.values() for r in v)
     return {"rows": rows, "runs_done": done, "runs_total": len(args.rows) * len(args.seeds),
             "in_progress": _in_progress(args, [Row.of(n) for n in args.rows]),
             "trained_on": dict(trained_on.most_common()),
