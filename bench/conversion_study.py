@@ -374,6 +374,7 @@ def run_one(arch: str, row: str, seed: int, args: argparse.Namespace, path: str)
 def speed(args: argparse.Namespace) -> None:
     """Re-time the deployable form of every row on disk, rows interleaved in one process (weights do not
     change the time: each row is rebuilt uncalibrated), median over ``--speed-rounds`` rounds."""
+    prov = run_provenance(["-m", "bench.conversion_study", *args.argv], out=args.out, force_dirty=args.force_dirty)
     summary = summarise(args.out)
     for arch in sorted({r["arch"] for r in summary["rows"]}):
         original, spec, _ = load_original(arch)
@@ -394,7 +395,7 @@ def speed(args: argparse.Namespace) -> None:
                         "images_per_s_b32": 32 / statistics.median(v["b32"])} for row, v in samples.items()}
         write_json(os.path.join(args.out, f"speed_{arch}.json"),
                   {"rows": result, "rounds": args.speed_rounds, "threads": torch.get_num_threads(),
-                   "provenance": run_provenance(force_dirty=True)})
+                   "provenance": prov})
         print(f"{arch}: timed {len(models)} rows")
 
 
