@@ -30,7 +30,7 @@ from kdna_fx.timing import markdown_table, provenance, write_results
 from kdna_fx.utils import write_json
 
 __all__ = ["ABOVE", "BELOW", "NOT_DISTINGUISHABLE", "TIE", "DirtyTreeError", "Factorised", "compare", "factorise",
-           "markdown_table", "paired", "paired_cell", "matched", "n_params", "prune", "release_lock", "run_provenance", "write_json", "score", "seed_range",
+           "machine_label", "markdown_table", "paired", "paired_cell", "matched", "n_params", "prune", "release_lock", "run_provenance", "write_json", "score", "seed_range",
            "shared_convs", "take_lock", "validation_split", "write_results"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +116,13 @@ def run_provenance(argv: list[str] | None = None, *, out: str | None = None, for
         raise DirtyTreeError("the working tree has uncommitted changes: results must come from committed code. "
                              "Commit first, or pass --force-dirty (the records are then marked dirty)")
     return prov
+
+
+def machine_label(machine: dict[str, Any]) -> str:
+    """A record's machine for a report: the CPU model and the platform's kernel build. Older records name a bare
+    "AMD EPYC" for two machines, and every virtual machine here shares one host id, so the build tells them apart."""
+    build = machine.get("platform", "").split("-x86_64")[0].removeprefix("Linux-")
+    return f"{machine['cpu']} [{build or 'platform not recorded'}]"
 
 
 # ------------------------------------------------------------------------------------------------ locks

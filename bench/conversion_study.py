@@ -43,7 +43,10 @@ batch 1 and throughput at batch 32 of the deployable form (KernelDNA rows folded
 Each (arch, row, seed) is one JSON file under ``<out>/runs/``; present files are skipped, so the study resumes,
 and a lock per job lets several processes share the queue. Records are written only from committed code
 (``--force-dirty`` overrides, and marks them). ``--report`` (also run at the end) writes
-``<out>/conversion_study.{json,md,png}`` with the verdicts of bench.common.compare (seed ranges disjoint).
+``<out>/conversion_study.{json,md,png}`` with the verdicts of bench.common.paired (the seeds of two rows pair up).
+
+Protocol 3 (issue 33): ``--plan grid|headline|loss-form`` sets rows, seeds and folder (bench/protocol3.sh runs
+them in order); a row ``ROW:key=value,...`` is ROW with those CalibrationConfig fields on top (a grid probe).
 """
 from __future__ import annotations
 
@@ -71,8 +74,8 @@ from kdna_fx.train import TrainConfig, build_data
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from kdna_fx.train.models import build_model
 
-from bench.common import (REPO, DirtyTreeError, factorise, markdown_table, matched, n_params, paired, paired_cell,
-                          prune, release_lock, run_provenance, shared_convs, take_lock, validation_split, write_json,
+from bench.common import (REPO, DirtyTreeError, factorise, machine_label, markdown_table, matched, n_params, paired,
+                          paired_cell, prune, release_lock, run_provenance, shared_convs, take_lock, validation_split, write_json,
                           write_results)
 
 
@@ -371,6 +374,7 @@ def run_one(arch: str, row: str, seed: int, args: argparse.Namespace, path: str)
 def speed(args: argparse.Namespace) -> None:
     """Re-time the deployable form of every row on disk, rows interleaved in one process (weights do not
     change the time: each row is rebuilt uncalibrated), median over ``--speed-rounds`` rounds."""
+    prov = run_provenance(["-m", "bench.conversion_study", *args.argv], out=args.out, force_dirty=args.force_dirty)
     summary = summarise(args.out)
     for arch in sorted({r["arch"] for r in summary["rows"]}):
         original, spec, _ = load_original(arch)
@@ -391,7 +395,7 @@ def speed(args: argparse.Namespace) -> None:
                         "images_per_s_b32": 32 / statistics.median(v["b32"])} for row, v in samples.items()}
         write_json(os.path.join(args.out, f"speed_{arch}.json"),
                   {"rows": result, "rounds": args.speed_rounds, "threads": torch.get_num_threads(),
-                   "provenance": run_provenance(force_dirty=True)})
+                   "provenance": prov})
         print(f"{arch}: timed {len(models)} rows")
 
 
@@ -419,9 +423,7 @@ def summarise(out: str) -> dict[str, Any]:
                                                                   for r in rs),
                                  "dirty": any(r["provenance"].get("git", {}).get("dirty") for r in rs),
                                  "protocol": rs[0].get("protocol", 1), "original": rs[0].get("original"),
-                                 "machines": sorted({f"{r['provenance']['machine']['cpu']} "
-                                                     f"(host {r['provenance']['machine'].get('host_id', '?')})"
-                                                     for r in rs})}
+                                 "machines": sorted({machine_label(r["provenance"]["machine"]) for r in rs})}
         for stage in STAGES:
             if not all(stage in r["stages"] for r in rs):
                 continue

@@ -35,6 +35,7 @@ import functools
 import io
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -46,11 +47,13 @@ from tqdm import tqdm
 import kdna_fx
 from kdna_fx.models import create_model
 from kdna_fx.reporting import count_macs
-from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_results
+from kdna_fx.timing import markdown_table, time_interleaved, write_results
 from kdna_fx.utils import write_json
 from kdna_fx.train import WarmupCosine, build_optimizer, param_groups
 from kdna_fx.train.recipe import seed_everything
 from kdna_fx.train.scenes import SCENE_CLASSES, FashionScenes, collate
+
+from bench.common import DirtyTreeError, run_provenance
 
 ROWS = ("plain", "kdna", "plain-narrow")
 EXAMPLES = 4  # val scenes whose predictions are kept for the figure
@@ -223,7 +226,7 @@ def run_one(row: str, seed: int, args: argparse.Namespace, path: str) -> None:
         "row": row, "seed": seed, "width": narrow_width(args) if row == "plain-narrow" else args.width, **metrics,
         "params": n_params(model), "macs": macs, "gate_macs": gate_macs,
         "train_s": train_s, "eval_s": eval_s, "steps": args.steps, "batch": args.batch, "losses": losses,
-        "examples": examples, "recipe": recipe(args), "provenance": provenance()})
+        "examples": examples, "recipe": recipe(args), "provenance": args.provenance})
     print(f"{row} seed {seed}: mAP {metrics['map']:.4f}, mAP@.5 {metrics['map50']:.4f}, "
           f"train {train_s / 60:.1f} min", flush=True)
 
@@ -250,7 +253,7 @@ def speed(seed: int, args: argparse.Namespace, path: str) -> None:
     timed = time_interleaved({row: (lambda m=m: m(image)) for row, m in models.items()},
                              warmup=5, repeat=args.repeat, rounds=5)
     write_json(path, {"seed": seed, "batch": 1, "latency": timed, "fold_max_box_diff": fold_diff,
-                     "provenance": provenance()})
+                     "provenance": args.provenance})
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -359,8 +362,13 @@ def report(args: argparse.Namespace) -> None:
         print("no runs to report yet")
         return
     text = table(rows)
+    try:  # the report names the commit that wrote it, so only committed code writes it
+        prov = run_provenance(["-m", "bench.detection_study", "--report"], out=args.out)
+    except DirtyTreeError as exc:
+        print(f"(not written: {exc})")
+        return
     write_results(os.path.join(args.out, "detection_study"),
-                  {"rows": rows, "recipe": recipe(args), "provenance": provenance()}, text)
+                  {"rows": rows, "recipe": recipe(args), "provenance": prov}, text)
     figure(rows, args, os.path.join(args.out, "predictions.png"))
     print(text)
 
@@ -388,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.report:
+        try:  # read once, at the start: the commit that runs
+            args.provenance = run_provenance(["-m", "bench.detection_study", *(argv or sys.argv[1:])], out=args.out)
+        except DirtyTreeError as exc:
+            raise SystemExit(str(exc)) from None
         for seed in args.seeds:
             for row in args.rows:
                 path = os.path.join(args.out, "runs", row, f"seed{seed}.json")

@@ -59,8 +59,8 @@ from kdna_fx.timing import markdown_table, provenance, time_interleaved, write_r
 from kdna_fx.train import TrainConfig, build_data, train
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME
 
-from bench.common import (ABOVE, BELOW, REPO, TIE, DirtyTreeError, compare, release_lock, run_provenance,
-                          write_json, take_lock)
+from bench.common import (ABOVE, BELOW, REPO, TIE, DirtyTreeError, compare, machine_label, paired, paired_cell,
+                          release_lock, run_provenance, write_json, take_lock)
 
 # Queue order, most informative first: the width-0.25 head-to-head and the cheap end of the plain curve, then
 # the relaxed children and the peers, then the expensive width-0.375 rows. Seeds are the outer loop.
@@ -75,7 +75,7 @@ ROWS = ["plain-w0.25", "replace-w0.25", "kdna-w0.25", "plain-w0.125", "plain-w0.
 PRESETS: dict[str, dict[str, Any]] = {
     "frontier": dict(rows=ROWS, seeds=[0, 1, 2], epochs=15, train_subset=0, warmup_epochs=1.0,
                      out="bench/results/frontier", run_root="runs/frontier"),
-    # The former bench/accuracy_study.py (results in bench/results/accuracy_fashion_mnist.md): 10k images,
+    # The former bench/accuracy_study.py (results, retired for want of a commit, in bench/results/retired/accuracy_fashion_mnist.md): 10k images,
     # 3 epochs; width 0.1725 is the plain net whose parameter count is closest to replace-w0.25's.
     "short": dict(rows=["plain-w0.25", "replace-w0.25", "kdna-w0.25", "plain-w0.1725"], seeds=[0, 1, 2], epochs=3,
                   train_subset=10_000, warmup_epochs=0.25, out="bench/results/frontier_short",
@@ -503,7 +503,7 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
                          train_s_per_epoch=statistics.fmean(r["train_seconds"] / r["epochs"] for r in mine))
         rows.append(entry)
     done = sum(len(v) for k, v in runs.items() if k in args.rows)
-    trained_on = collections.Counter(r["provenance"]["machine"]["cpu"] for v in runs.values() for r in v)
+    trained_on = collections.Counter(machine_label(r["provenance"]["machine"]) for v in runs.values() for r in v)
     return {"rows": rows, "runs_done": done, "runs_total": len(args.rows) * len(args.seeds),
             "in_progress": _in_progress(args, [Row.of(n) for n in args.rows]),
             "trained_on": dict(trained_on.most_common()),
@@ -650,6 +650,26 @@ def _with_timing(rows: list[dict[str, Any]], timing: dict[str, Any]) -> list[dic
             r["latency_b1_ms"] = timing["rows"][r["row"]]["latency_b1_ms"]
         out.append(r)
     return out
+
+
+def paired_text(summary: dict[str, Any]) -> str:
+    """Each row against the plain net of its width, seed by seed (a seed fixes the data order and augmentation
+    for every row): bench.common.paired beside the seed ranges. The targets above read rows against the plain
+    curve, which no seed pairs with; this table is the comparison the seeds allow."""
+    found = {r["row"]: r for r in summary["rows"] if "top1" in r}
+    lines = []
+    for r in found.values():
+        plain = next((p for p in found.values() if p["kind"] == "plain" and p["width"] == r["width"]), None)
+        if r["kind"] == "plain" or plain is None:
+            continue
+        p = paired(dict(zip(r["seeds"], r["top1"])), dict(zip(plain["seeds"], plain["top1"])))
+        lines.append([f"`{r['row']}`", f"`{plain['row']}`", f"{min(r['top1']):.2f}-{max(r['top1']):.2f} vs "
+                      f"{min(plain['top1']):.2f}-{max(plain['top1']):.2f}", paired_cell(p)])
+    if not lines:
+        return ""
+    return ("Against the plain net of the same width, paired by seed (bench.common.paired: mean and 95 % t interval "
+            "of the differences; fewer than 3 pairs reported, not judged):\n\n"
+            + markdown_table(["row", "plain", "top-1 ranges", "paired difference [95 % interval], n"], lines))
 
 
 def targets(summary: dict[str, Any], seeds: int) -> list[dict[str, Any]]:
@@ -829,7 +849,7 @@ def report(args: argparse.Namespace) -> None:
                    "gates or the peers' attention heads and kernel mixtures.")
     md = "\n\n".join([f"### Fashion-MNIST frontier: ResNet-18 family, {n_train} training images, {args.epochs} epochs",
                       status, recipe_text(args, n_train), table(summary, args), timing_note, machines_text(summary),
-                      targets_text(summary["targets"], len(args.seeds)),
+                      targets_text(summary["targets"], len(args.seeds)), paired_text(summary),
                       "![top-1 against parameters, MACs and batch-1 latency](frontier.png)"])
     prov = provenance(["-m", "bench.frontier_study", *args.argv])
     git = study_commit(args)

@@ -321,3 +321,12 @@ def test_the_paired_interval_is_the_t_interval():
     p = paired({i: v for i, v in enumerate(d)}, {i: 0.0 for i in range(4)})
     half = 3.182446305284263 * statistics.stdev(d) / 2  # t(0.975, 3) * s / sqrt(4)
     assert p["interval"] == pytest.approx([statistics.mean(d) - half, statistics.mean(d) + half])
+
+
+def test_machine_labels_tell_apart_machines_with_one_cpu_name():
+    from bench.common import machine_label
+
+    a = {"cpu": "AMD EPYC", "platform": "Linux-6.18.44-fc-v782-x86_64-with-glibc2.36"}
+    b = {"cpu": "AMD EPYC", "platform": "Linux-6.18.44-fc-v1272-x86_64-with-glibc2.36"}
+    assert machine_label(a) == "AMD EPYC [6.18.44-fc-v782]" and machine_label(a) != machine_label(b)
+    assert machine_label({"cpu": "x"}) == "x [platform not recorded]"
