@@ -142,7 +142,7 @@ def test_torch_nn_utils_fusion_of_a_parent_is_exact_and_of_a_child_raises(dtype)
         fuse_conv_bn_eval(block.conv2, block.bn2)
 
 
-def test_ultralytics_fuse_is_exact_or_raises_naming_the_fix() -> None:
+def test_ultralytics_fuse_raises_at_a_child_and_what_it_fused_before_stays_exact() -> None:
     from kdna_fx.models import thirdparty
 
     if not thirdparty.available("ultralytics-yolov8n"):
@@ -152,12 +152,10 @@ def test_ultralytics_fuse_is_exact_or_raises_naming_the_fix() -> None:
     kmodel = kdna_fx.transform(model, SWAP, example_inputs=(x,)).eval()
     assert kdna_fx.plan_of(kmodel).families
     expected = kmodel(x)[0]
-    try:
+    with pytest.raises(ChildWeightError, match="Fuse BatchNorms before kdna_fx.transform"):
         kmodel.fuse()
-    except KDNAError as exc:
-        assert "Fuse BatchNorms before kdna_fx.transform" in str(exc)
-    else:
-        torch.testing.assert_close(kmodel(x)[0], expected, rtol=1e-4, atol=1e-4)
+    # the parents it fused first are new modules; their children still read the kernels they were bound to
+    torch.testing.assert_close(kmodel(x)[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def _parent_last_plan() -> Plan:
