@@ -100,6 +100,8 @@ def test_a_frozen_gate_and_a_bound_child_compile_without_graph_breaks() -> None:
     kmodel.layer1.requires_grad_(False)
     compiled = torch.compile(kmodel, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
     compiled(_images())
+    kmodel.eval()
+    compiled(_images())
 
 
 # ---- kernel rewrites: exact or loud ------------------------------------------------------------------------
