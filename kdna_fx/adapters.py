@@ -251,7 +251,8 @@ class ChildAdapter(nn.Module):
                 f"first (kdna_fx.fold(model), each child then holds its own kernel), or fuse and prepare before "
                 f"kdna_fx.transform.")
         orig, mask = getattr(parent, "weight_orig", None), getattr(parent, "weight_mask", None)
-        if not parametrize.is_parametrized(parent, "weight") and isinstance(orig, Tensor) and isinstance(mask, Tensor):
+        pruned = isinstance(orig, Tensor) and isinstance(mask, Tensor)
+        if pruned and not parametrize.is_parametrized(parent, "weight"):
             # torch.nn.utils.prune: parent.weight is what the parent's last forward pre-hook computed, stale
             # for a child that runs first and freed after a backward; the mask applied here is the same.
             return orig * mask

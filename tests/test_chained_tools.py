@@ -100,6 +100,8 @@ def test_a_frozen_gate_and_a_bound_child_compile_without_graph_breaks() -> None:
     kmodel.layer1.requires_grad_(False)
     compiled = torch.compile(kmodel, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
     compiled(_images())
+    kmodel.eval()
+    compiled(_images())
 
 
 # ---- kernel rewrites: exact or loud ------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def test_torch_nn_utils_fusion_of_a_parent_is_exact_and_of_a_child_raises(dtype)
         fuse_conv_bn_eval(block.conv2, block.bn2)
 
 
-def test_ultralytics_fuse_is_exact_or_raises_naming_the_fix() -> None:
+def test_ultralytics_fuse_raises_at_a_child_and_what_it_fused_before_stays_exact() -> None:
     from kdna_fx.models import thirdparty
 
     if not thirdparty.available("ultralytics-yolov8n"):
@@ -152,12 +154,10 @@ def test_ultralytics_fuse_is_exact_or_raises_naming_the_fix() -> None:
     kmodel = kdna_fx.transform(model, SWAP, example_inputs=(x,)).eval()
     assert kdna_fx.plan_of(kmodel).families
     expected = kmodel(x)[0]
-    try:
+    with pytest.raises(ChildWeightError, match="Fuse BatchNorms before kdna_fx.transform"):
         kmodel.fuse()
-    except KDNAError as exc:
-        assert "Fuse BatchNorms before kdna_fx.transform" in str(exc)
-    else:
-        torch.testing.assert_close(kmodel(x)[0], expected, rtol=1e-4, atol=1e-4)
+    # the parents it fused first are new modules; their children still read the kernels they were bound to
+    torch.testing.assert_close(kmodel(x)[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def _parent_last_plan() -> Plan:
@@ -239,13 +239,21 @@ def test_a_state_dict_saved_before_the_scale_was_stored_loads_with_the_scale_it_
     torch.testing.assert_close(rebuilt.eval()(x), kmodel(x))
 
 
-def test_save_and_load_keep_a_trained_conversion(tmp_path) -> None:
+def test_save_and_load_keep_a_trained_conversion_and_read_files_without_the_scale(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     kmodel = kdna_fx.transform(_resnet(), RANKED, plan=LAYER1, init="trained").eval()
     _perturb_adapters(kmodel)
-    kdna_fx.save(kmodel, tmp_path / "m.safetensors")
-    loaded = kdna_fx.load(tmp_path / "m.safetensors", _resnet()).eval()
+    path, old_path = tmp_path / "m.safetensors", tmp_path / "old.safetensors"
+    kdna_fx.save(kmodel, path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file({k: v for k, v in load_file(str(path)).items() if not k.endswith(".gate.scale")}, str(old_path),
+              metadata=metadata)  # as kdna_fx.save wrote it before the scale was a buffer
     x = _images()
-    torch.testing.assert_close(loaded(x), kmodel(x))
+    for where in (path, old_path):
+        torch.testing.assert_close(kdna_fx.load(where, _resnet()).eval()(x), kmodel(x))
 
 
 @pytest.mark.parametrize("init", ["copy", "trained"])
