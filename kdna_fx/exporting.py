@@ -3,10 +3,11 @@
     report = kdna_fx.export(kmodel, "model.onnx", input_shape=(3, 224, 224), dynamic_batch=True)
     print(report)      # file size, and the largest relative difference from eager at batches 1 and 7
 
-One exporter: the model (in its shared form by default, ``fold=True`` for the folded one) is captured with ``torch.export.export``; pt2 saves that program,
-ONNX converts it with the dynamo exporter (``torch.onnx.export(program, dynamo=True)``). The file is written
-under a temporary name, reloaded (onnxruntime for ONNX, ``torch.export.load`` for pt2) and compared with the
-model in eager mode; only a file that agrees is renamed to ``path``, so a failure leaves nothing there.
+One exporter: the model (its shared form by default, ``fold=True`` for the folded one) is captured with
+``torch.export.export``; pt2 saves that program, ONNX converts it with the dynamo exporter
+(``torch.onnx.export(program, dynamo=True)``). The file is written under a temporary name, reloaded
+(onnxruntime for ONNX, ``torch.export.load`` for pt2) and compared with the model in eager mode; only a file
+that agrees is renamed to ``path``, so a failure leaves nothing there.
 """
 from __future__ import annotations
 
