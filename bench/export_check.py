@@ -53,7 +53,7 @@ def check(name: str, formats: list[str], image_size: int, seed: int, directory: 
         path = os.path.join(directory, f"{name}.{fmt}")
         start = time.perf_counter()
         try:
-            report = kdna_fx.export(model, path, input_shape=(3, image_size, image_size), format=fmt,
+            report = kdna_fx.export(model, path, input_shape=(3, image_size, image_size), format=fmt, fold=True,
                                     dynamic_batch=True, check_batches=BATCHES, seed=seed)
         except kdna_fx.KDNAError as exc:
             row[fmt] = {"error": str(exc), "seconds": time.perf_counter() - start}

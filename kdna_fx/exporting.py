@@ -3,10 +3,11 @@
     report = kdna_fx.export(kmodel, "model.onnx", input_shape=(3, 224, 224), dynamic_batch=True)
     print(report)      # file size, and the largest relative difference from eager at batches 1 and 7
 
-One exporter: the model (in its shared form by default, ``fold=True`` for the folded one) is captured with ``torch.export.export``; pt2 saves that program,
-ONNX converts it with the dynamo exporter (``torch.onnx.export(program, dynamo=True)``). The file is written
-under a temporary name, reloaded (onnxruntime for ONNX, ``torch.export.load`` for pt2) and compared with the
-model in eager mode; only a file that agrees is renamed to ``path``, so a failure leaves nothing there.
+One exporter: the model (its shared form by default, ``fold=True`` for the folded one) is captured with
+``torch.export.export``; pt2 saves that program, ONNX converts it with the dynamo exporter
+(``torch.onnx.export(program, dynamo=True)``). The file is written under a temporary name, reloaded
+(onnxruntime for ONNX, ``torch.export.load`` for pt2) and compared with the model in eager mode; only a file
+that agrees is renamed to ``path``, so a failure leaves nothing there.
 """
 from __future__ import annotations
 
@@ -83,8 +84,9 @@ def export(model: nn.Module, path: str | os.PathLike[str], *, input_shape: Seque
     file against the model in eager mode.
 
     ``fold``: export ``kdna_fx.fold``'s copy of a transformed model, a kernel per child, instead of its shared
-    form, which stores each parent kernel once and which onnxruntime and Inductor freezing fold when they load
-    it: the same speed in a smaller file (bench/results/export/deploy_forms.md). A plain model has nothing to fold.
+    form, which stores each parent kernel once (about half the file) and which onnxruntime folds when the
+    session starts, then runs at the folded file's speed; an uncompiled pt2 program of it is slower
+    (docs/deployment.md, "Shared or folded"). A plain model has nothing to fold.
     ``dynamic_batch``: a file for every batch size, checked at each of ``check_batches`` (default 1 and 7).
     Without it the file takes one batch size, ``check_batches``' only entry (default 1), and is checked at it.
     ``opset``: the ONNX operator set (default: the exporter's). The model is compared in eval mode, unfolded,

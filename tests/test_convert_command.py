@@ -38,6 +38,11 @@ def test_convert_a_run_end_to_end(run, capsys):
     assert "top-1 %" in markdown and "Command: `kdna convert " in markdown and "Versions: " in markdown
     # A zoo model carries its builder into the file: the printed hint is the one that works, without a model.
     assert "(reload: kdna_fx.load(path))" in capsys.readouterr().out
+    # and the input it was calibrated on, which kdna export then uses (Fashion-MNIST: 1 x 28 x 28)
+    from kdna_fx.source import saved_builder
+
+    assert kdna_fx.models.input_of(saved_builder(out)) == {"in_chans": 1, "image_size": 28}
+    assert kdna_fx.models.input_of(kdna_fx.models.builder_of(kdna_fx.load(out)))["image_size"] == 28
     for loaded in (kdna_fx.load(out), kdna_fx.load(out, kdna_fx.models.create_model(
             "resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.125))):
         assert kdna_fx.plan_of(loaded).families and kdna_fx.datamodel.record_of(loaded).init == "trained"

@@ -173,7 +173,7 @@ def test_command_exports_a_zoo_model_by_name(tmp_path, capsys):
     assert code == 0, err
     assert out.exists() and f"wrote {out}" in printed and "batch" in printed and "7" in printed
     assert '"num_classes": 10' in printed and _leftovers(tmp_path) == ["k18.onnx"]
-    assert "not folded" in printed and "channels: default; image size: --image-size" in printed
+    assert "not folded" in printed and "channels: the builder stamp's; image size: --image-size" in printed
     import onnxruntime as ort
 
     (feed,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()
@@ -267,7 +267,7 @@ def test_command_bad_inputs_are_one_line_and_leave_nothing(tmp_path, capsys):
 def test_command_a_model_that_does_not_export_is_one_line_without_torch_output(tmp_path, capsys, monkeypatch):
     from kdna_fx.cli import export as export_command
 
-    monkeypatch.setattr(export_command, "source_model", lambda args: (_Branchy(), (3, 8, 8), None))
+    monkeypatch.setattr(export_command, "source_model", lambda args: (_Branchy(), (3, 8, 8), None, "--image-size"))
     out = tmp_path / "never.pt2"
     code, printed, err = _export(["anything", "--format", "pt2", "--out", str(out)], capsys)
     assert code == 2 and printed == ""

@@ -16,8 +16,8 @@ from kdna_fx.errors import KDNAError
 
 # command name -> ("module:function" taking argv, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("kdna_fx.cli.demo:main", "the main job: ResNet-18 transform, report, fold/compile checks and timing, "
-                                  "then a brief Fashion-MNIST comparison with the baseline"),
+    "demo": ("kdna_fx.cli.demo:main", "what KernelDNA buys on ResNet-18: parameters, file sizes and compiled speed "
+                                  "beside the original, then the frontier study's accuracy at equal parameters"),
     "plan": ("kdna_fx.cli.plan:main", "print the family plan kdna_fx would build for a model, changing nothing"),
     "models": ("kdna_fx.cli.models:main", "parameters and MACs of the zoo's models"),
     "train": ("kdna_fx.cli.train:train_main",
@@ -27,8 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                "KernelDNA model, calibrated without labels"),
     "cka": ("kdna_fx.cli.cka:main", "linear CKA between a model's conv outputs: heat map (PNG), matrix (JSON) "
                                        "and the most similar pairs; --compare draws a second model beside it"),
-    "export": ("kdna_fx.cli.export:main", "a deploy file (ONNX or pt2, folded by default), checked against eager "
-                                             "before it is written"),
+    "export": ("kdna_fx.cli.export:main", "a deploy file (ONNX or pt2, the shared form by default), checked against "
+                                             "eager before it is written"),
 }
 
 

@@ -33,12 +33,13 @@ DEFAULT_CLASSES, DEFAULT_CHANNELS, DEFAULT_IMAGE_SIZE = 1000, 3, 224
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdna export", description=__doc__.splitlines()[0],
-                                epilog="The shared form keeps the method's parameter saving in the file and runs "
-                                       "at the folded form's speed in onnxruntime and with Inductor freezing, which "
-                                       "fold the children's kernels when they load it "
-                                       "(bench/results/export/deploy_forms.md). --fold suits a runtime that does not "
-                                       "constant-fold, or a pt2 program run without compiling: faster there, about "
-                                       "twice the file.")
+                                epilog="The shared form keeps the method's parameter saving in the file (about the "
+                                       "kdna_fx.save file's size; the folded one is about twice that). onnxruntime "
+                                       "folds its kernels when the session starts (seconds longer to load) and then "
+                                       "runs it at the folded file's speed; a pt2 file compiled with Inductor freezing "
+                                       "measured 2-18 % slower shared than folded on a noisy machine, and one run "
+                                       "without compiling computes the kernels on every call: --fold for those "
+                                       "(bench/results/export/deploy_forms.md, docs/deployment.md).")
     p.add_argument("source", help="a `kdna train` run directory, a state dict (.pt / .safetensors), a kdna_fx.save "
                                   "file, or a model name (random weights)")
     p.add_argument("--format", required=True, help=f"file format: {' or '.join(FORMATS)}")
