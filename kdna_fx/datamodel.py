@@ -264,8 +264,8 @@ def module_form(model: nn.Module) -> nn.Module:
     """The transformed model whose module tree holds the children: ``model`` itself (inside a torch.compile
     wrapper: the wrapped model), or for a graph form (passes.lower) the model it was lowered from."""
     model = getattr(model, "_orig_mod", model)
-    source = kept(model, SOURCE_ATTR)
-    return source if source is not None else model
+    held = kept(model, SOURCE_ATTR)  # a 1-tuple: torch.fx sets a kept Module again as a submodule (state dict)
+    return held[0] if held is not None else model
 
 
 def children(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:

@@ -36,9 +36,8 @@ def _split(found: list[ConvSite | Skipped | None], model: nn.Module,
 
 def find_modules(model: nn.Module, config: KDNAConfig,
                  order: Iterable[str] = ()) -> tuple[list[ConvSite], list[Skipped]]:
-    """Every conv *module* of ``model`` (no graph: the module-swap path), split as ``find_convs`` splits a
-    graph's convs. ``order``: conv names in the order they ran (an example-input run); convs not in it follow
-    in registration order. Convs inside an instance of a type tracing keeps opaque (kdna_fx.registry.NOT_TRACED,
+    """Every conv module of ``model``, split into eligible sites and skipped ones (with a reason). ``order``: conv
+    names in run order (passes.routing); convs not in it follow in registration order. Convs inside an instance of a type tracing keeps opaque (kdna_fx.registry.NOT_TRACED,
     ``config.leaf_modules``) are left alone, as tracing would leave them.
     A conv module called several times is fine here: swapped, each call runs the same child."""
     modules = dict(model.named_modules())

@@ -85,5 +85,5 @@ def lower(kmodel: nn.Module, example_inputs: Any = None, example_kwargs: dict[st
                         f"default), which keeps its own forward, or make that forward traceable.")
     attach(gm, dataclasses.replace(copy.copy(record), checked="example inputs" if example_inputs is not None
                                    or example_kwargs else f"inferred inputs {tuple(example.args[0].shape)}"))
-    keep(gm, SOURCE_ATTR, source)
+    keep(gm, SOURCE_ATTR, (source,))
     return gm

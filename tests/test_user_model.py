@@ -121,14 +121,16 @@ def test_timm_grad_checkpointing_and_model_api_on_a_transformed_model():
     kmodel.set_grad_checkpointing(True)
     kmodel.train()
     runs = []
-    kmodel.layer2.register_forward_pre_hook(lambda m, i: runs.append(1))
+    kmodel.layer2[0].register_forward_pre_hook(lambda m, i: runs.append(1))  # timm checkpoints block by block
     kmodel(x).sum().backward()
-    assert len(runs) == 2  # checkpointed: layer2 recomputed in the backward pass
+    assert len(runs) == 2  # checkpointed: recomputed in the backward pass
     kmodel.reset_classifier(5)
     assert kmodel.get_classifier().out_features == 5 and kmodel.eval()(x).shape == (2, 5)
 
 
-def test_transformers_gradient_checkpointing_enable():
+def test_transformers_gradient_checkpointing_enable_answers_as_on_the_original():
+    """transformers' conv models (ResNet, RegNet, ConvNeXt, BiT) do not support activation checkpointing: the
+    transformed model keeps the model's own method, which says so exactly as the original does."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2], layer_type="basic",
@@ -137,13 +139,10 @@ def test_transformers_gradient_checkpointing_enable():
     kmodel = preserved(model)
     x = x32()
     assert close(kmodel(x).logits, model(x).logits)
-    kmodel.gradient_checkpointing_enable()
-    kmodel.train()
-    stage = kmodel.resnet.encoder.stages[0]
-    runs = []
-    stage.register_forward_pre_hook(lambda m, i: runs.append(1))
-    kmodel(x).logits.sum().backward()
-    assert kmodel.is_gradient_checkpointing and len(runs) == 2
+    assert kmodel.supports_gradient_checkpointing == model.supports_gradient_checkpointing
+    for m in (model, kmodel):
+        with pytest.raises(ValueError, match="does not support activation checkpointing"):
+            m.gradient_checkpointing_enable()
 
 
 def test_smp_unet_predict_and_encoder_attributes():
@@ -186,14 +185,20 @@ def test_channels_last_and_a_bf16_autocast_step():
     x = x32()
     last = copy.deepcopy(kmodel).to(memory_format=torch.channels_last)
     assert close(last(x.to(memory_format=torch.channels_last)), model(x))
+    # bf16: children that copy their parent (init="copy") run through autocast as the model's own convs do
+    kmodel = kdna_fx.transform(model)
+    with torch.no_grad():
+        reference = kmodel(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours, theirs = kmodel(x).float(), model(x).float()
+    own_error = float((theirs - model(x)).abs().max())  # what bf16 costs the original
+    assert float((ours - reference).abs().max()) <= 2 * own_error + 1e-3
     kmodel.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = kmodel(x).float().pow(2).mean()
     loss.backward()
     grads = [p.grad for p in kmodel.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert close(kmodel.eval()(x).float(), model(x).float(), rtol=5e-2)
 
 
 def test_data_parallel_and_jit_trace_of_the_folded_model():
