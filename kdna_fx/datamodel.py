@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from torch import fx, nn
 
-from .carried import keep, kept
+from .carried import keep, kept, unwrapped
 from .config import AdapterConfig, KDNAConfig
 from .errors import KDNAError
 from .functional import pair
@@ -368,7 +368,7 @@ def record_of(model: nn.Module) -> TransformRecord:
 
 def graph_of(model: nn.Module) -> fx.GraphModule | None:
     """The rewritten graph of a transformed model (``how == "graph"``), else None (swapped, or not transformed)."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrapped(model)
     record = find_record(model)
     return model if record is not None and record.how == "graph" and isinstance(model, fx.GraphModule) else None
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdna_fx.carried import unwrapped
 from kdna_fx.datamodel import record_of
 from kdna_fx.errors import CalibrationError, KDNAError, KDNATypeError
 from kdna_fx.utils import KeptModes, device_dtype
@@ -60,7 +61,7 @@ def calibrate(kmodel: nn.Module, data: Any, config: CalibrationConfig | None = N
         raise KDNATypeError(f"calibrate: config must be a kdna_fx.CalibrationConfig, got {type(config).__name__} "
                             f"(options are its fields: calibrate(model, data, CalibrationConfig(steps=100), "
                             f"reference=original))")
-    inner = getattr(kmodel, "_orig_mod", kmodel)
+    inner = unwrapped(kmodel)
     if not isinstance(inner, nn.Module):
         raise KDNATypeError(f"calibrate: kmodel must be an nn.Module, got {type(kmodel).__name__}")
     if config.train != "all" or "layerwise" in config.modes:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from kdna_fx.adapters import ChildAdapter
+from kdna_fx.carried import unwrapped
 from kdna_fx.datamodel import child_nodes, graph_of, interpreted, tag_of
 from kdna_fx.errors import KDNAError
 from kdna_fx.utils import KeptModes
@@ -75,7 +76,7 @@ def children_of(kmodel: nn.Module) -> list[_Child]:
     if gm is not None:
         return [_Child(tag_of(n).child, gm.get_submodule(tag_of(n).adapter), _parent_weight(gm, n), gm, n)
                 for n in child_nodes(gm)]
-    return [_Child(name, m, m.parent_kernel) for name, m in getattr(kmodel, "_orig_mod", kmodel).named_modules()
+    return [_Child(name, m, m.parent_kernel) for name, m in unwrapped(kmodel).named_modules()
             if isinstance(m, ChildAdapter) and m.folded_weight is None]
 
 

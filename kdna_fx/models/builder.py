@@ -66,13 +66,6 @@ def builder_of(model: object) -> dict[str, Any] | None:
     return None if builder is None else copy.deepcopy(builder)
 
 
-def carry(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` (built from ``source``: by kdna_fx.transform, say) ``source``'s stamp, if any."""
-    builder = builder_of(source)
-    if builder is not None:
-        keep(target, BUILDER_ATTR, builder)
-
-
 def rebuild(builder: dict[str, Any]) -> nn.Module:
     """A fresh model from a stamp (``builder_of``), through ``create_model``."""
     from ._registry import create_model
