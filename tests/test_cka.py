@@ -24,7 +24,8 @@ from kdna_fx.cli import main
 from kdna_fx.errors import KDNAError
 from kdna_fx.testing import TinyResNet
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("test_cka")]
 
 
 def features(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -19,9 +19,14 @@ from kdna_fx.adapters import ChildAdapter
 from kdna_fx.models.timm import timm_name
 from kdna_fx.peers import KWConv2d, PeerConv2d
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Tier integration: make test-fast leaves it out (the zoo through timm, smp and a torchvision detector).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 # every zoo name, with its timm name
 PAIRS = [(n, timm_name(*n.split("."))) for n in zoo.list_models()]
+# The peer tags go through the same timm path as plain, replace, relaxed and kdna, which stay in the default tier;
+# their builds (about 0.3 s each, 40 in all) run in make test-all.
+TIERED = [pytest.param(n, t, id=t, marks=[pytest.mark.slow] * (zoo.TAGS[n.split(".")[1]].peer is not None))
+          for n, t in PAIRS]
 
 
 def n_params(model: nn.Module) -> int:
@@ -45,7 +50,7 @@ def test_every_architecture_and_tag_is_registered() -> None:
     assert not timm.list_models("kdna_*", pretrained=True)  # no weights are claimed
 
 
-@pytest.mark.parametrize("name, tname", PAIRS, ids=[t for _, t in PAIRS])
+@pytest.mark.parametrize("name, tname", TIERED)
 def test_timm_builds_what_create_model_builds(name: str, tname: str) -> None:
     torch.manual_seed(0)
     ours = zoo.create_model(name, in_chans=1, small_stem=True, **small(name))
@@ -102,7 +107,7 @@ def test_a_train_step_through_timms_own_helpers() -> None:
     assert any(".gate." in n for n in changed) and any(n.endswith("conv2.weight") for n in changed)
 
 
-@pytest.mark.parametrize("name, tname", PAIRS, ids=[t for _, t in PAIRS])
+@pytest.mark.parametrize("name, tname", TIERED)
 def test_features_only(name: str, tname: str) -> None:
     torch.manual_seed(0)
     model = timm.create_model(tname, features_only=True, **{k: v for k, v in small(name).items() if k == "width"})

@@ -19,6 +19,9 @@ from kdna_fx.train import (CheckpointError, DataError, NonFiniteLossError, Train
                            read_idx, train)
 from kdna_fx.data import FASHION_MNIST_DIR, fashion_mnist, write_idx
 
+# Tier integration: make test-fast leaves it out (trains models for a few steps, kdna train and eval end to end).
+pytestmark = pytest.mark.integration
+
 
 # ---- helpers -------------------------------------------------------------------------------------------
 class Tiny(nn.Module):
