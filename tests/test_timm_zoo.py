@@ -192,3 +192,71 @@ def test_a_checkpoint_of_a_timm_made_model_loads_without_the_model(tmp_path) -> 
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+# ---- timm's model API (issue 31): what timm's fine-tuning code calls on a model ------------------------
+API_NAMES = ["kdna_resnet18", "kdna_resnet50_plain", "kdna_mobilenet_v2_replace", "kdna_mobilenet_v2_050",
+             "kdna_convnext_tiny", "kdna_convnext_tiny_relaxed", "kdna_resnet18_odconv"]
+
+
+def api_model(tname: str, **extra) -> nn.Module:
+    torch.manual_seed(0)
+    zoo_name = next(n for n, t in PAIRS if t == tname)
+    return timm.create_model(tname, **small(zoo_name), **extra)
+
+
+@pytest.mark.parametrize("tname", API_NAMES)
+def test_timm_model_api_splits_forward_and_resets_the_classifier(tname: str) -> None:
+    model = api_model(tname).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+        features = model.forward_features(x)
+        pooled = model.forward_head(features, pre_logits=True)
+        assert features.dim() == 4 and torch.equal(model.forward_head(features), logits)
+    head = model.get_classifier()
+    assert isinstance(head, nn.Linear) and head.out_features == 10 == logits.shape[1]
+    assert pooled.shape == (2, head.in_features)
+    model.reset_classifier(3)
+    assert model.get_classifier().out_features == 3 and model.num_classes == 3 and model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert isinstance(model.get_classifier(), nn.Identity) and torch.equal(model(x), pooled)
+    model.reset_classifier(5)  # back from no head: the pooled width is remembered
+    assert model(x).shape == (2, 5)
+    with pytest.raises(kdna_fx.KDNAError, match="average"):
+        model.reset_classifier(5, global_pool="max")
+
+
+@pytest.mark.parametrize("tname", ["kdna_resnet18", "kdna_mobilenet_v2_050", "kdna_convnext_tiny"])
+def test_grad_checkpointing_recomputes_each_stage_with_the_same_gradients(tname: str) -> None:
+    model = api_model(tname, gate_norm="layer").train()
+    twin = copy.deepcopy(model)
+    twin.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    stage = twin.get_submodule(twin._stages[-1].removesuffix(".*"))
+    last = list(stage)[-1] if twin._stages[-1].endswith(".*") else stage
+    last.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    for m in (model, twin):
+        torch.manual_seed(1)  # the same stochastic depth draws in both
+        m(x).square().mean().backward()
+    assert len(calls) == 2, "a checkpointed stage runs again in the backward pass"
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_timms_fine_tuning_flow_runs_on_a_zoo_model() -> None:
+    from timm.optim import create_optimizer_v2
+
+    model = api_model("kdna_resnet18", gate_norm="layer")
+    model.reset_classifier(4)
+    model.set_grad_checkpointing()
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3)
+    head = model.get_classifier().weight.detach().clone()
+    loss = nn.functional.cross_entropy(model.train()(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(model.get_classifier().weight, head)
+    backbone = timm.create_model("kdna_resnet18", features_only=True, width=0.25)  # features_only still works
+    assert [f.shape[1] for f in backbone(torch.randn(1, 3, 32, 32))] == backbone.feature_info.channels()
