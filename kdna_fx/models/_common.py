@@ -69,8 +69,8 @@ class TimmAPI:
     ``forward_head``, ``get_classifier``, ``reset_classifier`` and ``set_grad_checkpointing``, so timm's
     fine-tuning code runs on ``timm.create_model("kdna_resnet18")`` and the other zoo names.
 
-    A class names its feature modules in order (``_stages``, module paths; ``features.*``: checkpoint that
-    Sequential's children one by one) and its last linear layer (``_classifier``: the modules before it in the same
+    A class names its feature modules in order (``_stages``, module paths; each Sequential among them is one
+    checkpointed stage; ``features.*``: that Sequential's children are) and its last linear layer (``_classifier``: the modules before it in the same
     Sequential run after pooling). forward is forward_head(forward_features(x)): the function the class had, the
     same modules called (their hooks fire); checkpointing recomputes each stage in the backward pass.
     """
@@ -83,8 +83,8 @@ class TimmAPI:
         """The last stage's feature map (before pooling)."""
         for path in self._stages:
             module = self.get_submodule(path.removesuffix(".*"))
-            if not (self.grad_checkpointing and self.training):
-                x = module(x)
+            if not (self.grad_checkpointing and self.training and isinstance(module, nn.Sequential)):
+                x = module(x)  # the stem's single layers too: an in-place ReLU must not rewrite a saved output
                 continue
             for step in (module if path.endswith(".*") else [module]):
                 # Non-reentrant: the gradient reaches the parameters whatever the input's requires_grad.
