@@ -1,0 +1,63 @@
+"""docs/cli.md's options table is true: each option it lists is taken by exactly the commands it names, and every
+option of every command is listed (read from each command's --help usage)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import pathlib
+import re
+
+import pytest
+
+import kdna_fx.cli as cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _usage_options(command: str) -> set[str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    usage = out.getvalue().split("\n\n")[0]  # argparse's usage block lists every option
+    return set(re.findall(r"--[a-z][a-z-]*", usage)) - {"--help"}
+
+
+def test_the_options_table_is_the_commands_options():
+    table = {}
+    for line in (ROOT / "docs" / "cli.md").read_text().splitlines():
+        match = re.match(r"\| `(--[a-z-]+)` \| .* \| ([a-z, ]+) \|$", line)
+        if match:
+            table[match.group(1)] = set(match.group(2).split(", "))
+    assert "--batch-size" in table and "--out" in table  # the table was read
+    actual: dict[str, set[str]] = {}
+    for command in cli.COMMANDS:
+        for option in _usage_options(command):
+            actual.setdefault(option, set()).add(command)
+    wrong = {o: (table.get(o), actual.get(o)) for o in table.keys() | actual.keys() if table.get(o) != actual.get(o)}
+    assert not wrong, f"docs/cli.md (left) and the parsers (right) disagree: {wrong}"
+
+
+
+@pytest.mark.parametrize("command", ["eval", "convert", "cka"])
+def test_a_damaged_state_dict_is_one_line_naming_the_fix(command, tmp_path, capsys):
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(b"not a pickle")
+    assert cli.main([command, str(bad), "--model", "resnet18", "--width", "0.25"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "torch.save(model.state_dict(), path)" in err
+    assert "weights_only" not in err  # torch's advice to load untrusted code is not repeated
+
+
+def test_a_non_image_in_a_folder_data_set_is_one_line_naming_the_file(tmp_path, capsys):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / label / f"{i}.png")
+    (tmp_path / "a" / "notes.png").write_text("not an image")
+    args = ["cka", "resnet18", "--width", "0.25", "--dataset", "folder", "--data", str(tmp_path), "--image-size",
+            "16", "--images", "7", "--batch-size", "4", "--no-progress", "--out-dir", str(tmp_path / "out")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "notes.png" in err and "remove it" in err
