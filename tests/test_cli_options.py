@@ -61,3 +61,27 @@ def test_a_non_image_in_a_folder_data_set_is_one_line_naming_the_file(tmp_path, 
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "notes.png" in err and "remove it" in err
+
+
+@pytest.mark.integration  # runs kdna eval end to end on Fashion-MNIST
+def test_eval_takes_a_state_dict_with_model_and_names_a_converted_model(tmp_path, capsys):
+    import json
+    import os
+
+    import torch
+
+    import kdna_fx
+
+    if not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"):
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+    options = dict(num_classes=10, in_chans=1, small_stem=True, width=0.25)
+    original = kdna_fx.models.create_model("resnet18", **options)
+    torch.save(original.state_dict(), tmp_path / "weights.pt")
+    kdna_fx.save(kdna_fx.transform(original), tmp_path / "converted.safetensors")
+    common = ["--val-subset", "32", "--batch-size", "16", "--device", "cpu", "--workers", "0", "--no-progress"]
+    assert cli.main(["eval", str(tmp_path / "weights.pt"), "--model", "resnet18", "--width", "0.25", "--small-stem",
+                     *common, "--out", str(tmp_path / "plain.json")]) == 0
+    assert cli.main(["eval", str(tmp_path / "converted.safetensors"), *common,
+                     "--out", str(tmp_path / "converted.json")]) == 0
+    plain, converted = (json.loads((tmp_path / f"{n}.json").read_text())["model"] for n in ("plain", "converted"))
+    assert plain == "resnet18" and converted == "resnet18.plain, converted by kdna_fx.transform"
