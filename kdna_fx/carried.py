@@ -1,9 +1,9 @@
 """Attributes that travel with a model: the TransformRecord, the PeerRecord and the builder stamp kdna_fx leaves
 on what it builds (and the plain attributes a zoo model keeps for its training script).
 
-``keep(model, name, value)`` sets one; ``kept(model, name)`` reads it; ``carry_over(source, target)`` gives a model
-built from another (by kdna_fx.transform, say) every attribute kept on the other. On an nn.Module a plain attribute already
-survives pickle, torch.save, copy.deepcopy and copy.copy. A torch.fx GraphModule keeps less
+``keep(model, name, value)`` sets one; ``kept(model, name)`` reads it; ``carry_over(source, target)`` gives a
+model built from another (by kdna_fx.transform, say) every attribute kept on the other. On an nn.Module a plain
+attribute already survives pickle, torch.save, copy.deepcopy and copy.copy. A torch.fx GraphModule keeps less
 (torch/fx/graph_module.py):
 
 - deepcopy rebuilds it from its graph: it keeps the attributes the graph reads, and ``meta``, whose

@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     spec, data_spec, state = load_source(args.source, args.model, width=args.width, small_stem=args.small_stem,
                                          num_classes=args.num_classes)
-    data = build_data(args.dataset or data_spec.get("dataset", "fashion-mnist"), args.data_path or data_spec.get("path"),
-                      seed=args.seed, image_size=args.image_size or data_spec.get("image_size"),
+    data = build_data(args.dataset or data_spec.get("dataset", "fashion-mnist"),
+                      args.data_path or data_spec.get("path"), seed=args.seed, image_size=args.image_size or data_spec.get("image_size"),
                       val_subset=args.val_images or None)
     if args.calib_images < 1:
         raise ConfigError(f"--calib-images must be >= 1, got {args.calib_images}")

@@ -19,5 +19,5 @@ from .builder import builder_of
 if importlib.util.find_spec("timm") is not None:  # the zoo in timm's registry: timm.create_model("kdna_resnet50")
     from . import timm  # noqa: F401
 
-__all__ = ["RELAXED_RANK", "TAGS", "Arch", "Reference", "Tag", "architectures", "builder_of", "create_model", "is_model",
-           "list_models", "model_options", "register_arch", "sharing_config"]
+__all__ = ["RELAXED_RANK", "TAGS", "Arch", "Reference", "Tag", "architectures", "builder_of", "create_model",
+           "is_model", "list_models", "model_options", "register_arch", "sharing_config"]

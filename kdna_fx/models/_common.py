@@ -70,8 +70,8 @@ class TimmAPI:
     fine-tuning code runs on ``timm.create_model("kdna_resnet18")`` and the other zoo names.
 
     A class names its feature modules in order (``_stages``, module paths; each Sequential among them is one
-    checkpointed stage; ``features.*``: that Sequential's children are) and its last linear layer (``_classifier``: the modules before it in the same
-    Sequential run after pooling). forward is forward_head(forward_features(x)): the function the class had, the
+    checkpointed stage; ``features.*``: that Sequential's children are) and its last linear layer
+    (``_classifier``: the modules before it in the same Sequential run after pooling). forward is forward_head(forward_features(x)): the function the class had, the
     same modules called (their hooks fire); checkpointing recomputes each stage in the backward pass.
     """
 
