@@ -14,6 +14,7 @@ from kdna_fx.data import build_data
 import kdna_fx
 from kdna_fx.errors import ConfigError
 from kdna_fx.datamodel import converted_by
+from kdna_fx.models import TAGS
 from kdna_fx.source import build_source, is_kdna_file, resolve_source, saved_builder
 from kdna_fx.timing import provenance
 from kdna_fx.train import distributed as D
@@ -198,8 +199,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     result = evaluate(model, loader, device=ctx.device, amp_dtype=amp_dtype, channels_last=args.channels_last,
                       ctx=ctx, progress=args.progress)
     D.cleanup(ctx)
-    by = converted_by(model)  # a converted model is named as converted, not as its original
-    name = config["model"]["name"] + (f", converted by {by}" if by else "")
+    name = config["model"]["name"]
+    by = converted_by(model) if ckpt["epoch"] is None else None  # a file, not a run (trained as it is)
+    if by and TAGS.get(name.rpartition(".")[2], TAGS["plain"]) == TAGS["plain"]:  # a file of a plain network's
+        name += f", converted by {by}"  # conversion (kdna convert) is named as converted, not as its original
     result.update({"checkpoint": path, "model": name, "epoch": ckpt["epoch"],
                    "data": data.description, "device": str(ctx.device), "batch_size": args.batch_size})
     if ctx.is_main:
