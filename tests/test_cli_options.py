@@ -48,16 +48,33 @@ def test_a_damaged_state_dict_is_one_line_naming_the_fix(command, tmp_path, caps
     assert "weights_only" not in err  # torch's advice to load untrusted code is not repeated
 
 
-def test_a_non_image_in_a_folder_data_set_is_one_line_naming_the_file(tmp_path, capsys):
+def _folder_with_a_text_file(root: pathlib.Path) -> str:
     from PIL import Image
 
     for label in ("a", "b"):
-        (tmp_path / label).mkdir()
+        (root / label).mkdir()
         for i in range(3):
-            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / label / f"{i}.png")
-    (tmp_path / "a" / "notes.png").write_text("not an image")
-    args = ["cka", "resnet18", "--width", "0.25", "--dataset", "folder", "--data", str(tmp_path), "--image-size",
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / label / f"{i}.png")
+    (root / "a" / "notes.png").write_text("not an image")
+    return str(root)
+
+
+def test_a_non_image_in_a_folder_data_set_is_one_line_naming_the_file(tmp_path, capsys):
+    data = _folder_with_a_text_file(tmp_path)
+    args = ["cka", "resnet18", "--width", "0.25", "--dataset", "folder", "--data", data, "--image-size",
             "16", "--images", "7", "--batch-size", "4", "--no-progress", "--out-dir", str(tmp_path / "out")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "notes.png" in err and "remove it" in err
+
+
+@pytest.mark.integration  # a training run whose data loader reads in a worker process
+def test_a_non_image_read_in_a_data_loader_worker_is_one_line_too(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    data = _folder_with_a_text_file(tmp_path / "data")
+    args = ["train", "--model", "resnet18", "--width", "0.125", "--dataset", "folder", "--data", data,
+            "--val-fraction", "0.01", "--image-size", "16", "--epochs", "1", "--batch-size", "6", "--workers", "1",
+            "--device", "cpu", "--no-progress", "--run-dir", str(tmp_path / "run")]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "notes.png" in err and "remove it" in err
