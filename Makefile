@@ -18,19 +18,22 @@ data:
 demo: $(STAMP) data
 	$(PY) -m kdna_fx demo
 
-test: $(STAMP) data
-	$(PY) -m pytest -q
+# Two pytest-xdist workers (the 2-core machine); loadgroup keeps a file marked xdist_group on one worker.
+XDIST := -n 2 --dist loadgroup
 
-# Tiers (tests/conftest.py, README "Tests"): test-fast is the edit loop (unit tests only); test is CI's; test-all
-# adds the full model sweeps, the bench smoke runs and the slow checks.
+test: $(STAMP) data
+	$(PY) -m pytest -q $(XDIST)
+
+# Tiers (markers on the tests, tests/conftest.py; README "Tests"): test-fast is the edit loop (unit tests only);
+# test is CI's; test-all adds the full model sweeps, the bench smoke runs and the slow checks.
 test-fast: $(STAMP) data
-	$(PY) -m pytest -q -x -m "not slow and not sweep and not bench and not integration"
+	$(PY) -m pytest -q -x $(XDIST) -m "not slow and not sweep and not bench and not integration"
 
 test-all: $(STAMP) data
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q $(XDIST) -m ""
 
 test-slow: $(STAMP) data
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q $(XDIST) -m slow
 
 bench: $(STAMP) data
 	$(PY) -m bench.speed

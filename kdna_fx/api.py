@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from . import passes
 from ._pipeline import Prepared, prepare
 from .adapters import ChildAdapter, adapter_parameters
+from .carried import carry_over
 from .config import KDNAConfig
 from .datamodel import ConvSite, Plan, record_of
 from .errors import ConfigError, KDNATypeError, NoEligibleConvWarning, StateError
@@ -113,11 +114,9 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: Plan 
             f"returned unchanged. kdna_fx.report(model) lists each conv with its reason; "
             f"KDNAConfig(kernel_sizes=(1, 3), depthwise=True, stage_depth=0) widens the search.",
             NoEligibleConvWarning, stacklevel=2)
-    from .models.builder import carry  # late: kdna_fx.models builds on this module
-
     if checked.config.rewrite == "graph":
         kmodel = passes.lower(kmodel, example_inputs, example_kwargs)
-    carry(model, kmodel)  # how the original was built (create_model), so kdna_fx.load(path) can rebuild it
+    carry_over(model, kmodel)  # how the original was built (create_model), so kdna_fx.load(path) can rebuild it
     return kmodel
 
 

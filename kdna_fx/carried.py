@@ -1,8 +1,9 @@
 """Attributes that travel with a model: the TransformRecord, the PeerRecord and the builder stamp kdna_fx leaves
 on what it builds (and the plain attributes a zoo model keeps for its training script).
 
-``keep(model, name, value)`` sets one; ``kept(model, name)`` reads it. On an nn.Module a plain attribute already
-survives pickle, torch.save, copy.deepcopy and copy.copy. A torch.fx GraphModule keeps less
+``keep(model, name, value)`` sets one; ``kept(model, name)`` reads it; ``carry_over(source, target)`` gives a
+model built from another (by kdna_fx.transform, say) every attribute kept on the other. On an nn.Module a plain
+attribute already survives pickle, torch.save, copy.deepcopy and copy.copy. A torch.fx GraphModule keeps less
 (torch/fx/graph_module.py):
 
 - deepcopy rebuilds it from its graph: it keeps the attributes the graph reads, and ``meta``, whose
@@ -20,7 +21,7 @@ after a pickle round trip keeps it only if ``kept`` read it in between, and copy
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import fx, nn
 # Private names of torch.fx, pinned by pyproject (torch==2.14.1): the key under which GraphModule.__deepcopy__
@@ -28,8 +29,27 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY, _deserialize_graph_module, _forward_from_src
 
 
+_NAMES = "_kdna_kept"
+"""The kept attribute listing the names ``keep`` set on a model (what ``carry_over`` copies)."""
+M = TypeVar("M")
+
+
+def unwrapped(model: M) -> M:
+    """The module inside a torch.compile wrapper (OptimizedModule), else ``model`` itself: the one place that
+    reads ``_orig_mod``. vars(): the wrapper's own submodule, never a model's attribute of that name."""
+    inner = vars(model).get("_modules", {}).get("_orig_mod") if isinstance(model, nn.Module) else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def keep(model: nn.Module, name: str, value: Any) -> None:
     """Set the plain attribute ``name`` of ``model`` so that it travels with the model (see the module's doc)."""
+    _set(model, name, value)
+    names = vars(model).get(_NAMES, ())
+    if name not in names:
+        _set(model, _NAMES, (*names, name))
+
+
+def _set(model: nn.Module, name: str, value: Any) -> None:
     object.__setattr__(model, name, value)
     if isinstance(model, fx.GraphModule):
         model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
@@ -38,15 +58,22 @@ def keep(model: nn.Module, name: str, value: Any) -> None:
 def kept(model: nn.Module, name: str) -> Any:
     """The attribute ``keep`` set on ``model``, or on the module inside a torch.compile wrapper; else None.
     vars(): a plain attribute, never a parameter or submodule."""
+    model = unwrapped(model)
     value = vars(model).get(name)
-    if value is None:
-        inner = vars(model).get("_modules", {}).get("_orig_mod")  # torch.compile's OptimizedModule
-        return kept(inner, name) if isinstance(inner, nn.Module) else None
-    if isinstance(model, fx.GraphModule):
+    if value is not None and isinstance(model, fx.GraphModule):
         # A GraphModule pickled as torch's own class (by a kdna_fx that had no KDNAGraphModule) comes back with
         # the attribute but an empty meta: keep a later deepcopy carrying it.
         model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).setdefault(name, value)
     return value
+
+
+def carry_over(source: nn.Module, target: nn.Module) -> None:
+    """Keep on ``target`` (built from ``source``) every attribute kept on ``source`` that ``target`` does not
+    hold itself: how the original was built, say, so that kdna_fx.load(path) can rebuild it."""
+    for name in kept(source, _NAMES) or ():
+        value = kept(source, name)
+        if value is not None and vars(target).get(name) is None:
+            keep(target, name, value)
 
 
 def _set_preserved(gm: fx.GraphModule) -> fx.GraphModule:

@@ -125,11 +125,23 @@ def _folder_transforms(image_size: int, train: bool, crop_scale: tuple[float, fl
     return T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), T.ToTensor(), normalize])
 
 
+def _load_image(path: str) -> Any:
+    """torchvision's image loader, with a DataError naming a file that is not an image (one line, exit code 2)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"{path!r} in the folder data set is not an image PIL can read ({type(exc).__name__}): "
+                        f"remove it from the folder or convert it to PNG or JPEG") from None
+
+
 def _image_folder(path: str, transform: Any) -> Any:
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(path, transform=transform)
+        return ImageFolder(path, transform=transform, loader=_load_image)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"cannot load {path!r} as an ImageFolder (one sub-folder per class holding images): "
                         f"{exc}") from None

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from torch import nn
 
 from .adapters import ChildAdapter
-from .carried import keep, kept
+from .carried import keep, kept, unwrapped
 from .config import AdapterConfig, KDNAConfig
 from .errors import KDNAError
 from .functional import pair
@@ -263,7 +263,7 @@ SOURCE_ATTR = "_kdna_module_form"
 def module_form(model: nn.Module) -> nn.Module:
     """The transformed model whose module tree holds the children: ``model`` itself (inside a torch.compile
     wrapper: the wrapped model), or for a graph form (passes.lower) the model it was lowered from."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrapped(model)
     held = kept(model, SOURCE_ATTR)  # a 1-tuple: torch.fx sets a kept Module again as a submodule (state dict)
     return held[0] if held is not None else model
 

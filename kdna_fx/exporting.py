@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError, ExportError
+from .carried import unwrapped
 from .datamodel import find_record, peer_record
 from .peer_functional import per_sample_form
 from .tables import format_table
@@ -99,7 +100,7 @@ def export(model: nn.Module, path: str | os.PathLike[str], *, input_shape: Seque
         raise ConfigError(f"an opset applies to ONNX only; drop it for format {format!r}")
     batches = _check_batches(check_batches, dynamic_batch)
     shape = tuple(int(s) for s in input_shape)
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: export the module inside
+    model = unwrapped(model)  # a torch.compile'd model: export the module inside
     where = os.fspath(path)
     seconds: dict[str, float] = {}
     with KeptModes(model), torch.no_grad():

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .adapters import ChildAdapter
 from .utils import KeptModes, to_model
 from .tables import format_table
+from .carried import unwrapped
 from .datamodel import Plan, peer_record, record_of
 
 KERNELDNA = "KernelDNA"
@@ -128,7 +129,7 @@ def report(model: nn.Module, example_input: Tensor | list[Tensor] | None = None)
     """
     peer = peer_record(model)
     record = record_of(model) if peer is None else None
-    model = getattr(model, "_orig_mod", model)
+    model = unwrapped(model)
     if example_input is None:
         in_channels = (peer or record).in_channels  # type: ignore[union-attr]
         example_input = torch.randn(1, in_channels or 3, 224, 224)

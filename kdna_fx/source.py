@@ -54,7 +54,10 @@ def load_source(source: str, model: str | None = None, *, width: float | None = 
         else:
             state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise StateError(f"cannot read {source!r} as a state dict: {exc}") from None
+        # torch's own text is not repeated: it advises weights_only=False, which runs any code in the file.
+        raise StateError(f"cannot read {source!r} as a state dict ({type(exc).__name__}): the file is damaged or "
+                         f"not a tensor file. Write it again with torch.save(model.state_dict(), path) or "
+                         f"safetensors.torch.save_file") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StateError(f"{source!r} does not hold a state dict (name -> tensor)")
     spec = spec_from_options(model, width=width, small_stem=small_stem, num_classes=num_classes)

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from .carried import unwrapped
 from .config import KDNAConfig
 from .errors import KDNAError, StateError
 
@@ -41,7 +42,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     if record is not None and record.folded:
         raise StateError("save the unfolded model and fold after loading (kdna_fx.load(path, model, fold=True)): "
                          "a folded model has no F/S to restore, and stores a kernel per child")
-    model = getattr(model, "_orig_mod", model)
+    model = unwrapped(model)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT}
     if record is not None:

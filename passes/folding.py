@@ -8,6 +8,7 @@ from torch import nn
 
 from kdna_fx import functional as KF
 from kdna_fx.adapters import ADAPTER_TENSORS
+from kdna_fx.carried import unwrapped
 from kdna_fx.datamodel import children, module_form, record_of
 
 from .lowering import lower
@@ -38,6 +39,6 @@ def fold(model: nn.Module) -> nn.Module:
         if adapter.gate is not None:
             adapter.gate.fold_norm()
     record_of(folded).folded = True
-    if source is getattr(model, "_orig_mod", model):
+    if source is unwrapped(model):
         return folded
     return lower(folded)

@@ -5,6 +5,7 @@ import warnings
 
 from torch import nn
 
+from kdna_fx.carried import unwrapped
 from kdna_fx.errors import KDNATypeError, UnwrappedModelWarning
 from kdna_fx.datamodel import refuse_converted
 
@@ -25,7 +26,7 @@ def unwrap(model: object) -> nn.Module:
             warnings.warn("kdna_fx received a torch.compile'd model; it transforms the original module "
                           "(model._orig_mod). Compile the result: torch.compile(kdna_fx.transform(model)).",
                           UnwrappedModelWarning, stacklevel=3)
-            model = model._orig_mod
+            model = unwrapped(model)
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             warnings.warn(f"kdna_fx received a {type(model).__name__}-wrapped model; it transforms "
                           f"model.module. Wrap the transformed model again afterwards.",

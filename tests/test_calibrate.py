@@ -15,7 +15,9 @@ from kdna_fx.testing import TinyResNet
 
 from bench.common import blob_task
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Tier integration: make test-fast leaves it out (calibration runs).
+# One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("test_calibrate")]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from kdna_fx.errors import ChildWeightError
 
 from .conftest import TOLERANCES
 
+pytestmark = pytest.mark.integration  # ResNet-18s through fusion, quantization, pruning, compile and saving
+
 SWAP = KDNAConfig(rewrite="swap")
 FROZEN = ("conv1", "bn1", "layer1")
 

@@ -24,7 +24,8 @@ from kdna_fx.cli import main
 from kdna_fx.errors import KDNAError
 from kdna_fx.testing import TinyResNet
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("test_cka")]
 
 
 def features(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -336,7 +337,7 @@ def test_cka_command_end_to_end_with_compare(tiny, capsys):
     root, data = tiny
     out = root / "out"
     assert main(["cka", str(root / "weights.pt"), *TINY, "--images", "64", "--data", data,
-                 "--compare", str(root / "converted.safetensors"), "--out", str(out), "--no-progress"]) == 0
+                 "--compare", str(root / "converted.safetensors"), "--out-dir", str(out), "--no-progress"]) == 0
     assert (out / "cka.png").read_bytes()[:4] == b"\x89PNG"
     result = json.loads((out / "cka.json").read_text())
     assert result["images"] == 64 and result["pool"] == "flatten" and len(result["names"]) == 20
@@ -375,14 +376,14 @@ def test_cka_command_bad_inputs_are_clear(tiny, tmp_path, capsys):
     ]
     for argv, needle in cases:
         args = argv if "--data" in argv else [*argv, "--data", data]
-        assert main(["cka", *args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2, argv
+        assert main(["cka", *args, "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2, argv
         assert needle in capsys.readouterr().err, needle
 
 
 def test_cka_command_takes_a_self_describing_file_alone(tiny, tmp_path, capsys):
     root, data = tiny
     out = tmp_path / "alone"
-    assert main(["cka", str(root / "converted.safetensors"), "--images", "16", "--data", data, "--out", str(out),
+    assert main(["cka", str(root / "converted.safetensors"), "--images", "16", "--data", data, "--out-dir", str(out),
                  "--no-progress"]) == 0
     result = json.loads((out / "cka.json").read_text())
     assert result["model"]["name"] == "resnet18.plain" and len(result["names"]) == 20  # the original it rebuilds

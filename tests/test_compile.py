@@ -9,6 +9,9 @@ from torch._dynamo.testing import CompileCounter
 import kdna_fx
 from kdna_fx.testing import TinyResNet, randomize_adapters
 
+# Tier integration: make test-fast leaves it out (torch.compile in train and eval mode).
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
@@ -30,7 +33,13 @@ def _backend(dtype):
     return "inductor" if dtype == torch.float32 else "aot_eager"
 
 
+# Inductor in float64 is make test-all's: the float32 twin compiles the same graph (2.6 s each).
+FP32_FIRST = pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)],
+                                     ids=["fp32", "fp64"], indirect=True)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
+@FP32_FIRST
 def test_compiled_fullgraph_matches_eager(dtype, tol, mode):
     kmodel = _model().train(mode == "train")
     x = torch.randn(4, 3, 16, 16)
@@ -55,6 +64,7 @@ def test_compiled_fullgraph_matches_eager(dtype, tol, mode):
             torch.testing.assert_close(compiled(x), kmodel(x), **tol)
 
 
+@FP32_FIRST
 def test_folded_model_compiles_and_matches(dtype, tol):
     folded = kdna_fx.fold(_model().eval())
     x = torch.randn(2, 3, 16, 16)

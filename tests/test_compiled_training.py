@@ -17,7 +17,8 @@ from kdna_fx.testing import TinyResNet, check_compiled_gradients, randomize_adap
 from kdna_fx.train import TrainConfig, train
 from kdna_fx.train.loop import compile_backend
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Tier integration: make test-fast leaves it out (compiles training steps with Inductor).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 def _model() -> nn.Module:

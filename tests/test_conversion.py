@@ -8,6 +8,10 @@ import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
 from kdna_fx.testing import TinyResNet
 
+# Tier integration: make test-fast leaves it out (converts and calibrates trained models).
+# One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_conversion")]
+
 
 def _trained_like(seed: int = 0) -> TinyResNet:
     """A TinyResNet with distinct random kernels and non-trivial BatchNorm statistics."""

@@ -12,6 +12,10 @@ from kdna_fx.testing import write_tiny_fashion_mnist
 from kdna_fx.cli import main
 from kdna_fx.cli.convert import reload_hint
 
+# Tier integration: make test-fast leaves it out (kdna train then kdna convert end to end).
+# One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_convert_command")]
+
 
 
 @pytest.fixture(scope="module")

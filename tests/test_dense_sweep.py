@@ -20,7 +20,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 import kdna_fx
 
-pytestmark = [pytest.mark.usefixtures("one_thread", "free_traced_models")]
+# Tier integration: make test-fast leaves it out (torchvision detection, segmentation, flow and video models).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread", "free_traced_models")]
 
 MBV3 = "MobileNetV3 backbone: its 3x3 convs are depthwise or differ in shape within every stage"
 CONV3D = "video model: only 3-D convolutions (kdna_fx shares 2-D convs)"
@@ -171,7 +172,13 @@ def _eval_inputs(name: str) -> tuple[object, dict[str, object]]:
     return torch.randn(2, 3, *CLIP.get(name, (4, 32, 32))), {}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ALL])
+# The default tier runs this sample (a cheap model of each kind); the rest are marked sweep (make test-all).
+SAMPLE = {"raft_small", "r3d_18", "s3d", "swin3d_t", "lraspp_mobilenet_v3_large",
+          "deeplabv3_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n in SLOW)
+                                               + [pytest.mark.sweep] * (n not in SAMPLE)) for n in ALL])
 def test_dense_model_is_shared_or_documented(name, model_sweep, tmp_path):
     torch.manual_seed(0)
     model = _build(name)

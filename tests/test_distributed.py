@@ -16,6 +16,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+# Tier integration: make test-fast leaves it out (spawns DDP processes).
+pytestmark = pytest.mark.integration
+
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 

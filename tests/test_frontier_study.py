@@ -13,8 +13,10 @@ from bench import common
 
 DATA = "/usr/share/datasets/fashion-mnist"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "train-images-idx3-ubyte.gz")),
-                                reason="Fashion-MNIST is not installed (make data)")
+# Tier bench: a smoke run of a bench/ script (make test-all) (runs the frontier study's scripts on tiny settings).
+pytestmark = [pytest.mark.bench,
+              pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "train-images-idx3-ubyte.gz")),
+                                 reason="Fashion-MNIST is not installed (make data)")]
 
 
 # Rows of the tiny smoke runs (and one the targets test judges), added to the study's table for this module only:

@@ -8,6 +8,9 @@ import os
 import pytest
 import torch
 
+# Tier bench: a smoke run of a bench/ script (make test-all) (dry-runs bench/gpu_check.py (the GPU machine's script) on the CPU).
+pytestmark = pytest.mark.bench
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -48,6 +48,24 @@ def test_nothing_below_the_commands_imports_a_command():
     assert not offenders, offenders
 
 
+def test_the_transform_never_imports_the_zoo():
+    # The zoo (kdna_fx.models) builds on the transform: an import the other way is a cycle. What the transform
+    # carries from a zoo model (its builder stamp) goes through kdna_fx.carried.carry_over.
+    transform = [ROOT / "kdna_fx" / "api.py", ROOT / "kdna_fx" / "_pipeline.py"] + PASSES
+    offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in transform for m, _ in _imports(p)
+                 if m == "kdna_fx.models" or m.startswith("kdna_fx.models.")]
+    assert not offenders, offenders
+
+
+def test_one_reader_of_the_compiled_wrapper():
+    # torch.compile's wrapper is looked inside in one place (kdna_fx.carried.unwrapped), with one policy.
+    word = "_orig" + "_mod"
+    offenders = [str(p.relative_to(ROOT)) for p in LIBRARY + PASSES if p.name != "carried.py"
+                 and any(word in line.split("#")[0] and "getattr" in line or f".{word}" in line.split('"')[0]
+                         for line in p.read_text().splitlines())]
+    assert not offenders, offenders
+
+
 def test_no_test_or_bench_file_loads_a_module_by_path():
     # Everything shared is imported by name: the library's modules (the third-party catalogue is
     # kdna_fx.models.thirdparty) and bench's scripts (bench is a package); a file loaded by path is a module

@@ -21,7 +21,9 @@ from kdna_fx.datamodel import find_record, module_form, peer_record
 from kdna_fx.models import builder_of
 from kdna_fx.testing import TinyResNet, randomize_adapters
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: on a shared 2-core machine two threads only fight
+# One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.
+# one_thread: tiny models, on a shared 2-core machine two threads only fight.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("test_metadata_travels")]
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -123,7 +125,10 @@ def _original(kind: str) -> tuple[Any, dict[str, Any]]:
     return original, _facts(original)
 
 
-@pytest.mark.parametrize("steps", SEQUENCES, ids=["-".join(s) for s in SEQUENCES])
+# pickle then deepcopy, and the two mixed sequences, run in the default tier for every model; the other pickle /
+# torch.save pairings repeat them (0.2 s each) and run in make test-all.
+@pytest.mark.parametrize("steps", [pytest.param(s, id="-".join(s), marks=[pytest.mark.slow] * (
+    len(s) == 4 and s[:3:2] != ("pickle", "pickle"))) for s in SEQUENCES])
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_kdna_fx_metadata_travels_with_the_model(kind, steps):
     original, expected = _original(kind)

@@ -12,6 +12,9 @@ from torch.utils.data import DataLoader
 from kdna_fx.data import FASHION_MNIST_DIR, DataError
 from kdna_fx.train.scenes import FashionScenes, collate, mask_boxes
 
+# Tier integration: make test-fast leaves it out (builds and trains on generated scenes).
+pytestmark = pytest.mark.integration
+
 needs_data = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")
 
 

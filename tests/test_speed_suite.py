@@ -7,6 +7,10 @@ import os
 import pytest
 import torch
 
+# Tier bench: a smoke run of a bench/ script (make test-all) (runs bench/speed.py end to end).
+# One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.
+pytestmark = [pytest.mark.bench, pytest.mark.xdist_group("test_speed_suite")]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

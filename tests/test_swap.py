@@ -23,6 +23,9 @@ from kdna_fx.adapters import ChildAdapter
 from kdna_fx.datamodel import record_of
 from kdna_fx.testing import TinyResNet
 
+# Tier integration: make test-fast leaves it out (third-party-like models through the module swap, compiled and exported).
+pytestmark = pytest.mark.integration
+
 # The function-preserving configuration of the issue: every conv shared, every child reproducing its own
 # kernel exactly (a full-rank residual from the SVD, identity gates).
 PRESERVING = KDNAConfig(only_if_smaller=False, adapter=AdapterConfig(rank="full"))

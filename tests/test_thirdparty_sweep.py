@@ -21,7 +21,8 @@ from kdna_fx.models import thirdparty as catalogue
 from kdna_fx.testing import output_tensors
 
 
-pytestmark = [pytest.mark.usefixtures("free_traced_models")]
+# Tier integration: make test-fast leaves it out (smp, MONAI, Ultralytics, transformers, efficientnet-pytorch).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("free_traced_models")]
 
 # model -> "shared" (its convs shared in the model itself, which keeps its class) or "unchanged" (nothing to share,
 # with the reason NoEligibleConvWarning gives).
@@ -82,7 +83,12 @@ def _train_step(name: str, kmodel: nn.Module, inputs: tuple) -> None:
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+# Two models whose path a sibling checks run in make test-all: tv-fasterrcnn-resnet18-fpn checks torchvision's
+# detection path (4 s), smp's Unet, FPN and DeepLabV3+ on the same encoder the Unet++ (4 s).
+SLOW = {"tv-fasterrcnn-mobilenet_v3_large_320_fpn", "smp-unetplusplus-resnet18"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n in SLOW)) for n in sorted(EXPECTED)])
 def test_a_library_model_is_shared_or_unchanged_and_never_wrong(name, tmp_path, model_sweep):
     pytest.importorskip(catalogue.MODULE[name])
     model = _build(name).eval()

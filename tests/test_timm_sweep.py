@@ -16,7 +16,8 @@ from torch import nn
 import kdna_fx
 
 timm = pytest.importorskip("timm")
-pytestmark = [pytest.mark.usefixtures("one_thread", "free_traced_models")]
+# Tier integration: make test-fast leaves it out (one model per timm family).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread", "free_traced_models")]
 
 # timm module (family) -> a small representative; a few modules hold several families worth a name of their
 # own (tinynet, fbnet, lcnet). Left out: nasnet and pnasnet (88 M parameters), mobilenetv5 (294 M parameters);
@@ -82,7 +83,13 @@ SLOW = {
 INPUT_SIZE = {"efficientformer_l1": 224, "inception_v3": 96, "inception_v4": 96, "inception_resnet_v2": 96}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ALL])
+# The default tier runs this sample (8 cheap timm families); the rest are marked sweep (make test-all).
+SAMPLE = {"convnext_atto", "resnet10t", "mobilevit_xxs", "regnetx_002", "densenet121", "levit_128s",
+          "resnest14d", "vgg11_bn"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n in SLOW)
+                                               + [pytest.mark.sweep] * (n not in SAMPLE)) for n in ALL])
 def test_timm_model_is_shared_or_documented(name, model_sweep, tmp_path):
     torch.manual_seed(0)
     model = kdna_fx.models.create_model(f"timm/{name}", num_classes=8, **CREATE_KWARGS.get(name, {}))  # no weights

@@ -19,9 +19,14 @@ from kdna_fx.adapters import ChildAdapter
 from kdna_fx.models.timm import timm_name
 from kdna_fx.peers import KWConv2d, PeerConv2d
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Tier integration: make test-fast leaves it out (the zoo through timm, smp and a torchvision detector).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 # every zoo name, with its timm name
 PAIRS = [(n, timm_name(*n.split("."))) for n in zoo.list_models()]
+# The peer tags go through the same timm path as plain, replace, relaxed and kdna, which stay in the default tier;
+# their builds (about 0.3 s each, 40 in all) run in make test-all.
+TIERED = [pytest.param(n, t, id=t, marks=[pytest.mark.slow] * (zoo.TAGS[n.split(".")[1]].peer is not None))
+          for n, t in PAIRS]
 
 
 def n_params(model: nn.Module) -> int:
@@ -45,7 +50,7 @@ def test_every_architecture_and_tag_is_registered() -> None:
     assert not timm.list_models("kdna_*", pretrained=True)  # no weights are claimed
 
 
-@pytest.mark.parametrize("name, tname", PAIRS, ids=[t for _, t in PAIRS])
+@pytest.mark.parametrize("name, tname", TIERED)
 def test_timm_builds_what_create_model_builds(name: str, tname: str) -> None:
     torch.manual_seed(0)
     ours = zoo.create_model(name, in_chans=1, small_stem=True, **small(name))
@@ -102,7 +107,7 @@ def test_a_train_step_through_timms_own_helpers() -> None:
     assert any(".gate." in n for n in changed) and any(n.endswith("conv2.weight") for n in changed)
 
 
-@pytest.mark.parametrize("name, tname", PAIRS, ids=[t for _, t in PAIRS])
+@pytest.mark.parametrize("name, tname", TIERED)
 def test_features_only(name: str, tname: str) -> None:
     torch.manual_seed(0)
     model = timm.create_model(tname, features_only=True, **{k: v for k, v in small(name).items() if k == "width"})
@@ -187,3 +192,72 @@ def test_a_checkpoint_of_a_timm_made_model_loads_without_the_model(tmp_path) -> 
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+# ---- timm's model API (issue 31): what timm's fine-tuning code calls on a model ------------------------
+API_NAMES = ["kdna_resnet18", "kdna_resnet50_plain", "kdna_mobilenet_v2_replace", "kdna_mobilenet_v2_050",
+             "kdna_convnext_tiny", "kdna_convnext_tiny_relaxed", "kdna_resnet18_odconv"]
+
+
+def api_model(tname: str, **extra) -> nn.Module:
+    torch.manual_seed(0)
+    zoo_name = next(n for n, t in PAIRS if t == tname)
+    return timm.create_model(tname, **small(zoo_name), **extra)
+
+
+@pytest.mark.parametrize("tname", API_NAMES)
+def test_timm_model_api_splits_forward_and_resets_the_classifier(tname: str) -> None:
+    model = api_model(tname).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+        features = model.forward_features(x)
+        pooled = model.forward_head(features, pre_logits=True)
+        assert features.dim() == 4 and torch.equal(model.forward_head(features), logits)
+    head = model.get_classifier()
+    assert isinstance(head, nn.Linear) and head.out_features == 10 == logits.shape[1]
+    assert pooled.shape == (2, head.in_features)
+    model.reset_classifier(3)
+    assert model.get_classifier().out_features == 3 and model.num_classes == 3 and model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert isinstance(model.get_classifier(), nn.Identity) and torch.equal(model(x), pooled)
+    model.reset_classifier(5)  # back from no head: the pooled width is remembered
+    assert model(x).shape == (2, 5)
+    with pytest.raises(kdna_fx.KDNAError, match="average"):
+        model.reset_classifier(5, global_pool="max")
+
+
+@pytest.mark.parametrize("tname", ["kdna_resnet18", "kdna_mobilenet_v2_050", "kdna_convnext_tiny"])
+def test_grad_checkpointing_recomputes_each_stage_with_the_same_gradients(tname: str) -> None:
+    model = api_model(tname, gate_norm="layer").train()
+    twin = copy.deepcopy(model)
+    twin.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    stage = twin.get_submodule(twin._stages[-1].removesuffix(".*"))
+    last = list(stage)[-1] if twin._stages[-1].endswith(".*") else stage
+    # A pre-hook: recomputation stops early (torch.utils.checkpoint's early stop), before the forward hooks.
+    last.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    for m in (model, twin):
+        torch.manual_seed(1)  # the same stochastic depth draws in both
+        m(x).square().mean().backward()
+    assert len(calls) == 2, "a checkpointed stage runs again in the backward pass"
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_timms_fine_tuning_flow_runs_on_a_zoo_model() -> None:
+    from timm.optim import create_optimizer_v2
+
+    model = api_model("kdna_resnet18", gate_norm="layer")
+    model.reset_classifier(4)
+    model.set_grad_checkpointing()
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3)
+    head = model.get_classifier().weight.detach().clone()
+    loss = nn.functional.cross_entropy(model.train()(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(model.get_classifier().weight, head)
+    backbone = timm.create_model("kdna_resnet18", features_only=True, width=0.25)  # features_only still works
+    assert [f.shape[1] for f in backbone.eval()(torch.randn(1, 3, 32, 32))] == backbone.feature_info.channels()

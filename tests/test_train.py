@@ -19,6 +19,9 @@ from kdna_fx.train import (CheckpointError, DataError, NonFiniteLossError, Train
                            read_idx, train)
 from kdna_fx.data import FASHION_MNIST_DIR, fashion_mnist, write_idx
 
+# Tier integration: make test-fast leaves it out (trains models for a few steps, kdna train and eval end to end).
+pytestmark = pytest.mark.integration
+
 
 # ---- helpers -------------------------------------------------------------------------------------------
 class Tiny(nn.Module):
@@ -311,7 +314,7 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     after = read_checkpoint(os.path.join(run, "last.pt"))
     assert after["epoch"] == 1 and all(torch.equal(weights[k], after["model"][k]) for k in weights)
 
-    assert main(["eval", run, "--no-progress", "--device", "cpu", "--json", str(tmp_path / "eval.json")]) == 0
+    assert main(["eval", run, "--no-progress", "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
     out = capsys.readouterr().out
     assert "replace_resnet18 (epoch 1)" in out and "top-1" in out and "over 16 images" in out
     assert json.loads((tmp_path / "eval.json").read_text())["images"] == 16

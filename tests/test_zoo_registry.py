@@ -28,7 +28,7 @@ def small(name: str) -> dict:
 
 
 def test_every_architecture_lists_its_tags() -> None:
-    peers = [t for t, fn in zoo.PEERS.items() if hasattr(kdna_fx.peers, fn)]
+    peers = [t for t, tag in zoo.TAGS.items() if tag.peer and hasattr(kdna_fx.peers, tag.peer)]
     assert peers and set(peers) >= {"condconv", "dyconv", "odconv"}
     for arch in ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v2_050", "convnext_tiny"):
         assert zoo.list_models(f"{arch}.*") == sorted(f"{arch}.{t}" for t in ["plain", "replace", "relaxed", "kdna", *peers])
@@ -49,9 +49,9 @@ def test_old_names_are_aliases_of_tags(alias: str, tagged: str) -> None:
     assert zoo.model_options(alias) == zoo.model_options(tagged)
 
 
-@pytest.mark.parametrize("tag", [t for t, fn in zoo.PEERS.items() if hasattr(kdna_fx.peers, fn)])
+@pytest.mark.parametrize("tag", [t for t, tag in zoo.TAGS.items() if tag.peer and hasattr(kdna_fx.peers, tag.peer)])
 def test_a_peer_tag_is_its_peers_function_on_the_plain_network(tag: str) -> None:
-    peer = getattr(kdna_fx.peers, zoo.PEERS[tag])
+    peer = getattr(kdna_fx.peers, zoo.TAGS[tag].peer)
     torch.manual_seed(0)
     model = zoo.create_model(f"resnet18.{tag}", num_classes=10, width=0.25)
     expected = peer(zoo.create_model("resnet18", num_classes=10, width=0.25))
@@ -64,8 +64,8 @@ def test_a_peer_tag_is_its_peers_function_on_the_plain_network(tag: str) -> None
 
 
 def test_a_new_peer_is_one_table_line_and_a_missing_function_no_tag(monkeypatch) -> None:
-    monkeypatch.setitem(zoo.PEERS, "condconv2", "condconv")
-    monkeypatch.setitem(zoo.PEERS, "not_there", "no_such_peer_function")
+    monkeypatch.setitem(zoo.TAGS, "condconv2", zoo.Tag(peer="condconv"))
+    monkeypatch.setitem(zoo.TAGS, "not_there", zoo.Tag(peer="no_such_peer_function"))
     assert "resnet18.condconv2" in zoo.list_models() and "resnet18.not_there" not in zoo.list_models()
     assert zoo.model_options("resnet18.condconv2")[-3:] == ["experts", "config", "init"]
     model = zoo.create_model("resnet18.condconv2", num_classes=10, width=0.25, experts=2)

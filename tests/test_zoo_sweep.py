@@ -12,7 +12,8 @@ import torchvision
 
 import kdna_fx
 
-pytestmark = pytest.mark.usefixtures("free_traced_models")
+# Tier integration: make test-fast leaves it out (every torchvision classifier (the full list: marker sweep)).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("free_traced_models")]
 
 NO_FAMILY_3X3 = "3x3 convs are depthwise or differ in shape within every stage"
 UNCHANGED = {
@@ -49,7 +50,14 @@ SLOW = {"regnet_y_128gf", "vit_h_14"}
 ALL = torchvision.models.list_models(module=torchvision.models)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ALL])
+# The default tier runs this sample (9 cheap torchvision classifiers of different kinds); the rest are marked
+# sweep (make test-all).
+SAMPLE = {"resnet18", "squeezenet1_1", "googlenet", "swin_v2_t", "mobilenet_v3_large",
+          "inception_v3", "shufflenet_v2_x0_5", "regnet_y_400mf", "efficientnet_b0"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n in SLOW)
+                                               + [pytest.mark.sweep] * (n not in SAMPLE)) for n in ALL])
 def test_zoo_model_is_shared_or_documented(name, model_sweep, tmp_path):
     torch.manual_seed(0)
     model = kdna_fx.models.create_model(f"torchvision/{name}", **BUILD_KWARGS.get(name, {}))  # weights=None

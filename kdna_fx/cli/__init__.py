@@ -47,5 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(run(argv[1:]) or 0)
     except KDNAError as exc:
-        print(f"kdna {command}: error: {exc}", file=sys.stderr)
+        print(f"kdna {command}: error: {_own_message(exc)}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2))
+
+
+def _own_message(exc: KDNAError) -> str:
+    """The error's message. torch's DataLoader raises an error from a worker process again as the same class with
+    the worker's whole traceback as its message; the error's own message is that traceback's last line."""
+    message = str(exc)
+    if "\nOriginal Traceback" not in message:
+        return message
+    return message.strip().splitlines()[-1].removeprefix(f"{type(exc).__module__}.{type(exc).__qualname__}: ")

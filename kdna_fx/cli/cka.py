@@ -4,7 +4,7 @@ SOURCE is a ``kdna train`` run directory, a state-dict file (.pt / .safetensors,
 a file written by ``kdna convert`` / kdna_fx.save (with --model: the original architecture), or a model name
 (kdna_fx.models or torchvision; random weights seeded by --seed). ``--compare OTHER`` measures a second model
 of the same kinds on the same images and draws the two maps side by side: the original against its
-converted twin. Writes ``<out>/cka.png`` and ``<out>/cka.json`` and prints the most similar pairs.
+converted twin. Writes ``<out-dir>/cka.png`` and ``<out-dir>/cka.json`` and prints the most similar pairs.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from kdna_fx.source import build_source, resolve_source
 from kdna_fx.timing import provenance
 from kdna_fx.utils import write_json
 
-from .options import add_data, add_model_options, add_progress
+from .options import add_batch_size, add_data, add_model_options, add_progress
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,12 +33,13 @@ def parser() -> argparse.ArgumentParser:
     add_model_options(p, what="the architecture")
     add_data(p, dataset_default=None)  # images to compare the layers on: the run's, else the Fashion-MNIST test split
     p.add_argument("--images", type=int, default=512, help="images to measure on (>= 4)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per minibatch of the CKA estimate (>= 4)")
+    add_batch_size(p, 64, "images per minibatch of the CKA estimate (>= 4)")
     p.add_argument("--pool", choices=POOLS, default="flatten",
                    help="flatten: compare whole feature maps; mean: their spatial means (see docs/cka.md)")
     p.add_argument("--compare", default=None, help="a second model (same kinds as SOURCE, e.g. the output of "
                                                    "`kdna convert`) drawn beside the first")
-    p.add_argument("--out", default=None, help="output folder (default: <run>/cka, <file>.cka or cka_<name>)")
+    p.add_argument("--out-dir", metavar="DIR", default=None,
+                   help="the folder cka.png and cka.json go to (default: <run>/cka, <file>.cka or cka_<name>)")
     p.add_argument("--seed", type=int, default=0, help="image sample, and the weights of a model given by name")
     add_progress(p)
     return p
@@ -80,7 +81,7 @@ def cka(args: argparse.Namespace) -> dict[str, Any]:
                                                     args.data_path or data_spec.get("path"),
                                                     image_size=args.image_size or data_spec.get("image_size"))
     if kind not in ("run", "saved"):  # a run or a self-describing file is complete; the others take the data's
-        spec = {**spec, "num_classes": args.num_classes or classes, "in_chans": chans}
+        spec = {**spec, "num_classes": args.num_classes or classes, "in_chans": args.in_chans or chans}
     label = os.path.basename(args.source.rstrip("/"))
     sim = _measure(build_source(kind, args.source, spec, state, args.seed), spec["name"], data, description, label, args)
     other = None
@@ -88,7 +89,7 @@ def cka(args: argparse.Namespace) -> dict[str, Any]:
         okind, ospec, _, ostate = resolve_source(args.compare, **_options(args), like=spec)
         model = build_source(okind, args.compare, ospec, ostate, args.seed)
         other = _measure(model, ospec["name"], data, description, os.path.basename(args.compare.rstrip("/")), args)
-    out = args.out or _default_out(args.source, kind)
+    out = args.out_dir or _default_out(args.source, kind)
     os.makedirs(out, exist_ok=True)
     png, path = os.path.join(out, "cka.png"), os.path.join(out, "cka.json")
     sim.plot(png, compare=other)

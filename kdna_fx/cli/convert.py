@@ -32,7 +32,7 @@ from kdna_fx.timing import provenance, write_results
 from kdna_fx.train import TrainConfig
 from kdna_fx.utils import atomic_path
 
-from .options import add_model_options, add_progress
+from .options import add_data, add_model_options, add_out, add_progress
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,12 +52,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=float, default=0, help="labelled fine-tune after calibration")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fine-tune, after a check of its gradients against eager (docs/training.md)")
-    p.add_argument("--data", dest="data_path", default=None, help="data location (default: the run's, or "
-                                                                   "the Fashion-MNIST package); the data set "
-                                                                   "kind is the run's (fashion-mnist for a "
-                                                                   "state dict)")
+    add_data(p, dataset_default=None)  # the run's data set, else (a state dict) Fashion-MNIST
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output .safetensors (default: <source>.kdna.safetensors)")
+    add_out(p, "the converted model, a .safetensors file (default: <source>.kdna.safetensors); its reports go "
+               "beside it as <out stem>.md and .json")
     add_progress(p)
     return p
 
@@ -78,13 +76,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     spec, data_spec, state = load_source(args.source, args.model, width=args.width, small_stem=args.small_stem,
                                          num_classes=args.num_classes)
-    if args.data_path:
-        data_spec["path"] = args.data_path
-    data = build_data(data_spec.get("dataset", "fashion-mnist"), data_spec.get("path"), seed=args.seed,
-                      image_size=data_spec.get("image_size"), val_subset=args.val_images or None)
+    data = build_data(args.dataset or data_spec.get("dataset", "fashion-mnist"),
+                      args.data_path or data_spec.get("path"), seed=args.seed, image_size=args.image_size or data_spec.get("image_size"),
+                      val_subset=args.val_images or None)
     if args.calib_images < 1:
         raise ConfigError(f"--calib-images must be >= 1, got {args.calib_images}")
-    spec = {**spec, "num_classes": data.num_classes, "in_chans": data.in_chans}
+    spec = {**spec, "num_classes": data.num_classes, "in_chans": args.in_chans or data.in_chans}
     original = build_original(spec)
     try:
         original.load_state_dict(state, strict=True)

@@ -16,12 +16,16 @@ from kdna_fx.reporting import count_macs
 from kdna_fx.tables import format_table
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdna models", description=__doc__.splitlines()[0])
+    p.add_argument("patterns", nargs="*", default=["*.plain", "*.replace", "*.kdna"],
+                   help="shell-style model name patterns (default: the plain, replace and kdna tags)")
+    p.add_argument("--small", action="store_true", help="10 classes, 1x28x28, small_stem, width 0.25")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="kdna models", description=__doc__.splitlines()[0])
-    parser.add_argument("patterns", nargs="*", default=["*.plain", "*.replace", "*.kdna"],
-                        help="shell-style model name patterns (default: the plain, replace and kdna tags)")
-    parser.add_argument("--small", action="store_true", help="10 classes, 1x28x28, small_stem, width 0.25")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     # A pattern without a tag ("resnet18", "*resnet*") names every tag of what it matches.
     names = list(dict.fromkeys(n for pattern in args.patterns
                                for n in list_models(pattern if "." in pattern else f"{pattern}.*")))

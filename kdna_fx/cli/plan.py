@@ -15,11 +15,13 @@ import kdna_fx
 from kdna_fx.datamodel import converted_by
 from kdna_fx.source import build_original, spec_from_options
 
+from .options import add_model_options
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdna plan", description=__doc__.splitlines()[0])
     p.add_argument("model", help="a zoo, torchvision/<name> or timm/<name> model name, e.g. resnet18")
-    p.add_argument("--width", type=float, default=None, help="channel width multiplier (zoo models that take one)")
+    add_model_options(p, name=False)
     p.add_argument("--config", default=None, help="a JSON file with a KDNAConfig dict (KDNAConfig.to_dict)")
     p.add_argument("--kernel-sizes", type=int, nargs="+", default=None, help="KDNAConfig.kernel_sizes")
     p.add_argument("--stage-depth", type=int, default=None, help="KDNAConfig.stage_depth")
@@ -30,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    model = build_original(spec_from_options(args.model, width=args.width, num_classes=1000, in_chans=3))
+    model = build_original(spec_from_options(args.model, width=args.width, small_stem=args.small_stem,
+                                             num_classes=args.num_classes or 1000, in_chans=args.in_chans or 3))
     config = kdna_fx.KDNAConfig.read(args.config) if args.config else kdna_fx.models.sharing_config(args.model)
     given = {"kernel_sizes": tuple(args.kernel_sizes) if args.kernel_sizes else None,
              "stage_depth": args.stage_depth, "depthwise": args.depthwise}

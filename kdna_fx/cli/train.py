@@ -13,7 +13,9 @@ import torch
 from kdna_fx.data import build_data
 import kdna_fx
 from kdna_fx.errors import ConfigError
-from kdna_fx.source import is_kdna_file, saved_builder
+from kdna_fx.datamodel import converted_by
+from kdna_fx.models import TAGS
+from kdna_fx.source import build_source, is_kdna_file, resolve_source, saved_builder
 from kdna_fx.timing import provenance
 from kdna_fx.train import distributed as D
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, load_model_weights, read_checkpoint
@@ -22,7 +24,7 @@ from kdna_fx.train.models import build_model
 from kdna_fx.train.recipe import AMP_CHOICES, resolve_amp
 from kdna_fx.utils import write_json
 
-from .options import add_data, add_progress
+from .options import add_batch_size, add_data, add_model_options, add_out, add_progress
 
 # Options that may differ from the checkpoint's when resuming (they do not change the numbers).
 _RESUME_OVERRIDABLE = {"workers", "device", "log_every", "progress", "compile", "data_path"}
@@ -143,12 +145,14 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdna eval", description="Top-1 and images/s of a `kdna train` checkpoint or "
-                                                             "of a kdna_fx.save file that records its builder")
-    p.add_argument("checkpoint", help="a last.pt written by kdna train, its run directory, or a kdna_fx.save file "
-                                      "(kdna convert's output, or any model create_model built)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--json", dest="json_out", default=None, help="also write the result to this JSON file")
+    p = argparse.ArgumentParser(prog="kdna eval", description="Top-1 and images/s of a `kdna train` checkpoint, of a "
+                                                             "kdna_fx.save file, or of a state dict with --model")
+    p.add_argument("checkpoint", help="a last.pt written by kdna train, its run directory, a kdna_fx.save file "
+                                      "(kdna convert's output, or any model create_model built), or a state dict "
+                                      "(.pt / .safetensors) with --model and its options")
+    add_model_options(p, what="a state dict's architecture")
+    add_batch_size(p, 256)
+    add_out(p, "also write the result to this JSON file")
     _add_data_options(p)
     for action in p._actions:  # data options default to what the run was trained on
         if action.dest in ("dataset", "image_size", "val_fraction", "val_subset", "amp"):
@@ -158,7 +162,15 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
-    if is_kdna_file(args.checkpoint):  # a self-describing kdna_fx.save file: it rebuilds its own model
+    if args.model is not None and not os.path.isdir(args.checkpoint):  # a state dict (or a kdna_fx.save file) and
+        # the architecture it belongs to, as kdna convert, cka and export take them
+        kind, spec, data_spec, state = resolve_source(args.checkpoint, model=args.model, width=args.width,
+                                                      small_stem=args.small_stem, num_classes=args.num_classes)
+        spec = {**spec, **({"in_chans": args.in_chans} if args.in_chans else {})}
+        path, model = args.checkpoint, build_source(kind, args.checkpoint, spec, state, seed=0)
+        ckpt = {"epoch": None, "config": {"data": {"dataset": "fashion-mnist", "path": None, **data_spec},
+                                          "seed": 0, "model": {"name": spec["name"]}}}
+    elif is_kdna_file(args.checkpoint):  # a self-describing kdna_fx.save file: it rebuilds its own model
         if saved_builder(args.checkpoint) is None:
             raise ConfigError(f"{args.checkpoint!r} does not record how its model was built (it was not made by "
                               f"kdna_fx.models.create_model); evaluate it from Python: kdna_fx.load(path, model)")
@@ -187,13 +199,17 @@ def eval_main(argv: list[str] | None = None) -> int:
     result = evaluate(model, loader, device=ctx.device, amp_dtype=amp_dtype, channels_last=args.channels_last,
                       ctx=ctx, progress=args.progress)
     D.cleanup(ctx)
-    result.update({"checkpoint": path, "model": config["model"]["name"], "epoch": ckpt["epoch"],
+    name = config["model"]["name"]
+    by = converted_by(model) if ckpt["epoch"] is None else None  # a file, not a run (trained as it is)
+    if by and TAGS.get(name.rpartition(".")[2], TAGS["plain"]) == TAGS["plain"]:  # a file of a plain network's
+        name += f", converted by {by}"  # conversion (kdna convert) is named as converted, not as its original
+    result.update({"checkpoint": path, "model": name, "epoch": ckpt["epoch"],
                    "data": data.description, "device": str(ctx.device), "batch_size": args.batch_size})
     if ctx.is_main:
         epoch = f" (epoch {result['epoch']})" if result["epoch"] is not None else ""
         print(f"{result['model']}{epoch} on {data.description}: top-1 {result['top1']:.2f}% "
               f"over {result['images']} images, loss {result['loss']:.4f}, {result['images_per_s']:.0f} images/s "
               f"(batch {args.batch_size}, {ctx.device}, {torch.get_num_threads()} threads)")
-        if args.json_out:
-            write_json(args.json_out, {**result, "provenance": provenance()})
+        if args.out:
+            write_json(args.out, {**result, "provenance": provenance()})
     return 0

@@ -12,12 +12,12 @@ kdna_fx registers the zoo in timm too (kdna_fx.models.timm). See docs/models.md.
 import importlib.util
 
 from . import convnext, mobilenet, resnet  # noqa: F401  (they register their architectures)
-from ._registry import (PEERS, RELAXED_RANK, Arch, Reference, architectures, create_model, is_model, list_models,
+from ._registry import (RELAXED_RANK, TAGS, Arch, Reference, Tag, architectures, create_model, is_model, list_models,
                         model_options, register_arch, sharing_config)
 from .builder import builder_of, input_of, record_input
 
 if importlib.util.find_spec("timm") is not None:  # the zoo in timm's registry: timm.create_model("kdna_resnet50")
     from . import timm  # noqa: F401
 
-__all__ = ["PEERS", "RELAXED_RANK", "Arch", "Reference", "architectures", "builder_of", "create_model", "input_of",
-           "is_model", "list_models", "model_options", "record_input", "register_arch", "sharing_config"]
+__all__ = ["RELAXED_RANK", "TAGS", "Arch", "Reference", "Tag", "architectures", "builder_of", "create_model",
+           "input_of", "is_model", "list_models", "model_options", "record_input", "register_arch", "sharing_config"]

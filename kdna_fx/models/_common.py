@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from torch import nn
+from torch import Tensor, fx, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import AdapterConfig, KDNAConfig
 from ..errors import ConfigError
@@ -61,3 +62,65 @@ def kaiming_conv(in_chans: int, out_chans: int, kernel_size: int, stride: int, p
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
     return conv
+
+
+class TimmAPI:
+    """timm's model API on a zoo network (a mixin before its nn.Module class): ``forward_features``,
+    ``forward_head``, ``get_classifier``, ``reset_classifier`` and ``set_grad_checkpointing``, so timm's
+    fine-tuning code runs on ``timm.create_model("kdna_resnet18")`` and the other zoo names.
+
+    A class names its feature modules in order (``_stages``, module paths; each Sequential among them is one
+    checkpointed stage; ``features.*``: that Sequential's children are) and its last linear layer
+    (``_classifier``: the modules before it in the same Sequential run after pooling). forward is forward_head(forward_features(x)): the function the class had, the
+    same modules called (their hooks fire); checkpointing recomputes each stage in the backward pass.
+    """
+
+    _stages: tuple[str, ...] = ()
+    _classifier: str = "fc"
+    grad_checkpointing = False
+
+    def forward_features(self: Any, x: Tensor) -> Tensor:
+        """The last stage's feature map (before pooling)."""
+        for path in self._stages:
+            module = self.get_submodule(path.removesuffix(".*"))
+            if not (self.grad_checkpointing and self.training and isinstance(module, nn.Sequential)):
+                x = module(x)  # the stem's single layers too: an in-place ReLU must not rewrite a saved output
+                continue
+            for step in (module if path.endswith(".*") else [module]):
+                # Non-reentrant: the gradient reaches the parameters whatever the input's requires_grad.
+                x = checkpoint(step, x, use_reentrant=False)
+        return x
+
+    def forward_head(self: Any, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool and classify a feature map; ``pre_logits=True``: the pooled features, before the last linear."""
+        pool = getattr(self, "avgpool", None)
+        x = pool(x) if isinstance(pool, nn.Module) else nn.functional.adaptive_avg_pool2d(x, 1)
+        parent, _, last = self._classifier.rpartition(".")
+        for name, module in (self.get_submodule(parent).named_children() if parent else ()):
+            if name == last:
+                break
+            x = module(x)
+        x = x.flatten(1)
+        return x if pre_logits else self.get_classifier()(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self: Any) -> nn.Module:
+        """The last linear layer (an Identity after ``reset_classifier(0)``)."""
+        return self.get_submodule(self._classifier)
+
+    def reset_classifier(self: Any, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh last linear layer for ``num_classes`` (0: none, the model returns the pooled features)."""
+        if global_pool not in (None, "avg"):
+            raise ConfigError(f"{type(self).__name__} pools by average only: call reset_classifier(num_classes) "
+                              f"or pass global_pool='avg', not {global_pool!r}")
+        old = self.get_classifier()
+        features = old.in_features if isinstance(old, nn.Linear) else self.num_features
+        parent, _, name = self._classifier.rpartition(".")
+        setattr(self.get_submodule(parent), name, nn.Linear(features, num_classes) if num_classes else nn.Identity())
+        self.num_features, self.num_classes = features, num_classes
+
+    def set_grad_checkpointing(self: Any, enable: bool = True) -> None:
+        """Recompute each feature stage in the backward pass (torch.utils.checkpoint) instead of storing it."""
+        self.grad_checkpointing = enable

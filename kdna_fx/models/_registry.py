@@ -9,7 +9,10 @@ once (``register_arch``); its variants are tags:
 - ``relaxed``: replace mode whose children carry a rank-``rank`` kernel residual (``AdapterConfig.rank``,
   default ``RELAXED_RANK``);
 - ``kdna``: the KernelDNA reference topology (zoo architectures only);
-- one tag per peer of ``PEERS``: the ``kdna_fx.peers`` transform of the plain network.
+- one tag per peer: the ``kdna_fx.peers`` transform of the plain network.
+
+The tags are data (``TAGS``, as timm's ``split_model_name_tag`` reads a name: ``<arch>.<tag>``): each says which
+options it takes and how it finishes the network; adding one is one line there.
 
 The names of the v0.1 zoo (``kdna_resnet18``, ``replace_resnet50``, ``kdna_mobilenet_v2_050``) are aliases.
 """
@@ -27,14 +30,6 @@ from torch import nn
 from ..config import KDNAConfig
 from ..errors import ConfigError, KDNATypeError
 
-# Peer tag -> the kdna_fx.peers function that converts a plain network. A tag whose function kdna_fx.peers does
-# not have (yet) is not offered; adding a peer is one line here.
-PEERS: dict[str, str] = {
-    "condconv": "condconv",
-    "dyconv": "dyconv",
-    "odconv": "odconv",
-    "kernelwarehouse": "kernelwarehouse",
-}
 RELAXED_RANK = 4
 """The default ``rank`` of the ``relaxed`` tag: each child's kernel residual B A, B [C_out, rank]."""
 SOURCES = ("torchvision", "timm")
@@ -91,19 +86,6 @@ def register_arch(arch: Arch, aliases: Sequence[str] = ()) -> Arch:
 def architectures() -> dict[str, Arch]:
     """The registered zoo architectures by name."""
     return dict(_ARCHS)
-
-
-def peer_function(tag: str) -> Callable[..., nn.Module] | None:
-    """The kdna_fx.peers function of a peer tag, or None where kdna_fx.peers has none."""
-    from .. import peers
-
-    return getattr(peers, PEERS[tag], None) if tag in PEERS else None
-
-
-def tags(arch: Arch | None = None) -> list[str]:
-    """The tags of a zoo architecture (``arch``) or of a torchvision/timm model (None), default first."""
-    own = ["plain", "replace"] + (["kdna"] if arch is not None and arch.reference is not None else []) + ["relaxed"]
-    return own + [t for t in PEERS if peer_function(t) is not None]
 
 
 # ---- names ---------------------------------------------------------------------------------------------
@@ -179,27 +161,14 @@ def _params(fn: Callable[..., Any], skip: int = 0) -> list[str]:
     return list(inspect.signature(fn).parameters)[skip:]
 
 
-def _tag_options(resolved: Resolved) -> list[str]:
-    """The options that belong to the tag (the rest go to the architecture)."""
-    if resolved.tag == "replace":
-        return ["config", "gate_norm"]
-    if resolved.tag == "relaxed":
-        return ["config", "gate_norm", "rank"]
-    if resolved.tag in PEERS:
-        return _params(peer_function(resolved.tag), skip=1)  # type: ignore[arg-type]  (after the model)
-    return []
-
-
 def model_options(name: str) -> list[str]:
     """The options ``create_model(name, ...)`` takes. For a torchvision or timm model, the tag's own options
     and ``num_classes`` (the library checks the rest)."""
     resolved = resolve(name)
-    arch = resolved.arch
-    if arch is None:
-        return ["num_classes"] + _tag_options(resolved)
-    if resolved.tag == "kdna":
-        return _params(arch.reference)  # type: ignore[arg-type]
-    return _params(arch.plain) + _tag_options(resolved)
+    tag = TAGS[resolved.tag]
+    if resolved.arch is None:
+        return ["num_classes"] + tag.own_options()
+    return _params(tag.maker(resolved.arch)) + tag.own_options()
 
 
 def sharing_config(name: str) -> KDNAConfig:
@@ -213,15 +182,116 @@ def sharing_config(name: str) -> KDNAConfig:
     return arch.sharing() if arch is not None else KDNAConfig()
 
 
-# ---- building --------------------------------------------------------------------------------------------
+# ---- tags ----------------------------------------------------------------------------------------------
+Finish = Callable[[nn.Module, nn.Module], nn.Module]
+BuildNet = Callable[..., nn.Module]
+
+
 class Recipe(NamedTuple):
     """How a name is built: the network, then ``finish`` applied to it (or to a wrapper of it, such as
     timm's feature extractor: ``finish(wrapper, net)`` finds the network's convs in the wrapper by identity)."""
 
     net: nn.Module
-    finish: Callable[[nn.Module, nn.Module], nn.Module]
+    finish: Finish
 
 
+@dataclass(frozen=True)
+class Tag:
+    """A variant of a network: ``finish(resolved, options)`` turns the tag's own ``options`` into what is done to
+    the built network (None: nothing). ``peer``: the kdna_fx.peers function a peer tag applies (its options are
+    that function's); ``reference``: the network is the architecture's KernelDNA reference topology."""
+
+    options: tuple[str, ...] = ()
+    finish: Callable[[Resolved, dict[str, Any]], Finish] | None = None
+    peer: str | None = None
+    reference: bool = False
+
+    def offered(self, arch: Arch | None) -> bool:
+        """Whether ``arch`` (None: a torchvision or timm model) has this tag."""
+        if self.reference:
+            return arch is not None and arch.reference is not None
+        return self.peer is None or self.peer_function() is not None
+
+    def peer_function(self) -> Callable[..., nn.Module] | None:
+        """The kdna_fx.peers function of a peer tag (None where kdna_fx.peers has none)."""
+        from .. import peers
+
+        return getattr(peers, self.peer, None) if self.peer is not None else None
+
+    def own_options(self) -> list[str]:
+        """The options that belong to the tag (the rest go to the network)."""
+        peer = self.peer_function()
+        return _params(peer, skip=1) if peer is not None else list(self.options)
+
+    def maker(self, arch: Arch) -> Callable[..., Any]:
+        """The zoo builder this tag starts from (its signature: the network's options)."""
+        return arch.reference if self.reference else arch.plain  # type: ignore[return-value]
+
+    def recipe(self, resolved: Resolved, options: dict[str, Any], net_kwargs: dict[str, Any],
+               build_net: BuildNet) -> Recipe:
+        """The network built through ``build_net(make, **net_kwargs)`` and this tag's finish."""
+        if self.reference:
+            return _reference_recipe(resolved, net_kwargs, build_net)
+        # The tag's options are checked (by finish) before anything is built.
+        finish = _peer_finish(self, resolved, options) if self.peer else \
+            self.finish(resolved, options) if self.finish else lambda model, base: model
+        return Recipe(build_net(_maker(resolved), **net_kwargs), finish)
+
+
+def _reference_recipe(resolved: Resolved, net_kwargs: dict[str, Any], build_net: BuildNet) -> Recipe:
+    """The reference builder gives (net, families, config): the net goes through build_net (timm wraps it for
+    features_only), the plan and config wait for finish."""
+    parts: list[Reference] = []
+
+    def make_reference(**kw: Any) -> nn.Module:
+        parts.append(resolved.arch.reference(**kw))  # type: ignore[union-attr]
+        return parts[-1].net
+
+    net = build_net(make_reference, **net_kwargs)
+    ref = parts[-1]
+    return Recipe(net, lambda model, base: _with_plan(model, base, ref.families, ref.config))
+
+
+def _replaced(resolved: Resolved, options: dict[str, Any]) -> Finish:
+    config = _config(resolved, options.get("config"), options.get("gate_norm"))
+    return lambda model, base: _replace(model, base, config)
+
+
+def _relaxed(resolved: Resolved, options: dict[str, Any]) -> Finish:
+    rank = _relaxed_rank(resolved, options.get("rank", RELAXED_RANK))
+    config = _config(resolved, options.get("config"), options.get("gate_norm"))
+    relaxed = config.map_adapters(lambda a: dataclasses.replace(a, rank=rank))
+    return lambda model, base: _replace(model, base, relaxed)
+
+
+def _peer_finish(tag: Tag, resolved: Resolved, options: dict[str, Any]) -> Finish:
+    """The peer function on the plain network, converting the convs the architecture's sharing config names,
+    with the architecture's defaults for the peer (the caller's options win)."""
+    peer = tag.peer_function()
+    if "config" in _params(peer):  # type: ignore[arg-type]
+        options = {**options, "config": _config(resolved, options.get("config"), None)}
+    if resolved.arch is not None:
+        options = {**resolved.arch.peer_options.get(resolved.tag, {}), **options}
+    return lambda model, base: peer(model, **options)  # type: ignore[misc]
+
+
+TAGS: dict[str, Tag] = {
+    "plain": Tag(),
+    "replace": Tag(("config", "gate_norm"), _replaced),
+    "kdna": Tag(reference=True),
+    "relaxed": Tag(("config", "gate_norm", "rank"), _relaxed),
+    **{name: Tag(peer=name) for name in ("condconv", "dyconv", "odconv", "kernelwarehouse")},
+}
+"""Every tag, in the order ``list_models`` shows them: a new peer is one ``Tag(peer=<kdna_fx.peers function>)``
+line; a tag whose function kdna_fx.peers does not have is not offered."""
+
+
+def tags(arch: Arch | None = None) -> list[str]:
+    """The tags of a zoo architecture (``arch``) or of a torchvision/timm model (None), default first."""
+    return [name for name, tag in TAGS.items() if tag.offered(arch)]
+
+
+# ---- building --------------------------------------------------------------------------------------------
 def recipe(name: str, kwargs: dict[str, Any], build_net: Callable[..., nn.Module] | None = None) -> Recipe:
     """The recipe of ``create_model(name, **kwargs)``. ``build_net(make, **options)`` builds the network
     from its maker (default: ``make(**options)``; kdna_fx.models.timm passes timm's own builder)."""
@@ -233,42 +303,11 @@ def recipe(name: str, kwargs: dict[str, Any], build_net: Callable[..., nn.Module
         if unknown:
             raise KDNATypeError(f"{resolved.name} does not take option(s) {unknown}; it takes {options}"
                                 + _other_tags_hint(resolved, unknown))
-    own = set(_tag_options(resolved))
+    tag = TAGS[resolved.tag]
+    own = set(tag.own_options())
     tag_kwargs = {k: v for k, v in kwargs.items() if k in own}
     net_kwargs = {k: v for k, v in kwargs.items() if k not in own}
-    if resolved.tag == "relaxed":  # checked before anything is built
-        tag_kwargs["rank"] = _relaxed_rank(resolved, tag_kwargs.get("rank", RELAXED_RANK))
-    build_net = build_net or (lambda make, **kw: make(**kw))
-
-    if resolved.tag == "kdna":
-        # The reference builder gives (net, families, config): the net goes through build_net (timm wraps it
-        # for features_only), the plan and config wait for finish.
-        parts: list[Reference] = []
-
-        def make_reference(**kw: Any) -> nn.Module:
-            parts.append(arch.reference(**kw))  # type: ignore[union-attr]
-            return parts[-1].net
-
-        net = build_net(make_reference, **net_kwargs)
-        ref = parts[-1]
-        return Recipe(net, lambda model, base: _with_plan(model, base, ref.families, ref.config))
-
-    net = build_net(_maker(resolved), **net_kwargs)
-    if resolved.tag == "plain":
-        return Recipe(net, lambda model, base: model)
-    config = _config(resolved, tag_kwargs.pop("config", None), tag_kwargs.pop("gate_norm", None))
-    if resolved.tag == "replace":
-        return Recipe(net, lambda model, base: _replace(model, base, config))
-    if resolved.tag == "relaxed":
-        rank = tag_kwargs.pop("rank")
-        relaxed = config.map_adapters(lambda a: dataclasses.replace(a, rank=rank))
-        return Recipe(net, lambda model, base: _replace(model, base, relaxed))
-    peer = peer_function(resolved.tag)
-    if "config" in _params(peer):  # type: ignore[arg-type]  (which convs it converts: the architecture's)
-        tag_kwargs["config"] = config
-    if resolved.source == "zoo":
-        tag_kwargs = {**_ARCHS[resolved.base].peer_options.get(resolved.tag, {}), **tag_kwargs}
-    return Recipe(net, lambda model, base: peer(model, **tag_kwargs))  # type: ignore[misc]
+    return tag.recipe(resolved, tag_kwargs, net_kwargs, build_net or (lambda make, **kw: make(**kw)))
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -331,13 +370,10 @@ def _timm(base: str, **kwargs: Any) -> nn.Module:
 
     if kwargs.pop("pretrained", False):
         raise ConfigError("kdna_fx.models builds models without weights; load a checkpoint afterwards")
-    try:
-        return timm.create_model(base, pretrained=False, **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" not in str(exc):
-            raise
+    if not timm.is_model(base):
         close = difflib.get_close_matches(base, timm.list_models(), n=3)
-        raise ConfigError(f"timm has no model {base!r}" + (f"; did you mean {close}?" if close else "")) from None
+        raise ConfigError(f"timm has no model {base!r}" + (f"; did you mean {close}?" if close else ""))
+    return timm.create_model(base, pretrained=False, **kwargs)
 
 
 def _config(resolved: Resolved, config: Any, gate_norm: Any) -> KDNAConfig:

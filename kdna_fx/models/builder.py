@@ -90,13 +90,6 @@ def input_of(builder: dict[str, Any] | None) -> dict[str, int | None]:
     return {"in_chans": recorded.get("in_chans"), "image_size": recorded.get("image_size")}
 
 
-def carry(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` (built from ``source``: by kdna_fx.transform, say) ``source``'s stamp, if any."""
-    builder = builder_of(source)
-    if builder is not None:
-        keep(target, BUILDER_ATTR, builder)
-
-
 def rebuild(builder: dict[str, Any]) -> nn.Module:
     """A fresh model from a stamp (``builder_of``), through ``create_model``."""
     from ._registry import create_model

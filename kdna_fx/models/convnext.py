@@ -23,7 +23,7 @@ from torchvision.ops import StochasticDepth
 
 from ..config import KDNAConfig
 from ..functional import GateNorm
-from ._common import check_options, reference_config, scaled
+from ._common import TimmAPI, check_options, reference_config, scaled
 from ._registry import Arch, Reference, register_arch
 
 DIMS, DEPTHS = (96, 192, 384, 768), (3, 3, 9, 3)
@@ -60,8 +60,16 @@ class ConvNeXtBlock(nn.Module):
         return x + self.drop_path(self.layer_scale * out)
 
 
-class ConvNeXt(nn.Module):
+class TorchvisionConvNeXt(TimmAPI, torchvision.models.ConvNeXt):
+    """torchvision's ConvNeXt (the plain network) with timm's model API."""
+
+    _stages, _classifier = ("features.*",), "classifier.2"
+
+
+class ConvNeXt(TimmAPI, nn.Module):
     """ConvNeXt with torchvision's layout, parameters and initialisation; pointwise layers as 1x1 convs."""
+
+    _stages, _classifier = ("features.*",), "classifier.2"
 
     def __init__(self, *, num_classes: int = 1000, in_chans: int = 3, width: float = 1.0, small_stem: bool = False,
                  drop_path: float = 0.1):
@@ -88,9 +96,6 @@ class ConvNeXt(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.avgpool(self.features(x)))
-
 
 def reference_families() -> list[dict]:
     """Per stage (features.1, .3, .5, .7), the runs of ``sharing``: each child block's pwconv1 and pwconv2
@@ -112,13 +117,10 @@ def reference_families() -> list[dict]:
 def plain(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0) -> nn.Module:
     """Plain torchvision ConvNeXt-Tiny (weights=None); ``width`` scales the stage widths 96-192-384-768."""
     check_options("convnext_tiny", num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-    if width == 1:
-        model = torchvision.models.convnext_tiny(weights=None, num_classes=num_classes)
-    else:
-        dims = [scaled(d, width) for d in DIMS]
-        setting = [CNBlockConfig(d, dims[i + 1] if i + 1 < len(dims) else None, n)
-                   for i, (d, n) in enumerate(zip(dims, DEPTHS))]
-        model = torchvision.models.ConvNeXt(setting, stochastic_depth_prob=0.1, num_classes=num_classes)
+    dims = [scaled(d, width) for d in DIMS]  # width 1: convnext_tiny(weights=None)
+    setting = [CNBlockConfig(d, dims[i + 1] if i + 1 < len(dims) else None, n)
+               for i, (d, n) in enumerate(zip(dims, DEPTHS))]
+    model = TorchvisionConvNeXt(setting, stochastic_depth_prob=0.1, num_classes=num_classes)
     if small_stem or in_chans != 3:
         old = model.features[0][0]
         stem = (nn.Conv2d(in_chans, old.out_channels, 3, 1, 1) if small_stem

@@ -8,7 +8,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from ..config import KDNAConfig
 from ..functional import GateNorm
-from ._common import check_options, kaiming_conv, reference_config, scaled
+from ._common import TimmAPI, check_options, kaiming_conv, reference_config, scaled
 from ._registry import Arch, Reference, register_arch
 
 # (expansion t, base channels c, blocks n, first stride s), as in the MobileNetV2 paper.
@@ -47,8 +47,16 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-class MobileNetV2(nn.Module):
+class TorchvisionMobileNetV2(TimmAPI, torchvision.models.MobileNetV2):
+    """torchvision's MobileNetV2 (the plain network) with timm's model API."""
+
+    _stages, _classifier = ("features.*",), "classifier.1"
+
+
+class MobileNetV2(TimmAPI, nn.Module):
     """MobileNetV2 with torchvision's parameters, MACs and initialisation (module names of our own)."""
+
+    _stages, _classifier = ("features.*",), "classifier.1"
 
     def __init__(self, *, num_classes: int = 1000, in_chans: int = 3, width: float = 1.0, small_stem: bool = False,
                  dropout: float = 0.2):
@@ -77,10 +85,6 @@ class MobileNetV2(nn.Module):
         nn.init.normal_(self.classifier[1].weight, 0, 0.01)
         nn.init.zeros_(self.classifier[1].bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
-        return self.classifier(x.flatten(1))
-
 
 # ---- registered architectures -----------------------------------------------------------------------
 def reference_families() -> list[dict]:
@@ -99,7 +103,7 @@ def reference_families() -> list[dict]:
 def plain(num_classes: int = 1000, in_chans: int = 3, small_stem: bool = False, width: float = 1.0) -> nn.Module:
     """Plain torchvision MobileNetV2 (weights=None); ``width`` is torchvision's width_mult."""
     check_options("mobilenet_v2", num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-    model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width)
+    model = TorchvisionMobileNetV2(num_classes=num_classes, width_mult=width)  # = mobilenet_v2(weights=None)
     if small_stem or in_chans != 3:
         stem = model.features[0][0]
         model.features[0][0] = kaiming_conv(in_chans, stem.out_channels, 3, 1 if small_stem else 2, 1)

@@ -13,7 +13,7 @@ import torchvision
 from torch import Tensor, nn
 
 from ..functional import GateNorm
-from ._common import check_options, kaiming_conv, reference_config, scaled
+from ._common import TimmAPI, check_options, kaiming_conv, reference_config, scaled
 from ._registry import Arch, Reference, register_arch
 
 
@@ -69,8 +69,20 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+"""The feature modules of a ResNet, in order (timm's forward_features, TimmAPI)."""
+
+
+class TorchvisionResNet(TimmAPI, torchvision.models.ResNet):
+    """torchvision's ResNet (the plain network at width 1) with timm's model API."""
+
+    _stages = STAGES
+
+
+class ResNet(TimmAPI, nn.Module):
     """A ResNet with four stages of 64, 128, 256, 512 base channels x width and ``depths`` blocks each."""
+
+    _stages = STAGES
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: Sequence[int], *,
                  num_classes: int = 1000, in_chans: int = 3, width: float = 1.0, small_stem: bool = False):
@@ -99,11 +111,6 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(self.avgpool(x).flatten(1))
-
 
 def _r18_stage(s: str) -> list[dict]:
     # Three blocks, three unique 3x3 kernels (A.conv1, P1 = B.conv2, P2 = C.conv2):
@@ -122,6 +129,7 @@ REFERENCE = {
                  + [{"parent": "layer4.2.conv2", "children": ["layer4.1.conv2"]}]),
 }
 _BASELINE = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+_TORCHVISION = {"resnet18": torchvision.models.resnet.BasicBlock, "resnet50": torchvision.models.resnet.Bottleneck}
 
 
 # ---- registered architectures -----------------------------------------------------------------------
@@ -132,7 +140,7 @@ def plain(arch: str, num_classes: int = 1000, in_chans: int = 3, small_stem: boo
     block, depths = _BASELINE[arch]
     if width != 1:  # torchvision has no width multiplier; this class reproduces it (tested at width 1)
         return ResNet(block, depths, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=small_stem)
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    model = TorchvisionResNet(_TORCHVISION[arch], list(depths), num_classes=num_classes)  # = resnetXX(weights=None)
     if small_stem:
         model.conv1 = kaiming_conv(in_chans, 64, 3, 1, 1)
         model.maxpool = nn.Identity()

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..carried import keep
 from ..errors import ConfigError
-from ._registry import Arch, architectures, model_options, recipe, tags
+from ._registry import TAGS, Arch, architectures, model_options, recipe, tags
 from .builder import stamp
 
 _PROBE = 64
@@ -40,7 +40,7 @@ default_cfgs: dict[str, Any] = {}  # read by timm's register_model
 
 def timm_name(arch: str, tag: str) -> str:
     """The timm name of the zoo name ``<arch>.<tag>``."""
-    return f"kdna_{arch}" if tag == "kdna" else f"kdna_{arch}_{tag}"
+    return f"kdna_{arch}" if TAGS[tag].reference else f"kdna_{arch}_{tag}"
 
 
 def feature_info(net: nn.Module, modules: tuple[str, ...], in_chans: int) -> list[dict[str, Any]]:
@@ -68,7 +68,7 @@ def feature_info(net: nn.Module, modules: tuple[str, ...], in_chans: int) -> lis
 
 def _entrypoint(arch: Arch, tag: str) -> Callable[..., nn.Module]:
     zoo_name, name = f"{arch.name}.{tag}", timm_name(arch.name, tag)
-    modules = arch.reference_features if tag == "kdna" else arch.plain_features
+    modules = arch.reference_features if TAGS[tag].reference else arch.plain_features
     ours = set(model_options(zoo_name))
 
     def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:

@@ -31,9 +31,10 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's own text is not repeated: it advises weights_only=False, which runs any code in the file.
         raise CheckpointError(
-            f"cannot read checkpoint {path!r}: the file is truncated or corrupt ({first}). It was probably cut "
+            f"cannot read checkpoint {path!r}: the file is truncated or corrupt ({type(exc).__name__}). It was "
+            f"probably cut "
             f"off by a full disk or a copy that did not finish. Restore it from a complete copy, or delete it "
             f"and start the run again without --resume.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
