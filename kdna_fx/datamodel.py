@@ -21,7 +21,7 @@ from torch import fx, nn
 from .carried import keep, kept
 from .config import AdapterConfig, KDNAConfig
 from .errors import KDNAError
-from .functional import pair
+from .functional import ntuple
 from .tables import format_table
 
 
@@ -31,15 +31,16 @@ class ConvSite:
     """One convolution of the graph that may take part in sharing."""
 
     name: str
-    """Module path for an nn.Conv2d; the weight's qualified name for an F.conv2d call."""
+    """Module path for a conv module (nn.Conv1d, nn.Conv2d, nn.Conv3d); the weight's qualified name for an
+    F.conv1d/2d/3d call."""
     kind: str
-    """Which handler (passes/sites.py) found it and puts its child in place: "module" (an nn.Conv2d) or
-    "function" (an F.conv2d call)."""
+    """Which handler (passes/sites.py) found it and puts its child in place: "module" (a conv module) or
+    "function" (an F.conv1d, F.conv2d or F.conv3d call)."""
     node: str
     weight: str
     out_channels: int
     in_channels: int
-    kernel_size: tuple[int, int]
+    kernel_size: tuple[int, ...]
     stride: Any
     padding: Any
     dilation: Any
@@ -55,11 +56,11 @@ class ConvSite:
     @property
     def family_key(self) -> tuple[Any, ...]:
         return (self.stage, self.in_channels, self.out_channels, self.kernel_size, self.groups,
-                pair(self.dilation), self.padding_mode)
+                ntuple(self.dilation, len(self.kernel_size)), self.padding_mode)
 
     @property
-    def kernel_shape(self) -> tuple[int, int, int, int]:
-        """(C_out, C_in / groups, kh, kw): the shape of the kernel it holds or shares."""
+    def kernel_shape(self) -> tuple[int, ...]:
+        """(C_out, C_in / groups, *kernel_size): the shape of the kernel it holds or shares."""
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
 
@@ -83,7 +84,7 @@ class Family:
     parent: str
     children: tuple[str, ...]
     stage: str = ""
-    shape: tuple[int, int, int, int] | None = None  # parent kernel: (C_out, C_in / groups, kh, kw)
+    shape: tuple[int, ...] | None = None  # parent kernel: (C_out, C_in / groups, *kernel_size)
     groups: int = 1
     similarity: tuple[float, ...] | None = None
     """policy='cka': each child's measured CKA to the parent (in ``children`` order)."""

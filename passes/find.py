@@ -15,7 +15,7 @@ from kdna_fx.config import KDNAConfig
 from kdna_fx.datamodel import ConvSite, Skipped
 from kdna_fx.registry import NOT_TRACED
 
-from .sites import HANDLERS, conv2d_arguments, conv_module_site, is_conv_call
+from .sites import HANDLERS, conv_arguments, conv_module_site, is_conv_call
 
 
 def find_convs(gm: fx.GraphModule, config: KDNAConfig) -> tuple[list[ConvSite], list[Skipped]]:
@@ -73,7 +73,7 @@ def first_in_channels(model: nn.Module) -> int | None:
         for node in (n for n in model.graph.nodes if is_conv_call(model, n)):
             if node.op == "call_module":
                 return model.get_submodule(node.target).in_channels
-            args = conv2d_arguments(node)
+            args = conv_arguments(node)
             if isinstance(args["weight"], fx.Node) and args["weight"].op == "get_attr":
                 return model.get_parameter(args["weight"].target).shape[1] * int(args["groups"])
     return next((m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
@@ -90,9 +90,8 @@ def owners(model: nn.Module) -> Counter:
 
 
 def _ineligible(site: ConvSite, gm: nn.Module, config: KDNAConfig, tied: Counter) -> str | None:
-    kh, kw = site.kernel_size
-    if kh != kw or kh not in config.kernel_sizes:
-        return f"kernel {kh}x{kw} is not in kernel_sizes={config.kernel_sizes}"
+    if not config.shares_kernel(site.kernel_size):
+        return f"kernel {'x'.join(map(str, site.kernel_size))} is not in kernel_sizes={config.kernel_sizes}"
     if site.groups > 1 and site.groups == site.in_channels == site.out_channels and not config.depthwise:
         return "depthwise conv (groups = C_in = C_out); opt in with KDNAConfig(depthwise=True)"
     dropped = config.selected(site.name)

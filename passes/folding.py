@@ -55,7 +55,7 @@ def _fold_graph(gm: fx.GraphModule) -> None:
     graph = gm.graph
     tagged = child_nodes(gm)
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is KF.child_conv2d and node not in tagged:
+        if node.op == "call_function" and node.target is KF.child_conv and node not in tagged:
             warnings.warn(f"fold left {node.name!r} unfolded: it was not inserted by kdna_fx.transform",
                           SkippedSiteWarning, stacklevel=3)
     for node in tagged:

@@ -30,7 +30,7 @@ def swap_convs(gm: nn.Module, sites: list[ConvSite], skipped: list[Skipped], mak
     skipped = list(skipped)
     converted = []
     for site in sites:
-        reason = handler_of(site).not_for_peers()
+        reason = handler_of(site).not_for_peers(site)
         if reason is not None:
             warnings.warn(f"kdna_fx left {site.name!r} as it was: {reason}", SkippedSiteWarning, stacklevel=3)
             skipped.append(Skipped(site.name, reason))

@@ -4,11 +4,11 @@ For a child C of parent P the graph becomes (module form)::
 
     p = get_attr P.weight                      # once per parent, under its original name
     a = call_module C.gate(x)                  # [B, C_in]
-    y = call_function child_conv2d(x, p, filter_scale=get_attr C.filter_scale,
+    y = call_function child_conv(x, p, filter_scale=get_attr C.filter_scale,
                                    spatial_scale=get_attr C.spatial_scale, gate_values=a,
                                    bias=get_attr C.bias, stride=..., padding=..., groups=...)
 
-kdna_fx.functional.child_conv2d is the one place where a child is computed: it gates only the child's
+kdna_fx.functional.child_conv is the one place where a child is computed: it gates only the child's
 input edge, modulates the kernel and runs one batch-shared convolution. The child's conv module is
 replaced by a ChildAdapter holding F, S, the gate and its bias; its own kernel is gone. Parents, norms and
 everything else are untouched. What differs between an nn.Conv2d and an F.conv2d call is each conv-site
@@ -162,7 +162,7 @@ def _rewrite_child(gm: fx.GraphModule, nodes: dict[str, fx.Node], order: dict[fx
         b: Any = inputs.bias_arg
         if adapter.bias is not None:
             b = tag(graph.get_attr(f"{path}.bias"), "bias", site.name)
-        y = graph.call_function(KF.child_conv2d, (inputs.x, parent_weight), dict(
+        y = graph.call_function(KF.child_conv, (inputs.x, parent_weight), dict(
             **scales, gate_values=a, bias=b, stride=site.stride, padding=site.padding, dilation=site.dilation,
             groups=site.groups, padding_mode=site.padding_mode))
         tag(y, "child_conv", site.name, path)

@@ -6,8 +6,9 @@ what of such a call the rewrite cannot take (``unsupported``), what the child co
 left to clean up (``finish``). passes.find, passes.rewriting and passes.peers ask ``handler_of(site)`` and never
 branch on the kind themselves; a new kind of conv (say, a registered custom conv type) is a new handler.
 
-    ModuleConv    an ``nn.Conv2d`` module call: the child's adapter replaces the module at its path
-    FunctionConv  an ``F.conv2d(x, self.weight, ...)`` call on a stored parameter: the adapter sits beside it
+    ModuleConv    an ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` module call: the child's adapter replaces the module
+    FunctionConv  an ``F.conv2d(x, self.weight, ...)`` call (or conv1d, conv3d) on a stored parameter: the adapter
+                  sits beside it
 """
 from __future__ import annotations
 
@@ -15,18 +16,18 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from kdna_fx.config import KDNAConfig
 from kdna_fx.datamodel import ConvSite, Skipped, tag
-from kdna_fx.functional import pair
+from kdna_fx.functional import ntuple
 
-_FUNCTIONAL_CONVS = (F.conv2d, torch.conv2d)
-_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV2D_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_FUNCTIONAL_CONVS = (F.conv1d, F.conv2d, F.conv3d)  # the very torch.conv1d/2d/3d objects
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
 @dataclass
@@ -70,8 +71,11 @@ class ConvHandler:
     def finish(self, gm: fx.GraphModule, site: ConvSite, inputs: GraphInputs, keeps_kernel: bool) -> None:
         """Clean up after the child replaced the call."""
 
-    def not_for_peers(self) -> str | None:
-        """Why the dynamic-convolution peers (which replace modules) cannot take this kind, else None."""
+    def not_for_peers(self, site: ConvSite) -> str | None:
+        """Why the dynamic-convolution peers (which replace nn.Conv2d modules) cannot take this site, else None."""
+        if len(site.kernel_size) != 2:
+            return (f"a {len(site.kernel_size)}-D conv: the peers are 2-D only (their per-sample convolution's matmul "
+                    f"form, im2col by F.unfold, and their spatial attentions are written for a 2-D kernel)")
         return None
 
 
@@ -109,9 +113,9 @@ class FunctionConv(ConvHandler):
     def site(self, gm: fx.GraphModule, node: fx.Node, config: KDNAConfig, calls: Counter) -> ConvSite | Skipped | None:
         if not (node.op == "call_function" and node.target in _FUNCTIONAL_CONVS):
             return None
-        args = conv2d_arguments(node)
+        args = conv_arguments(node)
         weight = args["weight"]
-        label = f"{node.name} (F.conv2d)"
+        label = f"{node.name} ({node.target.__name__})"
         if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
             return Skipped(label, "its weight is computed in the graph, not a stored parameter")
         try:
@@ -123,22 +127,22 @@ class FunctionConv(ConvHandler):
         dynamic = [k for k in ("stride", "padding", "dilation", "groups") if isinstance(args[k], fx.Node)]
         if dynamic:
             return Skipped(weight.target, f"{', '.join(dynamic)} computed at run time")
-        groups = int(args["groups"])
-        padding = args["padding"] if isinstance(args["padding"], str) else pair(args["padding"])
+        groups, n = int(args["groups"]), tensor.dim() - 2
+        padding = args["padding"] if isinstance(args["padding"], str) else ntuple(args["padding"], n)
         return ConvSite(
             name=weight.target, kind=self.kind, node=node.name, weight=weight.target,
             out_channels=tensor.shape[0], in_channels=tensor.shape[1] * groups, kernel_size=tuple(tensor.shape[2:]),
-            stride=pair(args["stride"]), padding=padding, dilation=pair(args["dilation"]), groups=groups,
+            stride=ntuple(args["stride"], n), padding=padding, dilation=ntuple(args["dilation"], n), groups=groups,
             padding_mode="zeros", has_bias=args["bias"] is not None, stage=config.stage_of(weight.target),
-            adapter=config.adapter_for(weight.target, F.conv2d), adapter_path=f"{weight.target}_kdna")
+            adapter=config.adapter_for(weight.target, node.target), adapter_path=f"{weight.target}_kdna")
 
     def unsupported(self, node: fx.Node) -> str | None:
-        if not isinstance(conv2d_arguments(node)["input"], fx.Node):
-            return "the F.conv2d input is a constant, not a graph value"
+        if not isinstance(conv_arguments(node)["input"], fx.Node):
+            return "the functional conv's input is a constant, not a graph value"
         return None
 
     def graph_inputs(self, gm: fx.GraphModule, node: fx.Node) -> GraphInputs:
-        args = conv2d_arguments(node)
+        args = conv_arguments(node)
         return GraphInputs(x=args["input"], bias=None, bias_arg=args["bias"], training=gm.training,
                            own_weight=args["weight"])
 
@@ -157,8 +161,8 @@ class FunctionConv(ConvHandler):
         owner_path, _, field = site.weight.rpartition(".")
         delattr(gm.get_submodule(owner_path), field)
 
-    def not_for_peers(self) -> str | None:
-        return "an F.conv2d call: the peers replace nn.Conv2d modules only"
+    def not_for_peers(self, site: ConvSite) -> str | None:
+        return "a functional conv call: the peers replace nn.Conv2d modules only"
 
 
 HANDLERS: dict[str, ConvHandler] = {h.kind: h for h in (ModuleConv(), FunctionConv())}
@@ -172,12 +176,14 @@ def handler_of(site: ConvSite) -> ConvHandler:
 def conv_module_site(name: str, module: nn.Module, config: KDNAConfig, node: str = "") -> ConvSite | Skipped | None:
     """The site of the conv module ``module`` at path ``name`` (None: not a conv). ``node``: its graph node's
     name, "" when the child is put in place by module swap (passes.swapping)."""
-    if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
-        return Skipped(name, f"{type(module).__name__}: only 2-D convolutions (nn.Conv2d) are shared")
-    if not isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return Skipped(name, f"{type(module).__name__}: transposed convolutions are not shared (only nn.Conv1d, "
+                             f"nn.Conv2d and nn.Conv3d)")
+    base = next((t for t in _CONV_MODULES if isinstance(module, t)), None)
+    if base is None:
         return None
-    if type(module).forward is not nn.Conv2d.forward:
-        return Skipped(name, f"{type(module).__name__} overrides nn.Conv2d.forward; rewriting it would "
+    if type(module).forward is not base.forward:
+        return Skipped(name, f"{type(module).__name__} overrides {base.__name__}.forward; rewriting it would "
                              f"drop that logic")
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return Skipped(name, "lazy conv not yet initialised: run one forward pass before transform")
@@ -196,16 +202,16 @@ def conv_module_site(name: str, module: nn.Module, config: KDNAConfig, node: str
         adapter=config.adapter_for(name, type(module)), adapter_path=name)
 
 
-def conv2d_arguments(node: fx.Node) -> dict[str, Any]:
-    """The arguments of an F.conv2d call node by name, defaults filled in."""
-    args = dict(_CONV2D_DEFAULTS)
-    args.update(zip(_CONV2D_ARGS, node.args))
+def conv_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of an F.conv1d/2d/3d call node by name, defaults filled in."""
+    args = dict(_CONV_DEFAULTS)
+    args.update(zip(_CONV_ARGS, node.args))
     args.update(node.kwargs)
     return args
 
 
 def is_conv_call(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether ``node`` calls a conv module (any dimension) or F.conv2d."""
+    """Whether ``node`` calls a conv module (any dimension) or a functional conv."""
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.modules.conv._ConvNd)
     return node.op == "call_function" and node.target in _FUNCTIONAL_CONVS

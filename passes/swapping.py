@@ -5,7 +5,7 @@ Where there is none (Python control flow on tensors, a forward that reads ``self
 differs from eager), the children are still shared: a KernelDNA child needs only its parent's kernel, its
 own adapters and its own input, all local to the conv module. So each child ``nn.Conv2d`` is replaced, at
 the same path, by a ChildAdapter bound to its parent module; ``child(x)`` computes
-``kdna_fx.functional.child_conv2d`` exactly as the rewritten graph does. Everything else (the user's module
+``kdna_fx.functional.child_conv`` exactly as the rewritten graph does. Everything else (the user's module
 objects, their classes, attributes, methods, containers and Python forwards) stays as it was.
 
 Same plan, same adapters (``new_child``), same initialisation (passes.initialization), same record; only how a

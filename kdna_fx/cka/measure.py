@@ -28,10 +28,10 @@ def _graph(model: nn.Module) -> fx.GraphModule | None:
 
 
 def _conv_modules(model: nn.Module, gm: fx.GraphModule | None) -> list[tuple[str, nn.Module]]:
-    """The convs that run as modules: nn.Conv2d, and swapped children (in a rewritten graph ``gm`` a child is a
+    """The convs that run as modules: nn.Conv1d/2d/3d, and swapped children (in a rewritten graph ``gm`` a child is a
     node, its ChildAdapter never called)."""
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) or (gm is None and isinstance(m, ChildAdapter))]
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (gm is None and isinstance(m, ChildAdapter))]
 
 
 def _conv_names(model: nn.Module) -> list[str]:
@@ -46,7 +46,7 @@ def _conv_names(model: nn.Module) -> list[str]:
 class _ConvInterpreter(fx.Interpreter):
     """Runs a transformed GraphModule node by node and hands each child conv's output to ``record``.
 
-    A child conv is a call to kdna_fx.functional.child_conv2d, not a module, so a hook cannot see it.
+    A child conv is a call to kdna_fx.functional.child_conv, not a module, so a hook cannot see it.
     """
 
     def __init__(self, gm: fx.GraphModule, record: Callable[[str, Tensor], None]):
@@ -68,7 +68,7 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
 
     ``data``: images [N, C, H, W] (``images`` of them drawn with ``seed``), a map-style data set of images or
     (image, label) pairs (likewise), or any iterable such as a DataLoader of image batches or (images, labels)
-    (the first ``images``). ``layers``: conv names to keep (default: every nn.Conv2d, and every child conv of a
+    (the first ``images``). ``layers``: conv names to keep (default: every conv module, and every child conv of a
     model transformed by kdna_fx, under its original name). Layers come in the order they run. ``pool``:
     "flatten" compares whole feature maps, "mean" their spatial means [n, C]. The model runs in eval mode
     without gradients; its training flags are restored afterwards.
@@ -80,7 +80,7 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
                        f"estimator divides by n - 3")
     available = _conv_names(model)
     if not available:
-        raise CKAError(f"{type(model).__name__} has no nn.Conv2d (nor kdna_fx child conv) to compare")
+        raise CKAError(f"{type(model).__name__} has no conv module (nor kdna_fx child conv) to compare")
     wanted = None if layers is None else list(layers)
     if wanted is not None and not wanted:
         raise CKAError("layers is empty; pass conv names to compare, or None for every conv")
