@@ -76,7 +76,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, seed: int) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--force-dirty", action="store_true")
     args = parser.parse_args()
