@@ -83,10 +83,11 @@ class KDNAConfig:
     by_name_regex: list[tuple[str, AdapterConfig | None]] = field(default_factory=list)
     by_name: dict[str, AdapterConfig | None] = field(default_factory=dict)
     kernel_sizes: tuple[int | tuple[int, ...], ...] = (3,)
-    """Kernel sizes that may be shared, in any rank: an int k means k in every spatial dim (3 is a 1-D 3, a
-    3x3 and a 3x3x3 kernel; 1 for pointwise sharing as in MobileNetV2); a tuple means that exact shape, which
-    is how a (2+1)-D network's 1x3x3 and 3x1x1 convs are chosen: ``kernel_sizes=(3, (1, 3, 3), (3, 1, 1))``.
-    Families never mix ranks nor shapes (the kernel size is part of a family's key)."""
+    """Kernel sizes that may be shared, in any rank. An int k means k in every spatial dim (3: a 1-D 3, a 3x3,
+    a 3x3x3 kernel; 1 for pointwise sharing as in MobileNetV2) and, for a 3-D kernel, also the two halves of a
+    (2+1)-D factorisation, 1xkxk (spatial) and kx1x1 (temporal), as in r2plus1d_18 and S3D. A tuple means that
+    exact shape only (``((3, 3, 3),)`` keeps the (2+1)-D convs out; ``((1, 3),)`` takes a 2-D 1x3). Families
+    never mix ranks nor shapes: the kernel size is part of a family's key."""
     depthwise: bool = False
     """Share depthwise convs (groups == C_in == C_out) too. Off by default, as in the reference."""
     share: bool = True
@@ -170,8 +171,10 @@ class KDNAConfig:
 
     def shares_kernel(self, kernel_size: tuple[int, ...]) -> bool:
         """Whether ``kernel_sizes`` lets a conv of this kernel size be shared (see ``kernel_sizes``)."""
-        square = kernel_size[0] if len(set(kernel_size)) == 1 else None
-        return square in self.kernel_sizes or tuple(kernel_size) in self.kernel_sizes
+        shape = tuple(kernel_size)
+        return shape in self.kernel_sizes or any(
+            isinstance(k, int) and (set(shape) == {k} or (len(shape) == 3 and shape in ((1, k, k), (k, 1, 1))))
+            for k in self.kernel_sizes)
 
     def map_adapters(self, fn: Callable[[AdapterConfig], AdapterConfig]) -> "KDNAConfig":
         """A copy with ``fn`` applied to every AdapterConfig at every level (None entries stay None)."""
