@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 import kdna_fx
+import kdna_fx.cka
 from kdna_fx import functional as KF
 from kdna_fx.adapters import ChildAdapter, Gate, adapter_cost, full_rank
 
@@ -163,3 +164,61 @@ def test_fold_equals_unfolded_and_save_load_round_trips(dtype, tol, rank, rewrit
     torch.testing.assert_close(kdna_fx.load(tmp_path / "m.kdna", _net(rank)).eval()(x), kmodel(x), **tol)
     report = kdna_fx.report(kmodel, x)
     assert report.params_after < report.params_before and report.macs_before > 0
+
+
+def _shared(rank: int, config: kdna_fx.KDNAConfig | None = None, init: str = "copy") -> tuple[nn.Module, nn.Module]:
+    """A TinyResNet of ``rank`` spatial dims and its transform, adapters moved off zero, in eval mode."""
+    from kdna_fx.testing import TinyResNet, randomize_adapters
+
+    torch.manual_seed(0)
+    model = TinyResNet(dims=rank).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kmodel = kdna_fx.transform(model, config or kdna_fx.KDNAConfig(), init=init)
+    if init == "copy":
+        randomize_adapters(kmodel)
+    return model, kmodel.eval()
+
+
+@RANKS
+def test_trained_init_at_full_rank_gives_the_original_function(dtype, tol, rank):
+    config = kdna_fx.KDNAConfig(only_if_smaller=False, adapter=kdna_fx.AdapterConfig(rank="full"))
+    model, kmodel = _shared(rank, config, init="trained")
+    x = torch.randn(2, 3, *(8,) * rank)
+    assert kdna_fx.plan_of(kmodel).families
+    torch.testing.assert_close(kmodel(x), model(x), rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=1e-5)
+
+
+@pytest.mark.integration
+@RANKS
+def test_compiled_fullgraph_equals_eager(rank):
+    _, kmodel = _shared(rank)
+    x = torch.randn(2, 3, *(8,) * rank)
+    torch._dynamo.reset()
+    for model in (kmodel, kdna_fx.fold(kmodel)):
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.integration
+@RANKS
+@pytest.mark.parametrize("format", ["onnx", "pt2"])
+def test_export_agrees_with_eager(rank, format, tmp_path):
+    if format == "onnx":
+        pytest.importorskip("onnxruntime")
+    _, kmodel = _shared(rank)
+    report = kdna_fx.export(kmodel, tmp_path / f"m.{format}", input_shape=(3, *(8,) * rank), format=format,
+                            dynamic_batch=True)
+    assert report.folded and 0 <= report.max_difference < 1e-4
+
+
+@pytest.mark.integration
+@RANKS
+def test_calibrate_and_cka_take_batches_of_the_models_rank(rank):
+    model, kmodel = _shared(rank)
+    data = torch.randn(16, 3, *(8,) * rank)
+    result = kdna_fx.calibrate(kmodel, data, kdna_fx.CalibrationConfig(steps=3, progress=False), reference=model)
+    assert result is not None
+    similarity = kdna_fx.cka.layer_similarity(model, data, images=8, batch_size=8, progress=False)
+    assert len(similarity.names) == sum(isinstance(m, CONVS[rank]) for m in model.modules())
+    with pytest.raises(kdna_fx.KDNAError, match=r"\[N, C, (L|D, H, W)\]"):
+        kdna_fx.calibrate(kmodel, torch.randn(16, 3, *(8,) * (4 - rank)), reference=model)

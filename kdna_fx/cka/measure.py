@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from kdna_fx.adapters import ChildAdapter
-from kdna_fx.data import image_batches
+from kdna_fx.data import image_batches, spatial_dims
 from kdna_fx.datamodel import child_nodes, graph_of, interpreted, tag_of
 from kdna_fx.errors import CKAError
 from kdna_fx.utils import KeptModes, device_dtype
@@ -119,7 +119,8 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             # The unbiased HSIC divides by n - 3: a remainder of fewer than 4 images joins the batch before it.
-            batches, expected = image_batches(data, images, batch_size, generator, min_batch=4)
+            batches, expected = image_batches(data, images, batch_size, generator, min_batch=4,
+                                              dims=spatial_dims(model))
             with tqdm(total=expected, desc="cka", unit="img", disable=not progress, leave=False) as bar:
                 for x in batches:
                     if len(x) < 4:  # only ever the sole batch: image_batches merges short remainders
