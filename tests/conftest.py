@@ -171,6 +171,10 @@ SLOW_TESTS = {
        for p in ("condconv", "dyconv", "odconv", "kernelwarehouse")},
     "test_thirdparty_sweep.py::test_a_library_model_is_shared_or_unchanged_and_never_wrong"
     "[tv-fasterrcnn-mobilenet_v3_large_320_fpn]": "tv-fasterrcnn-resnet18-fpn checks torchvision's detection path (4 s)",
+    **{f"test_thirdparty_sweep.py::test_a_library_model_is_shared_or_unchanged_and_never_wrong[{n}]":
+       "large 3-D networks (20-60 s each on 2 cores); monai-unet-3d, -segresnet-3d, -basicunet-3d and the dense "
+       "sweep's r3d_18 and s3d keep 3-D in the default tier"
+       for n in ("tv-r3d_18", "tv-mc3_18", "tv-r2plus1d_18", "tv-s3d", "monai-swinunetr-3d")},
     "test_thirdparty_sweep.py::test_a_library_model_is_shared_or_unchanged_and_never_wrong[smp-unetplusplus-resnet18]":
         "smp's Unet, FPN and DeepLabV3+ on the same encoder stay in the default tier (4 s)",
     **{f"test_metadata_travels.py::test_kdna_fx_metadata_travels_with_the_model[{kind}-{a}-deepcopy-{b}-deepcopy]":
