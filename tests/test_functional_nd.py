@@ -222,3 +222,17 @@ def test_calibrate_and_cka_take_batches_of_the_models_rank(rank):
     assert len(similarity.names) == sum(isinstance(m, CONVS[rank]) for m in model.modules())
     with pytest.raises(kdna_fx.KDNAError, match=r"\[N, C, (L|D, H, W)\]"):
         kdna_fx.calibrate(kmodel, torch.randn(16, 3, *(8,) * (4 - rank)), reference=model)
+
+
+@RANKS
+def test_a_peer_leaves_a_non_2d_conv_with_the_reason(rank):
+    from kdna_fx import peers
+    from kdna_fx.datamodel import peer_record
+    from kdna_fx.testing import TinyResNet
+
+    with pytest.warns(kdna_fx.SkippedSiteWarning, match="peers are 2-D only"):
+        converted = peers.condconv(TinyResNet(dims=rank))
+    record = peer_record(converted)
+    twos = [s.name for s in record.skipped if "peers are 2-D only" in s.reason]
+    assert not record.converted and len(twos) == sum(isinstance(m, CONVS[rank]) and m.kernel_size[0] == 3
+                                                      for m in converted.modules())
