@@ -117,7 +117,7 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: Plan 
         passes.warn_route(module, route.opaque, stacklevel=2)
     else:
         reasons = Counter(s.reason.split(":")[0] for s in record.plan.skipped)  # (and nothing swapped to warn of)
-        summary = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "the model has no 2-D convolution"
+        summary = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "the model has no convolution"
         how = "traced" if route.gm is not None else "not traced"
         warnings.warn(
             f"kdna_fx found no convolutions to share in {type(module).__name__} ({summary}); the model is "

@@ -1,4 +1,4 @@
-"""Pass 2: find the 2-D convolutions of a traced graph (or of a model's modules) and decide which may be shared.
+"""Pass 2: find the convolutions (any rank) of a traced graph (or of a model's modules); decide which may be shared.
 
 What a conv call looks like is each handler's business (passes/sites.py); this pass applies the config's
 rules of eligibility, which are the same for every kind."""
@@ -19,7 +19,7 @@ from .sites import HANDLERS, conv_arguments, conv_module_site, is_conv_call
 
 
 def find_convs(gm: fx.GraphModule, config: KDNAConfig) -> tuple[list[ConvSite], list[Skipped]]:
-    """Every 2-D conv node in graph order, split into eligible sites and skipped ones (with a reason)."""
+    """Every conv node (1-D, 2-D, 3-D) in graph order, split into eligible sites and skipped ones (with a reason)."""
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     found = [next((s for h in HANDLERS.values() if (s := h.site(gm, node, config, calls)) is not None), None)
              for node in gm.graph.nodes]
