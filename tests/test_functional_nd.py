@@ -236,3 +236,16 @@ def test_a_peer_leaves_a_non_2d_conv_with_the_reason(rank):
     twos = [s.name for s in record.skipped if "peers are 2-D only" in s.reason]
     assert not record.converted and len(twos) == sum(isinstance(m, CONVS[rank]) and m.kernel_size[0] == 3
                                                       for m in converted.modules())
+
+
+def test_kernel_sizes_read_in_every_rank_and_round_trip():
+    default = kdna_fx.KDNAConfig()
+    assert [default.shares_kernel(k) for k in [(3,), (3, 3), (3, 3, 3), (1, 3, 3), (3, 1, 1)]] == [True] * 5
+    assert not any(default.shares_kernel(k) for k in [(1, 3), (3, 1), (1, 1, 3), (5, 5), (1,)])
+    exact = kdna_fx.KDNAConfig(kernel_sizes=((3, 3, 3), [1, 3]))
+    assert exact.kernel_sizes == ((3, 3, 3), (1, 3))
+    assert [exact.shares_kernel(k) for k in [(3, 3, 3), (1, 3), (3, 3), (1, 3, 3)]] == [True, True, False, False]
+    assert kdna_fx.KDNAConfig.from_dict(exact.to_dict()) == exact
+    for bad in [(0,), ((3, 0),), ((1, 2, 3, 4),), (True,)]:
+        with pytest.raises(kdna_fx.ConfigError, match="kernel_sizes"):
+            kdna_fx.KDNAConfig(kernel_sizes=bad)
