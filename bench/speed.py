@@ -15,6 +15,10 @@ Every row's model is a zoo name with its tag and ``create_model`` options (``GRO
   (the paper's layers: 3x3 and 1x1 convs) on the same net.
 - ``resnet50``: ResNet-50, replace mode, folded, the reference ``kdna_resnet50`` (folded).
 - ``mobilenet_v2``: MobileNetV2, replace mode with its 1x1 sharing (kdna_fx.models.sharing_config), folded.
+- ``unet3d_32``, ``unet3d_64`` (issue 32): the catalogue's MONAI 3-D UNet (kdna_fx.models.thirdparty
+  ``monai-unet-3d``) on 1x32^3 and 1x64^3 volumes, replace mode and folded; ``r3d_18``: torchvision's r3d_18 on
+  3x8x64x64 clips, the same. Their inputs are ``INPUTS[group]`` (``--image-size`` is for the 2-D groups); run
+  them with ``--groups unet3d_32 unet3d_64 r3d_18 --modes inductor --batches 1 4 --threads 1``.
 
 Modes: ``eager``, ``inductor`` (torch.compile) and ``freezing`` (torch.compile with Inductor's freezing:
 parameters become constants, so an unfolded model's kernels are folded by the compiler and CPU convs use
@@ -84,6 +88,30 @@ def _zoo(name: str, *, fold: bool = False, **options: Any) -> Zoo:
     return Zoo(name, options, fold)
 
 
+@dataclasses.dataclass
+class Catalogue:
+    """A row's model from kdna_fx.models.thirdparty (``name``), transformed by ``config`` unless it is None,
+    folded for deployment when ``fold``."""
+
+    name: str
+    config: kdna_fx.KDNAConfig | None = None
+    fold: bool = False
+
+    def __call__(self) -> nn.Module:
+        from kdna_fx.models import thirdparty
+
+        model = thirdparty.BUILDERS[self.name]().eval()
+        if self.config is not None:
+            model = kdna_fx.transform(model, self.config, example_inputs=thirdparty.EXAMPLE_INPUTS[self.name]())
+        return kdna_fx.fold(model.eval()) if self.fold else model
+
+
+def _catalogue_rows(name: str) -> list[tuple[str, Catalogue, str]]:
+    """Baseline, replace mode and replace mode folded of one catalogue network."""
+    return [(name, Catalogue(name), "baseline"), ("replace", Catalogue(name, kdna_fx.KDNAConfig()), "replace"),
+            ("replace folded", Catalogue(name, kdna_fx.KDNAConfig(), fold=True), "folded")]
+
+
 def _sharing(name: str, rewrite: str = "auto") -> kdna_fx.KDNAConfig:
     """The architecture's sharing config (kdna_fx.models.sharing_config) with the given rewrite path."""
     return dataclasses.replace(sharing_config(name), rewrite=rewrite)
@@ -127,7 +155,20 @@ GROUPS: dict[str, list[tuple[str, Zoo, str]]] = {
         ("replace folded", _zoo("torchvision/mobilenet_v2.replace", fold=True, config=_sharing("mobilenet_v2")),
          "folded"),
     ],
+    "unet3d_32": _catalogue_rows("monai-unet-3d"),
+    "unet3d_64": _catalogue_rows("monai-unet-3d"),
+    "r3d_18": [("r3d_18", _zoo("torchvision/r3d_18"), "baseline"),
+               ("replace", _zoo("torchvision/r3d_18.replace"), "replace"),
+               ("replace folded", _zoo("torchvision/r3d_18.replace", fold=True), "folded")],
 }
+INPUTS: dict[str, tuple[int, ...]] = {"unet3d_32": (1, 32, 32, 32), "unet3d_64": (1, 64, 64, 64),
+                                      "r3d_18": (3, 8, 64, 64)}
+"""One sample's shape per group that does not take ``--image-size`` RGB images."""
+
+
+def example(group: str, batch: int, args: argparse.Namespace, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A random input batch of ``group``: its INPUTS shape, else ``--image-size`` RGB images."""
+    return torch.randn(batch, *INPUTS.get(group, (3, args.image_size, args.image_size)), device=device)
 
 
 @contextlib.contextmanager
@@ -169,8 +210,7 @@ def peak_memory(fn: Callable[[], Any]) -> int:
     return peak
 
 
-def _macs(model: nn.Module, role: str, image_size: int) -> int:
-    x = torch.randn(1, 3, image_size, image_size)
+def _macs(model: nn.Module, x: torch.Tensor) -> int:
     return count_macs(model, x)[0]  # one counter for every role: a peer's per-sample conv counts as the conv
 
 
@@ -184,9 +224,9 @@ def run_group(group: str, args: argparse.Namespace,
     for name, build, role in tqdm(GROUPS[group], desc=f"{group}: build", leave=False):
         model = build().eval()
         rows[name] = {"role": role, "params": sum(p.numel() for p in model.parameters()),
-                      "macs": _macs(model, role, args.image_size)}
+                      "macs": _macs(model, example(group, 1, args))}
         models[name] = model.to(device)
-    inputs = {b: torch.randn(b, 3, args.image_size, args.image_size, device=device) for b in args.batches}
+    inputs = {b: example(group, b, args, device) for b in args.batches}
     timings: dict[str, dict[str, Any]] = {}
     for mode in args.modes:
         torch._dynamo.reset()
@@ -214,7 +254,8 @@ def run_group(group: str, args: argparse.Namespace,
                     timings.setdefault(mode, {}).setdefault(str(b), {})[name] = t
     if "inductor" in args.modes:  # the peers' per-sample grouped convs are known to need a graph per batch size
         _count_graphs({n: m for n, m in models.items() if rows[n]["role"] != "peer"}, inputs, rows)
-    return {"group": group, "device": device.type, "image_size": args.image_size, "rows": rows, "timings": timings,
+    return {"group": group, "device": device.type, "image_size": args.image_size,
+            "input": list(INPUTS.get(group, (3, args.image_size, args.image_size))), "rows": rows, "timings": timings,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}, models
 
 
@@ -287,7 +328,7 @@ def _train_steps(group: str, args: argparse.Namespace, device: torch.device,
     b = args.train_batch or max(args.batches)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.train_amp == "bf16"
            else contextlib.nullcontext())
-    x = torch.randn(b, 3, args.image_size, args.image_size, device=device)
+    x = example(group, b, args, device)
     y = torch.randint(0, 1000, (b,), device=device)
     out: dict[str, Any] = {}
     torch._dynamo.reset()
@@ -422,7 +463,8 @@ def _group_markdown(p: dict[str, Any]) -> list[str]:
     rows, timings = p["rows"], p["timings"]
     base = next(n for n, r in rows.items() if r["role"] == "baseline")
     batches = sorted(next(iter(timings.values())), key=int)
-    md = [f"## {p['group']}: {p['image_size']}x{p['image_size']}, {p['device']}, eval", "",
+    shape = "x".join(map(str, p.get("input", (3, p["image_size"], p["image_size"]))))
+    md = [f"## {p['group']}: {shape}, {p['device']}, eval", "",
           "Images/s (median; relative spread in brackets) and the ratio to the baseline in the same mode.", ""]
     headers = ["row", "params", "GMACs", *[f"{m} b{b}" for m in timings for b in batches]]
     table = []
@@ -571,7 +613,7 @@ def _run_groups(args: argparse.Namespace, device: torch.device, meta: dict[str, 
         if args.variants:
             if models is None:
                 models = {name: build().eval().to(device) for name, build, _ in GROUPS[group]}
-            x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+            x = example(group, batch, args, device)
             save_and_say(f"{stem}_variants.json", {"batch": batch, "variants": _variants(models, x, args, sync_of(device)),
                                             **meta})
         models = None

@@ -1,6 +1,7 @@
 """Thin nn.Module holders for adapter parameters. All the math lives in kdna_fx.functional."""
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Iterator, get_args
 
 import torch
@@ -13,7 +14,9 @@ from .errors import ChildWeightError, ConfigError, KDNAError, ParentKernelError
 
 GATE_NORMS: tuple[str, ...] = get_args(KF.GateNorm)
 ADAPTER_TENSORS = ("filter_scale", "spatial_scale", "lowrank_b", "lowrank_a")
-"""A ChildAdapter's own kernel modulation tensors, in the order child_conv2d takes them."""
+"""A ChildAdapter's own kernel modulation tensors, in the order child_conv takes them."""
+KernelSize = tuple[int, ...]
+"""A conv's kernel size, one entry per spatial dim: (k,), (kh, kw) or (kd, kh, kw)."""
 
 
 def check_gate_norm(norm: object) -> KF.GateNorm:
@@ -29,12 +32,18 @@ def gate_width(channels: int, reduction: int, min_hidden: int = 1) -> int:
     return max(1, min_hidden, channels // reduction)
 
 
-def full_rank(out_channels: int, in_channels: int, kernel_size: tuple[int, int], groups: int = 1) -> int:
-    """The rank of a full kernel residual: the kernel seen as a [C_out, C_in/g * kh * kw] matrix."""
-    return min(out_channels, in_channels // groups * kernel_size[0] * kernel_size[1])
+def full_rank(out_channels: int, in_channels: int, kernel_size: KernelSize, groups: int = 1) -> int:
+    """The rank of a full kernel residual: the kernel seen as a [C_out, C_in/g * prod(kernel_size)] matrix."""
+    return min(out_channels, in_channels // groups * math.prod(kernel_size))
 
 
-def effective_rank(rank: int | str, out_channels: int, in_channels: int, kernel_size: tuple[int, int],
+def has_spatial_scale(kernel_size: KernelSize) -> bool:
+    """Whether a child of this kernel size gets S: not for a kernel of all ones (1, 1x1, 1x1x1), where S and F
+    would scale the same thing."""
+    return any(k != 1 for k in kernel_size)
+
+
+def effective_rank(rank: int | str, out_channels: int, in_channels: int, kernel_size: KernelSize,
                    groups: int = 1) -> int:
     """The low-rank residual's rank for one conv: ``rank`` clamped to the conv's full rank; "full" is that rank.
 
@@ -44,15 +53,15 @@ def effective_rank(rank: int | str, out_channels: int, in_channels: int, kernel_
     return full if rank == "full" else min(int(rank), full)
 
 
-def adapter_cost(in_channels: int, out_channels: int, kernel_size: tuple[int, int], *, gate: bool = True,
+def adapter_cost(in_channels: int, out_channels: int, kernel_size: KernelSize, *, gate: bool = True,
                  reduction: int = 4, gate_norm: str = "batch", gate_min_hidden: int = 1,
                  filter_scale: bool = True, spatial_scale: bool = True, rank: int | str = 0,
                  gate_scale: float = 1.0, groups: int = 1) -> int:
     """Parameters a ChildAdapter adds (bias excluded: the child keeps the one it had)."""
     cost = out_channels if filter_scale else 0
     rank = effective_rank(rank, out_channels, in_channels, kernel_size, groups)
-    cost += rank * (out_channels + in_channels // groups * kernel_size[0] * kernel_size[1])
-    cost += kernel_size[0] * kernel_size[1] if spatial_scale and tuple(kernel_size) != (1, 1) else 0
+    cost += rank * (out_channels + in_channels // groups * math.prod(kernel_size))
+    cost += math.prod(kernel_size) if spatial_scale and has_spatial_scale(kernel_size) else 0
     if gate:
         hidden = gate_width(in_channels, reduction, gate_min_hidden)
         cost += 2 * in_channels * hidden + in_channels + (2 * hidden if gate_norm != "none" else 0)
@@ -143,15 +152,16 @@ class Gate(nn.Module):
 
 
 class ChildAdapter(nn.Module):
-    """Everything a KernelDNA child owns: F, S, its gate, its bias, and the conv's geometry.
+    """Everything a KernelDNA child owns: F, S, its gate, its bias, and the conv's geometry, of any rank (a
+    Conv1d, Conv2d or Conv3d child: S has the kernel's shape, k, kxk or kxkxk).
 
     It holds no kernel of its own; ``parent`` names the module whose weight it reuses. Put in place of the
     conv (passes.swapping), it is called like the conv it replaced, ``child(x)``, computes
-    kdna_fx.functional.child_conv2d, and reads its parent's kernel through ``bind``: a reference to the parent
+    kdna_fx.functional.child_conv, and reads its parent's kernel through ``bind``: a reference to the parent
     *module*, kept out of the module tree, so the kernel stays one Parameter registered once (state dict,
     optimisers, safetensors, torch.export) and follows ``.to()``, ``load_state_dict`` and ``functional_call``.
     Traced (passes.lower), its forward becomes the design card's nodes: a get_attr of the parent's weight and
-    one child_conv2d call.
+    one child_conv call.
     """
 
     def __init__(
@@ -160,7 +170,7 @@ class ChildAdapter(nn.Module):
         parent: str,
         out_channels: int,
         in_channels: int,
-        kernel_size: tuple[int, int],
+        kernel_size: KernelSize,
         stride: Any = 1,
         padding: Any = 0,
         dilation: Any = 1,
@@ -181,10 +191,10 @@ class ChildAdapter(nn.Module):
         # F and S start at zero: the child starts as an exact copy of its parent kernel.
         self.filter_scale = nn.Parameter(torch.zeros(out_channels)) if filter_scale else None
         self.spatial_scale = (nn.Parameter(torch.zeros(self.kernel_size))
-                              if spatial_scale and self.kernel_size != (1, 1) else None)
+                              if spatial_scale and has_spatial_scale(self.kernel_size) else None)
         # Relaxed child: a rank-r kernel residual B A. B starts at zero (no change to the kernel), A random so
         # that B gets a gradient (LoRA's initialisation); init="trained" sets both from an SVD instead.
-        fan = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
+        fan = in_channels // groups * math.prod(self.kernel_size)
         rank = effective_rank(rank, out_channels, in_channels, self.kernel_size, groups)
         self.lowrank_b = nn.Parameter(torch.zeros(out_channels, rank)) if rank else None
         self.lowrank_a = nn.Parameter(torch.randn(rank, fan) / fan ** 0.5) if rank else None
@@ -286,7 +296,7 @@ class ChildAdapter(nn.Module):
     def forward(self, x: Tensor, parent_weight: Tensor | None = None) -> Tensor:
         if parent_weight is None:
             parent_weight = self.parent_kernel
-        return KF.child_conv2d(x, parent_weight, filter_scale=self.filter_scale, spatial_scale=self.spatial_scale,
+        return KF.child_conv(x, parent_weight, filter_scale=self.filter_scale, spatial_scale=self.spatial_scale,
                                lowrank_b=self.lowrank_b, lowrank_a=self.lowrank_a,
                                gate_values=self.gate(x) if self.gate is not None else None, bias=self.bias,
                                **self.conv_kwargs())

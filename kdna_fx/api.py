@@ -108,7 +108,7 @@ def transform(model: nn.Module, config: KDNAConfig | None = None, *, plan: Plan 
     kmodel = passes.swap(module, checked, init=init, order=prepared.route.by)
     if not checked.families:
         reasons = Counter(s.reason.split(":")[0] for s in checked.skipped)
-        summary = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "the model has no 2-D convolution"
+        summary = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "the model has no convolution"
         warnings.warn(
             f"kdna_fx found no convolutions to share in {type(module).__name__} ({summary}); the model is "
             f"returned unchanged. kdna_fx.report(model) lists each conv with its reason; "

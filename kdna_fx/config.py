@@ -6,7 +6,8 @@ torch.ao.quantization's QConfigMapping):
 1. ``by_name``: exact module name (``"layer3.1.conv2"``; for a functional ``F.conv2d`` site, the
    qualified name of its weight parameter);
 2. ``by_name_regex``: the first pattern, in order, that ``re.search``-matches the name;
-3. ``by_type``: the conv's module type (``nn.Conv2d``), or ``F.conv2d`` for functional sites;
+3. ``by_type``: the conv's module type (``nn.Conv2d``, ``nn.Conv3d``), or ``F.conv2d`` (``F.conv1d``,
+   ``F.conv3d``) for functional sites;
 4. ``adapter``: the global default.
 
 At every level ``None`` means "skip this convolution": it is neither parent nor child.
@@ -27,7 +28,7 @@ from .adapters import check_gate_norm
 from .errors import ConfigError
 from .functional import GateNorm
 
-_FUNCTION_NAMES: dict[Any, str] = {F.conv2d: "torch.nn.functional.conv2d"}
+_FUNCTION_NAMES: dict[Any, str] = {f: f"torch.nn.functional.{f.__name__}" for f in (F.conv1d, F.conv2d, F.conv3d)}
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,12 @@ class KDNAConfig:
     by_type: dict[Any, AdapterConfig | None] = field(default_factory=dict)
     by_name_regex: list[tuple[str, AdapterConfig | None]] = field(default_factory=list)
     by_name: dict[str, AdapterConfig | None] = field(default_factory=dict)
-    kernel_sizes: tuple[int, ...] = (3,)
-    """Square kernel sizes that may be shared (3 by default; 1 for pointwise sharing as in MobileNetV2)."""
+    kernel_sizes: tuple[int | tuple[int, ...], ...] = (3,)
+    """Kernel sizes that may be shared, in any rank. An int k means k in every spatial dim (3: a 1-D 3, a 3x3,
+    a 3x3x3 kernel; 1 for pointwise sharing as in MobileNetV2) and, for a 3-D kernel, also the two halves of a
+    (2+1)-D factorisation, 1xkxk (spatial) and kx1x1 (temporal), as in r2plus1d_18 and S3D. A tuple means that
+    exact shape only (``((3, 3, 3),)`` keeps the (2+1)-D convs out; ``((1, 3),)`` takes a 2-D 1x3). Families
+    never mix ranks nor shapes: the kernel size is part of a family's key."""
     depthwise: bool = False
     """Share depthwise convs (groups == C_in == C_out) too. Off by default, as in the reference."""
     share: bool = True
@@ -117,11 +122,12 @@ class KDNAConfig:
     design card's FX graph), checked against the model, or a KDNAError saying why there is none."""
 
     def __post_init__(self) -> None:
-        self.kernel_sizes = tuple(self.kernel_sizes)
+        self.kernel_sizes = tuple(k if isinstance(k, int) else tuple(k) for k in self.kernel_sizes)
         self.leaf_modules = tuple(self.leaf_modules)
         self.by_name_regex = [tuple(item) for item in self.by_name_regex]  # type: ignore[misc]
-        if not self.kernel_sizes or any(not isinstance(k, int) or k < 1 for k in self.kernel_sizes):
-            raise ConfigError(f"kernel_sizes must be positive integers, got {self.kernel_sizes!r}")
+        if not self.kernel_sizes or not all(_kernel_size_ok(k) for k in self.kernel_sizes):
+            raise ConfigError(f"kernel_sizes must be positive integers (k in every dim) or tuples of 1 to 3 of them "
+                              f"(an exact shape such as (1, 3, 3)), got {self.kernel_sizes!r}")
         if self.policy not in ("position", "cka"):
             raise ConfigError(f"KDNAConfig.policy must be 'position' (families by graph order) or 'cka' (by "
                               f"measured output similarity, needs data), got {self.policy!r}")
@@ -160,6 +166,13 @@ class KDNAConfig:
                 return adapter
         return self.adapter
 
+    def shares_kernel(self, kernel_size: tuple[int, ...]) -> bool:
+        """Whether ``kernel_sizes`` lets a conv of this kernel size be shared (see ``kernel_sizes``)."""
+        shape = tuple(kernel_size)
+        return shape in self.kernel_sizes or any(
+            isinstance(k, int) and (set(shape) == {k} or (len(shape) == 3 and shape in ((1, k, k), (k, 1, 1))))
+            for k in self.kernel_sizes)
+
     def map_adapters(self, fn: Callable[[AdapterConfig], AdapterConfig]) -> "KDNAConfig":
         """A copy with ``fn`` applied to every AdapterConfig at every level (None entries stay None)."""
         def f(a: AdapterConfig | None) -> AdapterConfig | None:
@@ -192,7 +205,7 @@ class KDNAConfig:
             "by_type": {_qualname(k): adapter(v) for k, v in self.by_type.items()},
             "by_name_regex": [[p, adapter(v)] for p, v in self.by_name_regex],
             "by_name": {k: adapter(v) for k, v in self.by_name.items()},
-            "kernel_sizes": list(self.kernel_sizes),
+            "kernel_sizes": [k if isinstance(k, int) else list(k) for k in self.kernel_sizes],
             "depthwise": self.depthwise,
             "share": self.share,
             "stage_depth": self.stage_depth,
@@ -242,6 +255,12 @@ class KDNAConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{os.fspath(path)!r} holds a JSON {type(data).__name__}, not a KDNAConfig dict")
         return cls.from_dict(data)
+
+
+def _kernel_size_ok(k: Any) -> bool:
+    if isinstance(k, tuple):
+        return 1 <= len(k) <= 3 and all(_kernel_size_ok(v) for v in k)
+    return isinstance(k, int) and not isinstance(k, bool) and k >= 1
 
 
 def _qualname(obj: Any) -> str:

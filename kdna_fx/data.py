@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from kdna_fx.adapters import ChildAdapter
 from kdna_fx.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -258,27 +259,34 @@ def eval_images(dataset: str = "fashion-mnist", path: str | None = None, *,
 
 
 # ---- feeding images to a model (kdna_fx.cka, kdna_fx.calibrate) ---------------------------------------------------
-def as_images(item: Any, *, strict: bool = False, where: str = "data") -> Tensor:
+def _batch(dims: int) -> str:
+    return {1: "[N, C, L]", 2: "[N, C, H, W]", 3: "[N, C, D, H, W]"}[dims]
+
+
+def as_images(item: Any, *, strict: bool = False, where: str = "data", dims: int = 2) -> Tensor:
     """The image batch [B, C, H, W] of one item of data: a batch, one image [C, H, W], or (images, labels, ...)
-    whose labels are ignored.
+    whose labels are ignored. ``dims``: the spatial dims of the model's convs (1: signals [B, C, L], 3: volumes
+    or clips [B, C, D, H, W]), which fix the rank of a batch.
 
     ``strict`` (calibration's contract) takes the item exactly as given: one image [C, H, W], integer images,
     a dict and an empty batch are refused, each with the fix in the message; ``where`` names the item there.
     """
     x = item[0] if isinstance(item, (tuple, list)) and item else item
+    rank, batch = dims + 2, _batch(dims)
     if not strict:
-        if not isinstance(x, Tensor) or x.ndim not in (3, 4):
+        if not isinstance(x, Tensor) or x.ndim not in (rank - 1, rank):
             what = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise DataError(f"data must give images [B, C, H, W] (or [C, H, W]), or (images, labels) pairs; "
+            one = batch.replace("N, ", "")
+            raise DataError(f"data must give images {batch.replace('N', 'B')} (or {one}), or (images, labels) pairs; "
                             f"got {what}")
-        return x if x.ndim == 4 else x[None]
+        return x if x.ndim == rank else x[None]
     if isinstance(x, dict):
-        raise DataError(f"{where} is a dict; data must yield image tensors [N, C, H, W] or (images, labels) tuples")
+        raise DataError(f"{where} is a dict; data must yield image tensors {batch} or (images, labels) tuples")
     if not isinstance(x, Tensor):
-        raise DataError(f"{where} is a {type(x).__name__}, not a tensor of images [N, C, H, W] (nor an "
+        raise DataError(f"{where} is a {type(x).__name__}, not a tensor of images {batch} (nor an "
                         f"(images, labels) tuple)")
-    if x.ndim != 4:
-        raise DataError(f"{where} has shape {tuple(x.shape)}; images must be a 4-D batch [N, C, H, W] (add the "
+    if x.ndim != rank:
+        raise DataError(f"{where} has shape {tuple(x.shape)}; images must be a {rank}-D batch {batch} (add the "
                         f"batch dimension with x.unsqueeze(0))")
     if not x.is_floating_point():
         raise DataError(f"{where} has dtype {x.dtype}; images must be floating point (convert with x.float() and "
@@ -288,8 +296,14 @@ def as_images(item: Any, *, strict: bool = False, where: str = "data") -> Tensor
     return x
 
 
+def spatial_dims(model: torch.nn.Module) -> int:
+    """The spatial dims of the inputs a model's convs take: 1, 2 or 3 (2 for a model without a conv)."""
+    conv = next((m for m in model.modules() if isinstance(m, (torch.nn.modules.conv._ConvNd, ChildAdapter))), None)
+    return 2 if conv is None else len(conv.kernel_size)
+
+
 def image_batches(data: Any, images: int | None, batch_size: int, generator: torch.Generator | None, *,
-                  min_batch: int = 1, strict: bool = False) -> tuple[Iterator[Tensor], int]:
+                  min_batch: int = 1, strict: bool = False, dims: int = 2) -> tuple[Iterator[Tensor], int]:
     """Batches of ``batch_size`` images from ``data``, ``images`` in all (None: every image), and how many to
     expect (an upper bound; 0 when unknown).
 
@@ -300,12 +314,13 @@ def image_batches(data: Any, images: int | None, batch_size: int, generator: tor
     ``strict`` (calibration's contract: the data used exactly as given, every item checked by ``as_images``):
     a tensor is cut into ``batch_size`` batches as above, but any other iterable, a list included, is read in
     its own order with its batches as they come (not drawn from, not re-cut); anything else is refused.
+    ``dims``: the spatial dims of the model's convs (``spatial_dims``), as in ``as_images``.
     """
     if isinstance(data, Tensor):
         if strict:
-            as_images(data, strict=True)
-        elif data.ndim != 4:
-            raise DataError(f"a tensor of images must be [N, C, H, W], got shape {tuple(data.shape)}")
+            as_images(data, strict=True, dims=dims)
+        elif data.ndim != dims + 2:
+            raise DataError(f"a tensor of images must be {_batch(dims)}, got shape {tuple(data.shape)}")
         order = _order(len(data), generator)[:images]
         stream: Iterable[Tensor] = (data[order[i:i + batch_size]] for i in range(0, len(order), batch_size))
         if strict:  # already cut to batch_size: nothing to re-cut
@@ -313,15 +328,15 @@ def image_batches(data: Any, images: int | None, batch_size: int, generator: tor
         expected = len(order)
     elif strict:
         if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-            raise DataError(f"data must be a tensor of images [N, C, H, W] or an iterable (a DataLoader) of them, "
+            raise DataError(f"data must be a tensor of images {_batch(dims)} or an iterable (a DataLoader) of them, "
                             f"got {type(data).__name__}")
-        checked = (as_images(x, strict=True, where=f"data item #{i}") for i, x in enumerate(data))
+        checked = (as_images(x, strict=True, where=f"data item #{i}", dims=dims) for i, x in enumerate(data))
         return _first(checked, images), images or 0
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, DataLoader):
         drawn = _order(len(data), generator)[:images].tolist()
-        stream, expected = (as_images(data[i]) for i in drawn), len(drawn)
+        stream, expected = (as_images(data[i], dims=dims) for i in drawn), len(drawn)
     else:
-        stream, expected = (as_images(x) for x in data), images or 0
+        stream, expected = (as_images(x, dims=dims) for x in data), images or 0
     return rebatch(stream, images, batch_size, min_batch), expected
 
 

@@ -20,7 +20,7 @@ from .adapters import ChildAdapter
 from .carried import keep, kept, unwrapped
 from .config import AdapterConfig, KDNAConfig
 from .errors import KDNAError
-from .functional import pair
+from .functional import ntuple
 from .tables import format_table
 
 
@@ -34,7 +34,7 @@ class ConvSite:
     weight: str
     out_channels: int
     in_channels: int
-    kernel_size: tuple[int, int]
+    kernel_size: tuple[int, ...]
     stride: Any
     padding: Any
     dilation: Any
@@ -55,11 +55,11 @@ class ConvSite:
         # Frozen and trainable convs never share: a shared kernel either trains or not, and a frozen part of
         # the model must stay as it was (transfer learning).
         return (self.stage, self.in_channels, self.out_channels, self.kernel_size, self.groups,
-                pair(self.dilation), self.padding_mode, self.frozen)
+                ntuple(self.dilation, len(self.kernel_size)), self.padding_mode, self.frozen)
 
     @property
-    def kernel_shape(self) -> tuple[int, int, int, int]:
-        """(C_out, C_in / groups, kh, kw): the shape of the kernel it holds or shares."""
+    def kernel_shape(self) -> tuple[int, ...]:
+        """(C_out, C_in / groups, *kernel_size): the shape of the kernel it holds or shares."""
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
 
@@ -83,7 +83,7 @@ class Family:
     parent: str
     children: tuple[str, ...]
     stage: str = ""
-    shape: tuple[int, int, int, int] | None = None  # parent kernel: (C_out, C_in / groups, kh, kw)
+    shape: tuple[int, ...] | None = None  # parent kernel: (C_out, C_in / groups, *kernel_size)
     groups: int = 1
     similarity: tuple[float, ...] | None = None
     """policy='cka': each child's measured CKA to the parent (in ``children`` order)."""

@@ -4,8 +4,9 @@ Everything here is differentiable, free of module state and usable under torch.f
 vmap, grad) and torch.compile. Shape work is written with einops so the broadcast is visible in the
 pattern rather than hidden in a chain of ``[:, None]``.
 
-Notation (../shared/KERNELDNA.md): parent kernel P [C_out, C_in/g, k, k], per-filter scale F [C_out],
-per-position scale S [k, k], gate values a [B, C_in].
+Notation (../shared/KERNELDNA.md): parent kernel P [C_out, C_in/g, *K], per-filter scale F [C_out],
+per-position scale S [*K], gate values a [B, C_in]. K is the kernel's spatial shape, (k,), (kh, kw) or
+(kd, kh, kw): one function serves 1-D, 2-D and 3-D convolutions, its einops patterns built from the rank.
 """
 from __future__ import annotations
 
@@ -30,38 +31,46 @@ PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 IntOrPair = int | Sequence[int]
 
 
-def pair(v: Any) -> Any:
-    """(v, v) for an int, a tuple of ints for a sequence; anything else (a padding string) as it is."""
+def ntuple(v: Any, n: int = 2) -> Any:
+    """(v,) * n for an int, a tuple of ints for a sequence; anything else (a padding string) as it is."""
     if isinstance(v, int):
-        return (v, v)
+        return (v,) * n
     return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else v
+
+
+def _axes(n: int) -> str:
+    """Names of ``n`` spatial axes for an einops pattern: "k0 k1" for a 2-D kernel."""
+    return " ".join(f"k{i}" for i in range(n))
 
 
 def modulate(parent: Tensor, filter_scale: Tensor | None = None, spatial_scale: Tensor | None = None,
              lowrank_b: Tensor | None = None, lowrank_a: Tensor | None = None) -> Tensor:
     """Static modulation W = P * (1 + F) * (1 + S) (+ B A); a missing scale counts as zero.
 
-    B [C_out, r] and A [r, C_in/g * kh * kw] form the optional low-rank kernel residual of a relaxed child,
-    added on the kernel viewed as a [C_out, C_in/g * kh * kw] matrix.
+    B [C_out, r] and A [r, C_in/g * prod(K)] form the optional low-rank kernel residual of a relaxed child,
+    added on the kernel viewed as a [C_out, C_in/g * prod(K)] matrix.
     """
-    # The two small scales are combined first ([C_out, 1, k, k]), so the kernel is read and written once: at
+    axes = _axes(parent.dim() - 2)
+    ones = " ".join("1" * (parent.dim() - 1))
+    # The two small scales are combined first ([C_out, 1, *K]), so the kernel is read and written once: at
     # batch 1 a late-stage child (512x512x3x3 on 7x7) takes longer to modulate its kernel than to convolve.
     scale = None
     if filter_scale is not None:
-        scale = rearrange(1 + filter_scale, "o -> o 1 1 1")
+        scale = rearrange(1 + filter_scale, f"o -> o {ones}")
     if spatial_scale is not None:
-        spatial = rearrange(1 + spatial_scale, "kh kw -> 1 1 kh kw")
+        spatial = rearrange(1 + spatial_scale, f"{axes} -> 1 1 {axes}")
         scale = spatial if scale is None else scale * spatial
     weight = parent if scale is None else parent * scale
     if lowrank_b is not None and lowrank_a is not None:
-        _, cin, kh, kw = parent.shape
-        weight = weight + rearrange(lowrank_b @ lowrank_a, "o (i kh kw) -> o i kh kw", i=cin, kh=kh, kw=kw)
+        sizes = dict(zip(["i", *axes.split()], parent.shape[1:]))
+        weight = weight + rearrange(lowrank_b @ lowrank_a, f"o (i {axes}) -> o i {axes}", **sizes)
     return weight
 
 
 def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | None,
          norm: Callable[[Tensor], Tensor] | None = None, scale: float | Tensor = 1.0, fc1_bias: Tensor | None = None) -> Tensor:
-    """Dynamic routing a(x) = scale * sigmoid(fc2(relu(norm(fc1(mean_hw(x)))))), shape [B, C_in].
+    """Dynamic routing a(x) = scale * sigmoid(fc2(relu(norm(fc1(mean(x)))))), shape [B, C_in]; the mean is
+    over every spatial axis of ``x`` [B, C_in, ...].
 
     ``fc1_bias`` is None in a trainable gate; a folded gate (kdna_fx.fold) has its eval-mode BatchNorm
     folded into fc1's weight and this bias, and no norm.
@@ -73,7 +82,7 @@ def gate(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor | N
     module (nn.BatchNorm1d, nn.LayerNorm, or a SyncBatchNorm converted from them), so module conversions
     and torch.func.functional_call reach it like any other layer. None skips the norm.
     """
-    m = reduce(x, "b c h w -> b c", "mean")
+    m = reduce(x, "b c ... -> b c", "mean")
     if not torch.is_autocast_enabled(x.device.type):
         return _gate_mlp(m, fc1_weight, fc2_weight, fc2_bias, norm, scale, fc1_bias)
     # Under autocast the two tiny linears run in the weights' dtype (fp32), not in bf16: on a CPU without AMX a
@@ -115,24 +124,27 @@ def require_batch_statistics(x: Tensor) -> Tensor:
 
 def scale_channels(x: Tensor, a: Tensor) -> Tensor:
     """Scale input channel c of sample b by a[b, c]: the gate acts on the activations, not the kernel."""
-    return x * rearrange(a, "b c -> b c 1 1")
+    return x * rearrange(a, "b c -> b c" + " 1" * (x.dim() - 2))
 
 
-def explicit_padding(kernel_size: IntOrPair, padding: IntOrPair | str,
-                     dilation: IntOrPair) -> tuple[int, int, int, int]:
-    """Padding as F.pad wants it for a 2-D input: (left, right, top, bottom)."""
-    kh, kw = pair(kernel_size)
-    dh, dw = pair(dilation)
+def explicit_padding(kernel_size: IntOrPair, padding: IntOrPair | str, dilation: IntOrPair,
+                     n: int = 2) -> tuple[int, ...]:
+    """Padding as F.pad wants it for an input with ``n`` spatial dims: last dim first, (left, right) each."""
+    kernel, dilation = ntuple(kernel_size, n), ntuple(dilation, n)
     if padding == "valid":
-        return (0, 0, 0, 0)
+        return (0,) * 2 * n
     if padding == "same":
-        total_h, total_w = dh * (kh - 1), dw * (kw - 1)
-        return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
-    ph, pw = pair(padding)  # type: ignore[arg-type]
-    return (pw, pw, ph, ph)
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        sides = [(t // 2, t - t // 2) for t in totals]
+    else:
+        sides = [(p, p) for p in ntuple(padding, n)]  # type: ignore[arg-type]
+    return tuple(v for side in reversed(sides) for v in side)
 
 
-def conv2d(
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
@@ -142,11 +154,13 @@ def conv2d(
     groups: int = 1,
     padding_mode: PaddingMode = "zeros",
 ) -> Tensor:
-    """F.conv2d that also honours nn.Conv2d's padding modes (reflect, replicate, circular)."""
+    """F.conv1d, F.conv2d or F.conv3d by the kernel's rank, honouring the conv modules' padding modes (reflect,
+    replicate, circular) too."""
+    n = weight.dim() - 2
     if padding_mode != "zeros":
-        x = F.pad(x, explicit_padding(weight.shape[-2:], padding, dilation), mode=padding_mode)
+        x = F.pad(x, explicit_padding(weight.shape[2:], padding, dilation, n), mode=padding_mode)
         padding = 0
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return _CONVS[n](x, weight, bias, stride, padding, dilation, groups)
 
 
 def per_sample_kernel(weight: Tensor, a: Tensor, groups: int = 1) -> Tensor:
@@ -156,12 +170,12 @@ def per_sample_kernel(weight: Tensor, a: Tensor, groups: int = 1) -> Tensor:
     This is the naive formulation (one kernel per sample) that KernelDNA avoids; it exists as the
     reference for the equivalence tests.
     """
-    grouped = rearrange(weight, "(g o) j kh kw -> g o j kh kw", g=groups)
-    scale = rearrange(a, "(g j) -> g 1 j 1 1", g=groups)
-    return rearrange(grouped * scale, "g o j kh kw -> (g o) j kh kw")
+    grouped = rearrange(weight, "(g o) j ... -> g o j ...", g=groups)
+    scale = rearrange(a, "(g j) -> g 1 j" + " 1" * (weight.dim() - 2), g=groups)
+    return rearrange(grouped * scale, "g o j ... -> (g o) j ...")
 
 
-def child_conv2d(
+def child_conv(
     x: Tensor,
     parent: Tensor,
     *,
@@ -177,15 +191,16 @@ def child_conv2d(
     groups: int = 1,
     padding_mode: PaddingMode = "zeros",
 ) -> Tensor:
-    """One KernelDNA child: conv2d(x * a(x), P(1+F)(1+S) (+ B A)) + bias, a single batch-shared convolution."""
+    """One KernelDNA child: conv(x * a(x), P(1+F)(1+S) (+ B A)) + bias, a single batch-shared convolution of
+    any rank (1-D, 2-D, 3-D: the kernel's)."""
     if gate_values is not None:
         x = scale_channels(x, gate_values)
     weight = modulate(parent, filter_scale, spatial_scale, lowrank_b, lowrank_a)
-    return conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode)
+    return conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)
 
 
 # torch.fx leaves: tracing code that calls these (a transformed model traced again, a model-zoo network)
 # records one call_function node each instead of tracing into einops, which cannot take fx proxies.
-for _name in ("modulate", "gate", "require_batch_statistics", "scale_channels", "conv2d", "child_conv2d",
+for _name in ("modulate", "gate", "require_batch_statistics", "scale_channels", "conv", "child_conv",
               "per_sample_kernel"):
     torch.fx.wrap(_name)

@@ -87,7 +87,7 @@ def per_sample_conv2d(x: Tensor, weights: Tensor, bias: Tensor | None = None, st
     if _FORM == "matmul":
         return _per_sample_matmul(x, weights, bias, stride, padding, dilation, groups, padding_mode)
     b = x.shape[0]
-    y = KF.conv2d(rearrange(x, "b c h w -> 1 (b c) h w"), rearrange(weights, "b o i kh kw -> (b o) i kh kw"),
+    y = KF.conv(rearrange(x, "b c h w -> 1 (b c) h w"), rearrange(weights, "b o i kh kw -> (b o) i kh kw"),
                   None if bias is None else rearrange(bias, "b o -> (b o)"),
                   stride, padding, dilation, groups * b, padding_mode)
     return rearrange(y, "1 (b o) h w -> b o h w", b=b)
@@ -99,7 +99,7 @@ def _per_sample_matmul(x: Tensor, weights: Tensor, bias: Tensor | None, stride: 
     # Padding made explicit first, so "same"/"valid" and every padding mode take one path.
     x = F.pad(x, KF.explicit_padding((kh, kw), padding, dilation),
               mode="constant" if padding_mode == "zeros" else padding_mode)
-    (sh, sw), (dh, dw) = KF.pair(stride), KF.pair(dilation)
+    (sh, sw), (dh, dw) = KF.ntuple(stride), KF.ntuple(dilation)
     out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
     out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
     columns = rearrange(F.unfold(x, (kh, kw), dilation=(dh, dw), stride=(sh, sw)), "b (g i) l -> b g i l", g=groups)

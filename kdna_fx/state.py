@@ -43,8 +43,18 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
         raise StateError("save the unfolded model and fold after loading (kdna_fx.load(path, model, fold=True)): "
                          "a folded model has no F/S to restore, and stores a kernel per child")
     model = unwrapped(model)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors, aliases, seen = {}, {}, {}
+    for key, value in model.state_dict().items():
+        # A module registered under two paths (MONAI's DynUNet keeps its blocks in skip_layers too) lists each
+        # tensor twice; safetensors refuses shared tensors, so the second name is stored as an alias.
+        first = seen.setdefault((value.data_ptr(), value.shape, value.stride()), key) if value.numel() else key
+        if first != key:
+            aliases[key] = first
+        else:
+            tensors[key] = value.detach().contiguous()
     metadata = {"format": FORMAT}
+    if aliases:
+        metadata["aliases"] = json.dumps(aliases)
     if record is not None:
         metadata.update(config=json.dumps(record.config), plan=json.dumps(record.plan.to_dict()), init=record.init)
     if builder is not None:
@@ -103,6 +113,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, fold: 
         config = KDNAConfig.from_dict(json.loads(metadata["config"]))
         kmodel = transform(model, config, plan=Plan.from_dict(json.loads(metadata["plan"])),
                            init=metadata.get("init", "copy"))
+    state.update({key: state[first] for key, first in json.loads(metadata.get("aliases", "{}")).items()})
     try:
         kmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:

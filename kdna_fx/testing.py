@@ -14,14 +14,20 @@ from .errors import KDNAError
 from .datamodel import children, record_of
 
 
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1, padding_mode: str = "zeros"):
+    def __init__(self, cin: int, cout: int, stride: int = 1, padding_mode: str = "zeros", dims: int = 2):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False, padding_mode=padding_mode)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False, padding_mode=padding_mode)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        conv, norm = _CONV[dims], _NORM[dims]
+        self.conv1 = conv(cin, cout, 3, stride, 1, bias=False, padding_mode=padding_mode)
+        self.bn1 = norm(cout)
+        self.conv2 = conv(cout, cout, 3, 1, 1, bias=False, padding_mode=padding_mode)
+        self.bn2 = norm(cout)
+        self.down = (nn.Sequential(conv(cin, cout, 1, stride, bias=False), norm(cout))
                      if stride != 1 or cin != cout else nn.Identity())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -30,20 +36,23 @@ class BasicBlock(nn.Module):
 
 
 class TinyResNet(nn.Module):
-    """A two-stage ResNet small enough for property tests and quick compiles."""
+    """A two-stage ResNet small enough for property tests and quick compiles; ``dims`` 1 makes it a 1-D ResNet
+    of signals [B, C, L] (ECG-style), 3 a 3-D one of volumes or clips [B, C, D, H, W]."""
 
-    def __init__(self, width: int = 8, in_chans: int = 3, num_classes: int = 5, padding_mode: str = "zeros"):
+    def __init__(self, width: int = 8, in_chans: int = 3, num_classes: int = 5, padding_mode: str = "zeros",
+                 dims: int = 2):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.layer1 = nn.Sequential(BasicBlock(width, width, 1, padding_mode),
-                                    BasicBlock(width, width, 1, padding_mode))
-        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2, padding_mode),
-                                    BasicBlock(2 * width, 2 * width, 1, padding_mode))
+        self.pool = _POOL[dims]
+        self.stem = nn.Sequential(_CONV[dims](in_chans, width, 3, 1, 1, bias=False), _NORM[dims](width), nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(width, width, 1, padding_mode, dims),
+                                    BasicBlock(width, width, 1, padding_mode, dims))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2, padding_mode, dims),
+                                    BasicBlock(2 * width, 2 * width, 1, padding_mode, dims))
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer2(self.layer1(self.stem(x)))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.head(torch.flatten(self.pool(x, 1), 1))
 
 
 @dataclass(frozen=True)

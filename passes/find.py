@@ -1,4 +1,4 @@
-"""Pass 2: find the 2-D conv modules of a model and decide which may be shared.
+"""Pass 2: find the conv modules (1-D, 2-D, 3-D) of a model and decide which may be shared.
 
 What a conv module is is passes/sites.py's business; this pass applies the config's rules of eligibility."""
 from __future__ import annotations
@@ -73,9 +73,8 @@ def owners(model: nn.Module) -> Counter:
 
 
 def _ineligible(site: ConvSite, gm: nn.Module, config: KDNAConfig, tied: Counter) -> str | None:
-    kh, kw = site.kernel_size
-    if kh != kw or kh not in config.kernel_sizes:
-        return f"kernel {kh}x{kw} is not in kernel_sizes={config.kernel_sizes}"
+    if not config.shares_kernel(site.kernel_size):
+        return f"kernel {'x'.join(map(str, site.kernel_size))} is not in kernel_sizes={config.kernel_sizes}"
     if site.groups > 1 and site.groups == site.in_channels == site.out_channels and not config.depthwise:
         return "depthwise conv (groups = C_in = C_out); opt in with KDNAConfig(depthwise=True)"
     dropped = config.selected(site.name)

@@ -35,9 +35,11 @@ def initialize(gm: fx.GraphModule, kernels: dict[str, Tensor]) -> fx.GraphModule
         if record.init != "trained":
             continue
         for name in family.members:
-            adapter = gm.get_submodule(plan.sites[name].adapter_path)
+            # A parent that keeps its conv (parent="first") has none: its conv module is there, or for a function
+            # conv (F.conv3d inside torchvision's Conv3DSimple, traced into) nothing at all.
+            adapter = dict(gm.named_modules()).get(plan.sites[name].adapter_path)
             if not isinstance(adapter, ChildAdapter):
-                continue  # a parent that keeps its conv (parent="first")
+                continue
             if adapter.gate is not None:
                 adapter.gate.make_identity()
             if adapter.lowrank_b is not None:

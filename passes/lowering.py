@@ -2,7 +2,7 @@
 
 The transformed model is the user's own (children are ChildAdapter modules in its tree, passes.swapping). Its
 graph form is what tracing it gives: each child's ``ChildAdapter.forward`` becomes one call of the fx-wrapped
-``kdna_fx.functional.child_conv2d`` whose kernel argument is a ``get_attr`` of the parent's weight, its F, S
+``kdna_fx.functional.child_conv`` whose kernel argument is a ``get_attr`` of the parent's weight, its F, S
 and bias ``get_attr`` nodes and its gate a ``call_module``. The GraphModule holds the very ChildAdapter and
 parameter objects of the model (one state dict, the same keys), and keeps the model as its ``module_form``
 (kdna_fx.datamodel), through which fold, calibrate, CKA and report read its children.

@@ -13,9 +13,10 @@ from typing import Callable
 from torch import nn
 
 from kdna_fx.datamodel import ConvSite, PeerRecord, Skipped, attach_peer, refuse_converted
-from kdna_fx.errors import NoEligibleConvWarning
+from kdna_fx.errors import NoEligibleConvWarning, SkippedSiteWarning
 
 from .find import first_in_channels
+from .sites import not_for_peers
 
 
 def swap_convs(gm: nn.Module, sites: list[ConvSite], skipped: list[Skipped], make: Callable[[nn.Conv2d], nn.Module],
@@ -27,6 +28,11 @@ def swap_convs(gm: nn.Module, sites: list[ConvSite], skipped: list[Skipped], mak
     skipped = list(skipped)
     converted = []
     for site in sites:
+        reason = not_for_peers(site)
+        if reason is not None:
+            warnings.warn(f"kdna_fx left {site.name!r} as it was: {reason}", SkippedSiteWarning, stacklevel=3)
+            skipped.append(Skipped(site.name, reason))
+            continue
         owner_path, _, leaf = site.name.rpartition(".")
         conv = gm.get_submodule(site.name)
         setattr(gm.get_submodule(owner_path), leaf, make(conv).train(conv.training))  # new modules start in train mode

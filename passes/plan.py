@@ -142,11 +142,10 @@ def _family(parent: ConvSite, children: Iterable[ConvSite]) -> Family:
 
 
 def _describe(site: ConvSite) -> str:
-    kh, kw = site.kernel_size
-    text = f"{site.in_channels}->{site.out_channels} {kh}x{kw}"
+    text = f"{site.in_channels}->{site.out_channels} {'x'.join(map(str, site.kernel_size))}"
     # Every part of the family key that differs from the default: convs alike but for their dilation
     # (DeepLabV3's ASPP) would otherwise read as the same shape, yet sit in families of their own.
     text += f" groups={site.groups}" if site.groups > 1 else ""
-    text += f" dilation={tuple(site.dilation)}" if tuple(site.dilation) != (1, 1) else ""
+    text += f" dilation={tuple(site.dilation)}" if any(d != 1 for d in site.dilation) else ""
     text += f" padding_mode={site.padding_mode}" if site.padding_mode != "zeros" else ""
     return text + (" frozen" if site.frozen else "")

@@ -1,8 +1,8 @@
 """Pass 4: put each child in place by swapping its conv module for a ChildAdapter bound to its parent.
 
 A KernelDNA child needs only its parent's kernel, its own adapters and its own input, all local to the conv
-module. So each child ``nn.Conv2d`` is replaced, at the same path, by a ChildAdapter bound to its parent module;
-``child(x)`` computes ``kdna_fx.functional.child_conv2d``. Everything else (the user's module objects, their
+module. So each child conv module (1-D, 2-D or 3-D) is replaced, at the same path, by a ChildAdapter bound to
+its parent module; ``child(x)`` computes ``kdna_fx.functional.child_conv``. Everything else (the user's module objects, their
 classes, attributes, methods, hooks, containers and Python forwards) stays as it was: the transformed model is
 the user's model. This is the only way children are put in place; the graph form is a lowering of the result
 (passes.lowering), made when asked.

@@ -24,12 +24,10 @@ import kdna_fx
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread", "free_traced_models")]
 
 MBV3 = "MobileNetV3 backbone: its 3x3 convs are depthwise or differ in shape within every stage"
-CONV3D = "video model: only 3-D convolutions (kdna_fx shares 2-D convs)"
 UNCHANGED = {
     "ssdlite320_mobilenet_v3_large": MBV3 + "; its heads' convs are depthwise or 1x1",
     "deeplabv3_mobilenet_v3_large": MBV3 + "; the ASPP's dilated 3x3 convs differ in dilation",
     "lraspp_mobilenet_v3_large": MBV3 + "; the LR-ASPP head has only 1x1 convs",
-    "mc3_18": CONV3D, "r2plus1d_18": CONV3D, "r3d_18": CONV3D, "s3d": CONV3D,
     "mvit_v1_b": "video transformer: its only conv is the 3-D patch embedding",
     "mvit_v2_s": "video transformer: its only conv is the 3-D patch embedding",
     "swin3d_b": "video transformer: its only conv is the 3-D patch embedding",

@@ -142,7 +142,7 @@ def test_gate_scales_only_the_child_input_edge(dtype, tol):
     x = _input(3, 4, 2)
     child, parent = kmodel.get_submodule("conv2"), kmodel.get_submodule("conv1")
     h = torch.relu(parent(x))
-    expected = kdna_fx.functional.child_conv2d(
+    expected = kdna_fx.functional.child_conv(
         h, parent.weight, filter_scale=child.filter_scale, spatial_scale=child.spatial_scale,
         gate_values=child.gate(h), bias=child.bias, padding=1) + h
     torch.testing.assert_close(kmodel(x), expected, **tol)

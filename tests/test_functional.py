@@ -41,10 +41,10 @@ def test_gating_input_equals_per_sample_kernel(dtype, tol, case):
     x = torch.randn(case["batch"], case["cin"], case["h"], case["w"], generator=g)
     weight = torch.randn(case["cout"], case["cin"] // case["groups"], case["k"], case["k"], generator=g)
     a = torch.rand(case["batch"], case["cin"], generator=g)
-    gated = KF.conv2d(KF.scale_channels(x, a), weight, **case["conv"])
+    gated = KF.conv(KF.scale_channels(x, a), weight, **case["conv"])
 
     def one_sample(xi, ai):  # the naive dynamic conv: its own kernel per sample
-        return KF.conv2d(xi[None], KF.per_sample_kernel(weight, ai, case["groups"]), **case["conv"])[0]
+        return KF.conv(xi[None], KF.per_sample_kernel(weight, ai, case["groups"]), **case["conv"])[0]
 
     torch.testing.assert_close(gated, vmap(one_sample)(x, a), **tol)
 
@@ -54,7 +54,7 @@ def test_conv2d_matches_nn_conv2d_padding_modes(dtype, tol, case):
     g = torch.Generator().manual_seed(case["seed"])
     conv = torch.nn.Conv2d(case["cin"], case["cout"], case["k"], bias=True, **case["conv"])
     x = torch.randn(case["batch"], case["cin"], case["h"], case["w"], generator=g)
-    ours = KF.conv2d(x, conv.weight, conv.bias, **case["conv"])
+    ours = KF.conv(x, conv.weight, conv.bias, **case["conv"])
     torch.testing.assert_close(ours, conv(x), **tol)
 
 
@@ -70,7 +70,7 @@ def test_per_sample_conv_matmul_form_equals_grouped_form(dtype, tol, case):
     with PF.per_sample_form("matmul"):
         matmul = PF.per_sample_conv2d(x, weights, bias, **case["conv"])
     torch.testing.assert_close(matmul, grouped, **tol)
-    one = KF.conv2d(x[:1], weights[0], bias[0], **case["conv"])
+    one = KF.conv(x[:1], weights[0], bias[0], **case["conv"])
     torch.testing.assert_close(matmul[:1], one, **tol)
 
 
@@ -142,7 +142,7 @@ def test_child_conv_gradients_match_the_naive_per_sample_formulation(dtype, tol)
 
     def kdna(p):
         a = KF.gate(x, gate.fc1.weight, p["fc2"], gate.fc2.bias)
-        y = KF.child_conv2d(x, p["parent"], filter_scale=p["f"], spatial_scale=p["s"], gate_values=a, padding=1)
+        y = KF.child_conv(x, p["parent"], filter_scale=p["f"], spatial_scale=p["s"], gate_values=a, padding=1)
         return (y ** 2).mean()
 
     def naive(p):

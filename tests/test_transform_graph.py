@@ -25,7 +25,7 @@ def test_resnet18_graph_structure():
             adapter = kmodel.get_submodule(child)
             assert isinstance(adapter, kdna_fx.adapters.ChildAdapter) and adapter.parent == family.parent
             assert adapter.held_weight is None and f"{child}.weight" not in dict(kmodel.named_parameters())
-    convs = [n for n in kmodel.graph.nodes if n.target is KF.child_conv2d]
+    convs = [n for n in kmodel.graph.nodes if n.target is KF.child_conv]
     assert len(convs) == len(plan.children)
     # geometry kept: the stride-1 children keep stride 1 and padding 1
     assert all(n.kwargs["stride"] == (1, 1) and n.kwargs["padding"] == (1, 1) for n in convs)
@@ -56,7 +56,7 @@ def test_transformed_model_can_be_traced_again(dtype, tol):
     randomize_adapters(kmodel)
     kmodel.eval()
     retraced = fx.symbolic_trace(kmodel)
-    assert sum(n.target is KF.child_conv2d for n in retraced.graph.nodes) == len(
+    assert sum(n.target is KF.child_conv for n in retraced.graph.nodes) == len(
         kdna_fx.plan_of(kmodel).children)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(retraced(x), kmodel(x), **tol)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdna_fx.data import spatial_dims
 from kdna_fx.datamodel import module_form, record_of
 from kdna_fx.errors import CalibrationError, KDNAError, KDNATypeError
 from kdna_fx.utils import KeptModes, device_dtype
@@ -83,7 +84,7 @@ def calibrate(kmodel: nn.Module, data: Any, config: CalibrationConfig | None = N
                                f"the reference. Transform without inplace=True")
     order = [m for m in MODES if m in config.modes]
     device, dtype = device_dtype(inner)
-    feed = Batches(data, config.batch_size, device, dtype or torch.get_default_dtype())
+    feed = Batches(data, config.batch_size, device, dtype or torch.get_default_dtype(), spatial_dims(reference))
     from tqdm.auto import tqdm
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), KeptModes(reference):

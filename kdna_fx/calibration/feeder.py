@@ -17,8 +17,8 @@ class Batches:
     strict): a tensor in ``batch_size`` batches (shuffled when a pass is given a generator), an iterable's batches
     as they come, in its own order; every batch moved to the model's device and dtype."""
 
-    def __init__(self, data: Any, batch_size: int, device: torch.device, dtype: torch.dtype):
-        self.data, self.batch_size, self.device, self.dtype = data, batch_size, device, dtype
+    def __init__(self, data: Any, batch_size: int, device: torch.device, dtype: torch.dtype, dims: int = 2):
+        self.data, self.batch_size, self.device, self.dtype, self.dims = data, batch_size, device, dtype, dims
         # One pass up front: every item is checked (and counted) before any mode changes the model.
         self.count = sum(x.shape[0] for x in self._checked(None))
         if self.count == 0:
@@ -28,7 +28,7 @@ class Batches:
     def _checked(self, generator: torch.Generator | None) -> Iterator[Tensor]:
         """One pass of the data as given; the data room's DataError is calibrate's CalibrationError here."""
         try:
-            stream, _ = image_batches(self.data, None, self.batch_size, generator, strict=True)
+            stream, _ = image_batches(self.data, None, self.batch_size, generator, strict=True, dims=self.dims)
             yield from stream
         except DataError as exc:
             raise CalibrationError(f"calibrate: {exc}") from None

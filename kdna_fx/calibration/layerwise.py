@@ -61,7 +61,7 @@ def fit_children(kmodel: nn.Module, runner: Runner, data: Batches, *, steps: int
     for child in children_of(kmodel):
         name, adapter = child.name, child.adapter
         target = ref_modules.get(name)
-        if not isinstance(adapter, ChildAdapter) or not isinstance(target, nn.Conv2d):
+        if not isinstance(adapter, ChildAdapter) or not isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             continue  # no conv at that path in the reference: nothing to match
         weight = child.weight.detach()
         # Inputs from kmodel (so each child corrects the error before it), targets from the reference.

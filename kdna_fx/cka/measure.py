@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from kdna_fx.adapters import ChildAdapter
-from kdna_fx.data import image_batches
+from kdna_fx.data import image_batches, spatial_dims
 from kdna_fx.datamodel import module_form
 from kdna_fx.errors import CKAError
 from kdna_fx.utils import KeptModes, device_dtype
@@ -22,8 +22,9 @@ POOLS = ("flatten", "mean")
 
 
 def _conv_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The convs the model runs: nn.Conv2d modules and, in a transformed model, its children."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, ChildAdapter))]
+    """The convs the model runs: conv modules (1-D, 2-D, 3-D) and, in a transformed model, its children."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, ChildAdapter))]
 
 
 def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None = None, *, images: int = 512,
@@ -33,7 +34,7 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
 
     ``data``: images [N, C, H, W] (``images`` of them drawn with ``seed``), a map-style data set of images or
     (image, label) pairs (likewise), or any iterable such as a DataLoader of image batches or (images, labels)
-    (the first ``images``). ``layers``: conv names to keep (default: every nn.Conv2d, and every child conv of a
+    (the first ``images``). ``layers``: conv names to keep (default: every conv module, and every child conv of a
     model transformed by kdna_fx, under its original name). Layers come in the order they run. ``pool``:
     "flatten" compares whole feature maps, "mean" their spatial means [n, C]. The model runs in eval mode
     without gradients; its training flags are restored afterwards.
@@ -46,7 +47,7 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
     model = module_form(model)  # a graph form (passes.lower) is measured through the model it shares tensors with
     available = [n for n, _ in _conv_modules(model)]
     if not available:
-        raise CKAError(f"{type(model).__name__} has no nn.Conv2d (nor kdna_fx child conv) to compare")
+        raise CKAError(f"{type(model).__name__} has no conv module (nor kdna_fx child conv) to compare")
     wanted = None if layers is None else list(layers)
     if wanted is not None and not wanted:
         raise CKAError("layers is empty; pass conv names to compare, or None for every conv")
@@ -81,7 +82,8 @@ def layer_similarity(model: nn.Module, data: Any, layers: Sequence[str] | None =
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             # The unbiased HSIC divides by n - 3: a remainder of fewer than 4 images joins the batch before it.
-            batches, expected = image_batches(data, images, batch_size, generator, min_batch=4)
+            batches, expected = image_batches(data, images, batch_size, generator, min_batch=4,
+                                              dims=spatial_dims(model))
             with tqdm(total=expected, desc="cka", unit="img", disable=not progress, leave=False) as bar:
                 for x in batches:
                     if len(x) < 4:  # only ever the sole batch: image_batches merges short remainders

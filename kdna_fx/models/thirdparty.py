@@ -6,8 +6,9 @@
         model = thirdparty.BUILDERS[name]().eval()       # a clear ModuleNotFoundError if its library is missing
         out = model(*thirdparty.EXAMPLE_INPUTS[name]())
 
-Models of segmentation-models-pytorch, MONAI, Ultralytics, Hugging Face transformers, efficientnet-pytorch,
-torchvision (quantizable and detection models) and timm; tests/test_thirdparty_sweep.py and
+Models of segmentation-models-pytorch, MONAI (2-D, 3-D and 1-D), Ultralytics, Hugging Face transformers (vision CNNs
+and Wav2Vec2's 1-D feature encoder), efficientnet-pytorch, torchvision (quantizable, detection and 3-D video
+models), timm, and a 1-D ResNet of kdna_fx's own; tests/test_thirdparty_sweep.py and
 bench/library_coverage.py sweep kdna_fx over them. ``import kdna_fx`` does not import this module, and this
 module imports none of those libraries: each builder imports its own, and a missing one raises a
 ``ModuleNotFoundError`` that names the library and the pip extra (``pip install 'kdna_fx[thirdparty]'``; Ultralytics
@@ -155,7 +156,7 @@ def smp_fpn_efficientnet_b0():
 
 # --- MONAI (2-D networks, spatial_dims=2) ------------------------------------------------------------------
 
-_MONAI = "monai"
+_MONAI, _TV = "monai", "torchvision"
 
 
 @_register("monai-basicunet", _MONAI, _MONAI, "monai BasicUNet 2-D, features (8, 8, 16, 32, 64, 8)", _image(64))
@@ -185,6 +186,102 @@ def monai_dynunet():
 def monai_segresnet():
     from monai.networks.nets import SegResNet
     return SegResNet(spatial_dims=2, init_filters=8, in_channels=3, out_channels=2)
+
+
+# --- MONAI 3-D and 1-D networks (volumes [B, C, D, H, W], signals [B, C, L]) --------------------------------
+
+def _volume(size: int, batch: int = 2) -> Callable[[], tuple]:
+    return lambda: (torch.randn(batch, 1, size, size, size),)
+
+
+@_register("monai-unet-3d", _MONAI, _MONAI, "monai UNet 3-D, channels (8, 16, 32, 64), 2 residual units, 16^3",
+           _volume(16))
+def monai_unet_3d():
+    from monai.networks.nets import UNet
+    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32, 64), strides=(2, 2, 2),
+                num_res_units=2)
+
+
+@_register("monai-dynunet-3d", _MONAI, _MONAI, "monai DynUNet 3-D (nnU-Net style), 4 levels, filters 8..64, 16^3; "
+           "shared with stage_depth=0 (an encoder level and its decoder level)", _volume(16))
+def monai_dynunet_3d():
+    from monai.networks.nets import DynUNet
+    return DynUNet(spatial_dims=3, in_channels=1, out_channels=2, kernel_size=[3, 3, 3, 3],
+                   strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2], filters=[8, 16, 32, 64], res_block=True)
+
+
+@_register("monai-segresnet-3d", _MONAI, _MONAI, "monai SegResNet 3-D, init_filters 8, 16^3", _volume(16))
+def monai_segresnet_3d():
+    from monai.networks.nets import SegResNet
+    return SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2)
+
+
+@_register("monai-basicunet-3d", _MONAI, _MONAI, "monai BasicUNet 3-D, features (8, 8, 16, 32, 64, 8), 32^3 "
+           "(16^3 leaves a 1^3 map that its InstanceNorm cannot train on)", _volume(32))
+def monai_basicunet_3d():
+    from monai.networks.nets import BasicUNet
+    return BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(8, 8, 16, 32, 64, 8))
+
+
+@_register("monai-attentionunet-3d", _MONAI, _MONAI, "monai AttentionUnet 3-D, channels (8, 16, 32, 64), 16^3",
+           _volume(16))
+def monai_attentionunet_3d():
+    from monai.networks.nets import AttentionUnet
+    return AttentionUnet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32, 64), strides=(2, 2, 2))
+
+
+@_register("monai-swinunetr-3d", _MONAI, _MONAI, "monai SwinUNETR 3-D, feature_size 12, one block per stage, "
+           "64^3 at batch 1 (its 32x downsampling needs 64^3 for InstanceNorm in training); the convs shared "
+           "are its UNETR encoder and decoder blocks", _volume(64, batch=1))
+def monai_swinunetr_3d():
+    from monai.networks.nets import SwinUNETR
+    return SwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+
+
+@_register("monai-unet-1d", _MONAI, _MONAI, "monai UNet 1-D, channels (8, 16, 32, 64), 2 residual units, "
+           "signals of 64 samples", lambda: (torch.randn(2, 2, 64),))
+def monai_unet_1d():
+    from monai.networks.nets import UNet
+    return UNet(spatial_dims=1, in_channels=2, out_channels=2, channels=(8, 16, 32, 64), strides=(2, 2, 2),
+                num_res_units=2)
+
+
+# --- torchvision video networks (clips [B, 3, T, H, W]) ------------------------------------------------------
+
+def _clip(frames: int = 4, size: int = 32) -> Callable[[], tuple]:
+    return lambda: (torch.randn(2, 3, frames, size, size),)
+
+
+def _video(name: str) -> torch.nn.Module:
+    import torchvision
+    model = torchvision.models.get_model(name, weights=None, num_classes=8)
+    if name == "s3d":  # its last pool is fixed to 16x224x224 clips; an adaptive one (no parameters) runs small
+        model.avgpool = torch.nn.AdaptiveAvgPool3d(1)
+    return model
+
+
+@_register("tv-r3d_18", _TV, _TV, "torchvision r3d_18 (33 M parameters, 3x3x3 convs), 8 classes, 4x32x32 clips",
+           _clip())
+def tv_r3d_18():
+    return _video("r3d_18")
+
+
+@_register("tv-mc3_18", _TV, _TV, "torchvision mc3_18 (3-D convs in the first stages, 1x3x3 after), 4x32x32 clips",
+           _clip())
+def tv_mc3_18():
+    return _video("mc3_18")
+
+
+@_register("tv-r2plus1d_18", _TV, _TV, "torchvision r2plus1d_18 ((2+1)-D: 1x3x3 then 3x1x1 convs), 4x32x32 clips",
+           _clip())
+def tv_r2plus1d_18():
+    return _video("r2plus1d_18")
+
+
+@_register("tv-s3d", _TV, _TV, "torchvision s3d (separable 1xkxk / kx1x1 Inception branches), adaptive last pool, "
+           "8x64x64 clips", _clip(8, 64))
+def tv_s3d():
+    return _video("s3d")
 
 
 # --- Ultralytics (packaged yamls; scale letter in the file name picks n) ------------------------------------
@@ -274,6 +371,25 @@ def hf_mobilenetv2_cls():
     return MobileNetV2ForImageClassification(MobileNetV2Config(depth_multiplier=0.35, image_size=64, num_labels=10))
 
 
+@_register("hf-wav2vec2", _HF, _HF, "transformers Wav2Vec2Model from a small config (7 conv feature-encoder layers of "
+           "32 channels, kernels 10, 3, 3, 3, 3, 2, 2; one transformer layer); 4,000 audio samples (12 frames: its "
+           "training-time masking needs more than 10)", lambda: (torch.randn(2, 4000),))
+def hf_wav2vec2():
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+    return Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
+                                        num_conv_pos_embedding_groups=4))
+
+
+# --- kdna_fx's own 1-D network --------------------------------------------------------------------------------
+
+@_register("kdna-resnet-1d", "torch", "torch", "kdna_fx.testing.TinyResNet(dims=1): a two-stage 1-D ResNet "
+           "(ECG-style signals of 64 samples)", lambda: (torch.randn(2, 3, 64),))
+def kdna_resnet_1d():
+    from kdna_fx.testing import TinyResNet
+    return TinyResNet(width=16, dims=1)
+
+
 # --- efficientnet-pytorch -----------------------------------------------------------------------------------
 
 @_register("effnet-pytorch-b0", "efficientnet-pytorch", "efficientnet_pytorch",
@@ -285,9 +401,6 @@ def effnet_pytorch_b0():
 
 
 # --- torchvision quantizable and detection models -----------------------------------------------------------
-
-_TV = "torchvision"
-
 
 @_register("tv-quant-resnet18", _TV, _TV, "torchvision.models.quantization.resnet18(quantize=False): "
            "QuantStub/DeQuantStub, FloatFunctional add, float weights", _image(64))
