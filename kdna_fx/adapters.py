@@ -259,7 +259,7 @@ class ChildAdapter(nn.Module):
                 f"graph pass that fuses BatchNorms into convs (torch.fx.experimental.optimization.fuse, "
                 f"torch.ao prepare_fx / prepare_qat_fx) would rescale or drop the kernel the children share. Fold "
                 f"first (kdna_fx.fold(model), each child then holds its own kernel), or fuse and prepare before "
-                f"kdna_fx.transform.")
+                f"kdna_fx.transform; for the graph itself, kdna_fx.passes.lower(model) gives it, checked.")
         orig, mask = getattr(parent, "weight_orig", None), getattr(parent, "weight_mask", None)
         pruned = isinstance(orig, Tensor) and isinstance(mask, Tensor)
         if pruned and not parametrize.is_parametrized(parent, "weight"):

@@ -22,7 +22,7 @@ _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 FUNCTIONAL = ("a functional conv call on a stored parameter: kdna_fx shares conv modules, whose children live in "
-              "the model's own module tree; hold the kernel in an nn.Conv1d/2d/3d to share it")
+              "the model's own module tree; hold the kernel in an nn.Conv2d (nn.Conv1d, nn.Conv3d) to share it")
 
 
 def functional_conv(gm: fx.GraphModule, node: fx.Node) -> Skipped | None:

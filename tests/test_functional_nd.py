@@ -206,9 +206,10 @@ def test_export_agrees_with_eager(rank, format, tmp_path):
     if format == "onnx":
         pytest.importorskip("onnxruntime")
     _, kmodel = _shared(rank)
-    report = kdna_fx.export(kmodel, tmp_path / f"m.{format}", input_shape=(3, *(8,) * rank), format=format,
-                            dynamic_batch=True)
-    assert report.folded and 0 <= report.max_difference < 1e-4
+    for fold in (False, True):  # the shared form (the default) and the folded one
+        report = kdna_fx.export(kmodel, tmp_path / f"m{fold}.{format}", input_shape=(3, *(8,) * rank),
+                                format=format, dynamic_batch=True, fold=fold)
+        assert report.folded == fold and 0 <= report.max_difference < 1e-4
 
 
 @pytest.mark.integration

@@ -51,22 +51,27 @@ def test_child_keeps_its_own_stride_padding_dilation_and_bias(dtype, tol):
     torch.testing.assert_close(kmodel(x), model(x), **tol)
 
 
-def test_transformed_model_can_be_traced_again(dtype, tol):
+def test_a_plain_trace_of_an_unfolded_model_is_refused_naming_the_fixes_and_the_folded_one_traces(dtype, tol):
+    """A plain torch.fx trace would read each parent's kernel by path, and graph passes (BatchNorm fusion,
+    torch.ao prepare) rewrite that kernel under the children: refused, naming fold and passes.lower."""
     kmodel = kdna_fx.transform(TinyResNet())
     randomize_adapters(kmodel)
     kmodel.eval()
-    retraced = fx.symbolic_trace(kmodel)
-    assert sum(n.target is KF.child_conv for n in retraced.graph.nodes) == len(
-        kdna_fx.plan_of(kmodel).children)
+    with pytest.raises(kdna_fx.ParentKernelError, match=r"kdna_fx.fold\(model\).*kdna_fx.passes.lower"):
+        fx.symbolic_trace(kmodel)
     x = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(retraced(x), kmodel(x), **tol)
+    lowered = kdna_fx.passes.lower(kmodel, (x,))
+    assert sum(n.target is KF.child_conv for n in lowered.graph.nodes) == len(kdna_fx.plan_of(kmodel).children)
+    torch.testing.assert_close(lowered(x), kmodel(x), **tol)
+    folded = kdna_fx.fold(kmodel)
+    torch.testing.assert_close(fx.symbolic_trace(folded)(x), kmodel(x), **tol)
 
 
-def test_zoo_models_trace_with_adapters_as_leaf_calls(dtype, tol):
+def test_zoo_models_trace_once_folded(dtype, tol):
     from kdna_fx.models import create_model
 
     model = create_model("kdna_resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.125).eval()
-    traced = fx.symbolic_trace(model)
+    traced = fx.symbolic_trace(kdna_fx.fold(model))
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(traced(x), model(x), **tol)
 

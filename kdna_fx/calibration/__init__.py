@@ -75,8 +75,9 @@ def calibrate(kmodel: nn.Module, data: Any, config: CalibrationConfig | None = N
         raise KDNATypeError(f"calibrate: reference must be the original trained nn.Module, got "
                             f"{type(reference).__name__}")
     if reference is inner:
-        raise CalibrationError("calibrate: reference is kmodel itself; pass the original model kmodel was "
-                               "transformed from")
+        raise CalibrationError("calibrate: reference is kmodel itself (transform(..., inplace=True) changes and "
+                               "returns the model you pass); pass the original model kmodel was transformed from: "
+                               "transform without inplace=True, which leaves it as it was")
     shared = shared_tensors(inner, reference)
     if shared:
         raise CalibrationError(f"calibrate: kmodel shares {len(shared)} tensor(s) with reference (e.g. "
