@@ -25,13 +25,17 @@ from torch import Tensor, nn
 
 import kdna_fx
 from kdna_fx.conversion import n_params, score
+from kdna_fx.datamodel import find_record
 from kdna_fx.errors import KDNAError
+from kdna_fx.models import create_model
+from kdna_fx.testing import randomize_adapters
 from kdna_fx.timing import markdown_table, provenance, write_results
 from kdna_fx.utils import write_json
 
 __all__ = ["ABOVE", "BELOW", "NOT_DISTINGUISHABLE", "TIE", "DirtyTreeError", "Factorised", "compare", "factorise",
-           "machine_label", "markdown_table", "paired", "paired_cell", "matched", "n_params", "prune", "release_lock", "run_provenance", "write_json", "score", "seed_range",
-           "shared_convs", "take_lock", "validation_split", "write_results"]
+           "machine_label", "markdown_table", "paired", "paired_cell", "matched", "n_params", "prune", "ready",
+           "release_lock", "run_provenance", "write_json", "score", "seed_range", "shared_convs", "take_lock",
+           "validation_split", "write_results"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -301,3 +305,15 @@ def blob_task() -> tuple[nn.Module, Tensor, Tensor, Tensor]:
     test_x, test_y = blobs(512, g)
     calib_x, _ = blobs(256, g)
     return model, calib_x, test_x, test_y
+
+
+def ready(name: str, image_size: int, seed: int) -> nn.Module:
+    """Zoo model ``name`` with random adapters and moved BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = create_model(name)
+    if find_record(model) is not None:
+        randomize_adapters(model)
+    with torch.no_grad():
+        for _ in range(3):
+            model.train()(torch.randn(8, 3, image_size, image_size))
+    return model.eval()

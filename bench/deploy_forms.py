@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 import kdna_fx
+from bench.common import ready
 from kdna_fx.datamodel import find_record
-from kdna_fx.models import create_model
-from kdna_fx.testing import randomize_adapters
 from kdna_fx.timing import git_commit, markdown_table, provenance, time_interleaved, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,18 +37,6 @@ BATCHES = (1, 8)
 RUNTIMES = ("onnxruntime", "pt2 inductor", "pt2 eager")
 # The target: the shared file runs within this much of the folded one (median over median, same runtime, batch).
 SPEED_TARGET = 0.03
-
-
-def ready(name: str, image_size: int, seed: int) -> nn.Module:
-    """Zoo model ``name`` with random adapters and moved BatchNorm statistics, in eval mode."""
-    torch.manual_seed(seed)
-    model = create_model(name)
-    if find_record(model) is not None:
-        randomize_adapters(model)
-    with torch.no_grad():
-        for _ in range(3):
-            model.train()(torch.randn(8, 3, image_size, image_size))
-    return model.eval()
 
 
 def _seconds(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:

@@ -22,27 +22,15 @@ import torch
 from torch import nn
 
 import kdna_fx
-from kdna_fx.models import create_model, list_models
+from bench.common import ready
+from kdna_fx.models import list_models
 from kdna_fx.datamodel import find_record
-from kdna_fx.testing import randomize_adapters
 from kdna_fx.timing import git_commit, markdown_table, provenance, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "export")
 TARGET = 1e-4
 BATCHES = (1, 7)
-
-
-def ready(name: str, image_size: int, seed: int) -> nn.Module:
-    """Zoo model ``name`` with random adapters and moved BatchNorm statistics, in eval mode."""
-    torch.manual_seed(seed)
-    model = create_model(name)
-    if find_record(model) is not None:
-        randomize_adapters(model)
-    with torch.no_grad():
-        for _ in range(3):
-            model.train()(torch.randn(8, 3, image_size, image_size))
-    return model.eval()
 
 
 def check(name: str, formats: list[str], image_size: int, seed: int, directory: str) -> dict[str, Any]:
