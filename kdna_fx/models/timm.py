@@ -30,7 +30,8 @@ from .builder import stamp
 _PROBE = 64
 """Side of the input the feature stages are measured on (divisible by every reduction)."""
 _KEPT = ("pretrained_cfg", "default_cfg", "feature_info", "output_fmt", "_traits", "in_chans")
-"""What timm's builder leaves on its model that the tag's transform (a new GraphModule) must keep."""
+"""What timm's builder leaves on its model that the tag's finished model (a peer conversion or features wrapper may be
+another object) must keep."""
 
 _UNUSED = ("drop_rate", "drop_path_rate", "drop_block_rate")
 """Regularisers timm's train script always passes (``--drop`` defaults to 0.0): taken at zero, refused else."""
