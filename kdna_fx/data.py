@@ -130,10 +130,13 @@ def _load_image(path: str) -> Any:
     """torchvision's image loader, with a DataError naming a file that is not an image (one line, exit code 2)."""
     from PIL import Image, UnidentifiedImageError
 
+    # Not just UnidentifiedImageError: other libraries patch PIL.Image.open process-wide (Ultralytics retries
+    # through an optional HEIF plugin and raises ModuleNotFoundError when it is absent), and a file that fails to
+    # decode is the same data error whichever opener is installed.
     try:
         with open(path, "rb") as f, Image.open(f) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ImportError, ValueError) as exc:
         raise DataError(f"{path!r} in the folder data set is not an image PIL can read ({type(exc).__name__}): "
                         f"remove it from the folder or convert it to PNG or JPEG") from None
 

@@ -68,6 +68,22 @@ def test_a_non_image_in_a_folder_data_set_is_one_line_naming_the_file(tmp_path, 
     assert len(err.splitlines()) == 1 and "notes.png" in err and "remove it" in err
 
 
+def test_a_non_image_is_a_data_error_when_another_library_patched_pil_open(tmp_path, monkeypatch):
+    # Ultralytics replaces PIL.Image.open process-wide; on an unreadable file its patch imports an optional HEIF
+    # plugin and raises ModuleNotFoundError when that is absent (the CI failure of stop 36).
+    from PIL import Image
+
+    from kdna_fx.data import DataError, _load_image
+
+    def patched_open(fp, *args, **kwargs):
+        raise ModuleNotFoundError("No module named 'pi_heif'")
+
+    monkeypatch.setattr(Image, "open", patched_open)
+    data = _folder_with_a_text_file(tmp_path)
+    with pytest.raises(DataError, match="notes.png.*remove it"):
+        _load_image(f"{data}/a/notes.png")
+
+
 @pytest.mark.integration  # a training run whose data loader reads in a worker process
 def test_a_non_image_read_in_a_data_loader_worker_is_one_line_too(tmp_path, capsys):
     (tmp_path / "data").mkdir()
