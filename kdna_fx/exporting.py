@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 from .errors import ConfigError, ExportError
 from .carried import unwrapped
 from .datamodel import find_record, peer_record
-from .peer_functional import per_sample_form
+from .peers.functional import per_sample_form
 from .tables import format_table
 from .utils import KeptModes, atomic_path, device_dtype
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch.func import grad, vmap
 
 from kdna_fx import functional as KF
-from kdna_fx import peer_functional as PF
+from kdna_fx.peers import functional as PF
 from kdna_fx.adapters import Gate, gate_width
 
 

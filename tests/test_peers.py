@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdna_fx
-from kdna_fx import peer_functional as PF
+from kdna_fx.peers import functional as PF
 from kdna_fx.datamodel import peer_record
 from kdna_fx.functional import explicit_padding
 from kdna_fx.peers import CondConv2d, DynamicConv2d, KWConv2d, ODConv2d, PeerConv2d

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from . import functional as KF
-from .functional import IntOrPair, PaddingMode
+from .. import functional as KF
+from ..functional import IntOrPair, PaddingMode
 
 
 def dynamic_kernels(experts: Tensor, kernel_attention: Tensor | None = None, *,
@@ -174,7 +174,7 @@ def require_batch_statistics(h: Tensor, method: str = "ODConv") -> Tensor:
     """``h`` itself, or a GateBatchSizeError when a peer's BatchNorm (ODConv, KernelWarehouse) would train on one
     sample."""
     if h.shape[0] == 1:
-        from .errors import GateBatchSizeError
+        from ..errors import GateBatchSizeError
 
         raise GateBatchSizeError(
             f"{method}'s attention has a BatchNorm (as in the paper), which cannot train on a batch of 1 sample: "
