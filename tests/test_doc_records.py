@@ -1,4 +1,5 @@
-"""Numbers the docs cite from a record match it (issue 33). A cited number carries a marker right after it:
+"""Numbers the docs cite from a record match it, and the record is tied to committed code (issue 33). A cited
+number carries a marker right after it:
 
     -0.53<!-- rec bench/results/conversion/conversion_study.json verdicts/row=kdna-r4&baseline=prune@kdna-r4/calibrated/mean -->
 
@@ -51,6 +52,18 @@ def test_a_cited_number_matches_its_record(doc, number, path, key):
     cited = float(number.replace(",", ""))
     shown = float(f"{float(value):.{decimals}f}")  # as the reports format it
     assert shown == pytest.approx(cited, abs=1e-9), f"{doc} cites {number} for {path} {key}: the record holds {value}"
+
+
+@pytest.mark.parametrize("path", sorted({path for _, _, path, _ in citations()}))
+def test_a_cited_record_is_tied_to_committed_code(path):
+    # a number is only as good as the code behind it: a doc cites no record that bench.records_check would list
+    from bench.records_check import git_state, in_history
+
+    with open(ROOT / path) as f:
+        commit, dirty = git_state(json.load(f))
+    assert commit and in_history(commit) and dirty is False, (
+        f"{path} is not tied to committed code (commit {commit}, dirty {dirty}): re-run it from a clean commit, "
+        "or retire it and stop citing it")
 
 
 def test_resolve_selects_by_fields():

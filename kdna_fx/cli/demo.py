@@ -5,7 +5,7 @@
    against eager), and the speed of the deploy forms at batch 1 and 8: both compiled with Inductor freezing
    (which folds KernelDNA's kernels), timed interleaved; with --no-compile, the original and kdna_fx.fold's
    model in eager mode.
-2. Accuracy: the committed frontier study (Fashion-MNIST, 15 epochs, 3 seeds), read from its record
+2. Accuracy: the committed frontier study (Fashion-MNIST, 15 epochs, seeds 0-2), read from its record
    (bench/results/frontier/frontier.json): a brief training run here would be noise.
 """
 from __future__ import annotations
@@ -117,18 +117,18 @@ def frontier_summary(path: str = FRONTIER) -> str:
     with open(path) as f:
         record = json.load(f)
     rows = {r["row"]: r for r in record["rows"]}
-    verdicts = {t["row"]: t["params"] for t in record["targets"]}
+    verdicts = {t["row"]: dict(t["params"], seeds=t["seeds"], provisional=t["provisional"]) for t in record["targets"]}
     table = []
     for name in FRONTIER_ROWS:
-        r = rows[name]
-        verdict = verdicts.get(name)
+        r, verdict = rows[name], verdicts.get(name)
         versus = f"{verdict['gain']:+.2f} ({verdict['outcome']})" if verdict else ""
         table.append([r["label"], f"{r['params']:,}", f"{r['top1_mean']:.2f} [{r['top1_min']:.2f}, {r['top1_max']:.2f}]",
                       versus])
     settings, kdna = record["settings"], verdicts["kdna-w0.25"]
     meaning = ("the same accuracy as a plain ResNet-18 narrowed to its parameter count (the seed ranges overlap): "
                "what it buys is fewer stored weights, not accuracy" if kdna["outcome"] == "tie" else
-               f"{kdna['outcome']} the plain-width curve at equal parameters, every seed")
+               f"{kdna['outcome']} the plain-width curve at equal parameters on each of its {kdna['seeds']} seeds"
+               + (" (provisional: fewer than 3)" if kdna["provisional"] else ""))
     return (f"Fashion-MNIST, {settings['epochs']} epochs, seeds {settings['seeds']}, top-1 % mean [worst, best seed]:\n"
             + format_table(["model", "parameters", "top-1 %", "vs plain curve @ params"], table)
             + f"\nfrom `{record['provenance']['command']}` at commit {record['git']['commit'][:10]} "
