@@ -125,10 +125,12 @@ def frontier_summary(path: str = FRONTIER) -> str:
         table.append([r["label"], f"{r['params']:,}", f"{r['top1_mean']:.2f} [{r['top1_min']:.2f}, {r['top1_max']:.2f}]",
                       versus])
     settings, kdna = record["settings"], verdicts["kdna-w0.25"]
-    meaning = ("the same accuracy as a plain ResNet-18 narrowed to its parameter count (the seed ranges overlap): "
+    # Fewer than 3 seeds are reported, never judged (the paired rule of bench.common).
+    meaning = (f"not judged: {kdna['seeds']} seeds, fewer than 3 (bench/results/frontier/retired holds the runs not "
+               f"tied to committed code)" if kdna["provisional"] else
+               "the same accuracy as a plain ResNet-18 narrowed to its parameter count (the seed ranges overlap): "
                "what it buys is fewer stored weights, not accuracy" if kdna["outcome"] == "tie" else
-               f"{kdna['outcome']} the plain-width curve at equal parameters on each of its {kdna['seeds']} seeds"
-               + (" (provisional: fewer than 3)" if kdna["provisional"] else ""))
+               f"{kdna['outcome']} the plain-width curve at equal parameters on each of its {kdna['seeds']} seeds")
     return (f"Fashion-MNIST, {settings['epochs']} epochs, seeds {settings['seeds']}, top-1 % mean [worst, best seed]:\n"
             + format_table(["model", "parameters", "top-1 %", "vs plain curve @ params"], table)
             + f"\nfrom `{record['provenance']['command']}` at commit {record['git']['commit'][:10]} "
