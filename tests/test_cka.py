@@ -369,7 +369,7 @@ def test_cka_command_bad_inputs_are_clear(tiny, tmp_path, capsys):
         ([weights, "--model", "resnet18"], "do not fit resnet18"),
         ([weights, *TINY, "--compare", "nothing-here"], "--compare 'nothing-here' is neither"),
         ([weights, *TINY, "--images", "2"], ">= 4"),
-        (no_path, "needs --data PATH"),
+        (no_path, "needs root="),
         ([weights, *TINY, "--dataset", "folder", "--data", str(tmp_path)], "ImageFolder"),
         ([weights, *TINY, "--data", str(tmp_path)], "Fashion-MNIST files not found"),
         (["squeezenet1_1"], "cannot run on"),  # torchvision: a 3-channel stem, given 1-channel images

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kdna_fx.data import DATASETS
+from kdna_fx.data import DATASETS, DataSpec
 
 
 def add_data(p: argparse.ArgumentParser, *, dataset_default: str | None = "fashion-mnist") -> None:
@@ -12,10 +12,17 @@ def add_data(p: argparse.ArgumentParser, *, dataset_default: str | None = "fashi
     p.add_argument("--dataset", choices=DATASETS, default=dataset_default,
                    help="fashion-mnist (IDX files), folder (any ImageFolder tree), imagenet (ImageFolder layout)"
                         + ("" if dataset_default else "; default: the run's, else fashion-mnist"))
-    p.add_argument("--data", dest="data_path", metavar="PATH", default=None,
+    p.add_argument("--data", dest="root", metavar="PATH", default=None,
                    help="data location (default: the run's, or the Fashion-MNIST package "
                         "/usr/share/datasets/fashion-mnist); for folder: an ImageFolder tree")
     p.add_argument("--image-size", type=int, default=None, help="crop size for folder (64) / imagenet (224)")
+
+
+def data_spec(args: argparse.Namespace, base: DataSpec | None = None, **given: object) -> DataSpec:
+    """The data set the options in ``args`` (and ``given``) name, over ``base`` (a run's; default Fashion-MNIST):
+    an option left unset keeps ``base``'s value."""
+    typed = {name: getattr(args, name, None) for name in DataSpec.__dataclass_fields__}
+    return (base or DataSpec()).merged(**{**typed, **given})
 
 
 def add_model_options(p: argparse.ArgumentParser, *, what: str = "the model", name: bool = True) -> None:
