@@ -73,15 +73,16 @@ def test_a_non_image_is_a_data_error_when_another_library_patched_pil_open(tmp_p
     # plugin and raises ModuleNotFoundError when that is absent (the CI failure of stop 36).
     from PIL import Image
 
-    from kdna_fx.data import DataError, _load_image
+    from kdna_fx.data import DataError, eval_images
 
     def patched_open(fp, *args, **kwargs):
         raise ModuleNotFoundError("No module named 'pi_heif'")
 
     monkeypatch.setattr(Image, "open", patched_open)
     data = _folder_with_a_text_file(tmp_path)
+    folder = eval_images("folder", data, image_size=8)[0]  # an ImageFolder that reads with kdna_fx's loader
     with pytest.raises(DataError, match="notes.png.*remove it"):
-        _load_image(f"{data}/a/notes.png")
+        folder.loader(f"{data}/a/notes.png")
 
 
 @pytest.mark.integration  # a training run whose data loader reads in a worker process

@@ -50,7 +50,7 @@ def test_nothing_below_the_commands_imports_a_command():
 
 def test_the_transform_never_imports_the_zoo():
     # The zoo (kdna_fx.models) builds on the transform: an import the other way is a cycle. What the transform
-    # carries from a zoo model (its builder stamp) goes through kdna_fx.carried.carry_over.
+    # carries from a zoo model (its ModelSpec) goes through kdna_fx.carried.carry_over.
     transform = [ROOT / "kdna_fx" / "api.py", ROOT / "kdna_fx" / "_pipeline.py"] + PASSES
     offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in transform for m, _ in _imports(p)
                  if m == "kdna_fx.models" or m.startswith("kdna_fx.models.")]
