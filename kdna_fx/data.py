@@ -223,7 +223,7 @@ def build_data(dataset: str = "fashion-mnist", root: str | None = None, *, image
         root = root or FASHION_MNIST_DIR
         train, val = fashion_mnist(root, train=True), fashion_mnist(root, train=False)
         if image_size not in (None, 28):
-            raise DataError("Fashion-MNIST images are 28x28; drop --image-size (resizing is not supported)")
+            raise DataError("Fashion-MNIST images are 28x28; drop image_size= (--image-size): resizing is not supported")
         bundle = DataBundle(train, val, 10, 1, f"Fashion-MNIST ({root})")
     elif dataset in ("folder", "imagenet"):
         if not root:
@@ -254,7 +254,7 @@ def _folder_bundle(path: str, dataset: str, image_size: int | None, val_fraction
         raise DataError(f"ImageNet layout expected: {train_dir!r} and {val_dir!r}, one sub-folder per class "
                         f"(val images sorted into class folders)")
     if not 0 < val_fraction < 1:
-        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        raise DataError(f"val_fraction= (--val-fraction) must be between 0 and 1, got {val_fraction}")
     base = _image_folder(path, None)
     order = torch.randperm(len(base), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, round(val_fraction * len(base)))
