@@ -181,8 +181,7 @@ class DataSpec:
 
     def merged(self, **given: Any) -> DataSpec:
         """This spec with every field ``given`` that is not None (options typed over a run's data)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        return dataclasses.replace(self, **{k: v for k, v in given.items() if k in names and v is not None})
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
     def build(self, seed: int = 0) -> DataBundle:
         """Its train/val sets (``build_data``)."""

@@ -61,11 +61,8 @@ class Source:
     """The source records its model (a run, a kdna_fx.save file that records its spec): options do not change it."""
     checkpoint: dict[str, Any] | None = None
     """A run's ``kdna train`` checkpoint (its config, epoch and weights)."""
-
-    @property
-    def data(self) -> DataSpec | None:
-        """The data set a run trained on."""
-        return DataSpec.from_dict(self.checkpoint["config"]["data"]) if self.checkpoint else None
+    data: DataSpec | None = None
+    """The data set a run trained on."""
 
     def fit(self, **options: Any) -> Source:
         """This source with ``options`` (num_classes=, in_chans=: the data's) where it does not record its own."""
@@ -97,14 +94,8 @@ class Source:
 def run_source(path: str) -> Source:
     """The Source of a ``kdna train`` run: its directory, or the checkpoint file itself."""
     ckpt = read_checkpoint(os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path)
-    return Source(path, ModelSpec.from_dict(ckpt["config"]["model"]), ckpt["model"], own=True, checkpoint=ckpt)
-
-
-def model_names() -> list[str]:
-    """The names ``model_spec`` takes: the kdna_fx.models zoo (tags and aliases), then torchvision's
-    classifiers (it also takes ``torchvision/<name>`` and ``timm/<name>`` for any model of those libraries)."""
-    zoo = list_models(aliases=True)
-    return zoo + sorted(set(torchvision.models.list_models(torchvision.models)) - set(zoo))
+    return Source(path, ModelSpec.from_dict(ckpt["config"]["model"]), ckpt["model"], own=True, checkpoint=ckpt,
+                  data=DataSpec.from_dict(ckpt["config"]["data"]))
 
 
 def _kdna_metadata(path: str) -> dict[str, str] | None:
@@ -182,7 +173,8 @@ def resolve_source(where: str, model: str | None = None, *, like: ModelSpec | No
         if not like and model not in (None, where):
             raise ConfigError(f"SOURCE names the model {where!r} but --model says {model!r}; drop --model")
         return Source(where, model_spec(where, **(like.kwargs if like else options)))
-    close = difflib.get_close_matches(where, model_names(), n=3)
+    names = list_models(aliases=True) + torchvision.models.list_models(torchvision.models)  # its classifiers
+    close = difflib.get_close_matches(where, list(dict.fromkeys(names)), n=3)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     raise ConfigError(f"{flag} {where!r} is neither a `kdna train` run directory, a state-dict or kdna_fx.save file, "
                       f"nor a model name (kdna_fx.models.list_models(), torchvision/<name>, timm/<name>, or a torchvision "

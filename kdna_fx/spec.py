@@ -8,7 +8,6 @@ with the model (kdna_fx/carried.py): it survives ``kdna_fx.transform`` (both pat
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +44,6 @@ class ModelSpec:
         model = create_model(self.name, **self.kwargs)
         record_input(model, in_chans=self.in_chans, image_size=self.image_size)
         return model
-
-    def with_input(self, *, in_chans: int | None = None, image_size: int | None = None) -> ModelSpec:
-        """This spec with the input given (an argument left None keeps the recorded one)."""
-        given = {"in_chans": in_chans, "image_size": image_size}
-        return dataclasses.replace(self, **{k: int(v) for k, v in given.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON data (a KDNAConfig option as its dict); TypeError where JSON cannot hold an option."""
@@ -100,10 +94,8 @@ def stamp(model: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Module:
     kwargs); returns ``model``."""
     try:
         # A small stem is for small images of no one size (Fashion-MNIST's 28, CIFAR's 32): left to record_input.
-        spec = ModelSpec(name, dict(kwargs), int(kwargs.get("in_chans", IMAGENET_CHANNELS)),
-                         None if kwargs.get("small_stem") else IMAGENET_SIZE)
-        record = spec.to_dict()
-        json.dumps(record)
+        record = ModelSpec(name, dict(kwargs), int(kwargs.get("in_chans", IMAGENET_CHANNELS)),
+                           None if kwargs.get("small_stem") else IMAGENET_SIZE).to_dict()
     except (TypeError, ValueError):
         return model
     keep(model, SPEC_ATTR, record)
@@ -122,4 +114,5 @@ def record_input(model: nn.Module, *, image_size: int | None = None, in_chans: i
     a ``kdna_fx.save`` file of it exports at that size (``kdna export``); nothing for a model without a spec."""
     spec = spec_of(model)
     if spec is not None:
-        keep(model, SPEC_ATTR, spec.with_input(in_chans=in_chans, image_size=image_size).to_dict())
+        given = {k: int(v) for k, v in {"in_chans": in_chans, "image_size": image_size}.items() if v is not None}
+        keep(model, SPEC_ATTR, dataclasses.replace(spec, **given).to_dict())

@@ -45,10 +45,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"width": args.width, "small_stem": args.small_stem, "num_classes": args.num_classes}
-
-
 def _measure(model: nn.Module, name: str, data: Dataset, description: str, label: str,
              args: argparse.Namespace) -> LayerSimilarity:
     if len(data) == 0:  # type: ignore[arg-type]
@@ -76,7 +72,8 @@ def _default_out(source: str) -> str:
 
 
 def cka(args: argparse.Namespace) -> dict[str, Any]:
-    source = resolve_source(args.source, args.model, **_options(args))
+    options = {"width": args.width, "small_stem": args.small_stem, "num_classes": args.num_classes}
+    source = resolve_source(args.source, args.model, **options)
     data_set = data_spec(args, source.data)
     data, classes, chans, description = eval_images(data_set.dataset, data_set.root, image_size=data_set.image_size)
     source = source.fit(num_classes=args.num_classes or classes, in_chans=args.in_chans or chans)
@@ -85,7 +82,7 @@ def cka(args: argparse.Namespace) -> dict[str, Any]:
     sim = _measure(source.build(args.seed), spec.name, data, description, label, args)
     other = None
     if args.compare:
-        compare = resolve_source(args.compare, args.model, like=spec, **_options(args))
+        compare = resolve_source(args.compare, args.model, like=spec, **options)
         other = _measure(compare.build(args.seed), compare.spec.name, data, description,
                          os.path.basename(args.compare.rstrip("/")), args)
     out = args.out_dir or _default_out(args.source)

@@ -15,6 +15,7 @@ from kdna_fx.errors import ConfigError
 from kdna_fx.datamodel import converted_by
 from kdna_fx.models import TAGS, ModelSpec
 from kdna_fx.source import is_kdna_file, model_spec, resolve_source, run_source
+from kdna_fx.spec import ZOO_DEFAULTS
 from kdna_fx.timing import provenance
 from kdna_fx.train import distributed as D
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
@@ -26,9 +27,6 @@ from .options import add_batch_size, add_data, add_model_options, add_out, add_p
 
 # Options that may differ from the checkpoint's when resuming (they do not change the numbers).
 _RESUME_OVERRIDABLE = {"workers", "device", "log_every", "progress", "compile", "root"}
-# The options of `kdna train` that build the model: the ModelSpec argument each is, and its default.
-_MODEL_OPTIONS = {"model": ("name", None), "width": ("width", 1.0), "small_stem": ("small_stem", False),
-                  "gate_norm": ("gate_norm", None)}
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -99,9 +97,8 @@ def _resume_config(run_dir: str, given: dict[str, Any]) -> TrainConfig:
     """The checkpoint's config, with the options typed on this command line that may change on resume."""
     saved = read_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))["config"]
     spec = ModelSpec.from_dict(saved["model"])
-    built = {"name": spec.name, **spec.kwargs}
-    flat_saved = {**saved, **DataSpec.from_dict(saved["data"]).to_dict(),
-                  **{key: built.get(name, default) for key, (name, default) in _MODEL_OPTIONS.items()}}
+    flat_saved = {**saved, **DataSpec.from_dict(saved["data"]).to_dict(), **ZOO_DEFAULTS, **spec.kwargs,
+                  "model": spec.name}
     conflicts = []
     for key, value in given.items():
         if key in ("resume", "run_dir") or key in _RESUME_OVERRIDABLE:
