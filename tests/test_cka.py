@@ -342,7 +342,7 @@ def test_cka_command_end_to_end_with_compare(tiny, capsys):
     result = json.loads((out / "cka.json").read_text())
     assert result["images"] == 64 and result["pool"] == "flatten" and len(result["names"]) == 20
     assert result["compare"]["names"] == result["names"] and result["compare"]["source"].endswith(".safetensors")
-    assert result["model"]["width"] == 0.0625 and "command" in result["provenance"]
+    assert result["model"]["kwargs"]["width"] == 0.0625 and "command" in result["provenance"]
     assert all(result["matrix"][i][i] == 1.0 for i in range(20))
     printed = capsys.readouterr().out
     assert "most similar conv pairs" in printed and "converted.safetensors:" in printed and "cka.json" in printed
