@@ -27,6 +27,8 @@ from kdna_fx.data import DataSpec
 from kdna_fx.models import spec_of
 from kdna_fx.source import resolve_source, saved_spec
 
+from .options import add_model_options
+
 # Sources that carry no options of their own (a name, a weights file) are built in the zoo's ImageNet form
 # unless told otherwise: what create_model(name) builds.
 DEFAULT_CLASSES, DEFAULT_CHANNELS, DEFAULT_IMAGE_SIZE = 1000, 3, 224
@@ -56,14 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX operator set (default: the exporter's)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help="largest accepted max |y - eager| / max |eager| (default %(default)g)")
-    p.add_argument("--model", default=None, help="zoo or torchvision name of the architecture (files; default: the "
-                                                 "run's model)")
-    p.add_argument("--width", type=float, default=None, help="width of the model (files and names)")
-    p.add_argument("--small-stem", action="store_true", default=None, help="small stem (files and names)")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help=f"classes of the model (files and names; default {DEFAULT_CLASSES})")
-    p.add_argument("--in-chans", type=int, default=None,
-                   help=f"input channels (default: the run's, else the ModelSpec's, else {DEFAULT_CHANNELS})")
+    add_model_options(p, what="the architecture")
     p.add_argument("--image-size", type=int, default=None,
                    help=f"input height and width (default: the run's, else the ModelSpec's, else "
                         f"{DEFAULT_IMAGE_SIZE})")

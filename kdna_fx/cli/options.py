@@ -33,8 +33,10 @@ def add_model_options(p: argparse.ArgumentParser, *, what: str = "the model", na
                                                      f"(default: the run's or file's own)")
     p.add_argument("--width", type=float, default=None, help="channel width multiplier (state dicts and names)")
     p.add_argument("--small-stem", action="store_true", default=None, help="small stem (state dicts and names)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the run's, or the data's)")
-    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the run's, or the data's)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes (default: the run's or file's, else the data's; plan and export: 1000)")
+    p.add_argument("--in-chans", type=int, default=None,
+                   help="input channels (default: the run's or file's, else the data's; plan and export: 3)")
 
 
 def add_batch_size(p: argparse.ArgumentParser, default: int, what: str = "images per batch") -> None:
