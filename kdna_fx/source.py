@@ -107,7 +107,7 @@ def _kdna_metadata(path: str) -> dict[str, str] | None:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-    except Exception:  # noqa: BLE001 - not readable as one: read_state says why
+    except Exception:  # noqa: BLE001 - not readable as one: _read_state says why
         return None
     return metadata if metadata.get("format") == FORMAT else None
 
@@ -124,7 +124,7 @@ def saved_spec(path: str) -> ModelSpec | None:
     return ModelSpec.from_dict(json.loads(metadata["builder"])) if "builder" in metadata else None
 
 
-def read_state(path: str) -> dict[str, torch.Tensor]:
+def _read_state(path: str) -> dict[str, torch.Tensor]:
     """The state dict in a .pt or .safetensors file."""
     try:
         if path.endswith(".safetensors"):
@@ -168,7 +168,7 @@ def resolve_source(where: str, model: str | None = None, *, like: ModelSpec | No
     if os.path.isfile(where):
         if named is None:
             raise ConfigError(f"a state-dict {flag} needs --model NAME (the architecture the weights belong to)")
-        return Source(where, like or model_spec(named, **options), read_state(where))
+        return Source(where, like or model_spec(named, **options), _read_state(where))
     if is_model(where) or where in torchvision.models.list_models():
         if not like and model not in (None, where):
             raise ConfigError(f"SOURCE names the model {where!r} but --model says {model!r}; drop --model")

@@ -18,7 +18,7 @@ from .config import KDNAConfig
 from .errors import StateError
 
 # The attribute's name from before ModelSpec: models pickled then still carry their spec.
-SPEC_ATTR = "_kdna_builder"
+_SPEC_ATTR = "_kdna_builder"
 _CONFIG_KEY = "__kdna_config__"
 # The ImageNet form's input: what a zoo model without a small stem, and a torchvision classifier, are made for.
 IMAGENET_SIZE, IMAGENET_CHANNELS = 224, 3
@@ -98,14 +98,14 @@ def stamp(model: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Module:
                            None if kwargs.get("small_stem") else IMAGENET_SIZE).to_dict()
     except (TypeError, ValueError):
         return model
-    keep(model, SPEC_ATTR, record)
+    keep(model, _SPEC_ATTR, record)
     return model
 
 
 def spec_of(model: object) -> ModelSpec | None:
     """How ``model`` was built (``spec_of(model).build()`` rebuilds it); None for a model ``create_model`` did
     not build. Looks inside a ``torch.compile`` wrapper."""
-    record = kept(model, SPEC_ATTR) if isinstance(model, nn.Module) else None
+    record = kept(model, _SPEC_ATTR) if isinstance(model, nn.Module) else None
     return None if record is None else ModelSpec.from_dict(record)
 
 
@@ -115,4 +115,4 @@ def record_input(model: nn.Module, *, image_size: int | None = None, in_chans: i
     spec = spec_of(model)
     if spec is not None:
         given = {k: int(v) for k, v in {"in_chans": in_chans, "image_size": image_size}.items() if v is not None}
-        keep(model, SPEC_ATTR, dataclasses.replace(spec, **given).to_dict())
+        keep(model, _SPEC_ATTR, dataclasses.replace(spec, **given).to_dict())

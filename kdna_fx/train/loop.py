@@ -61,8 +61,9 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     model: dict[str, Any] = field(default_factory=dict)
-    """How the model was built (name, width, ...): lets `kdna eval` rebuild it. Informational for train()."""
+    """How the model was built (``ModelSpec.to_dict``): lets `kdna eval` rebuild it. Informational for train()."""
     data: dict[str, Any] = field(default_factory=dict)
+    """The data set (``DataSpec.to_dict``), as `kdna train` stores it. Informational for train()."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULT_LR:
