@@ -34,10 +34,7 @@ def model_spec(name: str, **options: Any) -> ModelSpec:
     data (num_classes=, in_chans=) or at the zoo's default."""
     if not is_model(name) and name in torchvision.models.list_models():
         name = f"torchvision/{name}"
-    elif not is_model(name):
-        raise ConfigError(f"unknown model {name!r}: neither a kdna_fx.models name (kdna_fx.models.list_models(), "
-                          f"torchvision/<name>, timm/<name>) nor a torchvision builder")
-    takes = model_options(name)
+    takes = model_options(name)  # an unknown name: a ConfigError naming the close ones
     given = {k: v for k, v in options.items() if v is not None}
     refused = [k for k, v in given.items()
                if k not in takes and k not in _DATA_OPTIONS and (k not in ZOO_DEFAULTS or ZOO_DEFAULTS[k] != v)]
