@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import timm
+from hypothesis import given, strategies as st
 import torch
 import torchvision
 from torch import fx, nn
@@ -158,6 +159,20 @@ def test_every_zoo_model_carries_a_json_spec() -> None:
     assert spec.to_dict()["kwargs"]["config"] == {"__kdna_config__": config.to_dict()}
     assert zoo.spec_of(torchvision.models.resnet18()) is None
     assert zoo.spec_of("resnet18") is None
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=4),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                     max_leaves=6)
+
+
+@given(kwargs=st.dictionaries(st.text(min_size=1, max_size=6), _JSON, max_size=4),
+       in_chans=st.none() | st.integers(1, 8), image_size=st.none() | st.integers(1, 512))
+def test_a_spec_of_json_options_reads_back_as_itself(kwargs, in_chans, image_size) -> None:
+    import json
+
+    spec = zoo.ModelSpec("resnet18", kwargs, in_chans, image_size)
+    assert zoo.ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
 def test_the_spec_records_the_input_a_model_is_made_for() -> None:
