@@ -268,7 +268,7 @@ def test_bad_options_and_too_little_data_are_kdna_errors(tmp_path):
     for bad in (dict(optimizer="adam"), dict(epochs=0), dict(batch_size=0)):
         with pytest.raises(ConfigError):
             config(**bad)
-    with pytest.raises(DataError, match="fewer than --batch-size 32") as info:
+    with pytest.raises(DataError, match="fewer than batch_size=32") as info:
         train(tiny_kdna(), synthetic(16), None, config(batch_size=32), str(tmp_path))
     assert isinstance(info.value, KDNAError) and isinstance(info.value, ValueError)
     with pytest.raises(DataError) as info:
