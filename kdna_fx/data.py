@@ -222,7 +222,8 @@ def build_data(dataset: str = "fashion-mnist", root: str | None = None, *, image
         root = root or FASHION_MNIST_DIR
         train, val = fashion_mnist(root, train=True), fashion_mnist(root, train=False)
         if image_size not in (None, 28):
-            raise DataError("Fashion-MNIST images are 28x28; drop image_size= (--image-size): resizing is not supported")
+            raise DataError("Fashion-MNIST images are 28x28; drop image_size= (--image-size): resizing is not "
+                            "supported")
         bundle = DataBundle(train, val, 10, 1, f"Fashion-MNIST ({root})")
     elif dataset in ("folder", "imagenet"):
         if not root:

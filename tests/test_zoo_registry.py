@@ -162,8 +162,8 @@ def test_every_zoo_model_carries_a_json_spec() -> None:
 
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=4),
-                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-                     max_leaves=6)
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                max_size=3), max_leaves=6)
 
 
 @given(kwargs=st.dictionaries(st.text(min_size=1, max_size=6), _JSON, max_size=4),

@@ -148,7 +148,8 @@ def eval_parser() -> argparse.ArgumentParser:
                                                              "kdna_fx.save file, or of a state dict with --model")
     p.add_argument("checkpoint", help="a last.pt written by kdna train, its run directory, a kdna_fx.save file "
                                       "(kdna convert's output, or any model create_model built), or a state dict "
-                                      "(.pt / .safetensors) with --model and its options")
+                                      "(.pt / .safetensors) with --model and its options, or a model name (random "
+                                      "weights)")
     add_model_options(p, what="a state dict's architecture")
     add_batch_size(p, 256)
     add_out(p, "also write the result to this JSON file")

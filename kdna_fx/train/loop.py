@@ -258,8 +258,8 @@ def compile_backend(model: nn.Module, example: torch.Tensor,
     if failed:
         instead = (f"training compiled with backend={getattr(backend, '__name__', backend)!r} instead" if backend
                    else "training eagerly instead")
-        warnings.warn(f"compile=True (--compile): {failed[0]}; {instead} (docs/known-issues.md).", CompiledGradientWarning,
-                      stacklevel=3)
+        warnings.warn(f"compile=True (--compile): {failed[0]}; {instead} (docs/known-issues.md).",
+                      CompiledGradientWarning, stacklevel=3)
     return backend
 
 
