@@ -40,7 +40,8 @@ def model_spec(name: str, **options: Any) -> ModelSpec:
                if k not in takes and k not in _DATA_OPTIONS and (k not in ZOO_DEFAULTS or ZOO_DEFAULTS[k] != v)]
     if refused:
         raise ConfigError(f"model {name!r} does not take {', '.join(f'{k}={given[k]!r}' for k in refused)} (it "
-                          f"takes {takes}): drop it; gate_norm= applies to KernelDNA models (.kdna, .replace)")
+                          f"takes {takes}): drop it" + ("; gate_norm= applies to KernelDNA models (.kdna, .replace)"
+                                                        if "gate_norm" in refused else ""))
     return ModelSpec(name, {k: v for k, v in given.items() if k in takes})
 
 
