@@ -72,7 +72,7 @@ from kdna_fx.reporting import count_macs
 from kdna_fx.timing import time_call
 from kdna_fx.train import TrainConfig, build_data
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
-from kdna_fx.train.models import build_model
+from kdna_fx.models import ModelSpec
 
 from bench.common import (REPO, DirtyTreeError, factorise, machine_label, markdown_table, matched, n_params, paired,
                           paired_cell, prune, release_lock, run_provenance, shared_convs, take_lock, validation_split, write_json,
@@ -157,7 +157,7 @@ def load_original(arch: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]
         raise SystemExit(f"{path}: sha256 {digest} differs from the recorded {info['sha256']}; restore it with git")
     ckpt = torch.load(path, map_location="cpu")
     spec = ckpt["config"]["model"]
-    model = build_model(spec)
+    model = ModelSpec.from_dict(spec).build()
     model.load_state_dict(ckpt["model"])
     return model.eval(), spec, {"sha256": digest, "test_top1": info["epochs"][-1]["val_top1"]}
 

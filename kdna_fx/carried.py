@@ -1,4 +1,4 @@
-"""Attributes that travel with a model: the TransformRecord, the PeerRecord and the builder stamp kdna_fx leaves
+"""Attributes that travel with a model: the TransformRecord, the PeerRecord and the ModelSpec kdna_fx leaves
 on what it builds (and the plain attributes a zoo model keeps for its training script).
 
 ``keep(model, name, value)`` sets one; ``kept(model, name)`` reads it; ``carry_over(source, target)`` gives a

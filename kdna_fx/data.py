@@ -1,10 +1,11 @@
 """Datasets, one room for every command and study: Fashion-MNIST from its IDX files, any ImageFolder tree, ImageNet
-(ImageFolder layout). ``build_data`` gives train/val sets (kdna train, kdna convert); ``eval_images`` gives
-images without augmentation to measure on (kdna cka)."""
+(ImageFolder layout). A ``DataSpec`` names one; ``build_data`` gives its train/val sets (kdna train, kdna convert),
+``eval_images`` its images without augmentation to measure on (kdna cka)."""
 from __future__ import annotations
 
 import gzip
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -166,6 +167,36 @@ class _Transformed(Dataset):
         return self.transform(self.base.loader(path)), label
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """A data set, as ``build_data`` takes it and ``kdna train`` stores it in its checkpoints."""
+
+    dataset: str = "fashion-mnist"
+    root: str | None = None
+    """Where it is (``--data``): Fashion-MNIST's IDX folder (default FASHION_MNIST_DIR), an ImageFolder tree."""
+    image_size: int | None = None
+    val_fraction: float = 0.1
+    train_subset: int | None = None
+    val_subset: int | None = None
+
+    def merged(self, **given: Any) -> DataSpec:
+        """This spec with every field ``given`` that is not None (options typed over a run's data)."""
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    def build(self, seed: int = 0) -> DataBundle:
+        """Its train/val sets (``build_data``)."""
+        return build_data(**dataclasses.asdict(self), seed=seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataSpec:
+        """The spec ``to_dict`` wrote, or the data dict of a ``kdna train`` checkpoint of an older kdna_fx."""
+        data = {("root" if k == "path" else k): v for k, v in data.items()}
+        return cls().merged(**data)
+
+
 @dataclass
 class DataBundle:
     """Train and validation sets plus what the model needs to know about them."""
@@ -177,27 +208,28 @@ class DataBundle:
     description: str
 
 
-def build_data(dataset: str = "fashion-mnist", path: str | None = None, *, image_size: int | None = None,
+def build_data(dataset: str = "fashion-mnist", root: str | None = None, *, image_size: int | None = None,
                val_fraction: float = 0.1, seed: int = 0, train_subset: int | None = None,
                val_subset: int | None = None) -> DataBundle:
     """Build the train/val sets.
 
-    ``fashion-mnist``: IDX files in ``path`` (default the Debian package directory); val is the test split.
-    ``folder``: ImageFolder tree; ``path/train`` and ``path/val`` if both exist, else ``path`` split by
-    ``val_fraction`` (seeded). ``imagenet``: ``path/train`` and ``path/val`` in ImageFolder layout, 224 crops.
+    ``fashion-mnist``: IDX files in ``root`` (default the Debian package directory); val is the test split.
+    ``folder``: ImageFolder tree; ``root/train`` and ``root/val`` if both exist, else ``root`` split by
+    ``val_fraction`` (seeded). ``imagenet``: ``root/train`` and ``root/val`` in ImageFolder layout, 224 crops.
     ``train_subset``/``val_subset`` keep a seeded random subset (quick runs).
     """
     if dataset == "fashion-mnist":
-        root = path or FASHION_MNIST_DIR
+        root = root or FASHION_MNIST_DIR
         train, val = fashion_mnist(root, train=True), fashion_mnist(root, train=False)
         if image_size not in (None, 28):
-            raise DataError("Fashion-MNIST images are 28x28; drop --image-size (resizing is not supported)")
+            raise DataError("Fashion-MNIST images are 28x28; drop image_size= (--image-size): resizing is not "
+                            "supported")
         bundle = DataBundle(train, val, 10, 1, f"Fashion-MNIST ({root})")
     elif dataset in ("folder", "imagenet"):
-        if not path:
-            raise DataError(f"--dataset {dataset} needs --data PATH (a folder with train/ and val/ sub-folders"
-                            + (")" if dataset == "imagenet" else ", or one ImageFolder tree to split)"))
-        bundle = _folder_bundle(path, dataset, image_size, val_fraction, seed)
+        if not root:
+            raise DataError(f"dataset {dataset!r} needs root= (--data PATH: a folder with train/ and val/ "
+                            f"sub-folders" + (")" if dataset == "imagenet" else ", or one ImageFolder tree to split)"))
+        bundle = _folder_bundle(root, dataset, image_size, val_fraction, seed)
     else:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     bundle.train = _subset(bundle.train, train_subset, seed)
@@ -222,7 +254,7 @@ def _folder_bundle(path: str, dataset: str, image_size: int | None, val_fraction
         raise DataError(f"ImageNet layout expected: {train_dir!r} and {val_dir!r}, one sub-folder per class "
                         f"(val images sorted into class folders)")
     if not 0 < val_fraction < 1:
-        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        raise DataError(f"val_fraction= (--val-fraction) must be between 0 and 1, got {val_fraction}")
     base = _image_folder(path, None)
     order = torch.randperm(len(base), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, round(val_fraction * len(base)))
@@ -242,23 +274,24 @@ def _subset(data: Dataset, size: int | None, seed: int) -> Dataset:
     return Subset(data, sorted(order.tolist()))
 
 
-def eval_images(dataset: str = "fashion-mnist", path: str | None = None, *,
+def eval_images(dataset: str = "fashion-mnist", root: str | None = None, *,
                 image_size: int | None = None) -> tuple[Dataset, int, int, str]:
     """(images without augmentation, classes, channels, description) to measure a model on: the Fashion-MNIST
     test split, the val/ half of a train/val tree (ImageNet layout), or every image of one ImageFolder tree."""
     if dataset == "fashion-mnist":
-        root = path or FASHION_MNIST_DIR
+        root = root or FASHION_MNIST_DIR
         return fashion_mnist(root, train=False), 10, 1, f"Fashion-MNIST test split ({root})"
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if not path:
-        raise DataError(f"--dataset {dataset} needs --data PATH (an ImageFolder tree: one sub-folder per class)")
-    if dataset == "imagenet" or all(os.path.isdir(os.path.join(path, s)) for s in ("train", "val")):
-        bundle = build_data(dataset, path, image_size=image_size)
+    if not root:
+        raise DataError(f"dataset {dataset!r} needs root= (--data PATH: an ImageFolder tree, one sub-folder per "
+                        f"class)")
+    if dataset == "imagenet" or all(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
+        bundle = build_data(dataset, root, image_size=image_size)
         return bundle.val, bundle.num_classes, bundle.in_chans, f"{bundle.description}, val"
     size = image_size or 64
-    folder = _image_folder(path, _folder_transforms(size, False, (0.35, 1.0)))
-    return folder, len(folder.classes), 3, f"folder ({path}, {size}px)"
+    folder = _image_folder(root, _folder_transforms(size, False, (0.35, 1.0)))
+    return folder, len(folder.classes), 3, f"folder ({root}, {size}px)"
 
 
 # ---- feeding images to a model (kdna_fx.cka, kdna_fx.calibrate) ---------------------------------------------------

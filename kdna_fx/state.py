@@ -1,11 +1,11 @@
 """Saving and reloading transformed models.
 
 A transformed model is saved as its state dict (safetensors: every tensor stored once, under one name)
-plus, in the file's metadata, the KDNAConfig, the plan and, when known, how the original was built (the
-builder stamp of ``kdna_fx.models.create_model``, kdna_fx.models.builder). Reloading replays that plan on a
+plus, in the file's metadata, the KDNAConfig, the plan and, when known, how the original was built (its
+``kdna_fx.models.ModelSpec``, under the key ``builder``). Reloading replays that plan on a
 fresh copy of the original architecture (so models built from edited or hand-written plans reload too) and
 loads strictly; a model that is already transformed with the same plan (a zoo model) just takes the tensors.
-With a builder stored, ``load(path)`` needs no model: it rebuilds the original through ``create_model``.
+With a spec stored, ``load(path)`` needs no model: it rebuilds the original (``ModelSpec.build``).
 
 The file is also the deploy form: it stores each shared kernel once (a ResNet-18: 5.7 M parameters, against
 12.0 M for a folded model, which stores a kernel per child), and ``load(..., fold=True)`` folds after loading.
@@ -21,6 +21,7 @@ from torch import nn
 from .carried import unwrapped
 from .config import KDNAConfig
 from .errors import KDNAError, StateError
+from .spec import ModelSpec, spec_of
 
 from .datamodel import Plan, find_record, record_of
 
@@ -32,10 +33,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     network, a peer), to a .safetensors file; how it was built is stored when known (``load(path)``)."""
     from safetensors.torch import save_file
 
-    from .models.builder import builder_of
-
-    record, builder = find_record(model), builder_of(model)
-    if record is None and builder is None:
+    record, spec = find_record(model), spec_of(model)
+    if record is None and spec is None:
         raise StateError(f"{type(model).__name__} is neither a kdna_fx-transformed model nor built by "
                          f"kdna_fx.models.create_model (whose models reload with no model given): save one of "
                          f"those, or save this model's state_dict with torch.save")
@@ -57,8 +56,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
         metadata["aliases"] = json.dumps(aliases)
     if record is not None:
         metadata.update(config=json.dumps(record.config), plan=json.dumps(record.plan.to_dict()), init=record.init)
-    if builder is not None:
-        metadata["builder"] = json.dumps(builder)
+    if spec is not None:
+        metadata["builder"] = json.dumps(spec.to_dict())
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
@@ -68,7 +67,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, fold: 
     saved plan, such as ``kdna_fx.models.create_model(name)``. The saved config says whether the graph form
     was asked for (``rewrite="graph"``) and the plan names convs from its root.
 
-    Without ``model``, the original is rebuilt from the builder stored with it (a model made by
+    Without ``model``, the original is rebuilt from the ModelSpec stored with it (a model made by
     ``kdna_fx.models.create_model``: zoo, torchvision or timm); a file without one needs ``model``.
 
     ``fold=True`` returns the deploy form instead: the loaded model in eval mode, folded (``kdna_fx.fold``),
@@ -77,7 +76,6 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, fold: 
     from safetensors.torch import load_file
 
     from .api import transform
-    from .models.builder import input_of, rebuild, record_input
 
     where = os.fspath(path)
     try:
@@ -94,12 +92,11 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, fold: 
             raise StateError(f"{where!r} does not say how to rebuild its model (it was not built by "
                              f"kdna_fx.models.create_model): pass a fresh instance of the saved architecture, "
                              f"kdna_fx.load(path, model)")
-        builder = json.loads(metadata["builder"])
+        spec = ModelSpec.from_dict(json.loads(metadata["builder"]))
         try:
-            model = rebuild(builder)
-            record_input(model, **input_of(builder))  # what the saved model was trained or calibrated on
+            model = spec.build()
         except KDNAError as exc:
-            raise StateError(f"{where!r} was saved from {builder.get('name')!r}, which cannot be built here "
+            raise StateError(f"{where!r} was saved from {spec.name!r}, which cannot be built here "
                              f"({exc}); pass a fresh instance of it, kdna_fx.load(path, model)") from None
     if "plan" not in metadata:  # a plain network or a peer: the tensors go straight in
         if find_record(model) is not None:

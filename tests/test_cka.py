@@ -342,7 +342,7 @@ def test_cka_command_end_to_end_with_compare(tiny, capsys):
     result = json.loads((out / "cka.json").read_text())
     assert result["images"] == 64 and result["pool"] == "flatten" and len(result["names"]) == 20
     assert result["compare"]["names"] == result["names"] and result["compare"]["source"].endswith(".safetensors")
-    assert result["model"]["width"] == 0.0625 and "command" in result["provenance"]
+    assert result["model"]["kwargs"]["width"] == 0.0625 and "command" in result["provenance"]
     assert all(result["matrix"][i][i] == 1.0 for i in range(20))
     printed = capsys.readouterr().out
     assert "most similar conv pairs" in printed and "converted.safetensors:" in printed and "cka.json" in printed
@@ -369,7 +369,7 @@ def test_cka_command_bad_inputs_are_clear(tiny, tmp_path, capsys):
         ([weights, "--model", "resnet18"], "do not fit resnet18"),
         ([weights, *TINY, "--compare", "nothing-here"], "--compare 'nothing-here' is neither"),
         ([weights, *TINY, "--images", "2"], ">= 4"),
-        (no_path, "needs --data PATH"),
+        (no_path, "needs root="),
         ([weights, *TINY, "--dataset", "folder", "--data", str(tmp_path)], "ImageFolder"),
         ([weights, *TINY, "--data", str(tmp_path)], "Fashion-MNIST files not found"),
         (["squeezenet1_1"], "cannot run on"),  # torchvision: a 3-channel stem, given 1-channel images

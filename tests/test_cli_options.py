@@ -121,3 +121,19 @@ def test_eval_takes_a_state_dict_with_model_and_names_a_converted_model(tmp_path
                      "--out", str(tmp_path / "converted.json")]) == 0
     plain, converted = (json.loads((tmp_path / f"{n}.json").read_text())["model"] for n in ("plain", "converted"))
     assert plain == "resnet18" and converted == "resnet18.plain, converted by kdna_fx.transform"
+
+
+def test_the_data_options_make_one_data_spec_over_a_runs():
+    import argparse
+
+    from kdna_fx.cli.options import data_spec
+    from kdna_fx.data import DataSpec
+
+    # a checkpoint of an older kdna_fx kept the data's location under "path"
+    run = DataSpec.from_dict({"dataset": "folder", "path": "/old", "image_size": 32, "val_fraction": 0.2,
+                              "train_subset": None, "val_subset": 5})
+    assert run == DataSpec("folder", "/old", 32, 0.2, None, 5) == DataSpec.from_dict(run.to_dict())
+    typed = argparse.Namespace(root="/new", dataset=None, image_size=None)  # only --data given
+    assert data_spec(typed, run) == DataSpec("folder", "/new", 32, 0.2, None, 5)
+    assert data_spec(typed, run, val_subset=7).val_subset == 7
+    assert data_spec(argparse.Namespace()) == DataSpec()  # nothing typed, no run: Fashion-MNIST

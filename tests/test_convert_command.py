@@ -40,19 +40,19 @@ def test_convert_a_run_end_to_end(run, capsys):
     assert report["params"]["converted"] < report["params"]["original"]
     markdown = (root / "converted.md").read_text()
     assert "top-1 %" in markdown and "Command: `kdna convert " in markdown and "Versions: " in markdown
-    # A zoo model carries its builder into the file: the printed hint is the one that works, without a model.
+    # A zoo model carries its ModelSpec into the file: the printed hint is the one that works, without a model.
     assert "(reload: kdna_fx.load(path))" in capsys.readouterr().out
     # and the input it was calibrated on, which kdna export then uses (Fashion-MNIST: 1 x 28 x 28)
-    from kdna_fx.source import saved_builder
+    from kdna_fx.source import saved_spec
 
-    assert kdna_fx.models.input_of(saved_builder(out)) == {"in_chans": 1, "image_size": 28}
-    assert kdna_fx.models.input_of(kdna_fx.models.builder_of(kdna_fx.load(out)))["image_size"] == 28
+    assert (saved_spec(out).in_chans, saved_spec(out).image_size) == (1, 28)
+    assert kdna_fx.models.spec_of(kdna_fx.load(out)).image_size == 28
     for loaded in (kdna_fx.load(out), kdna_fx.load(out, kdna_fx.models.create_model(
             "resnet18", num_classes=10, in_chans=1, small_stem=True, width=0.125))):
         assert kdna_fx.plan_of(loaded).families and kdna_fx.datamodel.record_of(loaded).init == "trained"
 
 
-def test_the_reload_hint_follows_the_builder_stamp():
+def test_the_reload_hint_follows_the_model_spec():
     stamped = kdna_fx.models.create_model("resnet18", num_classes=10, width=0.125)
     assert reload_hint(stamped, "resnet18") == "kdna_fx.load(path)"
     assert reload_hint(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), "MyNet") == "kdna_fx.load(path, <fresh MyNet>)"

@@ -186,8 +186,8 @@ def test_dense_model_is_shared_or_documented(name, model_sweep, tmp_path):
     loss.backward()
     model_sweep.check(name, model, kmodel, unchanged, UNCHANGED)
     # A model built with an option JSON cannot hold (the small RoI pools given to some detectors) or changed by
-    # hand after building (s3d's pool) records no builder: load(path) needs it given, tested elsewhere.
-    if kdna_fx.models.builder_of(model) is not None and name != "s3d":
+    # hand after building (s3d's pool) records no spec: load(path) needs it given, tested elsewhere.
+    if kdna_fx.models.spec_of(model) is not None and name != "s3d":
         x, kwargs = _eval_inputs(name)
         model_sweep.reloads(kmodel, x, tmp_path, **kwargs)
 

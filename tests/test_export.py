@@ -179,7 +179,7 @@ def test_command_exports_a_zoo_model_by_name(tmp_path, capsys):
     assert code == 0, err
     assert out.exists() and f"wrote {out}" in printed and "batch" in printed and "7" in printed
     assert '"num_classes": 10' in printed and _leftovers(tmp_path) == ["k18.onnx"]
-    assert "not folded" in printed and "channels: the builder stamp's; image size: --image-size" in printed
+    assert "not folded" in printed and "channels: the ModelSpec's; image size: --image-size" in printed
     import onnxruntime as ort
 
     (feed,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()
@@ -202,7 +202,7 @@ def test_command_exports_a_kdna_fx_save_file(zoo_model, tmp_path, capsys):
     alone = tmp_path / "alone.pt2"  # the file records its builder (create_model): it rebuilds its own model
     code, printed, err = _export([str(path), "--format", "pt2", "--out", str(alone), *SMALL_ARGS], capsys)
     assert code == 0 and alone.exists(), err
-    assert "input 3x16x16 (channels: the builder stamp's; image size: --image-size)" in printed
+    assert "input 3x16x16 (channels: the ModelSpec's; image size: --image-size)" in printed
     torch.testing.assert_close(torch.export.load(str(alone)).module()(x), expected, rtol=TOLERANCE,
                                atol=TOLERANCE * expected.abs().max().item())
 
@@ -222,11 +222,11 @@ def test_command_exports_a_saved_file_at_the_input_it_records(zoo_model, tmp_pat
     kdna_fx.save(kmodel, recorded)
     code, printed, err = _export([str(recorded), "--format", "pt2", "--out", str(tmp_path / "a.pt2")], capsys)
     assert code == 0, err
-    assert "input 3x16x16 (channels: the builder stamp's; image size: the builder stamp's)" in printed
+    assert "input 3x16x16 (channels: the ModelSpec's; image size: the ModelSpec's)" in printed
     torch.export.load(str(tmp_path / "a.pt2")).module()(torch.randn(1, *SHAPE))
     code, printed, err = _export([str(unrecorded), "--format", "pt2", "--out", str(tmp_path / "b.pt2")], capsys)
     assert code == 0, err
-    assert "input 3x224x224 (channels: the builder stamp's; image size: not recorded: the default" in printed
+    assert "input 3x224x224 (channels: the ModelSpec's; image size: not recorded: the default" in printed
 
 
 def test_command_exports_a_run_directory_at_its_image_size(tmp_path, capsys):

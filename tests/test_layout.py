@@ -19,7 +19,11 @@ SUBMODULES = {m.name for m in pkgutil.iter_modules(kdna_fx.__path__)} | {"passes
 
 def _imports(path: pathlib.Path) -> list[tuple[str, list[str]]]:
     """(module, imported names) of every import statement, relative imports made absolute."""
-    tree = ast.parse(path.read_text())
+    return _imports_in(ast.parse(path.read_text()), path)
+
+
+def _imports_in(tree: ast.AST, path: pathlib.Path) -> list[tuple[str, list[str]]]:
+    """(module, imported names) of every import statement under ``tree``, a part of ``path``."""
     package = (["kdna_fx"] + list(path.relative_to(ROOT / "kdna_fx").parts[:-1]) if path.is_relative_to(ROOT / "kdna_fx")
                else ["kdna_fx", "passes"])
     found = []
@@ -50,7 +54,7 @@ def test_nothing_below_the_commands_imports_a_command():
 
 def test_the_transform_never_imports_the_zoo():
     # The zoo (kdna_fx.models) builds on the transform: an import the other way is a cycle. What the transform
-    # carries from a zoo model (its builder stamp) goes through kdna_fx.carried.carry_over.
+    # carries from a zoo model (its ModelSpec) goes through kdna_fx.carried.carry_over.
     transform = [ROOT / "kdna_fx" / "api.py", ROOT / "kdna_fx" / "_pipeline.py"] + PASSES
     offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in transform for m, _ in _imports(p)
                  if m == "kdna_fx.models" or m.startswith("kdna_fx.models.")]
@@ -105,3 +109,17 @@ def test_no_pass_function_shadows_its_module():
     modules = {m.name for m in pkgutil.iter_modules(passes.__path__)}
     clashes = sorted(name for name in passes.__all__ if name in modules)
     assert not clashes, clashes
+
+
+def test_a_commands_source_goes_back_up_the_import_order_only_to_build_and_load():
+    # kdna eval/convert/cka/export read SOURCE through kdna_fx.source, which imports what it calls at the top; a
+    # function-level import on that path is a call back up the import order (issue 34: at most 4 on cka's and
+    # convert's way). The two left: ModelSpec.build calls the zoo, kdna_fx.load the transform (and fold).
+    on_the_path = ["source.py", "spec.py", "state.py", "data.py", "train/checkpoint.py"]
+    found = set()
+    for name in on_the_path:
+        path = ROOT / "kdna_fx" / name
+        for function in ast.walk(ast.parse(path.read_text())):
+            if isinstance(function, ast.FunctionDef):
+                found |= {(name, module) for module, _ in _imports_in(function, path) if module.startswith("kdna_fx")}
+    assert found <= {("spec.py", "kdna_fx.models"), ("state.py", "kdna_fx.api"), ("state.py", "kdna_fx.passes")}, found

@@ -1,5 +1,5 @@
 """What kdna_fx leaves on a model travels with it: the TransformRecord (with a graph's node tags), the PeerRecord
-and the builder stamp survive any sequence of pickle, torch.save/torch.load, copy.deepcopy and copy.copy, on a
+and the ModelSpec survive any sequence of pickle, torch.save/torch.load, copy.deepcopy and copy.copy, on a
 rewritten graph, a module-swapped model, a folded one, a peer, a zoo model and the module of ``as_function``
 (kdna_fx/carried.py). A deepcopy right after unpickling (an EMA copy) once lost them all.
 """
@@ -18,7 +18,7 @@ from torch import nn
 import kdna_fx
 from kdna_fx import KDNAConfig
 from kdna_fx.datamodel import find_record, module_form, peer_record
-from kdna_fx.models import builder_of
+from kdna_fx.models import spec_of
 from kdna_fx.testing import TinyResNet, randomize_adapters
 
 # One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.
@@ -106,7 +106,7 @@ def _facts(obj: Any) -> dict[str, Any]:
     of it."""
     model = _module(obj)
     record = find_record(model)
-    facts = {"output": _run(obj, X), "record": record, "builder": builder_of(model), "peer": peer_record(model),
+    facts = {"output": _run(obj, X), "record": record, "spec": spec_of(model), "peer": peer_record(model),
              "report": _report(model)}
     if isinstance(model, torch.fx.GraphModule) and record is not None:
         source = module_form(model)
@@ -133,7 +133,7 @@ def _original(kind: str) -> tuple[Any, dict[str, Any]]:
 def test_kdna_fx_metadata_travels_with_the_model(kind, steps):
     original, expected = _original(kind)
     assert expected["record"] is not None or expected["peer"] is not None
-    assert kind != "zoo" or expected["builder"] is not None
+    assert kind != "zoo" or expected["spec"] is not None
     travelled = original
     for step in steps:
         travelled = STEPS[step](travelled)
@@ -142,8 +142,8 @@ def test_kdna_fx_metadata_travels_with_the_model(kind, steps):
         assert torch.equal(facts[key], value) if isinstance(value, torch.Tensor) else facts[key] == value, key
     # and it travels again: a deepcopy right after a pickle round trip (an EMA copy, say)
     again = _module(copy.deepcopy(_pickle(travelled)))
-    assert (find_record(again), peer_record(again), builder_of(again)) == \
-        (expected["record"], expected["peer"], expected["builder"])
+    assert (find_record(again), peer_record(again), spec_of(again)) == \
+        (expected["record"], expected["peer"], expected["spec"])
 
 
 def test_a_deepcopy_right_after_torch_load_can_be_folded():
@@ -157,4 +157,4 @@ def test_a_stamped_swapped_model_keeps_its_stamp():
     model = kdna_fx.models.create_model("resnet18.replace", num_classes=10, width=0.25, small_stem=True,
                                         config=KDNAConfig(rewrite="swap"))
     assert not isinstance(model, torch.fx.GraphModule)
-    assert builder_of(copy.deepcopy(_pickle(copy.copy(model)))) == builder_of(model) is not None
+    assert spec_of(copy.deepcopy(_pickle(copy.copy(model)))) == spec_of(model) is not None

@@ -213,12 +213,12 @@ def test_sharing_config_is_the_one_default_of_replace_mode_train_and_convert(arc
     """replace_<arch>, `kdna train --gate-norm` and `kdna convert` take the architecture's sharing from one
     place, so a gate-norm option no longer drops MobileNetV2's 1x1 or ConvNeXt's depthwise sharing."""
     from kdna_fx import plan_of
-    from kdna_fx.train.models import build_model
+    from kdna_fx.source import model_spec
 
     for name in (arch, f"replace_{arch}", f"kdna_{arch}"):
         config = zoo.sharing_config(name)
         assert (config.kernel_sizes, config.depthwise) == (kernel_sizes, depthwise)
     assert zoo.sharing_config("vgg11").kernel_sizes == (3,)  # any other (torchvision) name: the 3x3 default
-    spec = dict(name=f"replace_{arch}", num_classes=10, in_chans=1, small_stem=True, width=0.25, gate_norm="layer")
-    config = plan_of(build_model(spec)).config
+    spec = model_spec(f"replace_{arch}", num_classes=10, in_chans=1, small_stem=True, width=0.25, gate_norm="layer")
+    config = plan_of(spec.build()).config
     assert (config.kernel_sizes, config.depthwise, config.adapter.gate_norm) == (kernel_sizes, depthwise, "layer")

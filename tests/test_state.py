@@ -95,7 +95,7 @@ def _round_trip(model: nn.Module, path, x: torch.Tensor) -> nn.Module:
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert kdna_fx.models.builder_of(loaded) == kdna_fx.models.builder_of(model)
+    assert kdna_fx.models.spec_of(loaded) == kdna_fx.models.spec_of(model)
     return loaded
 
 

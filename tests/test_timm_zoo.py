@@ -58,7 +58,7 @@ def test_timm_builds_what_create_model_builds(name: str, tname: str) -> None:
     assert n_params(theirs) == n_params(ours)
     signature = [[(k, v.shape) for k, v in m.state_dict().items()] for m in (theirs, ours)]
     assert signature[0] == signature[1]
-    assert zoo.builder_of(theirs) == zoo.builder_of(ours)  # so kdna_fx.load(path) rebuilds a timm-made model too
+    assert zoo.spec_of(theirs) == zoo.spec_of(ours)  # so kdna_fx.load(path) rebuilds a timm-made model too
     cfg = theirs.pretrained_cfg
     assert (cfg["input_size"], cfg["mean"], cfg["std"], cfg["num_classes"]) == \
         ((3, 224, 224), timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD, 1000)

@@ -268,7 +268,7 @@ def test_bad_options_and_too_little_data_are_kdna_errors(tmp_path):
     for bad in (dict(optimizer="adam"), dict(epochs=0), dict(batch_size=0)):
         with pytest.raises(ConfigError):
             config(**bad)
-    with pytest.raises(DataError, match="fewer than --batch-size 32") as info:
+    with pytest.raises(DataError, match="fewer than batch_size=32") as info:
         train(tiny_kdna(), synthetic(16), None, config(batch_size=32), str(tmp_path))
     assert isinstance(info.value, KDNAError) and isinstance(info.value, ValueError)
     with pytest.raises(DataError) as info:
@@ -325,6 +325,33 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "x"),
                  "--no-progress"]) == 2
     assert "Fashion-MNIST files not found" in capsys.readouterr().err
+
+
+def test_a_run_of_an_older_kdna_fx_still_resumes_and_evaluates(tmp_path, capsys):
+    """Checkpoints written before ModelSpec and DataSpec hold the model options flat and the data under "path"."""
+    from kdna_fx.cli import main
+
+    data = str(tmp_path / "fmnist")
+    write_tiny_fashion_mnist(data, n_train=16, n_test=8)
+    run, elsewhere = str(tmp_path / "run"), str(tmp_path / "moved")
+    assert main(["train", "--model", "replace_resnet18", "--width", "0.125", "--epochs", "1", "--batch-size", "8",
+                 "--limit-steps", "1", "--data", data, "--run-dir", run, "--no-progress", "--device", "cpu"]) == 0
+    path = os.path.join(run, "last.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["config"]["model"]["kwargs"]["width"] == 0.125 and ckpt["config"]["data"]["root"] == data
+    ckpt["config"]["model"] = {"name": "replace_resnet18", "width": 0.125, "small_stem": True, "gate_norm": None,
+                               "num_classes": 10, "in_chans": 1}
+    ckpt["config"]["data"] = {"dataset": "fashion-mnist", "path": data, "image_size": None, "val_fraction": 0.1,
+                              "train_subset": None, "val_subset": None}
+    torch.save(ckpt, path)
+    os.rename(data, elsewhere)  # the data moved: --data on resume and eval says where it is now
+    capsys.readouterr()
+    assert main(["train", "--resume", "--run-dir", run, "--width", "0.125", "--data", elsewhere,
+                 "--no-progress"]) == 0
+    assert main(["train", "--resume", "--run-dir", run, "--width", "0.25", "--no-progress"]) == 2
+    assert "--width 0.25 (the run used 0.125)" in capsys.readouterr().err
+    assert main(["eval", run, "--data", elsewhere, "--no-progress", "--device", "cpu"]) == 0
+    assert "replace_resnet18 (epoch 1)" in capsys.readouterr().out
 
 
 def test_cli_eval_takes_a_self_describing_kdna_fx_save_file(tmp_path, capsys):

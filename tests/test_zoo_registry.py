@@ -1,5 +1,5 @@
 """The zoo registry: tags of one architecture, one resolver for zoo, torchvision and timm names, aliases,
-and the builder stamp every built model carries."""
+and the ModelSpec every built model carries."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import timm
+from hypothesis import given, strategies as st
 import torch
 import torchvision
 from torch import fx, nn
@@ -45,7 +46,7 @@ def test_old_names_are_aliases_of_tags(alias: str, tagged: str) -> None:
     torch.manual_seed(0)
     b = zoo.create_model(tagged, **small(tagged))
     assert list(a.state_dict()) == list(b.state_dict()) and n_params(a) == n_params(b)
-    assert zoo.builder_of(a)["name"] == zoo.builder_of(b)["name"] == tagged
+    assert zoo.spec_of(a).name == zoo.spec_of(b).name == tagged
     assert zoo.model_options(alias) == zoo.model_options(tagged)
 
 
@@ -86,7 +87,7 @@ def test_torchvision_and_timm_names_build_without_weights() -> None:
     assert kdna_fx.datamodel.peer_record(odconv).method == "ODConv 1x"
     # a timm pretrained tag is not a kdna_fx tag: the whole name goes to timm
     tagged = zoo.create_model("timm/resnet18.a1_in1k", num_classes=7)
-    assert zoo.builder_of(tagged)["name"] == "timm/resnet18.a1_in1k" and kdna_fx.datamodel.converted_by(tagged) is None
+    assert zoo.spec_of(tagged).name == "timm/resnet18.a1_in1k" and kdna_fx.datamodel.converted_by(tagged) is None
 
 
 @pytest.mark.parametrize("name, error, match", [
@@ -122,82 +123,104 @@ def test_sharing_config_resolves_every_name() -> None:
     assert zoo.sharing_config("vgg11") == kdna_fx.KDNAConfig()
 
 
-def test_build_model_of_a_run_spec_is_a_thin_call() -> None:
-    from kdna_fx.train.models import build_model
+def test_a_spec_from_options_and_an_old_run_spec_build_the_same_model() -> None:
+    from kdna_fx.source import model_spec
 
-    spec = dict(name="replace_mobilenet_v2", num_classes=10, in_chans=1, small_stem=True, width=0.25, gate_norm="layer")
-    model = build_model(spec)
-    assert zoo.builder_of(model) == {"name": "mobilenet_v2.replace",
-                                     "kwargs": {k: v for k, v in spec.items() if k != "name"},
-                                     "input": {"in_chans": 1, "image_size": None}}
-    with pytest.raises(kdna_fx.ConfigError, match="gate_norm"):
-        build_model(dict(spec, name="resnet18"))
-    assert n_params(build_model({"name": "torchvision/resnet18", "num_classes": 3})) == \
-        n_params(torchvision.models.resnet18(num_classes=3))
+    options = dict(num_classes=10, in_chans=1, small_stem=True, width=0.25, gate_norm="layer")
+    spec = model_spec("replace_mobilenet_v2", **options)
+    assert zoo.spec_of(spec.build()) == zoo.ModelSpec("mobilenet_v2.replace", options, in_chans=1)
+    # a `kdna train` checkpoint of an older kdna_fx stored the options flat, defaults and all
+    old = zoo.ModelSpec.from_dict({"name": "replace_mobilenet_v2", **options})
+    assert old.kwargs == spec.kwargs and old.in_chans == 1
+    assert zoo.ModelSpec.from_dict({"name": "torchvision/resnet18", "num_classes": 3, "in_chans": 3, "width": 1.0,
+                                    "small_stem": False, "gate_norm": None}).kwargs == {"num_classes": 3}
+    with pytest.raises(kdna_fx.ConfigError, match="gate_norm='layer'"):
+        model_spec("resnet18", **options)
+    assert model_spec("resnet18", width=1.0, gate_norm=None).kwargs == {"width": 1.0}
+    vgg = model_spec("vgg11", num_classes=3, in_chans=1)  # a bare torchvision name; it takes no in_chans
+    assert vgg == zoo.ModelSpec("torchvision/vgg11", {"num_classes": 3})
+    assert n_params(vgg.build()) == n_params(torchvision.models.vgg11(num_classes=3))
+    with pytest.raises(kdna_fx.ConfigError, match="width=0.5"):
+        model_spec("vgg11", width=0.5)
 
 
-# ---- the builder stamp -----------------------------------------------------------------------------------
-def test_every_zoo_model_is_stamped_with_json_data() -> None:
+# ---- the ModelSpec a built model carries ---------------------------------------------------------------------
+def test_every_zoo_model_carries_a_json_spec() -> None:
     import json
 
     for name in zoo.list_models():
-        builder = zoo.builder_of(zoo.create_model(name, **small(name)))
-        assert builder["name"] == name and builder["kwargs"] == small(name)
-        json.dumps(builder)
+        spec = zoo.spec_of(zoo.create_model(name, **small(name)))
+        assert spec.name == name and spec.kwargs == small(name)
+        json.dumps(spec.to_dict())
+        assert zoo.ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     config = kdna_fx.KDNAConfig(kernel_sizes=(1, 3))
-    builder = zoo.builder_of(zoo.create_model("resnet18.replace", num_classes=10, width=0.25, config=config))
-    assert builder["kwargs"]["config"] == {"__kdna_config__": config.to_dict()}
-    assert zoo.builder_of(torchvision.models.resnet18()) is None
-    assert zoo.builder_of("resnet18") is None
+    spec = zoo.spec_of(zoo.create_model("resnet18.replace", num_classes=10, width=0.25, config=config))
+    assert spec.kwargs["config"] == config
+    assert spec.to_dict()["kwargs"]["config"] == {"__kdna_config__": config.to_dict()}
+    assert zoo.spec_of(torchvision.models.resnet18()) is None
+    assert zoo.spec_of("resnet18") is None
 
 
-def test_the_stamp_records_the_input_a_model_is_made_for() -> None:
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=4),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                max_size=3), max_leaves=6)
+
+
+@given(kwargs=st.dictionaries(st.text(min_size=1, max_size=6), _JSON, max_size=4),
+       in_chans=st.none() | st.integers(1, 8), image_size=st.none() | st.integers(1, 512))
+def test_a_spec_of_json_options_reads_back_as_itself(kwargs, in_chans, image_size) -> None:
+    import json
+
+    spec = zoo.ModelSpec("resnet18", kwargs, in_chans, image_size)
+    assert zoo.ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_the_spec_records_the_input_a_model_is_made_for() -> None:
     # ImageNet form: 224 px; a small stem is for small images of no one size until record_input says which
-    assert zoo.input_of(zoo.builder_of(zoo.create_model("resnet18", in_chans=1))) == \
-        {"in_chans": 1, "image_size": 224}
-    assert zoo.input_of(zoo.builder_of(zoo.create_model("torchvision/resnet18"))) == \
-        {"in_chans": 3, "image_size": 224}
+    spec = zoo.spec_of(zoo.create_model("resnet18", in_chans=1))
+    assert (spec.in_chans, spec.image_size) == (1, 224)
+    spec = zoo.spec_of(zoo.create_model("torchvision/resnet18"))
+    assert (spec.in_chans, spec.image_size) == (3, 224)
     model = zoo.create_model("resnet18", **SMALL)
-    assert zoo.input_of(zoo.builder_of(model)) == {"in_chans": 1, "image_size": None}
+    assert (zoo.spec_of(model).in_chans, zoo.spec_of(model).image_size) == (1, None)
     zoo.record_input(model, image_size=28)
-    assert zoo.input_of(zoo.builder_of(model)) == {"in_chans": 1, "image_size": 28}
+    assert (zoo.spec_of(model).in_chans, zoo.spec_of(model).image_size) == (1, 28)
+    assert zoo.spec_of(zoo.spec_of(model).build()).image_size == 28  # a rebuilt model keeps it
     # a stamp from before inputs were recorded says nothing
-    assert zoo.input_of({"name": "resnet18", "kwargs": {}}) == {"in_chans": None, "image_size": None}
+    old = zoo.ModelSpec.from_dict({"name": "resnet18", "kwargs": {}})
+    assert (old.in_chans, old.image_size) == (None, None)
 
 
-def test_options_json_cannot_hold_leave_no_stamp() -> None:
+def test_options_json_cannot_hold_leave_no_spec() -> None:
     model = zoo.create_model("timm/resnet18", num_classes=10, act_layer=nn.ReLU)
-    assert zoo.builder_of(model) is None
+    assert zoo.spec_of(model) is None
 
 
 @pytest.mark.parametrize("rewrite", ["graph", "swap"])
-def test_the_stamp_survives_transform_deepcopy_and_pickle(rewrite: str) -> None:
+def test_the_spec_survives_transform_deepcopy_and_pickle(rewrite: str) -> None:
     model = zoo.create_model("resnet18", num_classes=10, width=0.25)
-    expected = zoo.builder_of(model)
+    expected = zoo.spec_of(model)
     kmodel = kdna_fx.transform(model, kdna_fx.KDNAConfig(rewrite=rewrite))
     assert isinstance(kmodel, fx.GraphModule) == (rewrite == "graph")  # a new GraphModule, or a deep copy
-    assert zoo.builder_of(kmodel) == expected
+    assert zoo.spec_of(kmodel) == expected
     for again in (copy.deepcopy(kmodel), pickle.loads(pickle.dumps(kmodel)), torch.compile(kmodel)):
-        assert zoo.builder_of(again) == expected
-    assert zoo.builder_of(copy.deepcopy(copy.deepcopy(kmodel))) == expected
+        assert zoo.spec_of(again) == expected
+    assert zoo.spec_of(copy.deepcopy(copy.deepcopy(kmodel))) == expected
 
 
-def test_the_stamp_of_a_zoo_graph_module_survives_deepcopy_and_pickle() -> None:
+def test_the_spec_of_a_zoo_graph_module_survives_deepcopy_and_pickle() -> None:
     model = zoo.create_model("resnet18.kdna", **small("resnet18.kdna"))
     for again in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert zoo.builder_of(again) == {"name": "resnet18.kdna", "kwargs": small("resnet18.kdna"),
-                                         "input": {"in_chans": 1, "image_size": None}}
+        assert zoo.spec_of(again) == zoo.ModelSpec("resnet18.kdna", small("resnet18.kdna"), in_chans=1)
 
 
-def test_rebuilding_from_the_stamp_gives_the_same_architecture() -> None:
-    from kdna_fx.models.builder import rebuild
-
+def test_rebuilding_from_the_spec_gives_the_same_architecture() -> None:
     config = kdna_fx.KDNAConfig(kernel_sizes=(1, 3))
     for name, kwargs in (("resnet18.replace", dict(num_classes=10, width=0.25, config=config)),
                          ("convnext_tiny.kdna", dict(small("convnext_tiny.kdna"), gate_norm="layer", drop_path=0.0))):
         model = zoo.create_model(name, **kwargs)
-        again = rebuild(zoo.builder_of(model))
+        again = zoo.spec_of(model).build()
         assert [(k, v.shape) for k, v in again.state_dict().items()] == \
             [(k, v.shape) for k, v in model.state_dict().items()]
-    with pytest.raises(kdna_fx.StateError, match="builder stamp"):
-        rebuild({"kwargs": {}})
+    with pytest.raises(kdna_fx.StateError, match="a model spec is"):
+        zoo.ModelSpec.from_dict({"kwargs": {}})

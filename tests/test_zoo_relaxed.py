@@ -47,8 +47,7 @@ def test_relaxed_is_replace_plus_the_rank_r_residuals(rank: int | None) -> None:
     assert children and all(c.lowrank_b is not None and c.lowrank_b.shape[1] == r for c in children)
     assert n_params(relaxed) == n_params(replace) + residual_params(replace, r) > n_params(replace)
     assert n_params(zoo.create_model("resnet18.relaxed", **SMALL)) == 350_243  # the frontier's relaxed-r4-w0.25
-    assert zoo.builder_of(relaxed) == {"name": "resnet18.relaxed", "kwargs": {**SMALL, **options},
-                                      "input": {"in_chans": 1, "image_size": None}}
+    assert zoo.spec_of(relaxed) == zoo.ModelSpec("resnet18.relaxed", {**SMALL, **options}, in_chans=1)
 
 
 def test_relaxed_is_the_replace_transform_with_the_rank_in_the_config() -> None:

@@ -19,11 +19,11 @@ from torch.utils.data import Dataset
 
 from kdna_fx.cka import POOLS, CKAError, LayerSimilarity, layer_similarity
 from kdna_fx.data import eval_images
-from kdna_fx.source import build_source, resolve_source
+from kdna_fx.source import resolve_source
 from kdna_fx.timing import provenance
 from kdna_fx.utils import write_json
 
-from .options import add_batch_size, add_data, add_model_options, add_progress
+from .options import add_batch_size, add_data, add_model_options, add_progress, data_spec
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,10 +45,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"model": args.model, "width": args.width, "small_stem": args.small_stem, "num_classes": args.num_classes}
-
-
 def _measure(model: nn.Module, name: str, data: Dataset, description: str, label: str,
              args: argparse.Namespace) -> LayerSimilarity:
     if len(data) == 0:  # type: ignore[arg-type]
@@ -67,29 +63,29 @@ def _measure(model: nn.Module, name: str, data: Dataset, description: str, label
     return sim
 
 
-def _default_out(source: str, kind: str) -> str:
-    if kind == "run":
+def _default_out(source: str) -> str:
+    if os.path.isdir(source):  # a run
         return os.path.join(source, "cka")
-    if kind == "name":
+    if not os.path.exists(source):  # a name
         return f"cka_{source}"
     return f"{os.path.splitext(source.rstrip('/'))[0]}.cka"
 
 
 def cka(args: argparse.Namespace) -> dict[str, Any]:
-    kind, spec, data_spec, state = resolve_source(args.source, **_options(args))
-    data, classes, chans, description = eval_images(args.dataset or data_spec.get("dataset", "fashion-mnist"),
-                                                    args.data_path or data_spec.get("path"),
-                                                    image_size=args.image_size or data_spec.get("image_size"))
-    if kind not in ("run", "saved"):  # a run or a self-describing file is complete; the others take the data's
-        spec = {**spec, "num_classes": args.num_classes or classes, "in_chans": args.in_chans or chans}
+    options = {"width": args.width, "small_stem": args.small_stem, "num_classes": args.num_classes}
+    source = resolve_source(args.source, args.model, **options)
+    data_set = data_spec(args, source.data)
+    data, classes, chans, description = eval_images(data_set.dataset, data_set.root, image_size=data_set.image_size)
+    source = source.fit(num_classes=args.num_classes or classes, in_chans=args.in_chans or chans)
+    spec = source.spec
     label = os.path.basename(args.source.rstrip("/"))
-    sim = _measure(build_source(kind, args.source, spec, state, args.seed), spec["name"], data, description, label, args)
+    sim = _measure(source.build(args.seed), spec.name, data, description, label, args)
     other = None
     if args.compare:
-        okind, ospec, _, ostate = resolve_source(args.compare, **_options(args), like=spec)
-        model = build_source(okind, args.compare, ospec, ostate, args.seed)
-        other = _measure(model, ospec["name"], data, description, os.path.basename(args.compare.rstrip("/")), args)
-    out = args.out_dir or _default_out(args.source, kind)
+        compare = resolve_source(args.compare, args.model, like=spec, **options)
+        other = _measure(compare.build(args.seed), compare.spec.name, data, description,
+                         os.path.basename(args.compare.rstrip("/")), args)
+    out = args.out_dir or _default_out(args.source)
     os.makedirs(out, exist_ok=True)
     png, path = os.path.join(out, "cka.png"), os.path.join(out, "cka.json")
     sim.plot(png, compare=other)
@@ -97,7 +93,7 @@ def cka(args: argparse.Namespace) -> dict[str, Any]:
     def entry(where: str, s: LayerSimilarity) -> dict[str, Any]:
         return {"source": where, **s.to_dict(), "top_pairs": [list(p) for p in s.top_pairs()]}
 
-    result = {**entry(args.source, sim), "model": spec, "data": description,
+    result = {**entry(args.source, sim), "model": spec.to_dict(), "data": description,
               "compare": entry(args.compare, other) if other is not None else None,
               "provenance": provenance(["kdna", "cka", *args.argv])}
     write_json(path, result)

@@ -23,16 +23,15 @@ import kdna_fx
 
 from kdna_fx.calibration import CalibrationConfig
 from kdna_fx.config import KDNAConfig
-from kdna_fx.data import build_data
-from kdna_fx.errors import ConfigError, StateError
-from kdna_fx.models import builder_of, record_input, sharing_config
-from kdna_fx.source import build_original, load_source
+from kdna_fx.errors import ConfigError
+from kdna_fx.models import record_input, sharing_config, spec_of
+from kdna_fx.source import resolve_source
 from kdna_fx.tables import format_table
 from kdna_fx.timing import provenance, write_results
 from kdna_fx.train import TrainConfig
 from kdna_fx.utils import atomic_path
 
-from .options import add_data, add_model_options, add_out, add_progress
+from .options import add_data, add_model_options, add_out, add_progress, data_spec
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,23 +73,18 @@ def _images(data: Dataset, n: int, seed: int) -> torch.Tensor:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load the source, call kdna_fx.convert, write the model and its reports."""
 
-    spec, data_spec, state = load_source(args.source, args.model, width=args.width, small_stem=args.small_stem,
-                                         num_classes=args.num_classes)
-    data = build_data(args.dataset or data_spec.get("dataset", "fashion-mnist"),
-                      args.data_path or data_spec.get("path"), seed=args.seed, image_size=args.image_size or data_spec.get("image_size"),
-                      val_subset=args.val_images or None)
+    source = resolve_source(args.source, args.model, width=args.width, small_stem=args.small_stem,
+                            num_classes=args.num_classes)
+    if source.state is None:
+        raise ConfigError(f"kdna convert converts trained weights: SOURCE {args.source!r} must be a `kdna train` run "
+                          f"directory or a state dict (.pt / .safetensors)")
+    data = data_spec(args, source.data, val_subset=args.val_images or None).build(args.seed)
     if args.calib_images < 1:
         raise ConfigError(f"--calib-images must be >= 1, got {args.calib_images}")
-    spec = {**spec, "num_classes": data.num_classes, "in_chans": args.in_chans or data.in_chans}
-    original = build_original(spec)
-    try:
-        original.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise StateError(f"the weights in {args.source!r} do not fit {spec['name']} with options "
-                         f"{ {k: v for k, v in spec.items() if k != 'name'} }: {str(exc).splitlines()[0]}. Give the "
-                         f"options the model was trained with (--width, --small-stem).") from None
-    original.eval()
-    config = KDNAConfig.read(args.config) if args.config else sharing_config(spec["name"])
+    source = source.fit(num_classes=data.num_classes, in_chans=args.in_chans or data.in_chans)
+    spec = source.spec
+    original = source.build(args.seed)
+    config = KDNAConfig.read(args.config) if args.config else sharing_config(spec.name)
     if args.rank is not None:
         config = config.map_adapters(lambda a: dataclasses.replace(a, rank=args.rank))
     if args.parent is not None:
@@ -116,25 +110,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = args.out or f"{args.source.rstrip('/')}.kdna.safetensors"
     with atomic_path(out, suffix=".tmp.safetensors") as tmp:  # nothing half-written is left at --out
         kdna_fx.save(kmodel, tmp)
-    record = {"source": args.source, "model": spec, "config": config.to_dict(), "params": params,
+    record = {"source": args.source, "model": spec.to_dict(), "config": config.to_dict(), "params": params,
               "steps": steps, "calibration": result.calibration.to_dict() if result.calibration else None,
               "out": out, "provenance": provenance(["kdna", "convert", *args.argv])}
     stem = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
     table = format_table(["step", "top-1 %", "agreement", "seconds"],
                          [[k, f"{v['top1']:.2f}", f"{v['agreement']:.3f}", f"{v['seconds']:.1f}"]
                           for k, v in steps.items()],
-                         title=f"{spec['name']}: {params['original']:,} -> {params['converted']:,} parameters")
+                         title=f"{spec.name}: {params['original']:,} -> {params['converted']:,} parameters")
     write_results(stem, record, f"```\n{table}\n```", command=f"kdna convert {' '.join(args.argv)}")
     print(table)
-    print(f"wrote {out} (reload: {reload_hint(kmodel, spec['name'])}), {stem}.md, {stem}.json")
+    print(f"wrote {out} (reload: {reload_hint(kmodel, spec.name)}), {stem}.md, {stem}.json")
     return record
 
 
 def reload_hint(model: nn.Module, name: str) -> str:
     """How to reload what kdna_fx.save wrote for ``model``: one that kdna_fx.models.create_model built carries
-    its builder (kdna_fx.models.builder_of), which the file keeps, so the path alone rebuilds it; any other
+    its ModelSpec (kdna_fx.models.spec_of), which the file keeps, so the path alone rebuilds it; any other
     model needs a fresh instance of its architecture to load into."""
-    return "kdna_fx.load(path)" if builder_of(model) is not None else f"kdna_fx.load(path, <fresh {name}>)"
+    return "kdna_fx.load(path)" if spec_of(model) is not None else f"kdna_fx.load(path, <fresh {name}>)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ file written by kdna_fx.save / ``kdna convert`` (with --model: the original arch
 parent kernel once: about the size of its kdna_fx.save file), reloaded (onnxruntime for ONNX, torch.export.load
 for pt2) and compared with eager; the file appears at --out only when it agrees (kdna_fx.export,
 docs/deployment.md). The input size is --image-size / --in-chans, else the run's data, else what the model's
-builder stamp records, else 224 x 224 with 3 channels; the command says which it used.
+ModelSpec records, else 224 x 224 with 3 channels; the command says which it used.
 """
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ from torch import nn
 
 from kdna_fx.errors import ConfigError
 from kdna_fx.exporting import FORMATS, TOLERANCE, ExportReport, export
-from kdna_fx.models import builder_of, input_of
-from kdna_fx.source import build_source, resolve_source, saved_builder
+from kdna_fx.data import DataSpec
+from kdna_fx.models import spec_of
+from kdna_fx.source import resolve_source, saved_spec
+
+from .options import add_model_options
 
 # Sources that carry no options of their own (a name, a weights file) are built in the zoo's ImageNet form
 # unless told otherwise: what create_model(name) builds.
@@ -55,16 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX operator set (default: the exporter's)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help="largest accepted max |y - eager| / max |eager| (default %(default)g)")
-    p.add_argument("--model", default=None, help="zoo or torchvision name of the architecture (files; default: the "
-                                                 "run's model)")
-    p.add_argument("--width", type=float, default=None, help="width of the model (files and names)")
-    p.add_argument("--small-stem", action="store_true", default=None, help="small stem (files and names)")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help=f"classes of the model (files and names; default {DEFAULT_CLASSES})")
-    p.add_argument("--in-chans", type=int, default=None,
-                   help=f"input channels (default: the run's, else the builder stamp's, else {DEFAULT_CHANNELS})")
+    add_model_options(p, what="the architecture")
     p.add_argument("--image-size", type=int, default=None,
-                   help=f"input height and width (default: the run's, else the builder stamp's, else "
+                   help=f"input height and width (default: the run's, else the ModelSpec's, else "
                         f"{DEFAULT_IMAGE_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="the weights of a model given by name, and the check's inputs")
     return p
@@ -77,11 +73,9 @@ def _first_conv_channels(model: nn.Module) -> int:
     return conv.in_channels
 
 
-def _image_size(data: dict[str, Any]) -> int | None:
-    """The image size a run trained at (kdna_fx.train.data's defaults where the run left it open)."""
-    if data.get("image_size"):
-        return int(data["image_size"])
-    return {"fashion-mnist": 28, "imagenet": 224, "folder": 64}.get(data.get("dataset", ""))
+def _image_size(data: DataSpec) -> int | None:
+    """The image size a run trained at (kdna_fx.data's defaults where the run left it open)."""
+    return data.image_size or {"fashion-mnist": 28, "imagenet": 224, "folder": 64}.get(data.dataset)
 
 
 def _pick(given: int | None, flag: str, recorded: int | None, where: str, default: int,
@@ -94,24 +88,26 @@ def _pick(given: int | None, flag: str, recorded: int | None, where: str, defaul
 
 def source_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int], dict[str, Any] | None, str]:
     """(model, input shape without the batch, model spec or None, where the input shape came from) of SOURCE."""
-    kind, spec, data, state = resolve_source(args.source, model=args.model, width=args.width,
-                                             small_stem=args.small_stem, num_classes=args.num_classes)
-    saved = kind in ("saved", "kdna")  # a kdna_fx.save file: its builder stamp records its input
-    if kind not in ("run", "saved"):  # a run's spec is complete; names and state dicts get the ImageNet form
-        channels = args.in_chans or (input_of(saved_builder(args.source))["in_chans"] if saved else None)
-        spec = {**spec, "num_classes": args.num_classes or DEFAULT_CLASSES, "in_chans": channels or DEFAULT_CHANNELS}
-    model = build_source(kind, args.source, spec, state, args.seed)
-    if kind == "run":
-        recorded = {"in_chans": spec.get("in_chans"), "image_size": _image_size(data)}
+    source = resolve_source(args.source, args.model, width=args.width, small_stem=args.small_stem,
+                            num_classes=args.num_classes)
+    in_file = saved_spec(args.source) if source.saved else None  # a kdna_fx.save file's spec records its input
+    # a run's or a self-describing file's spec is complete; names and state dicts get the ImageNet form
+    source = source.fit(num_classes=args.num_classes or DEFAULT_CLASSES,
+                        in_chans=args.in_chans or (in_file and in_file.in_chans) or DEFAULT_CHANNELS)
+    model = source.build(args.seed)
+    if source.checkpoint:
+        recorded = source.spec.kwargs.get("in_chans"), _image_size(source.data)
     else:
-        recorded = input_of(saved_builder(args.source) if saved else builder_of(model))
-    where = "the run's" if kind == "run" else "the builder stamp's"
-    fallback = (_first_conv_channels(model), "the first conv's") if kind == "saved" else (DEFAULT_CHANNELS, "default")
-    channels, channels_from = _pick(args.in_chans, "--in-chans", recorded["in_chans"], where, *fallback)
-    size, size_from = _pick(args.image_size, "--image-size", recorded["image_size"], where, DEFAULT_IMAGE_SIZE,
+        known = in_file if source.saved else spec_of(model)
+        recorded = (known.in_chans, known.image_size) if known else (None, None)
+    where = "the run's" if source.checkpoint else "the ModelSpec's"
+    fallback = (_first_conv_channels(model), "the first conv's") if source.own and source.saved else \
+        (DEFAULT_CHANNELS, "default")
+    channels, channels_from = _pick(args.in_chans, "--in-chans", recorded[0], where, *fallback)
+    size, size_from = _pick(args.image_size, "--image-size", recorded[1], where, DEFAULT_IMAGE_SIZE,
                             "not recorded: the default, pass --image-size for another")
     origin = f"channels: {channels_from}; image size: {size_from}"
-    return model, (int(channels), size, size), spec, origin
+    return model, (int(channels), size, size), source.spec.to_dict(), origin
 
 
 def run_export(args: argparse.Namespace) -> ExportReport:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kdna_fx.data import DATASETS
+from kdna_fx.data import DATASETS, DataSpec
 
 
 def add_data(p: argparse.ArgumentParser, *, dataset_default: str | None = "fashion-mnist") -> None:
@@ -12,10 +12,17 @@ def add_data(p: argparse.ArgumentParser, *, dataset_default: str | None = "fashi
     p.add_argument("--dataset", choices=DATASETS, default=dataset_default,
                    help="fashion-mnist (IDX files), folder (any ImageFolder tree), imagenet (ImageFolder layout)"
                         + ("" if dataset_default else "; default: the run's, else fashion-mnist"))
-    p.add_argument("--data", dest="data_path", metavar="PATH", default=None,
+    p.add_argument("--data", dest="root", metavar="PATH", default=None,
                    help="data location (default: the run's, or the Fashion-MNIST package "
                         "/usr/share/datasets/fashion-mnist); for folder: an ImageFolder tree")
     p.add_argument("--image-size", type=int, default=None, help="crop size for folder (64) / imagenet (224)")
+
+
+def data_spec(args: argparse.Namespace, base: DataSpec | None = None, **given: object) -> DataSpec:
+    """The data set the options in ``args`` (and ``given``) name, over ``base`` (a run's; default Fashion-MNIST):
+    an option left unset keeps ``base``'s value."""
+    typed = {name: getattr(args, name, None) for name in DataSpec.__dataclass_fields__}
+    return (base or DataSpec()).merged(**{**typed, **given})
 
 
 def add_model_options(p: argparse.ArgumentParser, *, what: str = "the model", name: bool = True) -> None:
@@ -26,8 +33,10 @@ def add_model_options(p: argparse.ArgumentParser, *, what: str = "the model", na
                                                      f"(default: the run's or file's own)")
     p.add_argument("--width", type=float, default=None, help="channel width multiplier (state dicts and names)")
     p.add_argument("--small-stem", action="store_true", default=None, help="small stem (state dicts and names)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the run's, or the data's)")
-    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the run's, or the data's)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes (default: the run's or file's, else the data's; plan and export: 1000)")
+    p.add_argument("--in-chans", type=int, default=None,
+                   help="input channels (default: the run's or file's, else the data's; plan and export: 3)")
 
 
 def add_batch_size(p: argparse.ArgumentParser, default: int, what: str = "images per batch") -> None:

@@ -13,7 +13,7 @@ import json
 
 import kdna_fx
 from kdna_fx.datamodel import converted_by
-from kdna_fx.source import build_original, spec_from_options
+from kdna_fx.source import model_spec
 
 from .options import add_model_options
 
@@ -32,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    model = build_original(spec_from_options(args.model, width=args.width, small_stem=args.small_stem,
-                                             num_classes=args.num_classes or 1000, in_chans=args.in_chans or 3))
+    model = model_spec(args.model, width=args.width, small_stem=args.small_stem, num_classes=args.num_classes,
+                       in_chans=args.in_chans).build()
     config = kdna_fx.KDNAConfig.read(args.config) if args.config else kdna_fx.models.sharing_config(args.model)
     given = {"kernel_sizes": tuple(args.kernel_sizes) if args.kernel_sizes else None,
              "stage_depth": args.stage_depth, "depthwise": args.depthwise}

@@ -10,24 +10,23 @@ from typing import Any
 
 import torch
 
-from kdna_fx.data import build_data
-import kdna_fx
+from kdna_fx.data import DataSpec
 from kdna_fx.errors import ConfigError
 from kdna_fx.datamodel import converted_by
-from kdna_fx.models import TAGS
-from kdna_fx.source import build_source, is_kdna_file, resolve_source, saved_builder
+from kdna_fx.models import TAGS, ModelSpec
+from kdna_fx.source import is_kdna_file, model_spec, resolve_source, run_source
+from kdna_fx.spec import ZOO_DEFAULTS
 from kdna_fx.timing import provenance
 from kdna_fx.train import distributed as D
-from kdna_fx.train.checkpoint import CHECKPOINT_NAME, load_model_weights, read_checkpoint
+from kdna_fx.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from kdna_fx.train.loop import TrainConfig, evaluate, make_eval_loader, train
-from kdna_fx.train.models import build_model
 from kdna_fx.train.recipe import AMP_CHOICES, resolve_amp
 from kdna_fx.utils import write_json
 
-from .options import add_batch_size, add_data, add_model_options, add_out, add_progress
+from .options import add_batch_size, add_data, add_model_options, add_out, add_progress, data_spec
 
 # Options that may differ from the checkpoint's when resuming (they do not change the numbers).
-_RESUME_OVERRIDABLE = {"workers", "device", "log_every", "progress", "compile", "data_path"}
+_RESUME_OVERRIDABLE = {"workers", "device", "log_every", "progress", "compile", "root"}
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -81,12 +80,8 @@ def train_parser(suppress: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def _config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     fmnist = args.dataset == "fashion-mnist"
-    data = {"dataset": args.dataset, "path": args.data_path, "image_size": args.image_size,
-            "val_fraction": args.val_fraction, "train_subset": args.train_subset, "val_subset": args.val_subset}
-    model = {"name": args.model, "width": args.width, "small_stem": fmnist if args.small_stem is None else True,
-             "gate_norm": args.gate_norm}
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         nesterov=args.nesterov, weight_decay=args.weight_decay, adapter_weight_decay=args.adapter_weight_decay,
@@ -94,20 +89,21 @@ def _config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, 
         channels_last=args.channels_last, compile=args.compile, sync_bn=args.sync_bn, seed=args.seed,
         workers=(0 if fmnist else min(8, os.cpu_count() or 1)) if args.workers is None else args.workers,
         device=args.device, limit_steps=args.limit_steps, log_every=args.log_every, progress=args.progress,
-        model=model, data=data)
-    return config, data
+        data=data_spec(args).to_dict())
+    return config
 
 
 def _resume_config(run_dir: str, given: dict[str, Any]) -> TrainConfig:
     """The checkpoint's config, with the options typed on this command line that may change on resume."""
     saved = read_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))["config"]
-    flat_saved = {**saved, **saved.get("data", {}), "data_path": saved.get("data", {}).get("path")}
-    model_keys = {"model": "name", "width": "width", "gate_norm": "gate_norm", "small_stem": "small_stem"}
+    spec = ModelSpec.from_dict(saved["model"])
+    flat_saved = {**saved, **DataSpec.from_dict(saved["data"]).to_dict(), **ZOO_DEFAULTS, **spec.kwargs,
+                  "model": spec.name}
     conflicts = []
     for key, value in given.items():
         if key in ("resume", "run_dir") or key in _RESUME_OVERRIDABLE:
             continue
-        old = saved["model"].get(model_keys[key]) if key in model_keys else flat_saved.get(key, value)
+        old = flat_saved.get(key, value)
         if old != value:
             conflicts.append(f"--{key.replace('_', '-')} {value!r} (the run used {old!r})")
     if conflicts:
@@ -115,8 +111,8 @@ def _resume_config(run_dir: str, given: dict[str, Any]) -> TrainConfig:
                         f"Drop them to resume exactly, or start a new --run-dir.")
     config = TrainConfig(**saved)
     for key in _RESUME_OVERRIDABLE & set(given):
-        if key == "data_path":
-            config.data["path"] = given[key]
+        if key == "root":
+            config.data = DataSpec.from_dict(config.data).merged(root=given[key]).to_dict()
         else:
             setattr(config, key, given[key])
     return config
@@ -126,15 +122,18 @@ def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     given = vars(train_parser(suppress=True).parse_args(argv))
     run_dir = args.run_dir or os.path.join("runs", f"{args.model}_{args.dataset}")
-    config = _resume_config(run_dir, given) if args.resume else _config_from_args(args)[0]
-    data = build_data(seed=config.seed, **config.data)
-    spec = {**config.model, "num_classes": data.num_classes, "in_chans": data.in_chans}
-    config.model = spec
+    config = _resume_config(run_dir, given) if args.resume else _config_from_args(args)
+    data = DataSpec.from_dict(config.data).build(config.seed)
+    if not args.resume:  # a resumed run keeps the spec it stored, in whatever form an older kdna_fx wrote it
+        small_stem = args.dataset == "fashion-mnist" if args.small_stem is None else True
+        config.model = model_spec(args.model, width=args.width, small_stem=small_stem, gate_norm=args.gate_norm,
+                                  num_classes=data.num_classes, in_chans=data.in_chans).to_dict()
+    spec = ModelSpec.from_dict(config.model)
     torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(spec)
+    model = spec.build()
     if int(os.environ.get("RANK", "0")) == 0:
         params = sum(p.numel() for p in model.parameters())
-        print(f"kdna train: {spec['name']} ({params:,} parameters) on {data.description}: "
+        print(f"kdna train: {spec.name} ({params:,} parameters) on {data.description}: "
               f"{len(data.train)} train / {len(data.val)} val images -> {run_dir}", flush=True)
     result = train(model, data.train, data.val, config, run_dir, resume=args.resume)
     final = result["final"]
@@ -149,7 +148,8 @@ def eval_parser() -> argparse.ArgumentParser:
                                                              "kdna_fx.save file, or of a state dict with --model")
     p.add_argument("checkpoint", help="a last.pt written by kdna train, its run directory, a kdna_fx.save file "
                                       "(kdna convert's output, or any model create_model built), or a state dict "
-                                      "(.pt / .safetensors) with --model and its options")
+                                      "(.pt / .safetensors) with --model and its options, or a model name (random "
+                                      "weights)")
     add_model_options(p, what="a state dict's architecture")
     add_batch_size(p, 256)
     add_out(p, "also write the result to this JSON file")
@@ -162,48 +162,31 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
-    if args.model is not None and not os.path.isdir(args.checkpoint):  # a state dict (or a kdna_fx.save file) and
-        # the architecture it belongs to, as kdna convert, cka and export take them
-        kind, spec, data_spec, state = resolve_source(args.checkpoint, model=args.model, width=args.width,
-                                                      small_stem=args.small_stem, num_classes=args.num_classes)
-        spec = {**spec, **({"in_chans": args.in_chans} if args.in_chans else {})}
-        path, model = args.checkpoint, build_source(kind, args.checkpoint, spec, state, seed=0)
-        ckpt = {"epoch": None, "config": {"data": {"dataset": "fashion-mnist", "path": None, **data_spec},
-                                          "seed": 0, "model": {"name": spec["name"]}}}
-    elif is_kdna_file(args.checkpoint):  # a self-describing kdna_fx.save file: it rebuilds its own model
-        if saved_builder(args.checkpoint) is None:
-            raise ConfigError(f"{args.checkpoint!r} does not record how its model was built (it was not made by "
-                              f"kdna_fx.models.create_model); evaluate it from Python: kdna_fx.load(path, model)")
-        path, model = args.checkpoint, kdna_fx.load(args.checkpoint)
-        ckpt = {"epoch": None, "config": {"data": {"dataset": "fashion-mnist", "path": None}, "seed": 0,
-                                          "model": {"name": saved_builder(path)["name"]}}}
-    else:
-        path = os.path.join(args.checkpoint, CHECKPOINT_NAME) if os.path.isdir(args.checkpoint) else args.checkpoint
-        ckpt = read_checkpoint(path)
-        model = build_model(ckpt["config"]["model"])
-        load_model_weights(ckpt, model, path)
-    config = ckpt["config"]
-    data_spec = dict(config["data"])
-    for key in ("dataset", "data_path", "image_size", "val_fraction", "val_subset"):
-        if getattr(args, key) is not None:
-            data_spec["path" if key == "data_path" else key] = getattr(args, key)
-    data_spec["train_subset"] = None
-    data = build_data(seed=config["seed"], **data_spec)
+    where = args.checkpoint
+    if args.model is None and os.path.isfile(where) and not is_kdna_file(where):  # a checkpoint file (last.pt)
+        source = run_source(where)
+    else:  # a run directory, a kdna_fx.save file, or a state dict with --model, as convert, cka and export take
+        source = resolve_source(where, args.model, width=args.width, small_stem=args.small_stem,
+                                num_classes=args.num_classes)
+    run = source.checkpoint or {"epoch": None, "config": {"seed": 0}}
+    data_set = data_spec(args, source.data)
+    data = data_set.build(run["config"]["seed"])
+    model = source.fit(num_classes=data.num_classes, in_chans=args.in_chans or data.in_chans).build()
     ctx = D.setup(args.device)
     model.to(ctx.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    workers = (0 if data_spec["dataset"] == "fashion-mnist" else 8) if args.workers is None else args.workers
+    workers = (0 if data_set.dataset == "fashion-mnist" else 8) if args.workers is None else args.workers
     loader = make_eval_loader(data.val, args.batch_size, workers, ctx)
-    amp_dtype = resolve_amp(args.amp or config.get("amp", "auto"), ctx.device)
+    amp_dtype = resolve_amp(args.amp or run["config"].get("amp", "auto"), ctx.device)
     result = evaluate(model, loader, device=ctx.device, amp_dtype=amp_dtype, channels_last=args.channels_last,
                       ctx=ctx, progress=args.progress)
     D.cleanup(ctx)
-    name = config["model"]["name"]
-    by = converted_by(model) if ckpt["epoch"] is None else None  # a file, not a run (trained as it is)
+    name = source.spec.name
+    by = converted_by(model) if source.checkpoint is None else None  # a file, not a run (trained as it is)
     if by and TAGS.get(name.rpartition(".")[2], TAGS["plain"]) == TAGS["plain"]:  # a file of a plain network's
         name += f", converted by {by}"  # conversion (kdna convert) is named as converted, not as its original
-    result.update({"checkpoint": path, "model": name, "epoch": ckpt["epoch"],
+    result.update({"checkpoint": where, "model": name, "epoch": run["epoch"],
                    "data": data.description, "device": str(ctx.device), "batch_size": args.batch_size})
     if ctx.is_main:
         epoch = f" (epoch {result['epoch']})" if result["epoch"] is not None else ""

@@ -6,7 +6,7 @@
 
 Names are ``<arch>.<tag>`` (tags: plain, replace, kdna, relaxed, one per peer), ``torchvision/<name>[.<tag>]`` or
 ``timm/<name>[.<tag>]``; the v0.1 names (``kdna_resnet18``, ``replace_resnet50``) are aliases. Every model
-``create_model`` builds records how (``builder_of``), so ``kdna_fx.load(path)`` rebuilds it. Importing
+``create_model`` builds records how (``spec_of``, a ``ModelSpec``), so ``kdna_fx.load(path)`` rebuilds it. Importing
 kdna_fx registers the zoo in timm too (kdna_fx.models.timm). See docs/models.md.
 """
 import importlib.util
@@ -14,10 +14,10 @@ import importlib.util
 from . import convnext, mobilenet, resnet  # noqa: F401  (they register their architectures)
 from ._registry import (RELAXED_RANK, TAGS, Arch, Reference, Tag, architectures, create_model, is_model, list_models,
                         model_options, register_arch, sharing_config)
-from .builder import builder_of, input_of, record_input
+from ..spec import ModelSpec, record_input, spec_of
 
 if importlib.util.find_spec("timm") is not None:  # the zoo in timm's registry: timm.create_model("kdna_resnet50")
     from . import timm  # noqa: F401
 
-__all__ = ["RELAXED_RANK", "TAGS", "Arch", "Reference", "Tag", "architectures", "builder_of", "create_model",
-           "input_of", "is_model", "list_models", "model_options", "record_input", "register_arch", "sharing_config"]
+__all__ = ["RELAXED_RANK", "TAGS", "Arch", "ModelSpec", "Reference", "Tag", "architectures", "create_model", "is_model",
+           "list_models", "model_options", "record_input", "register_arch", "sharing_config", "spec_of"]

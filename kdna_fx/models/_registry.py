@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import KDNAConfig
 from ..errors import ConfigError, KDNATypeError
+from ..spec import stamp
 
 RELAXED_RANK = 4
 """The default ``rank`` of the ``relaxed`` tag: each child's kernel residual B A, B [C_out, rank]."""
@@ -99,7 +100,7 @@ class Resolved:
 
     @property
     def name(self) -> str:
-        """The canonical name (what a builder stamp records)."""
+        """The canonical name (what a ModelSpec records)."""
         if self.source == "zoo":
             return f"{self.base}.{self.tag}"
         return f"{self.source}/{self.base}" + ("" if self.tag == "plain" else f".{self.tag}")
@@ -317,11 +318,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Zoo architectures take ``num_classes``, ``in_chans``, ``small_stem`` and ``width`` (see docs/models.md);
     ``replace`` takes ``config`` and ``gate_norm``, ``relaxed`` those and ``rank`` (default ``RELAXED_RANK``,
     an integer >= 1 or ``"full"``), a peer tag its ``kdna_fx.peers`` function's options.
-    The model records how it was built (``kdna_fx.models.builder_of``), so ``kdna_fx.load(path)`` can
+    The model records how it was built (``kdna_fx.models.spec_of``), so ``kdna_fx.load(path)`` can
     rebuild it.
     """
-    from .builder import stamp
-
     resolved = resolve(name)
     net, finish = recipe(name, kwargs)
     return stamp(finish(net, net), resolved.name, kwargs)

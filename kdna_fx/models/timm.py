@@ -24,8 +24,8 @@ from torch import nn
 
 from ..carried import keep
 from ..errors import ConfigError
+from ..spec import stamp
 from ._registry import TAGS, Arch, architectures, model_options, recipe, tags
-from .builder import stamp
 
 _PROBE = 64
 """Side of the input the feature stages are measured on (divisible by every reduction)."""

@@ -61,8 +61,9 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     model: dict[str, Any] = field(default_factory=dict)
-    """How the model was built (name, width, ...): lets `kdna eval` rebuild it. Informational for train()."""
+    """How the model was built (``ModelSpec.to_dict``): lets `kdna eval` rebuild it. Informational for train()."""
     data: dict[str, Any] = field(default_factory=dict)
+    """The data set (``DataSpec.to_dict``), as `kdna train` stores it. Informational for train()."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULT_LR:
@@ -104,8 +105,8 @@ def make_train_loader(data: Dataset, config: TrainConfig, ctx: D.DistContext) ->
     loader = DataLoader(data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
                         drop_last=True, pin_memory=ctx.device.type == "cuda", generator=torch.Generator())
     if len(loader) == 0:
-        raise DataError(f"the training set has {len(sampler)} images per process, fewer than --batch-size "
-                         f"{config.batch_size}; lower the batch size or use more data")
+        raise DataError(f"the training set has {len(sampler)} images per process, fewer than batch_size="
+                         f"{config.batch_size} (--batch-size); lower the batch size or use more data")
     return loader, sampler
 
 
@@ -169,15 +170,15 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config
            ) -> dict[str, Any]:
     ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
     if not resume and ctx.is_main and os.path.exists(ckpt_path):
-        raise CheckpointError(f"{run_dir!r} already holds a checkpoint; pass --resume to continue that run, or "
-                              f"choose another --run-dir (nothing was overwritten)")
+        raise CheckpointError(f"{run_dir!r} already holds a checkpoint; pass resume=True (--resume) to continue "
+                              f"that run, or choose another run_dir (--run-dir; nothing was overwritten)")
     seed_everything(config.seed + ctx.rank)
     amp_dtype = resolve_amp(config.amp, ctx.device)
     if config.sync_bn and ctx.distributed:
         if ctx.device.type != "cuda":
-            raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel). On CPU, train "
-                             "without it (per-process BatchNorm statistics) or use a model without batch "
-                             "statistics (GroupNorm/LayerNorm, --gate-norm layer).")
+            raise ConfigError("sync_bn=True (--sync-bn) needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel). On "
+                             "CPU, train without it (per-process BatchNorm statistics) or use a model without batch "
+                             "statistics (GroupNorm/LayerNorm, gate_norm='layer').")
         model = D.convert_sync_batchnorm(model)
     D.warn_per_process_bn(model, ctx, config.sync_bn)
     model.to(ctx.device)
@@ -257,8 +258,8 @@ def compile_backend(model: nn.Module, example: torch.Tensor,
     if failed:
         instead = (f"training compiled with backend={getattr(backend, '__name__', backend)!r} instead" if backend
                    else "training eagerly instead")
-        warnings.warn(f"--compile: {failed[0]}; {instead} (docs/known-issues.md).", CompiledGradientWarning,
-                      stacklevel=3)
+        warnings.warn(f"compile=True (--compile): {failed[0]}; {instead} (docs/known-issues.md).",
+                      CompiledGradientWarning, stacklevel=3)
     return backend
 
 
@@ -320,8 +321,9 @@ def _non_finite_message(epoch: int, step: int, config: TrainConfig, ckpt_path: s
     else:
         kept = "no checkpoint was written (the run diverged in its first epoch)"
     return (f"non-finite loss in epoch {epoch + 1} by step {step + 1}: training stopped; {kept}. Usual fixes: a "
-            f"lower --lr (now {config.lr:g}), a longer --warmup-epochs (now {config.warmup_epochs:g}), or "
-            f"--amp none (now {config.amp}); then start again (or --resume from the kept checkpoint).")
+            f"lower lr= (--lr, now {config.lr:g}), a longer warmup_epochs= (--warmup-epochs, now "
+            f"{config.warmup_epochs:g}), or amp='none' (now {config.amp!r}); then start again (or resume from the "
+            f"kept checkpoint).")
 
 
 def _restore(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: WarmupCosine,

@@ -123,7 +123,7 @@ AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device`` (None: full fp32). 'auto' is bf16/fp16 on CUDA, fp32 on CPU."""
     if amp not in AMP_CHOICES:
-        raise ConfigError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")
+        raise ConfigError(f"amp= (--amp) must be one of {AMP_CHOICES}, got {amp!r}")
     if amp == "none":
         return None
     if device.type == "cuda":
@@ -133,7 +133,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return None  # CPU autocast is opt-in: bf16 on CPUs without native support is slower than fp32
     if amp == "fp16":
-        raise ConfigError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or --amp none")
+        raise ConfigError("amp='fp16' (--amp fp16) needs a CUDA device; on CPU use amp='bf16' or 'none'")
     return torch.bfloat16
 
 
