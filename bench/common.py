@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import statistics
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -35,7 +36,7 @@ from kdna_fx.utils import write_json
 __all__ = ["ABOVE", "BELOW", "NOT_DISTINGUISHABLE", "TIE", "DirtyTreeError", "Factorised", "compare", "factorise",
            "machine_label", "markdown_table", "paired", "paired_cell", "matched", "n_params", "prune", "ready",
            "release_lock", "run_provenance", "write_json", "score", "seed_range", "shared_convs", "take_lock",
-           "validation_split", "write_results"]
+           "time_call", "validation_split", "write_results"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,6 +100,23 @@ def paired_cell(p: dict[str, Any] | None) -> str:
         return f"{p['mean']:+.2f}{spread}, n={p['n']} (reported, not judged: fewer than 3 pairs)"
     word = {ABOVE: "**above**", BELOW: "**below**"}.get(p["outcome"], f"not distinguishable at {p['n']} seeds")
     return f"{word}: {p['mean']:+.2f} [{p['interval'][0]:+.2f}, {p['interval'][1]:+.2f}], n={p['n']}"
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 10) -> dict[str, float]:
+    """Median and spread of ``repeat`` timed calls (seconds) after ``warmup`` untimed ones."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "repeat": repeat}
 
 
 # ------------------------------------------------------------------------------------------------ provenance

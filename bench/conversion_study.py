@@ -69,14 +69,13 @@ import kdna_fx
 from kdna_fx.calibration import CalibrationConfig
 from kdna_fx.models import sharing_config
 from kdna_fx.reporting import count_macs
-from kdna_fx.timing import time_call
 from kdna_fx.train import TrainConfig, build_data
 from kdna_fx.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from kdna_fx.train.models import build_model
 
 from bench.common import (REPO, DirtyTreeError, factorise, machine_label, markdown_table, matched, n_params, paired,
-                          paired_cell, prune, release_lock, run_provenance, shared_convs, take_lock, validation_split, write_json,
-                          write_results)
+                          paired_cell, prune, release_lock, run_provenance, shared_convs, take_lock, time_call,
+                          validation_split, write_json, write_results)
 
 
 # Protocol 3: the originals train on the 55,000 images left once the validation split is held out

@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.detection_study --seeds 4 --rows plain kdna   # one more seed
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.detection_study --report   # tables and figure from every run on disk
 
-Data: kdna_fx.train.scenes.FashionScenes, 128x128 scenes of 1-4 Fashion-MNIST garments; training scenes from
+Data: bench.scenes.FashionScenes, 128x128 scenes of 1-4 Fashion-MNIST garments; training scenes from
 the training images, a fixed set of ``--val`` scenes (seed 0) from the test images.
 
 Model: torchvision's FasterRCNN around a BackboneWithFPN on the zoo's ResNet-18 (``--width``, one input channel,
@@ -51,7 +51,7 @@ from kdna_fx.timing import markdown_table, time_interleaved, write_results
 from kdna_fx.utils import write_json
 from kdna_fx.train import WarmupCosine, build_optimizer, param_groups
 from kdna_fx.train.recipe import seed_everything
-from kdna_fx.train.scenes import SCENE_CLASSES, FashionScenes, collate
+from bench.scenes import SCENE_CLASSES, FashionScenes, collate
 
 from bench.common import DirtyTreeError, run_provenance
 

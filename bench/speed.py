@@ -15,7 +15,7 @@ Every row's model is a zoo name with its tag and ``create_model`` options (``GRO
   (the paper's layers: 3x3 and 1x1 convs) on the same net.
 - ``resnet50``: ResNet-50, replace mode, folded, the reference ``kdna_resnet50`` (folded).
 - ``mobilenet_v2``: MobileNetV2, replace mode with its 1x1 sharing (kdna_fx.models.sharing_config), folded.
-- ``unet3d_32``, ``unet3d_64`` (issue 32): the catalogue's MONAI 3-D UNet (kdna_fx.models.thirdparty
+- ``unet3d_32``, ``unet3d_64`` (issue 32): the catalogue's MONAI 3-D UNet (bench.thirdparty
   ``monai-unet-3d``) on 1x32^3 and 1x64^3 volumes, replace mode and folded; ``r3d_18``: torchvision's r3d_18 on
   3x8x64x64 clips, the same. Their inputs are ``INPUTS[group]`` (``--image-size`` is for the 2-D groups); run
   them with ``--groups unet3d_32 unet3d_64 r3d_18 --modes inductor --batches 1 4 --threads 1``.
@@ -90,7 +90,7 @@ def _zoo(name: str, *, fold: bool = False, **options: Any) -> Zoo:
 
 @dataclasses.dataclass
 class Catalogue:
-    """A row's model from kdna_fx.models.thirdparty (``name``), transformed by ``config`` unless it is None,
+    """A row's model from bench.thirdparty (``name``), transformed by ``config`` unless it is None,
     folded for deployment when ``fold``."""
 
     name: str
@@ -98,7 +98,7 @@ class Catalogue:
     fold: bool = False
 
     def __call__(self) -> nn.Module:
-        from kdna_fx.models import thirdparty
+        from bench import thirdparty
 
         model = thirdparty.BUILDERS[self.name]().eval()
         if self.config is not None:
