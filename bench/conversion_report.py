@@ -114,9 +114,9 @@ def winners(summary: dict[str, Any], arch: str, seeds: list[int]) -> dict[str, s
 def grid_text(summary: dict[str, Any]) -> str:
     """Each arm's probes by mean validation top-1 after calibration, the winner first."""
     lines = []
-    found = {r["row"]: r for r in summary["rows"]}
     for name, probes in GRID.items():
-        rows = [(probe, found[probe_name(name, probe)]) for probe in probes if probe_name(name, probe) in found]
+        named = {probe_name(name, probe): probe for probe in probes}
+        rows = [(named[r["row"]], r) for r in summary["rows"] if r["row"] in named]  # ties keep the summary's order
         rows.sort(key=lambda pr: -pr[1]["calibrated"]["validation"]["top1_mean"] if "calibrated" in pr[1] else 0)
         lines += [[f"`{name}`", f"`{probe or 'as in protocol 2'}`", len(r["seeds"]),
                    cell(r, "calibrated", "validation"), cell(r, "calibrated")] for probe, r in rows]

@@ -19,6 +19,7 @@ from torch import nn
 
 import kdna_fx
 from kdna_fx.calibration import CalibrationConfig
+from kdna_fx.conversion import ConversionResult
 from kdna_fx.models import sharing_config
 from kdna_fx.train import train
 
@@ -170,29 +171,31 @@ class Recipe:
 
     def convert(self, original: nn.Module, calib: torch.Tensor, *, finetune: Any = None,
                 finetune_config: Any = None, evaluate: dict[str, Iterable[Any]] | None = None
-                ) -> kdna_fx.ConversionResult:
+                ) -> ConversionResult:
         """kdna_fx.convert's steps for any student: make it, kdna_fx.calibrate it against ``original``, fine-tune
         it on ``finetune`` (kdna_fx.train.train with ``finetune_config``), scored on ``evaluate`` after each."""
         original.eval()
         stages: dict[str, dict[str, Any]] = {}
 
-        def step(name: str, run: Callable[[], Any]) -> Any:
-            start = time.perf_counter()
-            out = run()
-            stages[name] = {"seconds": time.perf_counter() - start,
-                            **{split: score(student, original, loader) for split, loader in (evaluate or {}).items()}}
-            return out
+        def scored(start: float, model: nn.Module) -> dict[str, Any]:
+            return {"seconds": time.perf_counter() - start,  # read first: the scoring is not timed
+                    **{split: score(model, original, loader) for split, loader in (evaluate or {}).items()}}
 
-        student = step("converted", self.make)
+        start = time.perf_counter()
+        student = self.make()
+        stages["converted"] = scored(start, student)
         report = None
         if self.calibration is not None:
-            report = step("calibrated", lambda: kdna_fx.calibrate(student, calib, self.calibration,
-                                                                  reference=original))
+            start = time.perf_counter()
+            report = kdna_fx.calibrate(student, calib, self.calibration, reference=original)
+            stages["calibrated"] = scored(start, student)
         if finetune is not None:
+            start = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="kdna_conversion_study_") as tmp:
-                step("fine-tuned", lambda: train(student, finetune, None, finetune_config, tmp))
-        return kdna_fx.ConversionResult(student, stages, {"original": n_params(original),
-                                                          "converted": n_params(student)}, report)
+                train(student, finetune, None, finetune_config, tmp)
+            stages["fine-tuned"] = scored(start, student)
+        return ConversionResult(student, stages, {"original": n_params(original), "converted": n_params(student)},
+                                report)
 
 
 EXAMPLE = torch.zeros(2, 1, 28, 28)  # one Fashion-MNIST batch: Torch-Pruning's dependency graph

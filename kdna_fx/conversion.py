@@ -5,7 +5,7 @@
     result.stages           # {"converted": {...}, "calibrated": {...}}: seconds and top-1 / agreement per split
 
 ``kdna convert`` (kdna_fx/cli/convert.py) runs this one function; a model made some other way (a pruned or
-factorised copy) takes the same steps through ``calibrate`` and ``score`` directly (bench/conversion_study.py).
+factorised copy) takes the same steps through ``calibrate`` and ``score`` directly (bench/conversion_rows.py).
 """
 from __future__ import annotations
 

@@ -7,8 +7,11 @@ import json
 import os
 
 import pytest
+import torch
 
+import kdna_fx
 from kdna_fx.calibration import CalibrationConfig
+from kdna_fx.testing import TinyResNet, blob_task
 
 from bench import common
 from bench import conversion_report as report
@@ -74,3 +77,27 @@ def test_the_report_rebuilds_the_committed_summary_from_the_records():
         committed = json.load(f)
     summary = report.summarise(out)
     assert summary["rows"] == committed["rows"] and summary["verdicts"] == committed["verdicts"]
+
+
+def test_a_recipe_takes_convert_s_steps_for_any_student():
+    """A plain student made elsewhere (train="all": it has no adapters) and a transform go through the same
+    steps: made, calibrated, fine-tuned, scored after each; the original row is only scored."""
+    with torch.random.fork_rng():
+        model, calib_x, test_x, test_y = blob_task()
+        labelled = torch.utils.data.TensorDataset(test_x[:64], test_y[:64])
+        finetune = kdna_fx.train.TrainConfig(epochs=1, batch_size=32, lr=0.01, warmup_epochs=0, amp="none",
+                                             progress=False, limit_steps=1)
+        quiet = CalibrationConfig(steps=3, progress=False)
+        evaluate = {"held": [(test_x, test_y)]}
+        plain = TinyResNet(width=4, in_chans=1, num_classes=5)
+        made = table.Recipe(lambda: plain, quiet.replace(train="all")).convert(
+            model, calib_x, finetune=labelled, finetune_config=finetune, evaluate=evaluate)
+        assert made.model is plain and list(made.stages) == ["converted", "calibrated", "fine-tuned"]
+        assert made.calibration.config.train == "all" and made.params["converted"] < made.params["original"]
+        shared = table.Recipe(lambda: kdna_fx.transform(model, init="trained"), quiet).convert(model, calib_x,
+                                                                                             evaluate=evaluate)
+        held = {stage: v["held"] for stage, v in shared.stages.items()}
+        assert list(held) == ["converted", "calibrated"] and kdna_fx.plan_of(shared.model).families
+        assert all(0 <= v["agreement"] <= 1 and shared.stages[s]["seconds"] > 0 for s, v in held.items())
+        original = table.Recipe(lambda: model, None).convert(model, calib_x, evaluate=evaluate)
+        assert list(original.stages) == ["converted"] and original.stages["converted"]["held"]["agreement"] == 1.0
