@@ -30,9 +30,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.common import run_provenance
-from bench.speed import GROUPS, OUT, bf16_target, commit_of, inductor_freezing, save_and_say  # the suite's rows and bf16 rule
 from kdna_fx.timing import markdown_table, time_interleaved
+
+from bench.common import run_provenance
+from bench.speed import GROUPS, OUT, inductor_freezing, save_and_say  # the suite's rows
+from bench.speed_report import bf16_target, commit_of  # and its bf16 rule
 
 ROLES = ("baseline", "replace", "folded")
 

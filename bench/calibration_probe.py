@@ -25,6 +25,7 @@ from kdna_fx.train import build_data
 
 from bench import conversion_study as cs
 from bench.common import markdown_table, n_params, run_provenance, write_json
+from bench.conversion_rows import recipe as make_recipe
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "conversion", "probe")
 
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> int:
     original, spec, _ = cs.load_original(arch)
     split = cs.Split.make(build_data("fashion-mnist"), 5_000)
     calib = split.calibration_images(1024, seed=0)[0]
-    recipe = cs.make_recipe(row, original, spec, calib, CalibrationConfig(progress=False), 1e-3)
+    recipe = make_recipe(row, original, spec, calib, CalibrationConfig(progress=False), 1e-3)
     if recipe.calibration is None:
         raise SystemExit(f"row {row!r} is not calibrated: nothing to probe")
     recipe.calibration = recipe.calibration.replace(**extra)

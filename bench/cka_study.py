@@ -39,7 +39,10 @@ from kdna_fx.cka import LayerSimilarity, layer_similarity
 from kdna_fx.train import build_data
 
 from bench import conversion_study as cs  # the same originals, images and pipeline
-from bench.common import markdown_table, paired, paired_cell, write_json, write_results
+from bench.common import (DirtyTreeError, markdown_table, paired, paired_cell, report_provenance, run_provenance,
+                          write_json, write_results)
+from bench.conversion_report import by_seed, cell, summarise
+from bench.conversion_rows import recipe
 
 ARCH = "resnet18_w025"
 PLAN_ROWS = ["kdna-r4-pairs", "kdna-r4-pairs-cka", "kdna-r4-pairs-random1", "kdna-r4-pairs-random2",
@@ -68,9 +71,9 @@ def heat_maps(args: argparse.Namespace, original: torch.nn.Module, spec: dict[st
     maps = {pool: layer_similarity(original, images, images=args.cka_images, pool=pool, progress=args.progress)
             for pool in ("flatten", "mean")}
     calib = calibration_images(args.calib_images)
-    recipe = cs.make_recipe("kdna-r4", original, spec, calib, CalibrationConfig(steps=args.steps, progress=args.progress),
-                            args.all_lr)
-    student = recipe.convert(original, calib).model
+    converting = recipe("kdna-r4", original, spec, calib, CalibrationConfig(steps=args.steps, progress=args.progress),
+                        args.all_lr)
+    student = converting.convert(original, calib).model
     converted = layer_similarity(student, images, images=args.cka_images, pool="flatten", progress=args.progress)
     result = {"original": {p: m.to_dict() for p, m in maps.items()}, "converted_flatten": converted.to_dict(),
               "provenance": args.provenance}
@@ -125,13 +128,13 @@ def report(args: argparse.Namespace) -> None:
             [[name, f"{m.matrix[off].mean():.3f}", f"{m.matrix[off].min():.3f}", f"{m.matrix[off].max():.3f}"]
              for name, m in (("original, flattened", flat), ("original, mean-pooled", pooled),
                              ("converted kdna-r4, flattened", converted))]))
-    summary = cs.summarise(args.out)
+    summary = summarise(args.out)
     rows = sorted((r for r in summary["rows"] if r["row"] in PLAN_ROWS), key=lambda r: PLAN_ROWS.index(r["row"]))
     if rows:
         sections.append(markdown_table(
             ["plan", "params", "seeds", "calibrated: top-1 % / agreement", "fine-tuned"],
-            [[f"`{r['row']}`", f"{r['params']:,}", len(r["seeds"]), cs.cell(r, "calibrated"),
-              cs.cell(r, "fine-tuned")] for r in rows]))
+            [[f"`{r['row']}`", f"{r['params']:,}", len(r["seeds"]), cell(r, "calibrated"),
+              cell(r, "fine-tuned")] for r in rows]))
         sections.append(verdicts_text(plan_verdicts(rows)))
     standin = _load(os.path.join(args.out, "parts", "stand_in.json"))
     result: dict[str, Any] = {"plans": rows, "verdicts": plan_verdicts(rows)}
@@ -149,8 +152,8 @@ def report(args: argparse.Namespace) -> None:
     if maps is not None:
         result["heat_maps"] = maps
     try:  # the report names the commit that wrote it, so only committed code writes it
-        prov = cs.run_provenance(out=args.out)
-    except cs.DirtyTreeError as exc:
+        prov = report_provenance(os.path.join(args.out, "cka_study"), None, out=args.out, report_only=args.report)
+    except DirtyTreeError as exc:
         print(f"(not written: {exc})")
         return
     write_results(os.path.join(args.out, "cka_study"), {**result, "provenance": prov},
@@ -176,7 +179,7 @@ def plan_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for other in (r for r in rows if cka is not None and r is not cka):
         entry: dict[str, Any] = {"row": cka["row"], "baseline": other["row"]}
         for stage in ("calibrated", "fine-tuned"):
-            a, b = cs.by_seed(cka, stage), cs.by_seed(other, stage)
+            a, b = by_seed(cka, stage), by_seed(other, stage)
             if a and b:
                 entry[stage] = paired(a, b)
         out.append(entry)
@@ -234,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if not args.report:
         try:  # read at the start: the commit that runs is the one checked out now
-            args.provenance = cs.run_provenance(["-m", "bench.cka_study", *(argv or sys.argv[1:])], out=args.out)
-        except cs.DirtyTreeError as exc:
+            args.provenance = run_provenance(["-m", "bench.cka_study", *(argv or sys.argv[1:])], out=args.out)
+        except DirtyTreeError as exc:
             raise SystemExit(str(exc)) from None
         original, spec, _ = cs.load_original(ARCH)
         if "maps" in args.parts or "stand-in" in args.parts:

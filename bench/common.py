@@ -16,8 +16,10 @@ The protocol a study follows through it:
 from __future__ import annotations
 
 import copy
+import json
 import os
 import statistics
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,9 +35,9 @@ from kdna_fx.timing import markdown_table, provenance, write_results
 from kdna_fx.utils import write_json
 
 __all__ = ["ABOVE", "BELOW", "NOT_DISTINGUISHABLE", "TIE", "DirtyTreeError", "Factorised", "compare", "factorise",
-           "machine_label", "markdown_table", "paired", "paired_cell", "matched", "n_params", "prune", "ready",
-           "release_lock", "run_provenance", "write_json", "score", "seed_range", "shared_convs", "take_lock",
-           "validation_split", "write_results"]
+           "machine_label", "markdown_table", "matched", "n_params", "paired", "paired_cell", "prune", "ready",
+           "release_lock", "report_provenance", "run_provenance", "score", "seed_range", "shared_convs",
+           "take_lock", "time_call", "validation_split", "write_json", "write_results"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,6 +103,23 @@ def paired_cell(p: dict[str, Any] | None) -> str:
     return f"{word}: {p['mean']:+.2f} [{p['interval'][0]:+.2f}, {p['interval'][1]:+.2f}], n={p['n']}"
 
 
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 10) -> dict[str, float]:
+    """Median and spread of ``repeat`` timed calls (seconds) after ``warmup`` untimed ones."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "repeat": repeat}
+
+
 # ------------------------------------------------------------------------------------------------ provenance
 
 
@@ -120,6 +139,20 @@ def run_provenance(argv: list[str] | None = None, *, out: str | None = None, for
         raise DirtyTreeError("the working tree has uncommitted changes: results must come from committed code. "
                              "Commit first, or pass --force-dirty (the records are then marked dirty)")
     return prov
+
+
+def report_provenance(stem: str, argv: list[str] | None, *, out: str, report_only: bool,
+                      force_dirty: bool = False) -> dict[str, Any]:
+    """The provenance a study's summary ``<stem>.json`` is written with. After a run: this run's (run_provenance:
+    a dirty tree is refused unless ``force_dirty``). A report-only rewrite (``--report``) regenerates the Markdown
+    and plots from the records and keeps the provenance stored in ``<stem>.json`` (its command, machine and
+    commit); only where none is stored yet does it take this command's."""
+    if report_only and os.path.exists(f"{stem}.json"):
+        with open(f"{stem}.json") as f:
+            kept = json.load(f).get("provenance")
+        if kept:
+            return kept
+    return run_provenance(argv, out=out, force_dirty=force_dirty)
 
 
 def machine_label(machine: dict[str, Any]) -> str:
@@ -267,44 +300,7 @@ def matched(build: Callable[[float], nn.Module], target: int, lo: float, hi: flo
     return build(best), best
 
 
-# ------------------------------------------------------------------------------------------------ tiny task
-
-BLOB_CENTRES = [(4, 4), (4, 12), (12, 4), (12, 12), (8, 8)]  # class = where the bright blob sits
-
-
-def blobs(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """16x16 one-channel noise with a bright 4x4 blob in one of 5 places (jittered); the class is the place."""
-    y = torch.randint(0, 5, (n,), generator=g)
-    x = torch.randn(n, 1, 16, 16, generator=g) * 0.5
-    jitter = torch.randint(-2, 3, (n, 2), generator=g)
-    for i in range(n):
-        r, c = BLOB_CENTRES[int(y[i])]
-        r, c = r + int(jitter[i, 0]), c + int(jitter[i, 1])
-        x[i, 0, max(0, r - 2):r + 2, max(0, c - 2):c + 2] += 2.0
-    return x, y
-
-
-def blob_task() -> tuple[nn.Module, Tensor, Tensor, Tensor]:
-    """(a TinyResNet trained 60 steps on ``blobs``, 256 calibration images, 512 held-out images, their labels):
-    the small trained model of tests/test_calibrate.py and bench/conversion_tiny.py (about 2 s)."""
-    from kdna_fx.testing import TinyResNet
-
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = TinyResNet(width=8, in_chans=1, num_classes=5)
-    x, y = blobs(512, g)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(60):
-        idx = torch.randint(0, 512, (64,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    test_x, test_y = blobs(512, g)
-    calib_x, _ = blobs(256, g)
-    return model, calib_x, test_x, test_y
+# ------------------------------------------------------------------------------------------------ ready models
 
 
 def ready(name: str, image_size: int, seed: int) -> nn.Module:

@@ -1,6 +1,6 @@
 """Conversion of a small trained model: copy vs trained init, low-rank residuals, centroid parents.
 
-The model and data are bench.common.blob_task's, which tests/test_calibrate.py uses too (a TinyResNet trained
+The model and data are kdna_fx.testing.blob_task's, which tests/test_calibrate.py uses too (a TinyResNet trained
 60 steps on a synthetic 5-class blob task). Each row: transform, then kdna_fx.calibrate (bn + 100 distillation steps) on 256
 unlabeled images; agreement and accuracy on 512 held-out images. A quick look at which steps matter, not
 the Fashion-MNIST study of issue 6.
@@ -17,8 +17,10 @@ import torch
 
 import kdna_fx
 from kdna_fx import AdapterConfig, CalibrationConfig, KDNAConfig
+from kdna_fx.testing import blob_task
 
-from bench.common import REPO, blob_task, markdown_table, run_provenance, write_results
+from bench.common import REPO, markdown_table, run_provenance, write_results
+
 ROWS = [("copy init (paper)", KDNAConfig(), "copy"),
         ("trained init, rank 0", KDNAConfig(), "trained"),
         ("trained init, rank 2", KDNAConfig(adapter=AdapterConfig(rank=2)), "trained"),

@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.detection_study --seeds 4 --rows plain kdna   # one more seed
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.detection_study --report   # tables and figure from every run on disk
 
-Data: kdna_fx.train.scenes.FashionScenes, 128x128 scenes of 1-4 Fashion-MNIST garments; training scenes from
+Data: bench.scenes.FashionScenes, 128x128 scenes of 1-4 Fashion-MNIST garments; training scenes from
 the training images, a fixed set of ``--val`` scenes (seed 0) from the test images.
 
 Model: torchvision's FasterRCNN around a BackboneWithFPN on the zoo's ResNet-18 (``--width``, one input channel,
@@ -51,9 +51,9 @@ from kdna_fx.timing import markdown_table, time_interleaved, write_results
 from kdna_fx.utils import write_json
 from kdna_fx.train import WarmupCosine, build_optimizer, param_groups
 from kdna_fx.train.recipe import seed_everything
-from kdna_fx.train.scenes import SCENE_CLASSES, FashionScenes, collate
 
-from bench.common import DirtyTreeError, run_provenance
+from bench.common import DirtyTreeError, report_provenance, run_provenance
+from bench.scenes import SCENE_CLASSES, FashionScenes, collate
 
 ROWS = ("plain", "kdna", "plain-narrow")
 EXAMPLES = 4  # val scenes whose predictions are kept for the figure
@@ -362,8 +362,9 @@ def report(args: argparse.Namespace) -> None:
         print("no runs to report yet")
         return
     text = table(rows)
-    try:  # the report names the commit that wrote it, so only committed code writes it
-        prov = run_provenance(["-m", "bench.detection_study", "--report"], out=args.out)
+    try:  # a run's report names the commit that ran (committed code only); --report keeps the stored one
+        prov = report_provenance(os.path.join(args.out, "detection_study"), ["-m", "bench.detection_study", *args.argv],
+                                 out=args.out, report_only=args.report)
     except DirtyTreeError as exc:
         print(f"(not written: {exc})")
         return
@@ -394,10 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt-dir", default="logs/detection", help="trained weights (scratch, not committed)")
     parser.add_argument("--report", action="store_true", help="only write the tables and figure")
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     torch.set_num_threads(args.threads)
     if not args.report:
         try:  # read once, at the start: the commit that runs
-            args.provenance = run_provenance(["-m", "bench.detection_study", *(argv or sys.argv[1:])], out=args.out)
+            args.provenance = run_provenance(["-m", "bench.detection_study", *args.argv], out=args.out)
         except DirtyTreeError as exc:
             raise SystemExit(str(exc)) from None
         for seed in args.seeds:

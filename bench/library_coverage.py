@@ -1,6 +1,6 @@
 """Coverage of models from other libraries: what kdna_fx.transform does to each, with example inputs.
 
-Each model of kdna_fx.models.thirdparty (segmentation-models-pytorch, MONAI, Ultralytics, Hugging Face
+Each model of bench.thirdparty (segmentation-models-pytorch, MONAI, Ultralytics, Hugging Face
 transformers, efficientnet-pytorch, torchvision quantizable and detection models, timm), built without weights,
 goes through ``kdna_fx.transform(model, example_inputs=...)`` with the default config. The table gives the
 outcome (shared or unchanged, and why nothing was shared), the
@@ -29,7 +29,7 @@ from tqdm import tqdm
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
 from kdna_fx.datamodel import record_of
-from kdna_fx.models import thirdparty as catalogue
+from bench import thirdparty as catalogue
 from kdna_fx.testing import output_tensors
 from kdna_fx.timing import git_commit, markdown_table, provenance
 

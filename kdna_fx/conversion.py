@@ -4,12 +4,11 @@
     result.model            # the calibrated KernelDNA model
     result.stages           # {"converted": {...}, "calibrated": {...}}: seconds and top-1 / agreement per split
 
-``kdna convert`` (kdna_fx/cli/convert.py) and bench/conversion_study.py both run this one function; the
-study passes its own ``student`` (a pruned or factorised model) to give every method the same steps.
+``kdna convert`` (kdna_fx/cli/convert.py) runs this one function; a model made some other way (a pruned or
+factorised copy) takes the same steps through ``calibrate`` and ``score`` directly (bench/conversion_rows.py).
 """
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from torch import Tensor, nn
 from .api import plan_of, transform
 from .calibration import CalibrationConfig, CalibrationReport, calibrate
 from .config import KDNAConfig
-from .datamodel import find_record
 from .errors import ConfigError, KDNAError, KDNATypeError
 
 STAGES: tuple[str, ...] = ("converted", "calibrated", "fine-tuned")
@@ -69,18 +67,14 @@ def n_params(model: nn.Module) -> int:
 
 
 def convert(original: nn.Module, images: Tensor, config: KDNAConfig | None = None, *,
-            calibration: CalibrationConfig | None = None, student: nn.Module | None = None,
-            init: str = "trained", plan: Any = None, run_calibration: bool = True,
+            calibration: CalibrationConfig | None = None, init: str = "trained", plan: Any = None,
             finetune: Any = None, finetune_config: Any = None,
             evaluate: dict[str, Iterable[Any]] | None = None) -> ConversionResult:
     """Convert the trained ``original`` and calibrate it on the unlabeled ``images`` [N, C, H, W].
 
     The student is ``kdna_fx.transform(original, config, init=init, plan=plan)`` (``config`` None: the
-    transform's defaults), or ``student`` when given (a model made some other way, a pruned or factorised
-    copy, say; then ``config``/``plan`` must be None and ``calibration.train`` must be "all"). The images also
-    check the trace (docs/partial-tracing.md) and feed a ``policy="cka"`` plan. Then
-    ``calibrate(student, images, calibration, reference=original)`` (skipped with ``run_calibration=False``),
-    then, when ``finetune`` (a labelled Dataset) is given, ``kdna_fx.train.train`` with ``finetune_config``
+    transform's defaults). The images also check the trace (docs/partial-tracing.md) and feed a
+    ``policy="cka"`` plan. Then ``calibrate(student, images, calibration, reference=original)``, then, when ``finetune`` (a labelled Dataset) is given, ``kdna_fx.train.train`` with ``finetune_config``
     (a TrainConfig; None: 1 epoch, SGD lr 0.01, cosine, batch 128, fp32). After every step the model is scored
     on each loader of ``evaluate`` ({split name: loader of (images, labels)}). ``original`` is never changed.
     """
@@ -90,12 +84,6 @@ def convert(original: nn.Module, images: Tensor, config: KDNAConfig | None = Non
         raise ConfigError(f"convert: images must be a tensor of at least 2 images [N, C, H, W], got "
                           f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
     calibration = calibration or CalibrationConfig()
-    if student is not None and (config is not None or plan is not None):
-        raise ConfigError("convert: pass either student (a model you made) or config/plan (for the transform), "
-                          "not both")
-    if student is not None and run_calibration and calibration.train != "all" and find_record(student) is None:
-        raise ConfigError(f"convert: a student that is not a kdna_fx transform has no adapters; calibrate it with "
-                          f"CalibrationConfig(train='all'), not train={calibration.train!r}")
     original.eval()
     evaluate = evaluate or {}
     stages: dict[str, dict[str, Any]] = {}
@@ -104,23 +92,17 @@ def convert(original: nn.Module, images: Tensor, config: KDNAConfig | None = Non
         return {"seconds": seconds, **{split: score(model, original, loader) for split, loader in evaluate.items()}}
 
     start = time.perf_counter()
-    if student is None:
-        with torch.no_grad():
-            data = images if config is not None and config.policy == "cka" else None
-            student = transform(original, config, init=init, plan=plan, data=data,
-                                        example_inputs=(images[:8],))
-        if not plan_of(student).families:
-            raise KDNAError(f"{type(original).__name__} has no conv kdna_fx can share under this config: nothing "
-                            f"to convert (kdna_fx.plan(model, config) lists each conv with its reason)")
-    else:
-        student = copy.deepcopy(student) if student is original else student
+    with torch.no_grad():
+        data = images if config is not None and config.policy == "cka" else None
+        student = transform(original, config, init=init, plan=plan, data=data, example_inputs=(images[:8],))
+    if not plan_of(student).families:
+        raise KDNAError(f"{type(original).__name__} has no conv kdna_fx can share under this config: nothing "
+                        f"to convert (kdna_fx.plan(model, config) lists each conv with its reason)")
     stages["converted"] = scored(time.perf_counter() - start, student)
 
-    report = None
-    if run_calibration:
-        start = time.perf_counter()
-        report = calibrate(student, images, calibration, reference=original)
-        stages["calibrated"] = scored(time.perf_counter() - start, student)
+    start = time.perf_counter()
+    report = calibrate(student, images, calibration, reference=original)
+    stages["calibrated"] = scored(time.perf_counter() - start, student)
 
     if finetune is not None:
         from .train import TrainConfig, train

@@ -221,9 +221,45 @@ def output_tensors(out: object) -> list[torch.Tensor]:
     return []
 
 
-__all__ = ["BasicBlock", "ConvSpec", "ConvStack", "FunctionalConvNet", "GradientCheck", "TinyResNet",
-           "check_compiled_gradients", "output_tensors",
-           "randomize_adapters", "untie_parents"]
+_BLOB_CENTRES = [(4, 4), (4, 12), (12, 4), (12, 12), (8, 8)]  # class = where the bright blob sits
+
+
+def _blobs(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """16x16 one-channel noise with a bright 4x4 blob in one of 5 places (jittered); the class is the place."""
+    y = torch.randint(0, 5, (n,), generator=g)
+    x = torch.randn(n, 1, 16, 16, generator=g) * 0.5
+    jitter = torch.randint(-2, 3, (n, 2), generator=g)
+    for i in range(n):
+        r, c = _BLOB_CENTRES[int(y[i])]
+        r, c = r + int(jitter[i, 0]), c + int(jitter[i, 1])
+        x[i, 0, max(0, r - 2):r + 2, max(0, c - 2):c + 2] += 2.0
+    return x, y
+
+
+def blob_task() -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """(a TinyResNet trained 60 steps to tell where a bright blob sits in noise, 256 calibration images, 512
+    held-out images, their labels): the small trained model of the calibration and conversion tests and of
+    bench/conversion_tiny.py (about 2 s)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = TinyResNet(width=8, in_chans=1, num_classes=5)
+    x, y = _blobs(512, g)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(60):
+        idx = torch.randint(0, 512, (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    test_x, test_y = _blobs(512, g)
+    calib_x, _ = _blobs(256, g)
+    return model, calib_x, test_x, test_y
+
+
+__all__ = ["BasicBlock", "ConvSpec", "ConvStack", "FunctionalConvNet", "GradientCheck", "TinyResNet", "blob_task",
+           "check_compiled_gradients", "output_tensors", "randomize_adapters", "untie_parents"]
 
 
 def write_tiny_fashion_mnist(root: str | os.PathLike[str], n_train: int = 6, n_test: int = 4, seed: int = 0) -> None:

@@ -1,4 +1,5 @@
-"""Timing and provenance: the demo, kdna_fx.train (metrics.json) and the bench/ scripts use these helpers."""
+"""Timing and provenance: the demo, kdna_fx.train (metrics.json), the commands' records and the bench/ scripts use
+these helpers."""
 from __future__ import annotations
 
 import hashlib
@@ -15,20 +16,6 @@ from typing import Any, Callable
 import torch
 
 from .utils import atomic_path, write_json
-
-
-def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 10) -> dict[str, float]:
-    """Median and spread of ``repeat`` timed calls (seconds) after ``warmup`` untimed ones."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
-            "repeat": repeat}
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int = 3, repeat: int = 10,

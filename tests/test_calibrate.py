@@ -11,9 +11,7 @@ from kdna_fx.calibration import CalibrationConfig, CalibrationError, Calibration
 from kdna_fx.data import image_batches
 from kdna_fx.errors import ConfigError, DataError, KDNAError, KDNATypeError
 from kdna_fx.utils import device_dtype
-from kdna_fx.testing import TinyResNet
-
-from bench.common import blob_task
+from kdna_fx.testing import TinyResNet, blob_task
 
 # Tier integration: make test-fast leaves it out (calibration runs).
 # One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.

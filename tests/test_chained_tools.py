@@ -147,7 +147,7 @@ def test_torch_nn_utils_fusion_of_a_parent_is_exact_and_of_a_child_raises(dtype)
 
 
 def test_ultralytics_fuse_raises_at_a_child_and_what_it_fused_before_stays_exact() -> None:
-    from kdna_fx.models import thirdparty
+    from bench import thirdparty
 
     if not thirdparty.available("ultralytics-yolov8n"):
         pytest.skip("ultralytics is not installed")

@@ -6,7 +6,7 @@ import torch
 
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
-from kdna_fx.testing import TinyResNet
+from kdna_fx.testing import TinyResNet, blob_task
 
 # Tier integration: make test-fast leaves it out (converts and calibrates trained models).
 # One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.
@@ -145,8 +145,6 @@ def test_transform_composes_with_structured_pruning(dtype, tol):
 
 @pytest.fixture(scope="module")
 def blob():
-    from bench.common import blob_task
-
     with torch.random.fork_rng():
         return blob_task()
 
@@ -173,164 +171,9 @@ def test_convert_transforms_calibrates_and_scores_every_stage(blob):
     assert d["calibration"]["config"]["steps"] == 40 and "model" not in d
 
 
-def test_convert_takes_a_student_made_elsewhere(blob):
-    """The like-for-like baseline of the conversion study: a smaller plain net through the same steps."""
-    model, calib_x, test_x, test_y = blob
-    torch.manual_seed(0)
-    student = TinyResNet(width=4, in_chans=1, num_classes=5)
-    config = kdna_fx.CalibrationConfig(steps=5, train="all", progress=False)
-    result = kdna_fx.convert(model, calib_x, calibration=config, student=student, evaluate={"t": [(test_x, test_y)]})
-    assert result.model is student and result.config is None and list(result.stages) == ["converted", "calibrated"]
-    skipped = kdna_fx.convert(model, calib_x, student=student, run_calibration=False)
-    assert list(skipped.stages) == ["converted"] and skipped.calibration is None
-
-
-def test_convert_calibrates_a_transformed_student_made_elsewhere_with_its_adapters(blob):
-    # prune, then share: the student is a kdna_fx transform of another net, so calibrate's default
-    # (train="parents": adapters and norms, parents at their own rate) applies; only a plain student needs "all".
-    model, calib_x, test_x, test_y = blob
-    torch.manual_seed(0)
-    student = kdna_fx.transform(TinyResNet(width=4, in_chans=1, num_classes=5))
-    quiet = kdna_fx.CalibrationConfig(steps=3, progress=False)
-    result = kdna_fx.convert(model, calib_x, calibration=quiet, student=student, evaluate={"t": [(test_x, test_y)]})
-    assert result.model is student and list(result.stages) == ["converted", "calibrated"]
-    assert result.calibration.config.train == "parents"
-
-
 def test_convert_bad_inputs_are_clear(blob):
     model, calib_x, _, _ = blob
-    student = TinyResNet(width=4, in_chans=1, num_classes=5)
-    quiet = kdna_fx.CalibrationConfig(steps=2, progress=False)
-    with pytest.raises(kdna_fx.ConfigError, match="either student"):
-        kdna_fx.convert(model, calib_x, KDNAConfig(), student=student)
-    with pytest.raises(kdna_fx.KDNAError, match="train='all'"):  # a plain student has no adapters
-        kdna_fx.convert(model, calib_x, calibration=quiet, student=student)
     with pytest.raises(kdna_fx.ConfigError, match="at least 2 images"):
         kdna_fx.convert(model, calib_x[0])
     with pytest.raises(kdna_fx.KDNATypeError, match="original"):
         kdna_fx.convert("resnet18", calib_x)
-
-
-# ------------------------------------------------------------------------------ bench.common: the studies' module
-
-
-def test_one_significance_rule():
-    from bench.common import ABOVE, BELOW, TIE, compare
-
-    assert compare([92.0, 92.4, 92.1], [91.0, 91.9]) == ABOVE
-    assert compare([91.0, 91.9], [92.0, 92.4]) == BELOW
-    assert compare([91.0, 92.0], [91.5, 91.6]) == TIE  # a better mean inside overlapping ranges decides nothing
-    assert compare([92.0], [92.0]) == TIE  # touching is not disjoint
-    with pytest.raises(ValueError, match="no values"):
-        compare([], [1.0])
-
-
-def test_validation_split_is_fixed_and_disjoint():
-    from bench.common import validation_split
-
-    pool, val = validation_split(100, 10, seed=0)
-    assert len(val) == 10 and len(pool) == 90 and not set(pool) & set(val) and set(pool) | set(val) == set(range(100))
-    assert validation_split(100, 10, seed=0) == (pool, val)  # every seed of a study holds out the same images
-    with pytest.raises(ValueError, match="n_val"):
-        validation_split(10, 10)
-
-
-def test_results_only_from_committed_code(monkeypatch):
-    from bench import common
-    from kdna_fx import timing
-
-    monkeypatch.setattr(timing, "git_commit", lambda **_: {"commit": "abc", "dirty": True})
-    with pytest.raises(common.DirtyTreeError, match="--force-dirty"):
-        common.run_provenance()
-    forced = common.run_provenance(force_dirty=True)
-    assert forced["git"] == {"commit": "abc", "dirty": True}  # a forced record says so
-    machine = forced["machine"]
-    assert machine["cpu"] and len(machine["host_id"]) == 10  # machines named by CPU model and a host id
-    monkeypatch.setattr(timing, "git_commit", lambda **_: {"commit": "abc", "dirty": False})
-    assert common.run_provenance()["git"]["dirty"] is False
-
-
-def test_save_json_never_leaves_half_a_record(tmp_path, monkeypatch):
-    import json
-
-    from bench.common import write_json
-
-    path = str(tmp_path / "runs" / "r.json")
-    write_json(path, {"a": 1})
-    assert json.loads(open(path).read()) == {"a": 1}
-
-    def broken(payload, f, **_):
-        f.write('{"half": ')
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(json, "dump", broken)
-    with pytest.raises(KeyboardInterrupt):
-        write_json(path, {"a": 2})
-    monkeypatch.undo()
-    assert json.loads(open(path).read()) == {"a": 1}
-
-
-def test_matched_parameter_baselines(dtype, tol):
-    from bench.common import factorise, matched, n_params, prune, shared_convs
-
-    model = _trained_like()
-    target = n_params(kdna_fx.transform(model, init="trained"))
-    pruned, ratio = matched(lambda r: prune(model, r, torch.randn(2, 3, 12, 12)), target, 0.0, 0.9)
-    assert 0 < ratio < 0.9 and abs(n_params(pruned) - target) < 0.15 * target  # width 4: coarse steps
-    names = shared_convs(model, KDNAConfig())
-    assert names and all(isinstance(model.get_submodule(n), torch.nn.Conv2d) for n in names)
-    x = torch.randn(2, 3, 12, 12)
-    full = factorise(model, names, 1.0)  # full rank saves nothing: left alone, same outputs
-    torch.testing.assert_close(full.eval()(x), model(x), **tol)
-    small, fraction = matched(lambda f: factorise(model, names, f), target, 0.02, 1.0)
-    assert n_params(small) < n_params(model) and 0.02 <= fraction <= 1.0
-
-
-def test_pruning_works_under_no_grad():
-    # Torch-Pruning asserts grad mode while it traces; the prune-then-share row called it under no_grad and
-    # failed (protocol 2's first run of prune30+kdna-r4).
-    pytest.importorskip("torch_pruning")
-    from bench.common import prune
-
-    model = TinyResNet()
-    with torch.no_grad():
-        pruned = prune(model, 0.3, torch.randn(2, 3, 16, 16))
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
-
-
-def test_the_paired_rule_judges_only_from_three_pairs():
-    from bench.common import ABOVE, BELOW, NOT_DISTINGUISHABLE, paired, paired_cell
-
-    # the seed ranges overlap, yet a trails b by about 0.3 on every seed: the pairs decide
-    a, b = {0: 90.98, 1: 90.61, 2: 90.36}, {0: 91.30, 1: 90.88, 2: 90.70}
-    p = paired(a, b)
-    assert p["n"] == 3 and p["outcome"] == BELOW and p["interval"][1] < 0
-    assert paired(b, a)["outcome"] == ABOVE
-    assert paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 1.5, 2: 2.5})["outcome"] == NOT_DISTINGUISHABLE
-    assert "not distinguishable at 3 seeds" in paired_cell(paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 1.5, 2: 2.5}))
-    # only the seeds both arms ran are paired; two pairs get an interval but no verdict, one pair neither
-    two = paired({0: 2.0, 1: 3.0, 5: 9.0}, {0: 1.0, 1: 1.0})
-    assert two["n"] == 2 and "outcome" not in two and "interval" in two and "not judged" in paired_cell(two)
-    one = paired({0: 2.0}, {0: 1.0})
-    assert one["mean"] == 1.0 and "interval" not in one and "outcome" not in one
-    assert paired_cell(paired({}, {0: 1.0})) == "-"
-
-
-def test_the_paired_interval_is_the_t_interval():
-    import statistics
-
-    from bench.common import paired
-
-    d = [0.3, 0.1, 0.5, 0.2]
-    p = paired({i: v for i, v in enumerate(d)}, {i: 0.0 for i in range(4)})
-    half = 3.182446305284263 * statistics.stdev(d) / 2  # t(0.975, 3) * s / sqrt(4)
-    assert p["interval"] == pytest.approx([statistics.mean(d) - half, statistics.mean(d) + half])
-
-
-def test_machine_labels_tell_apart_machines_with_one_cpu_name():
-    from bench.common import machine_label
-
-    a = {"cpu": "AMD EPYC", "platform": "Linux-6.18.44-fc-v782-x86_64-with-glibc2.36"}
-    b = {"cpu": "AMD EPYC", "platform": "Linux-6.18.44-fc-v1272-x86_64-with-glibc2.36"}
-    assert machine_label(a) == "AMD EPYC [6.18.44-fc-v782]" and machine_label(a) != machine_label(b)
-    assert machine_label({"cpu": "x"}) == "x [platform not recorded]"

@@ -9,7 +9,14 @@ import os
 import pytest
 import torch
 
+from kdna_fx.timing import provenance
+from kdna_fx.train import build_data
+
 from bench import common
+from bench.frontier import queue as frontier_queue
+from bench.frontier import rows as frontier_rows
+from bench.frontier import speed as frontier_speed
+from bench.frontier import verdicts as frontier_verdicts
 
 DATA = "/usr/share/datasets/fashion-mnist"
 
@@ -33,12 +40,12 @@ def study():
     from bench import frontier_study as module
 
     before = torch.get_num_threads()
-    table = dict(module.ROW_TABLE)
+    table = dict(frontier_rows.ROW_TABLE)
     for name, (model, options) in TEST_ROWS.items():
-        module.define(name, model, **options)
+        frontier_rows.define(name, model, **options)
     yield module
-    module.ROW_TABLE.clear()
-    module.ROW_TABLE.update(table)
+    frontier_rows.ROW_TABLE.clear()
+    frontier_rows.ROW_TABLE.update(table)
     torch.set_num_threads(before)
 
 
@@ -82,7 +89,7 @@ def test_queue_skip_and_report(study, tmp_path, capsys):
     machine = record(tmp_path, "plain-w0.0625")["provenance"]["machine"]
     cpu = machine["cpu"]
     assert summary["trained_on"] == {common.machine_label(machine): 3} and summary["timings"][0]["cpu"] == cpu
-    assert [t["file"] for t in summary["timings"]] == [os.path.relpath(study.speed_path("", cpu))]  # one per CPU
+    assert [t["file"] for t in summary["timings"]] == [os.path.relpath(frontier_speed.speed_path("", cpu))]  # per CPU
     assert (f"the runs trained on {common.machine_label(machine)} (3 runs). The latency and throughput columns were "
             f"timed on {cpu}") in md
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
@@ -102,9 +109,9 @@ def test_mid_run_resume_is_exact(study, tmp_path):
 
     split = tmp_path / "split"
     args = study.parse_args(tiny(split, [row]))
-    data = study.build_data("fashion-mnist", None, train_subset=256, val_subset=256, seed=0)
+    data = build_data("fashion-mnist", None, train_subset=256, val_subset=256, seed=0)
     with pytest.raises(Stop):  # a session ending mid-run: the epoch-1 checkpoint is on disk, no record yet
-        study.run_one(study.Row.of(row), 0, args, data, on_epoch_end=stop_after_first_epoch)
+        frontier_queue.run_one(frontier_rows.Row.of(row), 0, args, data, on_epoch_end=stop_after_first_epoch)
     assert not (split / "out" / "runs" / row / "seed0.json").exists()
     assert study.main(tiny(split, [row], "--report")) == 0
     assert "epoch 1/2 done" in (split / "out" / "frontier.md").read_text()
@@ -140,7 +147,7 @@ def test_lock_keeps_a_second_process_off(tmp_path):
 
 def test_targets_are_judged_against_the_plain_curve(study):
     def row(name, params, ms, seeds, lo, hi):
-        kind = study.Row.of(name).kind
+        kind = frontier_rows.Row.of(name).kind
         top1 = [lo, hi, (lo + hi) / 2][:seeds]  # one seed: lo == hi
         return {"row": name, "kind": kind, "params": params, "latency_b1_ms": ms, "seeds": list(range(seeds)),
                 "top1": top1, "top1_mean": (lo + hi) / 2, "top1_min": lo, "top1_max": hi}
@@ -148,7 +155,8 @@ def test_targets_are_judged_against_the_plain_curve(study):
     def judged(rows, *other_cpus):
         """targets() with the rows' own latencies as CPU "A" (the newest timing), then any other CPU's."""
         timings = [{"cpu": "A", "rows": {r["row"]: {"latency_b1_ms": r["latency_b1_ms"]} for r in rows}}]
-        return {v["row"]: v for v in study.targets({"rows": rows, "timings": timings + list(other_cpus)}, seeds=3)}
+        found = frontier_verdicts.targets({"rows": rows, "timings": timings + list(other_cpus)}, seeds=3)
+        return {v["row"]: v for v in found}
 
     rows = [row("plain-w0.125", 100, 1.0, 3, 89.5, 90.5), row("plain-w0.25", 400, 2.0, 3, 91.5, 92.5),
             row("replace-w0.25", 200, 1.5, 3, 92.0, 93.0),  # +1.5 at its 200 params; worst 92.0 > plain best 91.5
@@ -176,9 +184,9 @@ def test_targets_are_judged_against_the_plain_curve(study):
                                                          "dominated_by": "plain-w0.25"}
     assert beyond["relaxed-r4-w0.375"]["latency"]["A"] is None
     assert beyond["kdna-w0.375"]["latency"]["A"] is None  # slower and more accurate: nothing to read it against
-    assert "missed (outside the plain curve, but `plain-w0.25` is faster and better on every seed)" in study.targets_text(
-        list(beyond.values()), seeds=3)
-    text = study.targets_text(list(verdicts.values()), seeds=3)
+    assert ("missed (outside the plain curve, but `plain-w0.25` is faster and better on every seed)"
+            in frontier_verdicts.targets_text(list(beyond.values()), seeds=3))
+    text = frontier_verdicts.targets_text(list(verdicts.values()), seeds=3)
     assert "**met** (+1.50, ranges disjoint)" in text
     assert "not met: tie, seed ranges overlap (+1.00)" in text
     assert "not judged (outside the plain curve)" in text and "1 (provisional)" in text
@@ -194,7 +202,7 @@ def test_targets_are_judged_against_the_plain_curve(study):
     assert both["latency"]["B"]["gain"] == pytest.approx(92.5 - (90.0 + 2.0 * math.log(1.9) / math.log(2.0)))
     # on B its seeds [92.0, 93.0] overlap the plain curve's [91.35, 92.35] there: +0.65 on the mean is a tie
     assert both["latency"]["B"]["outcome"] == common.TIE and both["peers"]["B"]["outcome"] == common.TIE
-    both_text = study.targets_text([both], seeds=3)
+    both_text = frontier_verdicts.targets_text([both], seeds=3)
     assert "A: **met** (+1.33)<br>B: not met: tie, seed ranges overlap (+0.65)" in both_text
     assert ("A: **met** so far (+1.33 vs condconv-k4-w0.125 -0.53; no dyconv, odconv yet)<br>"
             "B: not met: tie, seed ranges overlap (+0.65 vs dyconv-k4-w0.125 +1.00; no odconv yet)") in both_text
@@ -208,9 +216,10 @@ def test_targets_are_judged_against_the_plain_curve(study):
     assert next(iter(judged(thin).values()))["provisional"]  # a plain width it is read against is thin
     assert not next(iter(judged(rows[:4]).values()))["provisional"]
     assert next(iter(judged(rows[:4]).values()))["peers"]["A"] == "no peer row read against the plain curve yet"
-    untimed = study.targets({"rows": rows}, seeds=3)[0]
-    assert untimed["latency"] == {} and "pending (not timed yet: `--speed`)" in study.targets_text([untimed], seeds=3)
-    assert study.targets_text([], seeds=3).endswith("No KernelDNA row has finished a run yet.")
+    untimed = frontier_verdicts.targets({"rows": rows}, seeds=3)[0]
+    assert untimed["latency"] == {}
+    assert "pending (not timed yet: `--speed`)" in frontier_verdicts.targets_text([untimed], seeds=3)
+    assert frontier_verdicts.targets_text([], seeds=3).endswith("No KernelDNA row has finished a run yet.")
 
 
 def test_speed_compiles_every_row_or_says_it_did_not(study, tmp_path, monkeypatch):
@@ -227,8 +236,8 @@ def test_speed_compiles_every_row_or_says_it_did_not(study, tmp_path, monkeypatc
         args = study.parse_args(tiny(tmp_path / str(limit), rows, "--speed", "--speed-rounds", "1",
                                      "--speed-repeat", "5"))
         with torch._dynamo.config.patch(recompile_limit=limit):
-            study.speed(args)
-        with open(study.speed_path(args.out, study.provenance()["machine"]["cpu"])) as f:
+            frontier_speed.speed(args)
+        with open(frontier_speed.speed_path(args.out, provenance()["machine"]["cpu"])) as f:
             return {name: r["mode"] for name, r in json.load(f)["rows"].items()}
 
     assert speed_modes(limit=2) == {row: "compiled" for row in rows}  # each row traced: its own forward
@@ -239,7 +248,7 @@ def test_speed_compiles_every_row_or_says_it_did_not(study, tmp_path, monkeypatc
 
 def test_timings_per_cpu_newest_first_with_discarded_entries_left_out(study, tmp_path, monkeypatch):
     def write(cpu, date, rows):
-        path = study.speed_path(str(tmp_path), cpu)
+        path = frontier_speed.speed_path(str(tmp_path), cpu)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump({"rows": {r: {"latency_b1_ms": ms} for r, ms in rows.items()},
@@ -247,11 +256,13 @@ def test_timings_per_cpu_newest_first_with_discarded_entries_left_out(study, tmp
 
     write("Old CPU(R) 9", "2026-12-01 10:00:00", {"plain-w0.25": 2.0, "plain-w0.5": 9.0})
     write("New CPU", "2026-12-06 10:00:00", {"plain-w0.25": 1.0, "plain-w0.5": 4.0})
-    monkeypatch.setattr(study, "DISCARDED_TIMINGS", {("speed/old-cpu-r-9.json", "plain-w0.5"): "ran uncompiled"})
-    timings = study.load_timings(str(tmp_path))
+    monkeypatch.setattr(frontier_speed, "DISCARDED_TIMINGS",
+                        {("speed/old-cpu-r-9.json", "plain-w0.5"): "ran uncompiled"})
+    timings = frontier_speed.load_timings(str(tmp_path))
     assert [t["cpu"] for t in timings] == ["New CPU", "Old CPU(R) 9"]
     assert timings[1]["rows"] == {"plain-w0.25": {"latency_b1_ms": 2.0}}
     assert timings[1]["discarded"] == {"plain-w0.5": "ran uncompiled"} and timings[0]["discarded"] == {}
     summary = {"trained_on": {}, "timings": timings}
-    assert "Left out: `plain-w0.5` in `speed/old-cpu-r-9.json`, which ran uncompiled" in study.machines_text(summary)
+    assert ("Left out: `plain-w0.5` in `speed/old-cpu-r-9.json`, which ran uncompiled"
+            in frontier_verdicts.machines_text(summary))
 

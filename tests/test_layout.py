@@ -71,8 +71,8 @@ def test_one_reader_of_the_compiled_wrapper():
 
 
 def test_no_test_or_bench_file_loads_a_module_by_path():
-    # Everything shared is imported by name: the library's modules (the third-party catalogue is
-    # kdna_fx.models.thirdparty) and bench's scripts (bench is a package); a file loaded by path is a module
+    # Everything shared is imported by name: the library's modules and bench's (bench is a package; the
+    # third-party catalogue is bench.thirdparty); a file loaded by path is a module
     # outside the package, which sys.modules, pickle and dataclasses do not know.
     word = "spec_from_" + "file_location"  # split, so this file does not name it
     offenders = [str(p.relative_to(ROOT)) for folder in ("tests", "bench") for p in (ROOT / folder).rglob("*.py")

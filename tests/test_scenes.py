@@ -1,4 +1,4 @@
-"""FashionScenes: the Fashion-MNIST detection and instance-segmentation scenes (kdna_fx/train/scenes.py)."""
+"""FashionScenes: the Fashion-MNIST detection and instance-segmentation scenes (bench/scenes.py)."""
 from __future__ import annotations
 
 import gzip
@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdna_fx.data import FASHION_MNIST_DIR, DataError
-from kdna_fx.train.scenes import FashionScenes, collate, mask_boxes
+from bench.scenes import FashionScenes, collate, mask_boxes
 
 # Tier integration: make test-fast leaves it out (builds and trains on generated scenes).
 pytestmark = pytest.mark.integration

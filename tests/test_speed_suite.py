@@ -1,4 +1,5 @@
-"""bench/speed.py: the targets it evaluates (checked on hand-made numbers) and a tiny run end to end."""
+"""bench/speed.py and its report (bench/speed_report.py): the targets judged (checked on hand-made numbers) and a
+tiny run end to end."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import os
 
 import pytest
 import torch
+
+from bench import speed_report
 
 # Tier bench: a smoke run of a bench/ script (make test-all) (runs bench/speed.py end to end).
 # One xdist worker runs the whole file (make test: -n 2 --dist loadgroup): its tests share a cached build.
@@ -39,7 +42,7 @@ def test_targets_from_hand_made_numbers(speed):
         "freezing": {"1": _timing({"base": 10, "replace": 9.6, "folded": 9.8, "ref": 7.4, "ODConv 1x": 6}),
                      "32": _timing({"base": 100, "replace": 95, "folded": 96, "ref": 77, "ODConv 1x": 30})}},
         "train": {"batch": 32, "train": {"base": {"eager": {"median_s": 2.0}, "inductor": {"median_s": 1.6}}}}}
-    got = {(t[0], t[1], t[2]): (round(t[3], 4), t[5]) for t in speed.targets(payload)}
+    got = {(t[0], t[1], t[2]): (round(t[3], 4), t[5]) for t in speed_report.targets(payload)}
     # Replace mode is judged by its better form (folded here), against the baseline in the same compiled mode.
     assert got["replace mode (folded) / base", "freezing", "1"] == (0.98, True)
     assert got["replace mode (folded) / base", "freezing", "32"] == (0.96, False)
@@ -54,7 +57,7 @@ def test_targets_from_hand_made_numbers(speed):
     assert got["replace: graphs beyond base's 2 (dynamic=True)", "inductor", "1/32"] == (0, True)
     assert got["folded: graphs beyond base's 2 (dynamic=True)", "inductor", "1/32"] == (1, False)
     assert got["base train step: eager / compiled time", "inductor", 32] == (1.25, True)
-    assert not any(t[1] == "eager" and "replace mode" in t[0] for t in speed.targets(payload))  # compiled only
+    assert not any(t[1] == "eager" and "replace mode" in t[0] for t in speed_report.targets(payload))  # compiled only
 
 
 def test_tiny_run_writes_json_markdown_and_plot(speed, tmp_path):
@@ -70,7 +73,7 @@ def test_tiny_run_writes_json_markdown_and_plot(speed, tmp_path):
     assert payload["rows"]["replace"]["peak_bytes"]["eager"] > 0  # the profiler saw the activations
     assert payload["provenance"]["command"].endswith(f"--out {out}")
     md = (out / "speed_cpu.md").read_text()
-    assert "## mobilenet_v2: 16x16" in md and "KernelDNA (replace folded) / ODConv 1x" not in md
+    assert "## mobilenet_v2: 3x16x16" in md and "KernelDNA (replace folded) / ODConv 1x" not in md
     assert (out / "speed_cpu.png").stat().st_size > 0
 
 
@@ -92,7 +95,7 @@ def test_bf16_targets_from_hand_made_numbers(speed):
                "train": {"batch": 32, "amp": "bf16", "train": {
                    "base": {"eager": {"median_s": 2.0}, "inductor": {"median_s": 1.0}},
                    "replace": {"eager": {"median_s": 2.0}, "inductor": {"median_s": 1.2}}}}}
-    got = {(t[0], t[1], t[2]): (round(t[3], 4), t[5]) for t in speed.targets(payload)}
+    got = {(t[0], t[1], t[2]): (round(t[3], 4), t[5]) for t in speed_report.targets(payload)}
     # bf16 inference: the better of unfolded and folded against the baseline, >= 0.95.
     assert got["replace mode (folded) / base, bf16", "freezing, bf16 autocast", 32] == (0.96, True)
     # bf16 training: the baseline's compiled step time over replace mode's, >= 0.9.
@@ -100,7 +103,7 @@ def test_bf16_targets_from_hand_made_numbers(speed):
     # Without bf16 numbers (fp32 training, no variants) there is no bf16 row.
     payload["train"]["amp"] = "none"
     del payload["variants"]
-    assert not any("bf16" in t[0] for t in speed.targets(payload))
+    assert not any("bf16" in t[0] for t in speed_report.targets(payload))
 
 
 def test_bf16_profile_applies_the_suites_rule_at_every_batch(speed):

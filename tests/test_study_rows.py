@@ -1,4 +1,4 @@
-"""The rows of bench.frontier_study are zoo names with create_model options (no grammar of names): each builds
+"""The rows of the frontier study (bench.frontier.rows) are zoo names with create_model options (no grammar of names): each builds
 through create_model, and the committed records, keyed by the row names, agree with what the rows build."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from kdna_fx.models import create_model, is_model
 
 from bench import common
-from bench import frontier_study as study
+from bench.frontier import rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,14 +19,14 @@ def test_rows_are_zoo_names_with_options_and_match_the_committed_records():
     """Every row is create_model(zoo name, options): its spec rebuilds it, and its parameter count is the one in
     the committed records (bench/results/frontier/runs), which are keyed by the row names."""
     root = os.path.join(common.REPO, "bench", "results", "frontier", "runs")
-    for name in study.PRESETS["frontier"]["rows"] + study.PRESETS["short"]["rows"]:
-        row = study.Row.of(name)
-        assert is_model(row.model) and row.model.startswith("resnet18.") and row.kind in study.KINDS
+    for name in rows.PRESETS["frontier"]["rows"] + rows.PRESETS["short"]["rows"]:
+        row = rows.Row.of(name)
+        assert is_model(row.model) and row.model.startswith("resnet18.") and row.kind in rows.KINDS
         spec = dict(row.spec())
         assert spec.pop("row") == name
         model = create_model(spec.pop("name"), **spec)
-        params = study.n_params(model)
-        assert params == study.n_params(study.build(row))
+        params = rows.n_params(model)
+        assert params == rows.n_params(rows.build(row))
         for seed_file in sorted(os.listdir(os.path.join(root, name))) if os.path.isdir(os.path.join(root, name)) else []:
             with open(os.path.join(root, name, seed_file)) as f:
                 recorded = json.load(f)
@@ -35,9 +35,9 @@ def test_rows_are_zoo_names_with_options_and_match_the_committed_records():
 
 def test_a_row_is_checked_when_defined():
     with pytest.raises(ValueError, match="does not take"):
-        study.define("relaxed-x", "resnet18.replace", width=0.25, rank=4)  # rank is the relaxed tag's option
+        rows.define("relaxed-x", "resnet18.replace", width=0.25, rank=4)  # rank is the relaxed tag's option
     with pytest.raises(ValueError, match="with a width"):
-        study.define("plain-x", "resnet18.plain")
+        rows.define("plain-x", "resnet18.plain")
     with pytest.raises(ValueError, match="names its kernels"):
-        study.define("odconv-x", "resnet18.odconv", width=0.25)
-    assert "relaxed-x" not in study.ROW_TABLE
+        rows.define("odconv-x", "resnet18.odconv", width=0.25)
+    assert "relaxed-x" not in rows.ROW_TABLE

@@ -1,22 +1,24 @@
-"""kdna_fx.models.thirdparty, the public catalogue of third-party CNNs: importing it imports none of their
+"""bench.thirdparty, the test and bench catalogue of third-party CNNs: importing it imports none of their
 libraries, and a missing library is a clear error that names the pip extra."""
 from __future__ import annotations
 
 import importlib.util
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from kdna_fx.models import thirdparty
+from bench import thirdparty
 
 LIBRARIES = ("segmentation_models_pytorch", "monai", "transformers", "ultralytics", "efficientnet_pytorch")
 
 
 def test_importing_kdna_fx_and_the_catalogue_imports_none_of_the_libraries() -> None:
-    code = ("import sys, kdna_fx, kdna_fx.models.thirdparty as t; assert len(t.BUILDERS) > 20; "
+    code = ("import sys, kdna_fx, bench.thirdparty as t; assert len(t.BUILDERS) > 20; "
             f"print(sorted(m for m in {LIBRARIES!r} if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(__file__).resolve().parent.parent)  # bench is found from the root
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 

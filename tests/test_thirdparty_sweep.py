@@ -1,4 +1,4 @@
-"""Models from the libraries vision people build on (kdna_fx.models.thirdparty), each built without weights and
+"""Models from the libraries vision people build on (bench.thirdparty), each built without weights and
 offline, through kdna_fx with example inputs, as a new user would take them: every outcome is shared (every check
 passes) or unchanged with a warning that says why; never a crash at the first forward, never a different
 function. The expected outcome and path of each model is listed here, so a change in either direction fails.
@@ -18,7 +18,7 @@ from torch import nn
 
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
-from kdna_fx.models import thirdparty as catalogue
+from bench import thirdparty as catalogue
 from kdna_fx.testing import output_tensors
 
 

@@ -1,6 +1,7 @@
-"""A catalogue of small third-party CNNs, built offline and without weights, for sweeps over kdna_fx.
+"""A catalogue of small third-party CNNs, built offline and without weights, for sweeps over kdna_fx: a test
+and bench fixture (tests/test_thirdparty_*.py, bench/library_coverage.py, bench/speed.py), not part of the library.
 
-    from kdna_fx.models import thirdparty
+    from bench import thirdparty
 
     for name in sorted(thirdparty.BUILDERS):
         model = thirdparty.BUILDERS[name]().eval()       # a clear ModuleNotFoundError if its library is missing
@@ -8,10 +9,8 @@
 
 Models of segmentation-models-pytorch, MONAI (2-D, 3-D and 1-D), Ultralytics, Hugging Face transformers (vision CNNs
 and Wav2Vec2's 1-D feature encoder), efficientnet-pytorch, torchvision (quantizable, detection and 3-D video
-models), timm, and a 1-D ResNet of kdna_fx's own; tests/test_thirdparty_sweep.py and
-bench/library_coverage.py sweep kdna_fx over them. ``import kdna_fx`` does not import this module, and this
-module imports none of those libraries: each builder imports its own, and a missing one raises a
-``ModuleNotFoundError`` that names the library and the pip extra (``pip install 'kdna_fx[thirdparty]'``; Ultralytics
+models), timm, and a 1-D ResNet of kdna_fx's own. This module imports none of those libraries: each builder
+imports its own, and a missing one raises a ``ModuleNotFoundError`` that names the library and the pip extra (``pip install 'kdna_fx[thirdparty]'``; Ultralytics
 itself ``pip install --no-deps ultralytics``, as the Makefile does, since its requirements pull a GUI OpenCV).
 
 - ``BUILDERS[id]``: zero-argument function returning the model (random init, nothing downloaded).
