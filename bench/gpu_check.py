@@ -95,9 +95,9 @@ def speed_args(dry_run: bool, out: str) -> list[str]:
 def part_speed(dry_run: bool, out: str) -> dict[str, Any]:
     args = speed_args(dry_run, out)
     start = time.perf_counter()
-    # The speed suite as its own process (-P as for this script: the installed kdna_fx is the one imported); it
-    # writes its results under ``out``.
-    subprocess.run([sys.executable, "-P", os.path.join(HERE, "speed.py"), *args], check=True)
+    # The speed suite as its own process, run as the module bench.speed from the repository root (it imports
+    # bench.common); it writes its results under ``out``.
+    subprocess.run([sys.executable, "-m", "bench.speed", *args], cwd=ROOT, check=True)
     return {"args": args, "seconds": time.perf_counter() - start, "results": os.path.relpath(out, ROOT)
             if out.startswith(ROOT) else out}
 
