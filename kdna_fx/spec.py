@@ -2,7 +2,7 @@
 commands' sources, ``kdna train`` runs and bench rows store and rebuild from (``spec.build()``).
 
 Every model ``kdna_fx.models.create_model`` returns carries its spec (``spec_of``) in one attribute that travels
-with the model (kdna_fx/carried.py): it survives ``kdna_fx.transform`` (both paths), pickle, torch.save,
+with the model (kdna_fx/carried.py): it survives ``kdna_fx.transform``, pickle, torch.save,
 ``copy.deepcopy`` and ``copy.copy``. Options that JSON cannot hold (a class, a module) leave the model without one.
 """
 from __future__ import annotations
