@@ -125,6 +125,7 @@ def test_untraceable_top_level_is_shared_by_module_swap(dtype, tol):
     assert report.params_after < report.params_before == sum(p.numel() for p in net.parameters())
 
 
+@pytest.mark.integration  # an Inductor compile (a C++ build on a fresh clone): make test runs it, not test-fast
 def test_swapped_model_compiles_with_inductor_and_matches_eager():
     """torch.compile of a swapped model: the model's own Python forward (a data-dependent branch) around its
     child convs, gates and shared kernels, compiled with Inductor, equals eager."""
