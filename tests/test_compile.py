@@ -66,10 +66,12 @@ def test_compiled_fullgraph_matches_eager(dtype, tol, mode):
 
 @FP32_FIRST
 def test_folded_model_compiles_and_matches(dtype, tol):
+    # The folded model is plain modules: what is ours is that it captures as one graph and computes what it did,
+    # which aot_eager checks; Inductor's C++ build of plain convs (about 35 s here) would test torch.
     folded = kdna_fx.fold(_model().eval())
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(folded, backend=_backend(dtype), fullgraph=True)(x), folded(x), **tol)
+        torch.testing.assert_close(torch.compile(folded, backend="aot_eager", fullgraph=True)(x), folded(x), **tol)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -125,10 +125,10 @@ def test_untraceable_top_level_is_shared_by_module_swap(dtype, tol):
     assert report.params_after < report.params_before == sum(p.numel() for p in net.parameters())
 
 
-@pytest.mark.integration  # an Inductor compile (a C++ build on a fresh clone): make test runs it, not test-fast
-def test_swapped_model_compiles_with_inductor_and_matches_eager():
-    """torch.compile of a swapped model: the model's own Python forward (a data-dependent branch) around its
-    child convs, gates and shared kernels, compiled with Inductor, equals eager."""
+def test_swapped_model_compiles_and_matches_eager():
+    """torch.compile of a swapped model: the model's own Python forward (a data-dependent branch, so graph breaks
+    and guards) around its child convs, gates and shared kernels equals eager. aot_eager: dynamo's capture and
+    AOT autograd are what the branch exercises; Inductor's code for a transformed model is test_compile's."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def test_swapped_model_compiles_with_inductor_and_matches_eager():
     counters.clear()
     with torch.no_grad():
         expected = kmodel(x)
-        compiled = torch.compile(kmodel)
+        compiled = torch.compile(kmodel, backend="aot_eager")
         torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(compiled(-x), kmodel(-x), rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] >= 1  # something was compiled, not all run eagerly

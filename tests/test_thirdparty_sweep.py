@@ -109,7 +109,9 @@ def _train_step(name: str, kmodel: nn.Module, inputs: tuple) -> None:
 
 # Two models whose path a sibling checks run in make test-all: tv-fasterrcnn-resnet18-fpn checks torchvision's
 # detection path (4 s), smp's Unet, FPN and DeepLabV3+ on the same encoder the Unet++ (4 s).
-SLOW = {"tv-fasterrcnn-mobilenet_v3_large_320_fpn", "smp-unetplusplus-resnet18"}
+# The default tier keeps one of each kind (r3d_18, mc3_18 and s3d for video, MONAI's 3-D UNets): these are the
+# slowest of their kind (about 10 s each on the 2-core machine) and add no kind of conv the others lack.
+SLOW = {"tv-fasterrcnn-mobilenet_v3_large_320_fpn", "smp-unetplusplus-resnet18", "tv-r2plus1d_18", "monai-swinunetr-3d"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n in SLOW)) for n in sorted(EXPECTED)])
