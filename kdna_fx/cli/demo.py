@@ -121,7 +121,9 @@ def frontier_summary(path: str = FRONTIER) -> str:
     table = []
     for name in FRONTIER_ROWS:
         r, verdict = rows[name], verdicts.get(name)
-        versus = f"{verdict['gain']:+.2f} ({verdict['outcome']})" if verdict else ""
+        judged = f"{verdict['seeds']} seeds: not judged" if verdict and verdict["provisional"] else \
+            verdict and verdict["outcome"]
+        versus = f"{verdict['gain']:+.2f} ({judged})" if verdict else ""
         table.append([r["label"], f"{r['params']:,}", f"{r['top1_mean']:.2f} [{r['top1_min']:.2f}, {r['top1_max']:.2f}]",
                       versus])
     settings, kdna = record["settings"], verdicts["kdna-w0.25"]
