@@ -79,6 +79,7 @@ def test_the_report_rebuilds_the_committed_summary_from_the_records():
     assert summary["rows"] == committed["rows"] and summary["verdicts"] == committed["verdicts"]
 
 
+@pytest.mark.integration  # calibrates a student per row kind
 def test_a_recipe_takes_convert_s_steps_for_any_student():
     """A plain student made elsewhere (train="all": it has no adapters) and a transform go through the same
     steps: made, calibrated, fine-tuned, scored after each; the original row is only scored."""

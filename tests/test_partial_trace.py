@@ -125,6 +125,7 @@ def test_untraceable_top_level_is_shared_by_module_swap(dtype, tol):
     assert report.params_after < report.params_before == sum(p.numel() for p in net.parameters())
 
 
+@pytest.mark.integration  # a dynamo capture with graph breaks, about 5 s
 def test_swapped_model_compiles_and_matches_eager():
     """torch.compile of a swapped model: the model's own Python forward (a data-dependent branch, so graph breaks
     and guards) around its child convs, gates and shared kernels equals eager. aot_eager: dynamo's capture and

@@ -503,6 +503,7 @@ def test_kernelwarehouse_mobilenet_v2_1x_parameter_count():
 # float64 is make test-all's: the fp32 twin compiles the same graph (7 s each).
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)],
                          ids=["fp32", "fp64"], indirect=True)
+@pytest.mark.integration  # an Inductor compile, about 10 s on a fresh clone
 def test_kernelwarehouse_traces_and_compiles_without_recompiling_on_temperature(tol):
     torch.manual_seed(0)
     model = kdna_fx.peers.kernelwarehouse(TinyResNet(width=8), 1, WITH_1X1, init="scratch").eval()

@@ -14,6 +14,7 @@ from bench import thirdparty
 LIBRARIES = ("segmentation_models_pytorch", "monai", "transformers", "ultralytics", "efficientnet_pytorch")
 
 
+@pytest.mark.integration  # a fresh interpreter importing torch
 def test_importing_kdna_fx_and_the_catalogue_imports_none_of_the_libraries() -> None:
     code = ("import sys, kdna_fx, bench.thirdparty as t; assert len(t.BUILDERS) > 20; "
             f"print(sorted(m for m in {LIBRARIES!r} if m in sys.modules))")

@@ -18,7 +18,9 @@ import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
 from kdna_fx.adapters import ChildAdapter
 
-pytestmark = [pytest.mark.usefixtures("one_thread")]
+# Tier integration: whole models of torchvision, timm, smp and transformers through the transform, 2-5 s each;
+# make test runs them, make test-fast leaves them out.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 PRESERVING = KDNAConfig(only_if_smaller=False, adapter=AdapterConfig(rank="full"))
 

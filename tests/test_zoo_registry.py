@@ -123,6 +123,7 @@ def test_sharing_config_resolves_every_name() -> None:
     assert zoo.sharing_config("vgg11") == kdna_fx.KDNAConfig()
 
 
+@pytest.mark.integration  # builds zoo models at full size
 def test_a_spec_from_options_and_an_old_run_spec_build_the_same_model() -> None:
     from kdna_fx.source import model_spec
 
@@ -145,6 +146,7 @@ def test_a_spec_from_options_and_an_old_run_spec_build_the_same_model() -> None:
 
 
 # ---- the ModelSpec a built model carries ---------------------------------------------------------------------
+@pytest.mark.integration  # builds every zoo model
 def test_every_zoo_model_carries_a_json_spec() -> None:
     import json
 
