@@ -211,8 +211,7 @@ def report(out: str, argv: list[str] | None = None, *, report_only: bool = False
     archs = sorted({r["arch"] for r in summary["rows"]})
     md = "\n\n".join(f"### {a}\n\nOriginal: {original_text(summary, a)}\n\n{table(summary, a)}" for a in archs)
     machines = sorted({m for r in summary["rows"] for m in r["machines"]})
-    grid = any(arm(r["row"]) in GRID and r["row"] != arm(r["row"]) for r in summary["rows"])
-    md += "\n\n" + (grid_text(summary) if grid else verdicts_text(summary))  # a grid chooses, it judges nothing
+    md += "\n\n" + (grid_text(summary) if is_grid(summary) else verdicts_text(summary))
     protocols = ", ".join(str(p) for p in sorted({r["protocol"] for r in summary["rows"]}))
     md += (f"\n\nRuns on: {', '.join(machines)}. Protocol {protocols} (the study's "
            f"README says what each one changed). Latency and throughput: the interleaved `--speed` timing where one "
@@ -225,6 +224,15 @@ def report(out: str, argv: list[str] | None = None, *, report_only: bool = False
         return
     write_results(os.path.join(out, "conversion_study"), {**summary, "provenance": prov}, md)
     plot(summary, os.path.join(out, "conversion_study.png"))
+
+
+def is_grid(summary: dict[str, Any]) -> bool:
+    """True for a validation grid: some arm ran with more than one probe. A grid chooses between probes and judges
+    nothing; the headline runs each arm with one probe (its winner), possibly not the arm's defaults."""
+    probes: dict[tuple[str, str], set[str]] = {}
+    for r in summary["rows"]:
+        probes.setdefault((r["arch"], arm(r["row"])), set()).add(r["row"])
+    return any(a in GRID and len(names) > 1 for (_, a), names in probes.items())
 
 
 def original_text(summary: dict[str, Any], arch: str) -> str:

@@ -102,3 +102,17 @@ def test_a_recipe_takes_convert_s_steps_for_any_student():
         assert all(0 <= v["agreement"] <= 1 and shared.stages[s]["seconds"] > 0 for s, v in held.items())
         original = table.Recipe(lambda: model, None).convert(model, calib_x, evaluate=evaluate)
         assert list(original.stages) == ["converted"] and original.stages["converted"]["held"]["agreement"] == 1.0
+
+
+def test_a_folder_is_judged_unless_it_chooses_between_probes():
+    """The headline runs each arm once, with its winning probe: it is judged (its verdicts are written), while the
+    validation grid, several probes per arm, only chooses. The committed protocol-3 folders are one of each."""
+    def summary(*rows: str) -> dict:
+        return {"rows": [{"arch": "resnet18_w025", "row": r} for r in rows]}
+    assert not report.is_grid(summary("original", "kdna-r4:weight_lr=0.003", "prune@kdna-r4", "svd@kdna-r8"))
+    assert report.is_grid(summary("kdna-r4", "kdna-r4:weight_lr=0.003", "prune@kdna-r4"))
+    assert report.is_grid(report.summarise(os.path.join(RESULTS, "conversion", "protocol3", "grid")))
+    headline = report.summarise(os.path.join(RESULTS, "conversion", "protocol3"))
+    assert not report.is_grid(headline)
+    judged = {(v["row"], v["baseline"]) for v in headline["verdicts"] if "calibrated" in v}
+    assert ("kdna-r4:weight_lr=0.003", "prune@kdna-r4") in judged and ("kdna-r8:weight_lr=0.003", "svd@kdna-r8") in judged
