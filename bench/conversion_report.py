@@ -10,7 +10,8 @@ from typing import Any
 
 from bench.common import (DirtyTreeError, machine_label, markdown_table, paired, paired_cell, report_provenance,
                           write_results)
-from bench.conversion_rows import ABLATION, GRID, HEADLINE, ORIGINALS, STAGES, STUDY_ROWS, arm, method, probe_name
+from bench.conversion_rows import (ABLATION, GRID, HEADLINE, ORIGINALS, STAGES, STUDY_ROWS, arm, extra, method,
+                                   probe_name)
 
 
 def summarise(out: str) -> dict[str, Any]:
@@ -79,13 +80,14 @@ def by_seed(entry: dict[str, Any], stage: str, split: str = "test") -> dict[int,
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each HEADLINE pair present (any probes of the two arms), judged by bench.common.paired on
+    """Each HEADLINE pair present (any probes of the two arms, the same EXTRAS on both), judged by bench.common.paired on
     the test top-1 of the seeds both ran (a seed's rows share images and order), after calibration and after
     the fine-tune."""
     out = []
     for mine, other in HEADLINE:
         for a in (r for r in rows if arm(r["row"]) == mine):
-            for b in (r for r in rows if arm(r["row"]) == other and r["arch"] == a["arch"]):
+            for b in (r for r in rows if arm(r["row"]) == other and r["arch"] == a["arch"]
+                      and extra(r["row"]) == extra(a["row"])):  # the loss-form control pairs like with like
                 entry: dict[str, Any] = {"arch": a["arch"], "row": a["row"], "baseline": b["row"]}
                 for stage in ("calibrated", "fine-tuned"):
                     if by_seed(a, stage) and by_seed(b, stage):
@@ -227,12 +229,9 @@ def report(out: str, argv: list[str] | None = None, *, report_only: bool = False
 
 
 def is_grid(summary: dict[str, Any]) -> bool:
-    """True for a validation grid: some arm ran with more than one probe. A grid chooses between probes and judges
-    nothing; the headline runs each arm with one probe (its winner), possibly not the arm's defaults."""
-    probes: dict[tuple[str, str], set[str]] = {}
-    for r in summary["rows"]:
-        probes.setdefault((r["arch"], arm(r["row"])), set()).add(r["row"])
-    return any(a in GRID and len(names) > 1 for (_, a), names in probes.items())
+    """True for a validation grid: calibration only, no row fine-tuned. A grid chooses between probes and judges
+    nothing; the headline and the loss-form control (fine-tuned) are judged."""
+    return bool(summary["rows"]) and not any("fine-tuned" in r for r in summary["rows"])
 
 
 def original_text(summary: dict[str, Any], arch: str) -> str:

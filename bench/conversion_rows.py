@@ -140,6 +140,13 @@ def arm(name: str) -> str:
     return ROWS[name].arm if name in ROWS else name
 
 
+def extra(name: str) -> str:
+    """The EXTRAS text a row name carries (``kdna-r4:weight_lr=0.003,layer_loss=gram`` -> ``layer_loss=gram``),
+    "" when none."""
+    texts = name.partition(":")[2].split(",")
+    return next((t for t in texts if t and t in EXTRAS), "")
+
+
 def method(name: str) -> str:
     return ROWS[name].method if name in ROWS else "other"
 

@@ -104,15 +104,19 @@ def test_a_recipe_takes_convert_s_steps_for_any_student():
         assert list(original.stages) == ["converted"] and original.stages["converted"]["held"]["agreement"] == 1.0
 
 
-def test_a_folder_is_judged_unless_it_chooses_between_probes():
-    """The headline runs each arm once, with its winning probe: it is judged (its verdicts are written), while the
-    validation grid, several probes per arm, only chooses. The committed protocol-3 folders are one of each."""
-    def summary(*rows: str) -> dict:
-        return {"rows": [{"arch": "resnet18_w025", "row": r} for r in rows]}
-    assert not report.is_grid(summary("original", "kdna-r4:weight_lr=0.003", "prune@kdna-r4", "svd@kdna-r8"))
-    assert report.is_grid(summary("kdna-r4", "kdna-r4:weight_lr=0.003", "prune@kdna-r4"))
-    assert report.is_grid(report.summarise(os.path.join(RESULTS, "conversion", "protocol3", "grid")))
-    headline = report.summarise(os.path.join(RESULTS, "conversion", "protocol3"))
+def test_a_folder_is_judged_unless_it_only_chooses():
+    """The validation grid (calibration only) chooses between probes and judges nothing; the headline (each arm
+    once, with its winning probe) and the loss-form control are judged, like with like. The committed protocol-3
+    folders are one of each."""
+    p3 = os.path.join(RESULTS, "conversion", "protocol3")
+    assert report.is_grid(report.summarise(os.path.join(p3, "grid")))
+    headline = report.summarise(p3)
     assert not report.is_grid(headline)
     judged = {(v["row"], v["baseline"]) for v in headline["verdicts"] if "calibrated" in v}
-    assert ("kdna-r4:weight_lr=0.003", "prune@kdna-r4") in judged and ("kdna-r8:weight_lr=0.003", "svd@kdna-r8") in judged
+    assert {("kdna-r4:weight_lr=0.003", "prune@kdna-r4"), ("kdna-r8:weight_lr=0.003", "svd@kdna-r8")} <= judged
+    loss_form = report.summarise(os.path.join(p3, "loss_form"))
+    assert not report.is_grid(loss_form)
+    assert {(v["row"], v["baseline"]) for v in loss_form["verdicts"]} == {
+        ("kdna-r4:weight_lr=0.003,layer_loss=gram", "prune@kdna-r4:layer_loss=gram"),
+        ("kdna-r4:weight_lr=0.003,layer_loss=gram", "svd@kdna-r4:layer_loss=gram")}
+    assert table.extra("prune@kdna-r4:features=0") == "features=0" and table.extra("kdna-r4:lr=0.003") == ""
