@@ -145,14 +145,16 @@ def report_provenance(stem: str, argv: list[str] | None, *, out: str, report_onl
                       force_dirty: bool = False) -> dict[str, Any]:
     """The provenance a study's summary ``<stem>.json`` is written with. After a run: this run's (run_provenance:
     a dirty tree is refused unless ``force_dirty``). A report-only rewrite (``--report``) regenerates the Markdown
-    and plots from the records and keeps the provenance stored in ``<stem>.json`` (its command, machine and
-    commit); only where none is stored yet does it take this command's."""
+    and plots from the records: it keeps the provenance stored in ``<stem>.json`` (the command, machine and commit
+    of the run) and adds ``report``, the rewrite's own command, date and commit (the code that wrote the tables and
+    verdicts), under the same clean-tree rule; where none is stored yet it takes this command's."""
+    prov = run_provenance(argv, out=out, force_dirty=force_dirty)
     if report_only and os.path.exists(f"{stem}.json"):
         with open(f"{stem}.json") as f:
             kept = json.load(f).get("provenance")
         if kept:
-            return kept
-    return run_provenance(argv, out=out, force_dirty=force_dirty)
+            return {**kept, "report": {k: prov[k] for k in ("command", "date_utc", "git")}}
+    return prov
 
 
 def machine_label(machine: dict[str, Any]) -> str:

@@ -139,7 +139,7 @@ def test_machine_labels_tell_apart_machines_with_one_cpu_name():
     assert machine_label({"cpu": "x"}) == "x [platform not recorded]"
 
 
-def test_a_report_only_rewrite_keeps_the_stored_provenance(tmp_path, monkeypatch):
+def test_a_report_only_rewrite_keeps_the_run_s_provenance_and_names_its_own_commit(tmp_path, monkeypatch):
     from bench import common
     from kdna_fx import timing
 
@@ -150,9 +150,14 @@ def test_a_report_only_rewrite_keeps_the_stored_provenance(tmp_path, monkeypatch
     stored = {"command": "python -m bench.x --seeds 0 1 2", "machine": {"cpu": "the one that ran"},
               "git": {"commit": "old", "dirty": False}}
     common.write_json(f"{stem}.json", {"rows": [], "provenance": stored})
-    assert common.report_provenance(stem, ["-m", "bench.x", "--report"], out=str(tmp_path), report_only=True) == stored
+    rewritten = common.report_provenance(stem, ["-m", "bench.x", "--report"], out=str(tmp_path), report_only=True)
+    assert {k: rewritten[k] for k in stored} == stored  # the run's command, machine and commit stay
+    assert rewritten["report"]["git"]["commit"] == "new"  # and the code that rewrote the tables is named
+    assert rewritten["report"]["command"].endswith("-m bench.x --report")
     after_a_run = common.report_provenance(stem, ["-m", "bench.x"], out=str(tmp_path), report_only=False)
     assert after_a_run["git"]["commit"] == "new"  # a run's report names the run's commit
     monkeypatch.setattr(timing, "git_commit", lambda **_: {"commit": "new", "dirty": True})
-    with pytest.raises(common.DirtyTreeError):  # and only committed code writes into bench/results
-        common.report_provenance(stem, None, out=os.path.join(common.REPO, "bench", "results"), report_only=False)
+    for report_only in (False, True):  # and only committed code writes into bench/results, a rewrite included
+        with pytest.raises(common.DirtyTreeError):
+            common.report_provenance(stem, None, out=os.path.join(common.REPO, "bench", "results"),
+                                     report_only=report_only)
