@@ -2,7 +2,8 @@
 
 Each model of bench.thirdparty (segmentation-models-pytorch, MONAI, Ultralytics, Hugging Face
 transformers, efficientnet-pytorch, torchvision quantizable and detection models, timm), built without weights,
-goes through ``kdna_fx.transform(model, example_inputs=...)`` with the default config. The table gives the
+goes through ``kdna_fx.transform(model, config, example_inputs=...)`` with the config the test sweep uses
+(``bench.thirdparty.config``: the default but where the catalogue says otherwise). The table gives the
 outcome (shared or unchanged, and why nothing was shared), the
 parameters before and after, the families, and the largest output difference of the function-preserving
 transform (every conv shared at full rank, init="trained") against the original. tests/test_thirdparty_sweep.py
@@ -15,6 +16,7 @@ inputs as tests/test_dense_sweep.py does.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -30,12 +32,19 @@ import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
 from kdna_fx.datamodel import record_of
 from bench import thirdparty as catalogue
+from bench.common import DirtyTreeError, run_provenance
 from kdna_fx.testing import output_tensors
-from kdna_fx.timing import git_commit, markdown_table, provenance
+from kdna_fx.timing import markdown_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "coverage")
-PRESERVING = KDNAConfig(only_if_smaller=False, adapter=AdapterConfig(rank="full"))
+
+
+def _changed(config: KDNAConfig) -> dict[str, Any]:
+    """The fields of ``config`` that differ from the default's."""
+    default = KDNAConfig()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(default, f.name)}
 
 
 def _eval(model: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
@@ -154,9 +163,10 @@ def measure(name: str, build: Any = None, example: Any = None, library: str | No
     model = (build or catalogue.BUILDERS[name])().eval()
     inputs = (example or catalogue.EXAMPLE_INPUTS[name])()
     start = time.perf_counter()
+    config = catalogue.config(name) if build is None else KDNAConfig()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        kmodel = kdna_fx.transform(model, example_inputs=inputs)
+        kmodel = kdna_fx.transform(model, config, example_inputs=inputs)
     seconds = time.perf_counter() - start
     record = record_of(kmodel)
     plan = record.plan
@@ -165,12 +175,15 @@ def measure(name: str, build: Any = None, example: Any = None, library: str | No
            "params_before": sum(p.numel() for p in model.parameters()),
            "params_after": sum(p.numel() for p in kmodel.parameters()),
            "families": len(plan.families), "children": len(plan.children), "transform_s": seconds,
+           "config": {} if config == KDNAConfig() else _changed(config),
            "why": _why(record), "warnings": sorted({w.category.__name__ for w in caught})}
     if unchanged:
         return row
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        preserved = kdna_fx.transform(model, PRESERVING, init="trained", example_inputs=inputs)
+        preserved = kdna_fx.transform(model, dataclasses.replace(config, only_if_smaller=False,
+                                                                 adapter=AdapterConfig(rank="full")),
+                                      init="trained", example_inputs=inputs)
     expected, got = _eval(model, inputs), _eval(preserved, inputs)
     out = _eval(kmodel, inputs)
     row["finite"] = bool(out) and all(bool(torch.isfinite(t).all()) for t in out)
@@ -205,6 +218,10 @@ def measure_torchvision_dense() -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:  # read at the start: the commit that runs, and only a clean tree writes into bench/results
+        prov = run_provenance(["-m", "bench.library_coverage", *(argv or [])], out=OUT)
+    except DirtyTreeError as exc:
+        raise SystemExit(str(exc)) from None
     torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
     rows = []
     for name in tqdm(sorted(catalogue.BUILDERS), desc="library coverage"):
@@ -216,29 +233,32 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(measure(name))
     rows += measure_held_out()
     rows += measure_torchvision_dense()
-    meta = {**provenance(argv), "commit": git_commit(exclude=("bench/results/coverage",)),
-            "versions_libraries": {lib: _version(lib) for lib in sorted({r["library"] for r in rows})}}
+    for r in rows:
+        if r.get("params_before"):
+            r["change_pct"] = 100 * (r["params_after"] / r["params_before"] - 1)
+    libraries = {lib: _version(lib) for lib in sorted({r["library"] for r in rows})}
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "libraries.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"provenance": prov, "versions_libraries": libraries, "rows": rows}, f, indent=1)
     table = [[r["model"] + (" (held out)" if r.get("held_out") else ""), r["outcome"], f"{r.get('params_before', 0):,}",
               f"{r.get('params_after', 0):,}",
-              f"{100 * (r['params_after'] / r['params_before'] - 1):+.1f} %" if r.get("params_before") else "-",
+              f"{r['change_pct']:+.1f} %" if "change_pct" in r else "-",
               f"{r.get('families', 0)} / {r.get('children', 0)}",
+              ", ".join(f"{k}={v}" for k, v in r.get("config", {}).items()) or "default",
               f"{r['preserving_max_rel_diff']:.1e}" if "preserving_max_rel_diff" in r else "-",
               r.get("why", "")] for r in rows]
     md = ["# kdna_fx on models from other libraries", "",
-          f"Command: `{meta['command']}`; commit {meta['commit']['commit']}"
-          f"{' (with uncommitted changes)' if meta['commit']['dirty'] else ''}; {meta['machine']['cpu']}; torch "
-          f"{meta['versions']['torch']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions_libraries"].items()), "",
-          "Default config, `transform(model, example_inputs=...)`, which returns the model itself (its class "
-          "kept), children in its module tree; *why*: the reason nothing was shared. *preserving*: largest "
-          "output difference, relative to the largest output, of `transform(model, KDNAConfig(only_if_smaller="
-          "False, adapter=AdapterConfig(rank='full')), init='trained')` against the original (float32). "
+          f"Command: `{prov['command']}`; commit {prov['git']['commit']} (clean tree); {prov['machine']['cpu']}; "
+          f"torch {prov['versions']['torch']}; " + ", ".join(f"{k} {v}" for k, v in libraries.items()), "",
+          "`transform(model, config, example_inputs=...)` with the config shown (bench.thirdparty.CONFIGS), "
+          "which returns the model itself (its class kept), children in its module tree; *why*: the reason nothing "
+          "was shared. *preserving*: largest output difference, relative to the largest output, of the same "
+          "config with `only_if_smaller=False, adapter=AdapterConfig(rank='full')` and `init='trained'` against "
+          "the original (float32). "
           "*(held out)*: models kept out of tests/test_thirdparty_sweep.py, run once here; the torchvision "
           "detection, segmentation and flow rows are transformed without example inputs, as tests/test_dense_sweep.py "
           "does, and have no preserving check.", "",
-          markdown_table(["model", "outcome", "params before", "after", "change", "families / children",
+          markdown_table(["model", "outcome", "params before", "after", "change", "families / children", "config",
                           "preserving", "why"], table)]
     with open(os.path.join(OUT, "libraries.md"), "w") as f:
         f.write("\n".join(md) + "\n")

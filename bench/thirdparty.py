@@ -36,6 +36,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from kdna_fx import KDNAConfig
+
 _OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -450,3 +452,12 @@ EXAMPLE_INPUTS: dict[str, Callable[[], tuple]] = {name: e.example_inputs for nam
 LIBRARY: dict[str, str] = {name: e.library for name, e in ENTRIES.items()}
 MODULE: dict[str, str] = {name: e.module for name, e in ENTRIES.items()}
 NOTES: dict[str, str] = {name: e.note for name, e in ENTRIES.items()}
+
+# Models transformed with another than the default config (the note says which, and why): the sweep
+# (tests/test_thirdparty_sweep.py) and the coverage table (bench/library_coverage.py) both read it.
+CONFIGS: dict[str, KDNAConfig] = {"monai-dynunet-3d": KDNAConfig(stage_depth=0)}
+
+
+def config(name: str) -> KDNAConfig:
+    """The KDNAConfig catalogue model ``name`` is transformed with (the default unless CONFIGS says otherwise)."""
+    return CONFIGS.get(name, KDNAConfig())

@@ -68,16 +68,8 @@ EXPECTED = {
     "kdna-resnet-1d": "shared",
 }
 
-CONFIGS = {"monai-dynunet-3d": KDNAConfig(stage_depth=0)}
-"""Models transformed with another than the default config (the catalogue's note says which, and why)."""
-
-
-def _config(name: str) -> KDNAConfig:
-    return CONFIGS.get(name, KDNAConfig())
-
-
 def _preserving(name: str) -> KDNAConfig:
-    return dataclasses.replace(_config(name), only_if_smaller=False, adapter=AdapterConfig(rank="full"))
+    return dataclasses.replace(catalogue.config(name), only_if_smaller=False, adapter=AdapterConfig(rank="full"))
 
 
 def _eval(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
@@ -122,7 +114,7 @@ def test_a_library_model_is_shared_or_unchanged_and_never_wrong(name, tmp_path, 
     expected_out = _eval(model, inputs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        kmodel = kdna_fx.transform(model, _config(name), example_inputs=inputs)
+        kmodel = kdna_fx.transform(model, catalogue.config(name), example_inputs=inputs)
     unchanged = any(issubclass(w.category, kdna_fx.NoEligibleConvWarning) for w in caught)
     before, after = (sum(p.numel() for p in m.parameters()) for m in (model, kmodel))
     if EXPECTED[name] == "unchanged":
