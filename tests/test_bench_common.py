@@ -4,6 +4,7 @@ factorisation) and machine labels."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -161,3 +162,15 @@ def test_a_report_only_rewrite_keeps_the_run_s_provenance_and_names_its_own_comm
         with pytest.raises(common.DirtyTreeError):
             common.report_provenance(stem, None, out=os.path.join(common.REPO, "bench", "results"),
                                      report_only=report_only)
+
+
+def test_suite_timing_reads_pytest_s_summary_and_times_real_make_targets():
+    from bench import common, suite_timing
+
+    lines = "....\n1421 passed, 8 skipped, 27 warnings in 394.96s (0:06:34)\n"
+    (match,) = suite_timing.SUMMARY.finditer(lines)
+    assert float(match["seconds"]) == 394.96 and match["line"].startswith("1421 passed, 8 skipped")
+    assert not list(suite_timing.SUMMARY.finditer("no tests ran"))
+    with open(os.path.join(common.REPO, "Makefile")) as f:
+        targets = {line.split(":")[0] for line in f if re.match(r"^[a-z-]+:", line)}
+    assert set(suite_timing.TARGETS) <= targets and set(suite_timing.GOALS) <= set(suite_timing.TARGETS)
