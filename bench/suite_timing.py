@@ -1,9 +1,10 @@
 """How long the README's commands take on a fresh clone: ``make test``, ``make test-fast``, ``make demo``.
 
 Each target runs in a new ``git clone`` of the committed HEAD, with an empty Inductor cache and ``CI=true``, so
-nothing this checkout has built or cached helps it. The clone's ``.venv`` is a bare virtual environment that
-reads this checkout's installed packages (a ``.pth`` line), and its set-up stamp is touched: what is timed is the
-target's own command, not ``pip install`` (the README gives the set-up's time apart). One JSON record per target
+nothing this checkout has built or cached helps it. The clone's ``.venv`` is a virtual environment that reads
+this checkout's installed libraries (a ``.pth`` line) and holds the clone's kdna_fx installed editable, as the
+set-up installs it; its set-up stamp is touched: what is timed is the target's own command, not ``pip install``
+(the README gives the set-up's time apart). One JSON record per target
 under ``bench/results/suite/`` (the run's provenance, the wall time, pytest's summary line, the largest process's
 peak memory, the load average before and after) and a Markdown table of them all.
 
@@ -43,12 +44,10 @@ def fresh_clone(workdir: str) -> str:
     packages = site.getsitepackages()[0]
     target = os.path.join(venv, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}", "site-packages")
     with open(os.path.join(target, "_suite_timing.pth"), "w") as f:
-        f.write(f"{clone}\n{packages}\n")  # the clone's kdna_fx first, then the installed libraries
-    for script in ("kdna",):  # the console script the demo and the command tests call
-        path = os.path.join(venv, "bin", script)
-        with open(path, "w") as f:
-            f.write(f"#!{venv}/bin/python\nimport sys\nfrom kdna_fx.cli import main\nsys.exit(main())\n")
-        os.chmod(path, 0o755)
+        f.write(f"{packages}\n")  # the installed libraries (torch, timm, ...), not pip-installed again
+    # kdna_fx itself as `make`'s set-up installs it (editable, its console script), from the clone
+    subprocess.run([sys.executable, "-m", "pip", "--python", os.path.join(venv, "bin", "python"), "install", "-q",
+                    "--no-deps", "--no-build-isolation", "-e", clone], check=True)
     open(os.path.join(venv, ".installed-stamp"), "w").close()  # newer than pyproject.toml: make skips pip
     return clone
 
