@@ -91,7 +91,7 @@ def report() -> str:
     md = ("Each target in a fresh clone of the commit named, empty Inductor cache, `CI=true`, the set-up already "
           "done (`python -m bench.suite_timing`). Time: pytest's own where the target runs pytest, else the "
           "wall; met when under the goal and every test passed.\n\n" +
-          markdown_table(["command", "result", "time", "wall", "peak GB", "load 1-min before / after", "goal",
+          markdown_table(["command", "result", "time", "wall", "peak GB (largest process of this command so far)", "load 1-min before / after", "goal",
                           "commit", "machine"], rows))
     with open(os.path.join(OUT, "suite_timing.md"), "w") as f:
         f.write(md + "\n")
@@ -100,11 +100,13 @@ def report() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("targets", nargs="*", choices=TARGETS, help="make targets to time (default: none, with --report)")
+    p.add_argument("targets", nargs="*", metavar="TARGET", help=f"make targets to time: {', '.join(TARGETS)}")
     p.add_argument("--report", action="store_true", help="only write the table from the records")
     args = p.parse_args(argv)
-    if not args.report and not args.targets:
-        p.error("name the targets to time (test, test-fast, demo), or --report")
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown or not (args.report or args.targets):
+        p.error(f"name the targets to time ({', '.join(TARGETS)}), or --report" +
+                (f"; not a target: {', '.join(unknown)}" if unknown else ""))
     os.makedirs(OUT, exist_ok=True)
     for target in [] if args.report else args.targets:
         try:  # the commit read now is the one the clone checks out
