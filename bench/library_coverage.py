@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import kdna_fx
-from kdna_fx import AdapterConfig, KDNAConfig
+from kdna_fx import KDNAConfig
 from kdna_fx.datamodel import record_of
 from bench import thirdparty as catalogue
 from bench.common import DirtyTreeError, run_provenance
@@ -162,8 +162,8 @@ def measure(name: str, build: Any = None, example: Any = None, library: str | No
     torch.manual_seed(0)
     model = (build or catalogue.BUILDERS[name])().eval()
     inputs = (example or catalogue.EXAMPLE_INPUTS[name])()
-    start = time.perf_counter()
     config = catalogue.config(name) if build is None else KDNAConfig()
+    start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         kmodel = kdna_fx.transform(model, config, example_inputs=inputs)
@@ -175,15 +175,13 @@ def measure(name: str, build: Any = None, example: Any = None, library: str | No
            "params_before": sum(p.numel() for p in model.parameters()),
            "params_after": sum(p.numel() for p in kmodel.parameters()),
            "families": len(plan.families), "children": len(plan.children), "transform_s": seconds,
-           "config": {} if config == KDNAConfig() else _changed(config),
+           "config": _changed(config),
            "why": _why(record), "warnings": sorted({w.category.__name__ for w in caught})}
     if unchanged:
         return row
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        preserved = kdna_fx.transform(model, dataclasses.replace(config, only_if_smaller=False,
-                                                                 adapter=AdapterConfig(rank="full")),
-                                      init="trained", example_inputs=inputs)
+        preserved = kdna_fx.transform(model, catalogue.preserving(config), init="trained", example_inputs=inputs)
     expected, got = _eval(model, inputs), _eval(preserved, inputs)
     out = _eval(kmodel, inputs)
     row["finite"] = bool(out) and all(bool(torch.isfinite(t).all()) for t in out)

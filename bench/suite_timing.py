@@ -18,7 +18,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import site
 import subprocess
 import sys
@@ -63,8 +62,8 @@ def time_target(target: str, prov: dict[str, Any]) -> dict[str, Any]:
         wall = time.perf_counter() - start
         load_after = os.getloadavg()
     out = done.stdout + done.stderr
-    found = SUMMARY.findall(out)
-    match = list(SUMMARY.finditer(out))[-1] if found else None
+    matches = list(SUMMARY.finditer(out))
+    match = matches[-1] if matches else None  # the last summary is the run's own
     return {"target": target, "command": f"make {target}", "returncode": done.returncode, "wall_s": wall,
             "pytest_summary": match["line"] if match else None,
             "pytest_s": float(match["seconds"]) if match else None,
@@ -91,8 +90,8 @@ def report() -> str:
     md = ("Each target in a fresh clone of the commit named, empty Inductor cache, `CI=true`, the set-up already "
           "done (`python -m bench.suite_timing`). Time: pytest's own where the target runs pytest, else the "
           "wall; met when under the goal and every test passed.\n\n" +
-          markdown_table(["command", "result", "time", "wall", "peak GB (largest process of this command so far)", "load 1-min before / after", "goal",
-                          "commit", "machine"], rows))
+          markdown_table(["command", "result", "time", "wall", "peak GB (largest process of this command so far)",
+                          "load 1-min before / after", "goal", "commit", "machine"], rows))
     with open(os.path.join(OUT, "suite_timing.md"), "w") as f:
         f.write(md + "\n")
     return md

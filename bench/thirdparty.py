@@ -28,6 +28,7 @@ its analytics sync off. Importing this module changes nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -36,7 +37,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from kdna_fx import KDNAConfig
+from kdna_fx import AdapterConfig, KDNAConfig
 
 _OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -461,3 +462,9 @@ CONFIGS: dict[str, KDNAConfig] = {"monai-dynunet-3d": KDNAConfig(stage_depth=0)}
 def config(name: str) -> KDNAConfig:
     """The KDNAConfig catalogue model ``name`` is transformed with (the default unless CONFIGS says otherwise)."""
     return CONFIGS.get(name, KDNAConfig())
+
+
+def preserving(config: KDNAConfig) -> KDNAConfig:
+    """``config`` made function-preserving: every conv shared (``only_if_smaller=False``), each child with a
+    full-rank residual, so ``init="trained"`` reproduces the original exactly."""
+    return dataclasses.replace(config, only_if_smaller=False, adapter=AdapterConfig(rank="full"))

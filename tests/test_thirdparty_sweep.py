@@ -9,7 +9,6 @@ rank with init="trained" gives the original's outputs. docs/partial-tracing.md#c
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import pytest
@@ -17,7 +16,6 @@ import torch
 from torch import nn
 
 import kdna_fx
-from kdna_fx import AdapterConfig, KDNAConfig
 from bench import thirdparty as catalogue
 from kdna_fx.testing import output_tensors
 
@@ -67,10 +65,6 @@ EXPECTED = {
     "hf-wav2vec2": "shared",
     "kdna-resnet-1d": "shared",
 }
-
-def _preserving(name: str) -> KDNAConfig:
-    return dataclasses.replace(catalogue.config(name), only_if_smaller=False, adapter=AdapterConfig(rank="full"))
-
 
 def _eval(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     with torch.no_grad():
@@ -138,7 +132,7 @@ def test_a_library_model_is_shared_or_unchanged_and_never_wrong(name, tmp_path, 
     # The function-preserving check: every conv shared, each child reproducing its own kernel.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        preserved = kdna_fx.transform(model, _preserving(name), init="trained", example_inputs=inputs)
+        preserved = kdna_fx.transform(model, catalogue.preserving(catalogue.config(name)), init="trained", example_inputs=inputs)
     assert kdna_fx.plan_of(preserved).families
     assert _close(_eval(preserved, inputs), expected_out, rtol=1e-3)
 
@@ -161,5 +155,5 @@ def test_ultralytics_fuse_gives_a_clear_error_naming_the_fix():
     fused = _build(name).eval().fuse()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kfused = kdna_fx.transform(fused, _preserving(name), init="trained", example_inputs=inputs)
+        kfused = kdna_fx.transform(fused, catalogue.preserving(catalogue.config(name)), init="trained", example_inputs=inputs)
     assert _close(_eval(kfused, inputs), _eval(fused, inputs), rtol=1e-3)
