@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
@@ -65,6 +67,29 @@ def test_full_rank_residual_reproduces_any_kernel_and_folds_exactly(dtype, tol, 
     low = kdna_fx.transform(model, KDNAConfig(adapter=AdapterConfig(rank=2), parent=parent,
                                               only_if_smaller=False), init="trained").eval()
     assert (low(x) - model(x)).abs().max() > 1e-3  # rank 2 of 36 cannot reproduce distinct kernels
+
+
+@settings(max_examples=40)
+@given(c_out=st.integers(1, 24), fan_in=st.integers(1, 24), true_rank=st.integers(0, 24), rank=st.integers(1, 30),
+       seed=st.integers(0, 2**16))
+def test_low_rank_factors_are_the_balanced_truncated_svd(c_out, fan_in, true_rank, rank, seed):
+    """B A is a best rank-r approximation (the SVD's error, Eckart-Young), B^T B = A A^T (the singular values
+    split evenly), wide and tall residuals alike, rank-deficient and zero ones included; at full rank, exact."""
+    from passes.initialization import low_rank_factors
+
+    g = torch.Generator().manual_seed(seed)
+    k = min(true_rank, c_out, fan_in)
+    m = torch.randn(c_out, k, generator=g, dtype=torch.float64) @ torch.randn(k, fan_in, generator=g,
+                                                                                dtype=torch.float64)
+    b, a = low_rank_factors(m, rank)
+    assert b.shape == (c_out, rank) and a.shape == (rank, fan_in) and b.dtype == a.dtype == torch.float64
+    s = torch.linalg.svdvals(m)
+    best = s[rank:].square().sum().sqrt()  # the smallest error any rank-r matrix can have
+    scale = max(1.0, s[0].item()) ** 2
+    assert (m - b @ a).norm() <= best + 1e-9 * scale
+    assert torch.allclose(b.T @ b, a @ a.T, atol=1e-6 * scale)
+    if rank >= min(c_out, fan_in):
+        torch.testing.assert_close(b @ a, m, rtol=0, atol=1e-12 * scale)
 
 
 def test_centroid_families_make_every_member_a_child_and_count_the_kernel_once():
