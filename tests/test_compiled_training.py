@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 import kdna_fx
 from kdna_fx import AdapterConfig, KDNAConfig
-from kdna_fx.testing import ConvSpec, ConvStack, TinyResNet, check_compiled_gradients, randomize_adapters
+from kdna_fx.testing import OneFamily, check_compiled_gradients, randomize_adapters
 from kdna_fx.train import TrainConfig, train
 from kdna_fx.train.loop import compile_backend
 
@@ -22,8 +22,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 def _model() -> nn.Module:
+    """OneFamily transformed, adapters off zero, in train mode: every part of a child's training graph (stem
+    BatchNorm, a parent and two children with LayerNorm gates, a head) in the fewest Inductor kernels. Inductor
+    builds each kernel of the forward and backward in C++ (about 1 s each here); TinyResNet's two families
+    double the kernels and the test's time and add nothing of ours (test_compile compiles it with aot_eager)."""
     torch.manual_seed(0)
-    kmodel = kdna_fx.transform(TinyResNet(width=4), KDNAConfig(adapter=AdapterConfig(gate_norm="layer")))
+    kmodel = kdna_fx.transform(OneFamily(), KDNAConfig(adapter=AdapterConfig(gate_norm="layer")))
+    assert len(kdna_fx.plan_of(kmodel).children) == 2
     randomize_adapters(kmodel)
     return kmodel.train()
 
@@ -35,24 +40,10 @@ def _wrong(gm: torch.fx.GraphModule, example_inputs: list) -> object:
     return run
 
 
-def _one_family() -> nn.Module:
-    """A stem with a BatchNorm, one family (a parent and two children) and a head, transformed: the smallest
-    model with every part of a child's training graph. Inductor builds each kernel of the forward and backward
-    in C++ (about 1 s each on this machine); TinyResNet's two stages double the kernels and the test's time
-    (35 against 76 s) and add nothing of ours that test_compile's TinyResNet runs do not check."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), ConvStack(4, [ConvSpec()] * 3),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
-    kmodel = kdna_fx.transform(model, KDNAConfig(adapter=AdapterConfig(gate_norm="layer")))
-    assert len(kdna_fx.plan_of(kmodel).children) == 2
-    randomize_adapters(kmodel)
-    return kmodel.train()
-
-
 def test_inductor_trains_a_transformed_model_as_eager_does():
     """A few compiled SGD steps with the backend the check chooses (Inductor here; on a machine where Inductor's
     gradients are wrong, its fallback), against the same steps in eager float64."""
-    kmodel = _one_family()
+    kmodel = _model()
     x = torch.randn(4, 3, 16, 16)
     y = torch.tensor([0, 1, 2, 3])
     with warnings.catch_warnings(record=True) as caught:

@@ -129,7 +129,8 @@ def test_untraceable_top_level_is_shared_by_module_swap(dtype, tol):
 def test_swapped_model_compiles_and_matches_eager():
     """torch.compile of a swapped model: the model's own Python forward (a data-dependent branch, so graph breaks
     and guards) around its child convs, gates and shared kernels equals eager. aot_eager: dynamo's capture and
-    AOT autograd are what the branch exercises; Inductor's code for a transformed model is test_compile's."""
+    AOT autograd are what the branch exercises; Inductor's code for a transformed model is tested in
+    test_functional_nd."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
