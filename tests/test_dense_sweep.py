@@ -21,7 +21,7 @@ from torchvision.ops import MultiScaleRoIAlign
 import kdna_fx
 
 # Tier integration: make test-fast leaves it out (torchvision detection, segmentation, flow and video models).
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread", "free_traced_models")]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 MBV3 = "MobileNetV3 backbone: its 3x3 convs are depthwise or differ in shape within every stage"
 UNCHANGED = {

@@ -21,7 +21,7 @@ from kdna_fx.testing import output_tensors
 
 
 # Tier integration: make test-fast leaves it out (smp, MONAI, Ultralytics, transformers, efficientnet-pytorch).
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("free_traced_models")]
+pytestmark = pytest.mark.integration
 
 # model -> "shared" (its convs shared in the model itself, which keeps its class) or "unchanged" (nothing to share,
 # with the reason NoEligibleConvWarning gives).

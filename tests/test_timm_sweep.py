@@ -17,7 +17,7 @@ import kdna_fx
 
 timm = pytest.importorskip("timm")
 # Tier integration: make test-fast leaves it out (one model per timm family).
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread", "free_traced_models")]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 # timm module (family) -> a small representative; a few modules hold several families worth a name of their
 # own (tinynet, fbnet, lcnet). Left out: nasnet and pnasnet (88 M parameters), mobilenetv5 (294 M parameters);

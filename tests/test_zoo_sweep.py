@@ -13,7 +13,7 @@ import torchvision
 import kdna_fx
 
 # Tier integration: make test-fast leaves it out (every torchvision classifier (the full list: marker sweep)).
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("free_traced_models")]
+pytestmark = pytest.mark.integration
 
 NO_FAMILY_3X3 = "3x3 convs are depthwise or differ in shape within every stage"
 UNCHANGED = {
@@ -43,7 +43,7 @@ BUILD_KWARGS = {"googlenet": dict(aux_logits=False, init_weights=False),
                    for v in ("b_16", "b_32", "h_14", "l_16", "l_32")}}
 INPUT_SIZE = {"inception_v3": 75, "maxvit_t": 224, "vit_h_14": 56}
 # Models over 150 M parameters: vit_l_16, vit_l_32 and convnext_large run in the default suite (this whole file
-# peaks at 8.9 GB, 16.6 GB without the free_traced_models fixture). The two largest, regnet_y_128gf (644 M) and
+# peaked at 8.9 GB, 16.6 GB without collecting garbage by memory: tests/conftest.py). The two largest, regnet_y_128gf (644 M) and
 # vit_h_14 (632 M), are marked slow: 33 s and 20 s of the default suite (2026-12-06), for families the smaller
 # regnets and ViTs already cover; `make test-slow` runs them.
 SLOW = {"regnet_y_128gf", "vit_h_14"}
