@@ -137,7 +137,12 @@ def _read_state(path: str) -> dict[str, torch.Tensor]:
                          f"not a tensor file. Write it again with torch.save(model.state_dict(), path) or "
                          f"safetensors.torch.save_file") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise StateError(f"{path!r} does not hold a state dict (name -> tensor)")
+        inner = [k for k, v in state.items() if isinstance(v, dict) and v
+                 and all(isinstance(t, torch.Tensor) for t in v.values())] if isinstance(state, dict) else []
+        hint = (f"; it is a dict whose {inner[0]!r} holds one (a checkpoint without its format, or a wrapped "
+                f"state dict): give a `kdna train` run as its directory, or save that entry alone, "
+                f"torch.save(checkpoint[{inner[0]!r}], path)") if inner else ""
+        raise StateError(f"{path!r} does not hold a state dict (name -> tensor){hint}")
     return state
 
 

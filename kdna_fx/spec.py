@@ -45,6 +45,11 @@ class ModelSpec:
         record_input(model, in_chans=self.in_chans, image_size=self.image_size)
         return model
 
+    def __str__(self) -> str:
+        """The call that builds it, as a user would write it: ``create_model('kdna_resnet18', width=0.25)``."""
+        options = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
+        return f"create_model({self.name!r}{options})"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON data (a KDNAConfig option as its dict); TypeError where JSON cannot hold an option."""
         return {"name": self.name, "kwargs": _encode(self.kwargs),

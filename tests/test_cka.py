@@ -361,7 +361,10 @@ def test_cka_command_bad_inputs_are_clear(tiny, tmp_path, capsys):
     root, data = tiny
     weights = str(root / "weights.pt")
     no_path = [weights, *TINY, "--dataset", "folder", "--data", ""]
+    stripped = str(tmp_path / "stripped.pt")  # a training checkpoint without its format key
+    torch.save({"model": torch.load(weights, weights_only=True), "config": {}}, stripped)
     cases = [
+        ([stripped, *TINY], "whose 'model' holds one"),
         ([str(tmp_path / "nowhere")], "neither a `kdna train` run directory"),
         (["resnet81"], "Did you mean 'resnet18'"),
         ([weights], "needs --model NAME"),

@@ -242,14 +242,25 @@ def test_corrupt_or_mismatched_checkpoint_errors(tmp_path):
     good = path.read_bytes()
 
     path.write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt.*without resume=True \(--resume\)"):
         train(tiny_kdna(), synthetic(16), None, config(epochs=2), str(run), resume=True)
 
     path.write_bytes(good)
-    with pytest.raises(CheckpointError, match=r"different model.*differ in shape.*body.0.weight"):
+    with pytest.raises(CheckpointError, match=r"different model \(not recorded\).*differ in shape.*body.0.weight"):
         train(tiny_kdna(c=6), synthetic(16), None, config(epochs=2), str(run), resume=True)
     with pytest.raises(CheckpointError, match="not in the checkpoint"):
         train(tiny_kdna(gate_norm="batch"), synthetic(16), None, config(epochs=2), str(run), resume=True)
+
+    # a checkpoint that records its model names it as the call that builds it
+    from kdna_fx.models import create_model
+    from kdna_fx.spec import spec_of
+    from kdna_fx.train.checkpoint import check_model_matches, model_signature
+
+    recorded = create_model("resnet18", width=0.125, small_stem=True, in_chans=1, num_classes=5)
+    ckpt = {"signature": model_signature(recorded), "config": {"model": spec_of(recorded).to_dict()}}
+    with pytest.raises(CheckpointError, match=r"different model \(create_model\('resnet18\.plain', width=0.125, .*"
+                                              r"Build that model"):
+        check_model_matches(ckpt, tiny_kdna(), str(path))
 
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a kdna training checkpoint"):

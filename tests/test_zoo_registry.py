@@ -177,6 +177,13 @@ def test_a_spec_of_json_options_reads_back_as_itself(kwargs, in_chans, image_siz
     assert zoo.ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
+def test_a_spec_reads_as_the_call_that_builds_it() -> None:
+    spec = zoo.ModelSpec("kdna_resnet18", {"width": 0.25, "num_classes": 10})
+    assert str(spec) == "create_model('kdna_resnet18', width=0.25, num_classes=10)"
+    built = eval(str(spec), {"create_model": zoo.create_model})
+    assert zoo.spec_of(built).kwargs == spec.kwargs
+
+
 def test_the_spec_records_the_input_a_model_is_made_for() -> None:
     # ImageNet form: 224 px; a small stem is for small images of no one size until record_input says which
     spec = zoo.spec_of(zoo.create_model("resnet18", in_chans=1))

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdna_fx.errors import CheckpointError
+from kdna_fx.errors import CheckpointError, StateError
+from kdna_fx.spec import ModelSpec
 from kdna_fx.utils import atomic_path
 
 FORMAT = "kdna_fx.train/1"
@@ -25,9 +26,9 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
 def read_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint written by save_checkpoint (tensors to CPU), with a clear error for every way it fails."""
     if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path!r}. Start a new run without --resume, or point --run-dir "
-                              f"(kdna train --resume) or the checkpoint argument (kdna eval) at the run you want "
-                              f"to continue or evaluate.")
+        raise CheckpointError(f"no checkpoint at {path!r}. Start a new run without resume=True (--resume), or "
+                              f"give the run directory you want to continue (run_dir=, --run-dir) or evaluate "
+                              f"(kdna eval RUN).")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -36,7 +37,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
             f"cannot read checkpoint {path!r}: the file is truncated or corrupt ({type(exc).__name__}). It was "
             f"probably cut "
             f"off by a full disk or a copy that did not finish. Restore it from a complete copy, or delete it "
-            f"and start the run again without --resume.") from None
+            f"and start the run again without resume=True (--resume).") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
@@ -67,13 +68,19 @@ def check_model_matches(ckpt: dict[str, Any], model: nn.Module, path: str) -> No
     if reshaped:
         k = reshaped[0]
         details.append(f"{len(reshaped)} tensors differ in shape (e.g. {k}: checkpoint {saved[k]}, model {mine[k]})")
-    spec = ckpt.get("config", {}).get("model", {})
-    saved_model = ", ".join(f"{k}={v}" for k, v in spec.items()) or "unknown"
     raise CheckpointError(
-        f"checkpoint {path!r} was written for a different model ({saved_model}): " + "; ".join(details) +
-        ". Build the same architecture (the same kdna train --model, --width, --small-stem and --gate-norm, on "
-        "a --dataset with the same number of classes and channels) to resume or evaluate it, or use a new "
-        "--run-dir to train this model from scratch.")
+        f"checkpoint {path!r} was written for a different model ({_saved_model(ckpt)}): " + "; ".join(details) +
+        ". Build that model (the same name and options: --model, --width, --small-stem, --gate-norm, on data with "
+        "the same classes and channels) to resume or evaluate it, or give a new run_dir (--run-dir) to train this "
+        "model from scratch.")
+
+
+def _saved_model(ckpt: dict[str, Any]) -> str:
+    """The checkpoint's model as the call that builds it, or "not recorded"."""
+    try:
+        return str(ModelSpec.from_dict(ckpt.get("config", {}).get("model")))
+    except StateError:
+        return "not recorded"
 
 
 def load_model_weights(ckpt: dict[str, Any], model: nn.Module, path: str) -> None:
