@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import site
 import subprocess
 import sys
@@ -51,23 +50,34 @@ def fresh_clone(workdir: str) -> str:
     return clone
 
 
+# make runs under a process of its own, which prints the largest resident set among its children (make, pytest,
+# its workers): this target's alone, where this process's RUSAGE_CHILDREN would hold every earlier target's too.
+PEAK = "__suite_timing_peak_kib"
+_UNDER_MEASURE = ("import resource, subprocess, sys\n"
+                  "code = subprocess.run(sys.argv[1:]).returncode\n"
+                  f"print('{PEAK}', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+                  "sys.exit(code)\n")
+
+
 def time_target(target: str, prov: dict[str, Any]) -> dict[str, Any]:
-    """Run ``make <target>`` in a fresh clone; its wall time, pytest's summary and the peak memory."""
+    """Run ``make <target>`` in a fresh clone; its wall time, pytest's summary and its largest process's memory."""
     with tempfile.TemporaryDirectory(prefix="kdna_suite_") as work:
         clone = fresh_clone(work)
         env = {**os.environ, "CI": "true", "TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor")}
         load_before = os.getloadavg()
         start = time.perf_counter()
-        done = subprocess.run(["make", "-s", target], cwd=clone, env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", _UNDER_MEASURE, "make", "-s", target],
+                              cwd=clone, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         load_after = os.getloadavg()
-    out = done.stdout + done.stderr
+    peak = re.search(rf"^{PEAK} (\d+)$", done.stderr, re.M)
+    out = done.stdout + done.stderr.replace(peak[0], "") if peak else done.stdout + done.stderr
     matches = list(SUMMARY.finditer(out))
     match = matches[-1] if matches else None  # the last summary is the run's own
     return {"target": target, "command": f"make {target}", "returncode": done.returncode, "wall_s": wall,
             "pytest_summary": match["line"] if match else None,
             "pytest_s": float(match["seconds"]) if match else None,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+            "peak_rss_gb": int(peak[1]) / 2**20 if peak else None,
             "load_before": load_before, "load_after": load_after, "goal_s": GOALS.get(target),
             "output_tail": out[-3000:], "provenance": prov}
 
@@ -84,13 +94,13 @@ def report() -> str:
         met = "-" if r["goal_s"] is None else ("met" if seconds < r["goal_s"] and r["returncode"] == 0 else "missed")
         rows.append([f"`{r['command']}`", r["pytest_summary"] or f"exit {r['returncode']}",
                      f"{seconds // 60:.0f}:{seconds % 60:04.1f}", f"{r['wall_s'] // 60:.0f}:{r['wall_s'] % 60:04.1f}",
-                     f"{r['peak_rss_gb']:.1f}", "{:.1f} / {:.1f}".format(r["load_before"][0], r["load_after"][0]),
+                     "-" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.1f}", "{:.1f} / {:.1f}".format(r["load_before"][0], r["load_after"][0]),
                      "-" if r["goal_s"] is None else f"{r['goal_s'] / 60:g} min: {met}",
                      r["provenance"]["git"]["commit"][:7], r["provenance"]["machine"]["cpu"]])
     md = ("Each target in a fresh clone of the commit named, empty Inductor cache, `CI=true`, the set-up already "
           "done (`python -m bench.suite_timing`). Time: pytest's own where the target runs pytest, else the "
           "wall; met when under the goal and every test passed.\n\n" +
-          markdown_table(["command", "result", "time", "wall", "peak GB (largest process of this command so far)",
+          markdown_table(["command", "result", "time", "wall", "peak GB (its largest process)",
                           "load 1-min before / after", "goal", "commit", "machine"], rows))
     with open(os.path.join(OUT, "suite_timing.md"), "w") as f:
         f.write(md + "\n")

@@ -174,3 +174,20 @@ def test_suite_timing_reads_pytest_s_summary_and_times_real_make_targets():
     with open(os.path.join(common.REPO, "Makefile")) as f:
         targets = {line.split(":")[0] for line in f if re.match(r"^[a-z-]+:", line)}
     assert set(suite_timing.TARGETS) <= targets and set(suite_timing.GOALS) <= set(suite_timing.TARGETS)
+
+
+def test_suite_timing_measures_each_commands_own_largest_process():
+    """The peak is the command's (its own children), not the largest of every command timed before it."""
+    import subprocess
+    import sys
+
+    from bench import suite_timing
+
+    def peak_kib(megabytes: int) -> int:
+        grow = f"x = bytearray({megabytes} * 2**20); x[::4096] = b'1' * len(x[::4096])"
+        done = subprocess.run([sys.executable, "-c", suite_timing._UNDER_MEASURE, sys.executable, "-c", grow],
+                              capture_output=True, text=True, check=True)
+        return int(re.search(rf"^{suite_timing.PEAK} (\d+)$", done.stderr, re.M)[1])
+
+    big, small = peak_kib(300), peak_kib(20)
+    assert big > 300 * 1024 > small
