@@ -6,7 +6,8 @@ this checkout's installed libraries (a ``.pth`` line) and holds the clone's kdna
 set-up installs it; its set-up stamp is touched: what is timed is the target's own command, not ``pip install``
 (the README gives the set-up's time apart). One JSON record per target
 under ``bench/results/suite/`` (the run's provenance, the wall time, pytest's summary line, the largest process's
-peak memory, the load average before and after) and a Markdown table of them all.
+peak memory of its largest process and of all its processes together, the load average before and after) and
+a Markdown table of them all.
 
     .venv/bin/python -m bench.suite_timing test test-fast     # from a clean tree; about 9 minutes
     .venv/bin/python -m bench.suite_timing --report           # the table from the records on disk
@@ -50,13 +51,28 @@ def fresh_clone(workdir: str) -> str:
     return clone
 
 
-# make runs under a process of its own, which prints the largest resident set among its children (make, pytest,
-# its workers): this target's alone, where this process's RUSAGE_CHILDREN would hold every earlier target's too.
+# make runs under a process of its own, which reports (a) the largest resident set among its children (make,
+# pytest, its workers): this command's alone, where this process's RUSAGE_CHILDREN would hold every earlier
+# command's too; (b) the most memory the command held at once: the sum of its processes' proportional set sizes
+# (a page shared by n processes counts 1/n in each), sampled every half second.
 PEAK = "__suite_timing_peak_kib"
-_UNDER_MEASURE = ("import resource, subprocess, sys\n"
-                  "code = subprocess.run(sys.argv[1:]).returncode\n"
-                  f"print('{PEAK}', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
-                  "sys.exit(code)\n")
+_UNDER_MEASURE = f"""
+import resource, subprocess, sys, time
+import psutil
+command = subprocess.Popen(sys.argv[1:])
+me, held = psutil.Process(), 0
+while command.poll() is None:
+    total = 0
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_full_info().pss
+        except psutil.Error:
+            pass
+    held = max(held, total)
+    time.sleep(0.5)
+print("{PEAK}", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, held // 1024, file=sys.stderr)
+sys.exit(command.returncode)
+"""
 
 
 def time_target(target: str, prov: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +86,7 @@ def time_target(target: str, prov: dict[str, Any]) -> dict[str, Any]:
                               cwd=clone, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         load_after = os.getloadavg()
-    peak = re.search(rf"^{PEAK} (\d+)$", done.stderr, re.M)
+    peak = re.search(rf"^{PEAK} (\d+) (\d+)$", done.stderr, re.M)
     out = done.stdout + done.stderr.replace(peak[0], "") if peak else done.stdout + done.stderr
     matches = list(SUMMARY.finditer(out))
     match = matches[-1] if matches else None  # the last summary is the run's own
@@ -78,8 +94,13 @@ def time_target(target: str, prov: dict[str, Any]) -> dict[str, Any]:
             "pytest_summary": match["line"] if match else None,
             "pytest_s": float(match["seconds"]) if match else None,
             "peak_rss_gb": int(peak[1]) / 2**20 if peak else None,
+            "peak_held_gb": int(peak[2]) / 2**20 if peak else None,
             "load_before": load_before, "load_after": load_after, "goal_s": GOALS.get(target),
             "output_tail": out[-3000:], "provenance": prov}
+
+
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def report() -> str:
@@ -94,13 +115,13 @@ def report() -> str:
         met = "-" if r["goal_s"] is None else ("met" if seconds < r["goal_s"] and r["returncode"] == 0 else "missed")
         rows.append([f"`{r['command']}`", r["pytest_summary"] or f"exit {r['returncode']}",
                      f"{seconds // 60:.0f}:{seconds % 60:04.1f}", f"{r['wall_s'] // 60:.0f}:{r['wall_s'] % 60:04.1f}",
-                     "-" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.1f}", "{:.1f} / {:.1f}".format(r["load_before"][0], r["load_after"][0]),
+                     _gb(r.get("peak_rss_gb")), _gb(r.get("peak_held_gb")), "{:.1f} / {:.1f}".format(r["load_before"][0], r["load_after"][0]),
                      "-" if r["goal_s"] is None else f"{r['goal_s'] / 60:g} min: {met}",
                      r["provenance"]["git"]["commit"][:7], r["provenance"]["machine"]["cpu"]])
     md = ("Each target in a fresh clone of the commit named, empty Inductor cache, `CI=true`, the set-up already "
           "done (`python -m bench.suite_timing`). Time: pytest's own where the target runs pytest, else the "
           "wall; met when under the goal and every test passed.\n\n" +
-          markdown_table(["command", "result", "time", "wall", "peak GB (its largest process)",
+          markdown_table(["command", "result", "time", "wall", "peak GB, its largest process", "peak GB, all its processes (PSS)",
                           "load 1-min before / after", "goal", "commit", "machine"], rows))
     with open(os.path.join(OUT, "suite_timing.md"), "w") as f:
         f.write(md + "\n")
