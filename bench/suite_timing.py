@@ -54,12 +54,14 @@ def fresh_clone(workdir: str) -> str:
 # make runs under a process of its own, which reports (a) the largest resident set among its children (make,
 # pytest, its workers): this command's alone, where this process's RUSAGE_CHILDREN would hold every earlier
 # command's too; (b) the most memory the command held at once: the sum of its processes' proportional set sizes
-# (a page shared by n processes counts 1/n in each), sampled every 2 s (reading them costs the machine about 2 %).
+# (a page shared by n processes counts 1/n in each), sampled every SAMPLE_S seconds (reading them every 0.5 s took
+# 7 % of a core, slowing what it timed).
 PEAK = "__suite_timing_peak_kib"
+SAMPLE_S = 2.0
 _UNDER_MEASURE = f"""
 import resource, subprocess, sys, time
 import psutil
-command = subprocess.Popen(sys.argv[1:])
+interval, command = float(sys.argv[1]), subprocess.Popen(sys.argv[2:])
 me, held = psutil.Process(), 0
 while command.poll() is None:
     total = 0
@@ -69,7 +71,7 @@ while command.poll() is None:
         except psutil.Error:
             pass
     held = max(held, total)
-    time.sleep(2.0)
+    time.sleep(interval)
 print("{PEAK}", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, held // 1024, file=sys.stderr)
 sys.exit(command.returncode)
 """
@@ -82,7 +84,7 @@ def time_target(target: str, prov: dict[str, Any]) -> dict[str, Any]:
         env = {**os.environ, "CI": "true", "TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor")}
         load_before = os.getloadavg()
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", _UNDER_MEASURE, "make", "-s", target],
+        done = subprocess.run([sys.executable, "-c", _UNDER_MEASURE, str(SAMPLE_S), "make", "-s", target],
                               cwd=clone, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         load_after = os.getloadavg()

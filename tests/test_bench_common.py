@@ -185,8 +185,8 @@ def test_suite_timing_measures_each_commands_own_memory():
     from bench import suite_timing
 
     def peak_kib(megabytes: int) -> int:
-        grow = f"import time; x = bytearray({megabytes} * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(1.5)"
-        done = subprocess.run([sys.executable, "-c", suite_timing._UNDER_MEASURE, sys.executable, "-c", grow],
+        grow = f"import time; x = bytearray({megabytes} * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(1.0)"
+        done = subprocess.run([sys.executable, "-c", suite_timing._UNDER_MEASURE, "0.1", sys.executable, "-c", grow],
                               capture_output=True, text=True, check=True)
         largest, held = re.search(rf"^{suite_timing.PEAK} (\d+) (\d+)$", done.stderr, re.M).groups()
         return int(largest), int(held)
