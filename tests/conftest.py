@@ -1,10 +1,11 @@
-"""Shared fixtures. The whole suite runs in float32 and float64 with matching tolerances."""
+"""The suite's settings and hooks: Inductor's compile threads, hypothesis profiles, garbage collection by memory,
+the tiers. The fixtures that need torch (dtypes and tolerances, the sweeps' checks) are tests/fixtures.py,
+registered where tests run. The whole suite runs in float32 and float64 with matching tolerances."""
 from __future__ import annotations
 
 import ctypes
 import gc
 import os
-import warnings
 
 import pytest
 
@@ -15,15 +16,7 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS >= (os.cpu_count() or 1):
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-import torch  # noqa: E402
-from hypothesis import HealthCheck, settings
-from torch import nn
-
-import kdna_fx
-from kdna_fx.testing import output_tensors
-
-# At most 2 intra-op threads per process, shared among pytest-xdist's workers (make test runs two: one thread each).
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Random examples on every run (not derandomised: CI keeps exploring). print_blob makes a failure print the
 # @reproduce_failure(...) line that replays it; `pytest --hypothesis-seed=N` replays a whole session.
@@ -33,28 +26,6 @@ settings.register_profile("kdna", deadline=None, max_examples=25, print_blob=Tru
 settings.register_profile("thorough", deadline=None, max_examples=300, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "kdna"))
-
-# rtol/atol per dtype: float64 proves the algebra, float32 shows the tolerance users will see.
-TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
-
-
-@pytest.fixture(params=[torch.float32, torch.float64], ids=["fp32", "fp64"])
-def dtype(request):
-    """Runs the test once per dtype with that dtype as torch's default (models are built in it)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(request.param)
-    yield request.param
-    torch.set_default_dtype(previous)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread for a module of tiny models: on a shared 2-core machine two threads only fight."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # Garbage is collected by bytes: after any test that leaves this worker GROWTH_BEFORE_COLLECT more resident
 # memory than its last full collection did, and the freed heap is handed back to the system (glibc's malloc_trim:
@@ -109,62 +80,17 @@ def _collect_garbage_by_memory():
         _last_collection[0] = _resident_bytes()
 
 
-class ModelSweep:
-    """What the three model sweeps (torchvision classifiers, timm families, dense prediction) ask of each model:
-    shared (finite gradients, fewer parameters) or listed as unchanged with its reason. A model whose outcome
-    changes fails in either direction, so the lists stay true."""
-
-    @staticmethod
-    def transform(model: nn.Module) -> tuple[nn.Module, bool]:
-        """kdna_fx.transform(model), and whether it left the model unchanged (NoEligibleConvWarning)."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            kmodel = kdna_fx.transform(model)
-        ModelSweep.keeps_its_class(model, kmodel)
-        return kmodel, any(issubclass(w.category, kdna_fx.NoEligibleConvWarning) for w in caught)
-
-    @staticmethod
-    def keeps_its_class(model: nn.Module, kmodel: nn.Module) -> None:
-        """The transformed model is the user's model (issue 31): its class, and every public name of it."""
-        assert type(kmodel) is type(model), f"{type(kmodel).__name__} is not the user's {type(model).__name__}"
-        missing = [n for n in dir(type(model)) if not n.startswith("_") and n not in dir(kmodel)]
-        assert not missing, f"the transformed {type(model).__name__} lost {missing}"
-
-    @staticmethod
-    def check(name: str, model: nn.Module, kmodel: nn.Module, unchanged: bool, listed: dict[str, str]) -> None:
-        """After a backward pass through ``kmodel``: finite gradients, and the outcome ``listed`` promises."""
-        grads = [p.grad for p in kmodel.parameters() if p.grad is not None]
-        assert grads and all(torch.isfinite(g).all() for g in grads)
-        before, after = (sum(p.numel() for p in m.parameters()) for m in (model, kmodel))
-        if name in listed:
-            assert unchanged, f"{name} is listed as unchanged ({listed[name]}) but kdna_fx now shares it"
-            assert after == before
-        else:
-            assert not unchanged, f"{name}: kdna_fx found nothing to share; list it in UNCHANGED with a reason"
-            assert after < before
+def _runs_tests(config: pytest.Config) -> bool:
+    """False in pytest-xdist's controller (it hands tests to the workers and runs none)."""
+    return hasattr(config, "workerinput") or not config.getoption("numprocesses", None)
 
 
-    @staticmethod
-    def reloads(kmodel: nn.Module, x: object, folder, **kwargs: object) -> None:
-        """kdna_fx.save then kdna_fx.load(path), with no model given (the file records how its model was built:
-        build it with kdna_fx.models.create_model), computes bit for bit what ``kmodel`` computes on ``x`` (and
-        ``kwargs``), in eval mode: every output tensor, for models that return dicts or lists too."""
-        path = folder / "model.safetensors"
-        kdna_fx.save(kmodel, path)
-        again = kdna_fx.load(path)
-        with torch.no_grad():
-            ours, theirs = (output_tensors(m.eval()(x, **kwargs)) for m in (again, kmodel))
-        assert ours and len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+def pytest_configure(config: pytest.Config) -> None:
+    """Register tests/fixtures.py (torch, kdna_fx) where tests run."""
+    if _runs_tests(config):
+        from . import fixtures
 
-
-@pytest.fixture
-def model_sweep() -> ModelSweep:
-    return ModelSweep()
-
-
-@pytest.fixture
-def tol(dtype):
-    return TOLERANCES[dtype]
+        config.pluginmanager.register(fixtures, "kdna_fx_test_fixtures")
 
 
 # ---- test tiers (README, Tests) ------------------------------------------------------------------------------------

@@ -21,8 +21,6 @@ from kdna_fx.datamodel import children
 from kdna_fx.errors import ChildWeightError
 from kdna_fx.testing import TinyResNet
 
-from .conftest import TOLERANCES
-
 pytestmark = pytest.mark.integration  # ResNet-18s through fusion, quantization, pruning, compile and saving
 
 SWAP = KDNAConfig(rewrite="swap")
@@ -112,7 +110,7 @@ def test_a_frozen_gate_and_a_bound_child_compile_without_graph_breaks() -> None:
 
 
 # ---- kernel rewrites: exact or loud ------------------------------------------------------------------------
-def test_torch_fx_fuse_of_an_unfolded_model_raises_and_of_the_folded_model_is_exact(dtype) -> None:
+def test_torch_fx_fuse_of_an_unfolded_model_raises_and_of_the_folded_model_is_exact(dtype, tol) -> None:
     from torch.fx.experimental.optimization import fuse
 
     kmodel = kdna_fx.transform(_resnet(), SWAP).eval()
@@ -121,7 +119,7 @@ def test_torch_fx_fuse_of_an_unfolded_model_raises_and_of_the_folded_model_is_ex
         fuse(kmodel)
     folded = kdna_fx.fold(kmodel)
     x = _images()
-    torch.testing.assert_close(fuse(folded)(x), kmodel(x), **TOLERANCES[dtype])
+    torch.testing.assert_close(fuse(folded)(x), kmodel(x), **tol)
 
 
 @pytest.mark.parametrize("route", ["prepare_fx", "prepare_qat_fx"])
@@ -136,7 +134,7 @@ def test_torch_ao_prepare_of_an_unfolded_model_raises_naming_the_fix(route: str)
         getattr(quantize_fx, route)(kmodel, mapping, (_images(),))
 
 
-def test_torch_nn_utils_fusion_of_a_parent_is_exact_and_of_a_child_raises(dtype) -> None:
+def test_torch_nn_utils_fusion_of_a_parent_is_exact_and_of_a_child_raises(dtype, tol) -> None:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     kmodel = kdna_fx.transform(_resnet(), SWAP).eval()
@@ -146,7 +144,7 @@ def test_torch_nn_utils_fusion_of_a_parent_is_exact_and_of_a_child_raises(dtype)
     block = kmodel.layer1[0]
     assert not isinstance(block.conv1, ChildAdapter) and isinstance(block.conv2, ChildAdapter)
     block.conv1, block.bn1 = fuse_conv_bn_eval(block.conv1, block.bn1), nn.Identity()
-    torch.testing.assert_close(kmodel(x), expected, **TOLERANCES[dtype])
+    torch.testing.assert_close(kmodel(x), expected, **tol)
     with pytest.raises(ChildWeightError, match="Fuse BatchNorms before kdna_fx.transform"):
         fuse_conv_bn_eval(block.conv2, block.bn2)
 
@@ -172,7 +170,7 @@ def _parent_last_plan() -> Plan:
     return Plan((Family("layer1.1.conv2", ("layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1")),))
 
 
-def test_children_follow_a_pruned_parent_exactly_and_keep_training(dtype) -> None:
+def test_children_follow_a_pruned_parent_exactly_and_keep_training(dtype, tol) -> None:
     kmodel = kdna_fx.transform(_resnet(), SWAP, plan=_parent_last_plan()).eval()
     _perturb_adapters(kmodel)
     reference = copy.deepcopy(kmodel)
@@ -181,7 +179,7 @@ def test_children_follow_a_pruned_parent_exactly_and_keep_training(dtype) -> Non
     with torch.no_grad():
         reference.layer1[1].conv2.weight.mul_(parent.weight_mask)
     x = _images()
-    torch.testing.assert_close(kmodel(x), reference(x), **TOLERANCES[dtype])
+    torch.testing.assert_close(kmodel(x), reference(x), **tol)
     kmodel.train()
     for _ in range(2):  # the second step used to reach the kernel the first one's graph freed
         _sgd_step(kmodel, x)
@@ -196,7 +194,7 @@ class _Halve(nn.Module):
         return w * 0.5
 
 
-def test_children_follow_a_parametrized_parent_exactly(dtype) -> None:
+def test_children_follow_a_parametrized_parent_exactly(dtype, tol) -> None:
     kmodel = kdna_fx.transform(_resnet(), SWAP).eval()
     _perturb_adapters(kmodel)
     reference = copy.deepcopy(kmodel)
@@ -204,10 +202,10 @@ def test_children_follow_a_parametrized_parent_exactly(dtype) -> None:
     with torch.no_grad():
         reference.layer1[0].conv1.weight.mul_(0.5)
     x = _images()
-    torch.testing.assert_close(kmodel(x), reference(x), **TOLERANCES[dtype])
+    torch.testing.assert_close(kmodel(x), reference(x), **tol)
 
 
-def test_children_follow_a_parent_kernel_substituted_by_functional_call(dtype) -> None:
+def test_children_follow_a_parent_kernel_substituted_by_functional_call(dtype, tol) -> None:
     kmodel = kdna_fx.transform(_resnet(), SWAP).eval()
     _perturb_adapters(kmodel)
     reference = copy.deepcopy(kmodel)
@@ -215,7 +213,7 @@ def test_children_follow_a_parent_kernel_substituted_by_functional_call(dtype) -
         reference.layer1[0].conv1.weight.mul_(0.5)
     x = _images()
     halved = {"layer1.0.conv1.weight": kmodel.layer1[0].conv1.weight.detach() * 0.5}  # a plain tensor
-    torch.testing.assert_close(torch.func.functional_call(kmodel, halved, (x,)), reference(x), **TOLERANCES[dtype])
+    torch.testing.assert_close(torch.func.functional_call(kmodel, halved, (x,)), reference(x), **tol)
 
 
 # ---- saving, loading, re-initialising ----------------------------------------------------------------------
@@ -225,7 +223,7 @@ LAYER1 = Plan((Family("layer1.0.conv1", ("layer1.0.conv2", "layer1.1.conv1", "la
 
 
 @pytest.mark.parametrize("init", ["copy", "trained"])
-def test_the_state_dict_recipe_rebuilds_the_same_model(init: str, dtype) -> None:
+def test_the_state_dict_recipe_rebuilds_the_same_model(init: str, dtype, tol) -> None:
     kmodel = kdna_fx.transform(_resnet(), RANKED, plan=LAYER1, init=init).eval()
     _perturb_adapters(kmodel)  # as training or kdna_fx.calibrate would
     assert all(k in kmodel.state_dict() for k in (f"{n}.gate.scale" for n, m in kmodel.named_modules()
@@ -233,7 +231,7 @@ def test_the_state_dict_recipe_rebuilds_the_same_model(init: str, dtype) -> None
     rebuilt = kdna_fx.transform(_resnet(), RANKED, plan=kdna_fx.plan_of(kmodel))
     rebuilt.load_state_dict(kmodel.state_dict(), strict=True)
     x = _images()
-    torch.testing.assert_close(rebuilt.eval()(x), kmodel(x), **TOLERANCES[dtype])
+    torch.testing.assert_close(rebuilt.eval()(x), kmodel(x), **tol)
 
 
 def test_a_state_dict_saved_before_the_scale_was_stored_loads_with_the_scale_it_was_built_with() -> None:
