@@ -16,10 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-# Tier integration: make test-fast leaves it out (spawns DDP processes). On the worker that runs test_deploy
-# (make test: -n 2 --dist loadgroup), so these three interpreters never run beside test_deploy's fresh-process
-# check: together with both workers they made the suite's memory peak (4.6 GB PSS, issue 34).
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_deploy")]
+# Tier integration: make test-fast leaves it out (spawns DDP processes).
+pytestmark = pytest.mark.integration
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
