@@ -245,7 +245,8 @@ def test_a_peer_leaves_a_non_2d_conv_with_the_reason(rank):
     from kdna_fx.datamodel import peer_record
     from kdna_fx.testing import TinyResNet
 
-    with pytest.warns(kdna_fx.SkippedSiteWarning, match="peers are 2-D only"):
+    with pytest.warns(kdna_fx.NoEligibleConvWarning, match="returned unchanged"), \
+            pytest.warns(kdna_fx.SkippedSiteWarning, match="peers are 2-D only"):
         converted = peers.condconv(TinyResNet(dims=rank))
     record = peer_record(converted)
     twos = [s.name for s in record.skipped if "peers are 2-D only" in s.reason]
