@@ -5,9 +5,9 @@ nothing this checkout has built or cached helps it. The clone's ``.venv`` is a v
 this checkout's installed libraries (a ``.pth`` line) and holds the clone's kdna_fx installed editable, as the
 set-up installs it; its set-up stamp is touched: what is timed is the target's own command, not ``pip install``
 (the README gives the set-up's time apart). One JSON record per target
-under ``bench/results/suite/`` (the run's provenance, the wall time, pytest's summary line, the largest process's
-peak memory of its largest process and of all its processes together, the load average before and after) and
-a Markdown table of them all.
+under ``bench/results/suite/`` (the run's provenance, the wall time, pytest's summary line, the peak memory of
+its largest process and of all its processes together, the load average before and after) and a Markdown table
+of them all.
 
     .venv/bin/python -m bench.suite_timing test test-fast     # from a clean tree; about 9 minutes
     .venv/bin/python -m bench.suite_timing --report           # the table from the records on disk
@@ -78,7 +78,7 @@ sys.exit(command.returncode)
 
 
 def time_target(target: str, prov: dict[str, Any]) -> dict[str, Any]:
-    """Run ``make <target>`` in a fresh clone; its wall time, pytest's summary and its largest process's memory."""
+    """Run ``make <target>`` in a fresh clone; its wall time, pytest's summary and its peak memory."""
     with tempfile.TemporaryDirectory(prefix="kdna_suite_") as work:
         clone = fresh_clone(work)
         env = {**os.environ, "CI": "true", "TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor")}
@@ -117,14 +117,16 @@ def report() -> str:
         met = "-" if r["goal_s"] is None else ("met" if seconds < r["goal_s"] and r["returncode"] == 0 else "missed")
         rows.append([f"`{r['command']}`", r["pytest_summary"] or f"exit {r['returncode']}",
                      f"{seconds // 60:.0f}:{seconds % 60:04.1f}", f"{r['wall_s'] // 60:.0f}:{r['wall_s'] % 60:04.1f}",
-                     _gb(r.get("peak_rss_gb")), _gb(r.get("peak_held_gb")), "{:.1f} / {:.1f}".format(r["load_before"][0], r["load_after"][0]),
+                     _gb(r.get("peak_rss_gb")), _gb(r.get("peak_held_gb")),
+                     "{:.1f} / {:.1f}".format(r["load_before"][0], r["load_after"][0]),
                      "-" if r["goal_s"] is None else f"{r['goal_s'] / 60:g} min: {met}",
                      r["provenance"]["git"]["commit"][:7], r["provenance"]["machine"]["cpu"]])
     md = ("Each target in a fresh clone of the commit named, empty Inductor cache, `CI=true`, the set-up already "
           "done (`python -m bench.suite_timing`). Time: pytest's own where the target runs pytest, else the "
           "wall; met when under the goal and every test passed.\n\n" +
-          markdown_table(["command", "result", "time", "wall", "peak GB, its largest process", "peak GB, all its processes (PSS)",
-                          "load 1-min before / after", "goal", "commit", "machine"], rows))
+          markdown_table(["command", "result", "time", "wall", "peak GB, its largest process",
+                          "peak GB, all its processes (PSS)", "load 1-min before / after", "goal", "commit",
+                          "machine"], rows))
     with open(os.path.join(OUT, "suite_timing.md"), "w") as f:
         f.write(md + "\n")
     return md

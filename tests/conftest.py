@@ -12,8 +12,8 @@ import pytest
 # Inductor's C++ builds in the worker itself, not in a pool of compile processes, when pytest-xdist's workers
 # already fill every core: the pool's start-up and contention cost more than its parallelism gives (the compile
 # tests, two workers, fresh cache: 160 s with a pool of 2 each, 126 s without). Set before torch reads it.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS >= (os.cpu_count() or 1):
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS >= (os.cpu_count() or 1):
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -15,9 +15,10 @@ from torch import nn
 import kdna_fx
 from kdna_fx.testing import output_tensors
 
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+from .conftest import WORKERS
+
 # At most 2 intra-op threads per process, shared among pytest-xdist's workers (make test runs two: one thread each).
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
 # rtol/atol per dtype: float64 proves the algebra, float32 shows the tolerance users will see.
 TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}

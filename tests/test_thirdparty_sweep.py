@@ -132,7 +132,8 @@ def test_a_library_model_is_shared_or_unchanged_and_never_wrong(name, tmp_path, 
     # The function-preserving check: every conv shared, each child reproducing its own kernel.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        preserved = kdna_fx.transform(model, catalogue.preserving(catalogue.config(name)), init="trained", example_inputs=inputs)
+        preserved = kdna_fx.transform(model, catalogue.preserving(catalogue.config(name)), init="trained",
+                                      example_inputs=inputs)
     assert kdna_fx.plan_of(preserved).families
     assert _close(_eval(preserved, inputs), expected_out, rtol=1e-3)
 
@@ -155,5 +156,6 @@ def test_ultralytics_fuse_gives_a_clear_error_naming_the_fix():
     fused = _build(name).eval().fuse()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kfused = kdna_fx.transform(fused, catalogue.preserving(catalogue.config(name)), init="trained", example_inputs=inputs)
+        kfused = kdna_fx.transform(fused, catalogue.preserving(catalogue.config(name)), init="trained",
+                                   example_inputs=inputs)
     assert _close(_eval(kfused, inputs), _eval(fused, inputs), rtol=1e-3)
